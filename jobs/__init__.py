@@ -1,0 +1,1 @@
+"""What consumes endpoints: the rollout collector, its tools and verifiers, the endpoint pool."""

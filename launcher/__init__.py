@@ -1,0 +1,1 @@
+"""The orchestrator: config -> validated spec -> submitted jobs -> readiness -> teardown."""

@@ -1,0 +1,66 @@
+"""What the launcher shows a person: live server states, job progress, the summary."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from launcher.readiness import ReplicaStatus
+
+
+def servers_table(service: str, replicas: list[ReplicaStatus]) -> Table:
+    table = Table(title=f"service {service}", title_justify="left")
+    for column in ("replica", "job", "state", "url", "ready after"):
+        table.add_column(column)
+    for r in replicas:
+        url = r.entry.base_url if r.entry else ""
+        ready = f"{r.ready_after_s:.1f}s" if r.ready_after_s is not None else ""
+        table.add_row(str(r.replica), str(r.job.job_id), _styled_state(r.state), url, ready)
+    return table
+
+
+def _styled_state(state: str) -> str:
+    color = {"ready": "green", "starting": "yellow", "draining": "magenta"}.get(state, "cyan")
+    return f"[{color}]{state}[/]"
+
+
+def rollout_progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("rollouts"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("[red]{task.fields[failures]} failed"),
+        TimeElapsedColumn(),
+        console=console,
+    )
+
+
+def summary_table(summary: dict) -> Table:
+    table = Table(title=f"run {summary['namespace']}: {summary['status']}", title_justify="left", show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    collection = summary.get("collection") or {}
+    rows = [
+        ("tasks", collection.get("tasks")),
+        ("rollouts written", collection.get("rollouts_written")),
+        ("failures", collection.get("failures")),
+        ("mean reward", _fmt(collection.get("mean_reward"))),
+        ("generated tokens/s", _fmt(collection.get("generated_tokens_per_s"))),
+    ]
+    rows += [(f"time: {phase}", f"{seconds:.1f}s") for phase, seconds in summary["phases"].items()]
+    rows += [
+        ("rollouts", collection.get("rollouts_path")),
+        ("failures file", collection.get("failures_path")),
+        ("summary", summary["summary_path"]),
+    ]
+    for what, value in rows:
+        if value is not None:
+            table.add_row(what, str(value))
+    if summary.get("error"):
+        table.add_row("error", f"[red]{summary['error'].splitlines()[0]}[/]")
+    return table
+
+
+def _fmt(value: float | None) -> str | None:
+    return None if value is None else f"{value:.3f}"

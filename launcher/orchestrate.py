@@ -1,0 +1,266 @@
+"""One run: start the servers, wait until they answer, run the job, tear down, summarise."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import secrets
+import signal
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from rich.console import Console, Group
+from rich.live import Live
+
+from jobs.rollouts import collect
+from launcher import console as views
+from launcher.executors import Backend
+from launcher.readiness import ReplicaStatus, ServerFailed, wait_ready
+from launcher.spec import RolloutsJob, RunSpec
+from server.job import ServerJob, log_tail, run as run_server
+from server.registry import Registry
+
+_POLL_S = 0.5
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM reached the launcher."""
+
+
+class JobFailed(RuntimeError):
+    pass
+
+
+class Run:
+    def __init__(self, spec: RunSpec, run_dir: Path, console: Console | None = None) -> None:
+        self.spec = spec
+        self.run_dir = Path(run_dir)
+        self.console = console or Console()
+        self.namespace = f"{spec.run.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+        self.registry = Registry(spec.registry.root, ttl_s=spec.registry.ttl_s)
+        self.backend = Backend(spec.cluster, self.run_dir / "submitit")
+        self.log_dir = self.run_dir / "logs"
+        self.replicas: list[ReplicaStatus] = []
+        self.phases: dict[str, float] = {}
+        self.collection: dict | None = None
+        self.other_jobs: list = []  # submitted jobs besides the servers, still to cancel
+
+    # ------------------------------------------------------------ phases
+
+    def execute(self) -> int:
+        """Run every phase; always tear down. Returns the process exit code."""
+        status, error = "succeeded", None
+        try:
+            with _signals_raise_interrupted():
+                with self._phase("servers start"):
+                    self._start_servers()
+                with self._phase("servers ready"):
+                    self._wait_ready()
+                if isinstance(self.spec.job, RolloutsJob):
+                    with self._phase("rollouts"):
+                        self._run_rollouts(self.spec.job)
+                else:
+                    self._serve_until_interrupted()
+        except Interrupted:
+            # For job=none an interrupt is the normal way to end the run.
+            status = "stopped" if not isinstance(self.spec.job, RolloutsJob) else "interrupted"
+            self.console.print(f"[yellow]{status}: tearing down[/]")
+        except (ServerFailed, JobFailed) as e:
+            status, error = "failed", str(e)
+            self.console.print(f"[red bold]failed:[/] {e}")
+        finally:
+            with _signals_ignored(), self._phase("teardown"):
+                self._teardown()
+        summary = self._write_summary(status, error)
+        self.console.print(views.summary_table(summary))
+        self.console.print(f"run folder: {self.run_dir}")
+        return 0 if status in ("succeeded", "stopped") else 1
+
+    def _start_servers(self) -> None:
+        spec = self.spec
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        jobs = [self._server_job(i) for i in range(spec.server.replicas)]
+        submitted = self.backend.submit_many(
+            run_server, jobs, name=f"{spec.run.name}-{spec.server.service}",
+            timeout_min=spec.cluster.timeout_min, gpus=spec.server.gpus_per_replica,
+        )
+        self.replicas = [ReplicaStatus(replica=i, job=j) for i, j in enumerate(submitted)]
+        for r in self.replicas:
+            self.console.print(f"submitted {spec.server.service}/{r.replica}: job {r.job.job_id}")
+
+    def _server_job(self, replica: int) -> ServerJob:
+        s, m, c, r = self.spec.server, self.spec.model, self.spec.cluster, self.spec.registry
+        return ServerJob(
+            namespace=self.namespace, service=s.service, replica=replica, engine=s.engine_spec(),
+            registry_root=r.root, log_dir=str(self.log_dir), model_path=m.path, embedded_model=m.embedded,
+            model_cache_dir=m.cache_dir, bind_host=c.bind_host, advertise_host=c.advertise_host, port=s.port,
+            heartbeat_s=r.heartbeat_s, startup_timeout_s=s.startup_timeout_s, stop_grace_s=s.stop_grace_s,
+            config_hash=self.spec.server_hash(),
+        )
+
+    def _wait_ready(self) -> None:
+        service = self.spec.server.service
+        with Live(views.servers_table(service, self.replicas), console=self.console, transient=True) as live:
+            wait_ready(
+                self.backend, self.replicas, self.registry, self.namespace, service,
+                timeout_s=self.spec.server.startup_timeout_s, engine_log=self._engine_log,
+                on_update=lambda: live.update(views.servers_table(service, self.replicas)),
+            )
+        self.console.print(views.servers_table(service, self.replicas))
+
+    def _run_rollouts(self, job: RolloutsJob) -> None:
+        collector = dataclasses.replace(
+            job.collector, output_dir=str(self.run_dir), namespace=self.namespace,
+            registry_root=self.spec.registry.root, registry_ttl_s=self.spec.registry.ttl_s,
+        )
+        total = _count_lines(Path(collector.tasks)) * collector.num_repeats
+        submitted = self.backend.submit(collect, collector, name=f"{self.spec.run.name}-rollouts",
+                                        timeout_min=job.timeout_min)
+        self.console.print(f"submitted rollouts: job {submitted.job_id}, {total} rollouts")
+        self.other_jobs = [submitted]
+        rollouts, failures = self.run_dir / "rollouts.jsonl", self.run_dir / "failures.jsonl"
+        progress = views.rollout_progress(self.console)
+        with progress:
+            bar = progress.add_task("rollouts", total=total, failures=0)
+            while not submitted.done():
+                self._check_servers_alive()
+                progress.update(bar, completed=_count_lines(rollouts), failures=_count_lines(failures))
+                time.sleep(_POLL_S)
+            progress.update(bar, completed=_count_lines(rollouts), failures=_count_lines(failures))
+        try:
+            self.collection = submitted.result().to_json()
+        except Exception as e:  # submitit re-raises the job's failure with its traceback
+            raise JobFailed(f"rollout job {submitted.job_id} failed: {e}") from None
+        self.other_jobs = []
+
+    def _serve_until_interrupted(self) -> None:
+        urls = ",".join(r.entry.base_url for r in self.replicas if r.entry)
+        self.console.print(f"serving {self.spec.server.service} at {urls}  (Ctrl-C to stop)")
+        self.console.print(f"  python -m server.registry --namespace {self.namespace} urls {self.spec.server.service}")
+        while True:
+            self._check_servers_alive()
+            time.sleep(_POLL_S)
+
+    def _check_servers_alive(self) -> None:
+        for r in self.replicas:
+            if r.job.done():
+                raise ServerFailed(
+                    f"server job {r.job.job_id} (replica {r.replica}) ended while in use: state "
+                    f"{self.backend.state(r.job)}\n--- job log tail:\n{self.backend.log_tail(r.job)}\n"
+                    f"--- engine log tail:\n{self._engine_log(r.replica)}"
+                )
+
+    # ------------------------------------------------------------ teardown
+
+    def _teardown(self) -> None:
+        """Stop every job this run submitted, then make sure no entry and no engine is left."""
+        jobs = [r.job for r in self.replicas] + list(self.other_jobs)
+        # Read before the entries disappear: what to kill if a job cannot stop its own processes.
+        here = [e for e in self.registry.entries(self.namespace) if e.node == os.uname().nodename]
+        for job in jobs:
+            if not job.done():
+                self.backend.cancel(job)
+        deadline = time.monotonic() + self.spec.server.stop_grace_s + 15
+        while any(not j.done() for j in jobs) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for job in jobs:
+            if not job.done():
+                self.console.print(f"[yellow]job {job.job_id} did not stop in time; killing it[/]")
+                self.backend.force_cancel(job)
+        for entry in here:
+            _kill_when_alive(entry.pid, group=False)
+            if entry.engine_pid:
+                _kill_when_alive(entry.engine_pid, group=True)
+        for entry in self.registry.entries(self.namespace):
+            self.registry.remove(entry.namespace, entry.service, entry.replica)
+        self.other_jobs = []
+
+    # ------------------------------------------------------------ helpers
+
+    @contextmanager
+    def _phase(self, name: str) -> Iterator[None]:
+        t0 = time.monotonic()
+        try:
+            yield
+        finally:
+            self.phases[name] = time.monotonic() - t0
+
+    def _engine_log(self, replica: int) -> str:
+        return log_tail(self.log_dir / f"{self.spec.server.service}-{replica}.engine.log", lines=25)
+
+    def _write_summary(self, status: str, error: str | None) -> dict:
+        path = self.run_dir / "summary.json"
+        summary = {
+            "run": self.spec.run.name,
+            "namespace": self.namespace,
+            "status": status,
+            "error": error,
+            "run_dir": str(self.run_dir),
+            "summary_path": str(path),
+            "phases": {k: round(v, 2) for k, v in self.phases.items()},
+            "servers": [
+                {
+                    "service": self.spec.server.service,
+                    "replica": r.replica,
+                    "job_id": str(r.job.job_id),
+                    "base_url": r.entry.base_url if r.entry else None,
+                    "ready_after_s": None if r.ready_after_s is None else round(r.ready_after_s, 2),
+                }
+                for r in self.replicas
+            ],
+            "collection": self.collection,
+        }
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+
+
+def _count_lines(path: Path) -> int:
+    try:
+        with open(path, "rb") as f:
+            return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 16), b""))
+    except FileNotFoundError:
+        return 0
+
+
+def _kill_when_alive(pid: int, group: bool) -> None:
+    """Last resort for a process whose job could not stop it: wait a little, then SIGKILL."""
+    kill = os.killpg if group else os.kill
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            kill(pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        time.sleep(0.2)
+    try:
+        kill(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+@contextmanager
+def _signals_raise_interrupted() -> Iterator[None]:
+    def handler(signum, frame):
+        raise Interrupted(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+
+
+@contextmanager
+def _signals_ignored() -> Iterator[None]:
+    """Teardown must finish: a second Ctrl-C would leave jobs and entries behind."""
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)

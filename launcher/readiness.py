@@ -1,0 +1,88 @@
+"""Waiting for servers: job state + registry entry + real HTTP checks, failing fast."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import submitit
+
+from launcher.executors import Backend
+from server.registry import Entry, Registry
+from server.verify import CheckResult, readiness_checks
+
+_POLL_S = 0.5
+
+
+class ServerFailed(RuntimeError):
+    """A server job died or did not get ready; the message says which and shows its logs."""
+
+
+@dataclass
+class ReplicaStatus:
+    replica: int
+    job: submitit.Job
+    state: str = "SUBMITTED"  # the job's state, or the entry's once published
+    submitted_at: float = field(default_factory=time.monotonic)
+    running_since: float | None = None
+    ready_after_s: float | None = None  # from submission to passing the checks
+    entry: Entry | None = None
+    checks: list[CheckResult] = field(default_factory=list)
+
+
+def wait_ready(
+    backend: Backend,
+    replicas: list[ReplicaStatus],
+    registry: Registry,
+    namespace: str,
+    service: str,
+    timeout_s: float,
+    engine_log: Callable[[int], str],
+    on_update: Callable[[], None] = lambda: None,
+) -> None:
+    """Return once every replica passes the checks; raise ``ServerFailed`` at the first that cannot."""
+    pending = list(replicas)
+    while pending:
+        for status in list(pending):
+            job_state = backend.state(status.job)
+            if status.job.done():
+                raise ServerFailed(_death_report(backend, status, job_state, engine_log))
+            if status.running_since is None and job_state == "RUNNING":
+                status.running_since = time.monotonic()
+            entry = _entry(registry, namespace, service, status.replica)
+            status.entry = entry or status.entry
+            status.state = entry.state if entry else job_state
+            if entry is not None and entry.state == "ready":
+                status.checks = readiness_checks(entry.base_url, entry.model)
+                if all(c.ok for c in status.checks):
+                    status.ready_after_s = time.monotonic() - status.submitted_at
+                    status.state = "ready"
+                    pending.remove(status)
+                    continue
+            # The clock starts when the job runs: time queued is not the server's fault.
+            if status.running_since is not None and time.monotonic() - status.running_since > timeout_s:
+                failed = [c for c in status.checks if not c.ok]
+                why = f"; last check: {failed[-1].detail}" if failed else ""
+                raise ServerFailed(
+                    f"replica {service}/{status.replica} (job {status.job.job_id}) not ready after "
+                    f"{timeout_s:g}s of running (server.startup_timeout_s){why}\n"
+                    f"engine log:\n{engine_log(status.replica)}"
+                )
+        on_update()
+        if pending:
+            time.sleep(_POLL_S)
+
+
+def _entry(registry: Registry, namespace: str, service: str, replica: int) -> Entry | None:
+    return next((e for e in registry.entries(namespace, service) if e.replica == replica), None)
+
+
+def _death_report(backend: Backend, status: ReplicaStatus, job_state: str, engine_log: Callable[[int], str]) -> str:
+    node = status.entry.node if status.entry else "?"
+    return (
+        f"server job {status.job.job_id} (replica {status.replica}, node {node}) ended while starting: "
+        f"state {job_state}\n"
+        f"--- job log tail ({status.job.paths.stderr}):\n{backend.log_tail(status.job)}\n"
+        f"--- engine log tail:\n{engine_log(status.replica)}"
+    )

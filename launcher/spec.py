@@ -1,0 +1,278 @@
+"""From a composed Hydra config to a typed, validated ``RunSpec``.
+
+Everything a run could trip on later is checked here, before any job is
+submitted, and every error names the config key that is wrong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from jobs.rollouts import CollectorConfig
+from server.engines import BUILDERS, EngineSpec
+from server.models import EMBEDDED_MODELS
+
+CHAT_TEMPLATES = Path(__file__).resolve().parent.parent / "server" / "chat_templates"
+TASK_SETS = Path(__file__).resolve().parent.parent / "jobs" / "tasks"
+CLUSTER_KINDS = ("local",)
+
+
+class SpecError(ValueError):
+    """A config value that cannot work; the message names the key."""
+
+
+@dataclass
+class RunInfo:
+    name: str = "demo"
+
+
+@dataclass
+class ClusterSpec:
+    kind: str = "local"
+    bind_host: str = "127.0.0.1"
+    advertise_host: str | None = None
+    timeout_min: int = 240
+
+
+@dataclass
+class ModelSpec:
+    name: str = ""
+    path: str | None = None
+    embedded: str | None = None
+    cache_dir: str | None = None
+    served_name: str = ""
+    chat_template: str | None = None
+    tool_call_parser: str | None = None
+    tool_strict_level: str | None = None
+
+
+@dataclass
+class ServerSpec(EngineSpec):
+    """Engine flags (``EngineSpec``) plus how many replicas, where, and how long to wait."""
+
+    served_name: str = ""
+    service: str = "policy"
+    replicas: int = 1
+    gpus_per_replica: int = 1
+    port: int | None = None
+    startup_timeout_s: float = 900.0
+    stop_grace_s: float = 15.0
+
+    def engine_spec(self) -> EngineSpec:
+        return EngineSpec(**{f.name: getattr(self, f.name) for f in dataclasses.fields(EngineSpec)})
+
+
+@dataclass
+class RegistrySpec:
+    root: str = ""
+    heartbeat_s: float = 5.0
+    ttl_s: float = 30.0
+
+
+@dataclass
+class RolloutsJob:
+    """``job=rollouts``: the built-in collector. Its settings are ``CollectorConfig``'s."""
+
+    collector: CollectorConfig
+    timeout_min: int = 60
+    kind: str = "rollouts"
+
+
+@dataclass
+class NoJob:
+    """``job=none``: serve only, until Ctrl-C."""
+
+    kind: str = "none"
+
+
+JobSpec = RolloutsJob | NoJob
+# Filled in by the launcher for each run; a user value would be overwritten.
+_LAUNCHER_OWNED = ("output_dir", "namespace", "registry_root", "registry_ttl_s")
+
+
+@dataclass
+class RunSpec:
+    run: RunInfo = field(default_factory=RunInfo)
+    cluster: ClusterSpec = field(default_factory=ClusterSpec)
+    model: ModelSpec = field(default_factory=ModelSpec)
+    server: ServerSpec = field(default_factory=ServerSpec)
+    registry: RegistrySpec = field(default_factory=RegistrySpec)
+    job: Any = None  # RolloutsJob | NoJob, chosen by job.kind
+
+    def server_hash(self) -> str:
+        """Identifies a server configuration: runs with equal hashes could share servers."""
+        blob = json.dumps([dataclasses.asdict(self.model), dataclasses.asdict(self.server)], sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def load_spec(cfg: DictConfig) -> RunSpec:
+    """Type-check ``cfg`` against the schema, then check what types cannot express."""
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    job_cfg = raw.pop("job", None) or {}
+    raw.pop("hydra", None)
+    spec = _typed(RunSpec, raw, prefix="")
+    spec.job = _job(cfg.job if "job" in cfg else OmegaConf.create(job_cfg))
+    _check(spec)
+    return spec
+
+
+def _typed(schema: type, data: Any, prefix: str) -> Any:
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), data)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or ""
+        where = f"{prefix}{key}" if key else prefix.rstrip(".") or "config"
+        raise SpecError(f"{where}: {_first_line(e)}") from None
+
+
+def _job(job_cfg: DictConfig) -> JobSpec:
+    try:
+        data = OmegaConf.to_container(job_cfg, resolve=True)
+    except OmegaConfBaseException as e:
+        raise SpecError(f"job: {_first_line(e)}") from None
+    kind = data.pop("kind", None)
+    if kind == "none":
+        if data:
+            raise SpecError(f"job: keys {sorted(data)} mean nothing for job.kind=none")
+        return NoJob()
+    if kind != "rollouts":
+        raise SpecError(f"job.kind: {kind!r} is not a job kind; choose one of ['none', 'rollouts'] (job=...)")
+    for key in _LAUNCHER_OWNED:
+        if key in data:
+            raise SpecError(f"job.{key}: set by the launcher for each run; remove it from the config")
+    timeout_min = data.pop("timeout_min", 60)
+    if "tasks" in data:
+        data["tasks"] = str(resolve_tasks(data["tasks"]))
+    collector = _typed(CollectorConfig, data, prefix="job.")
+    return RolloutsJob(collector=collector, timeout_min=_typed_int(timeout_min, "job.timeout_min"))
+
+
+def _typed_int(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SpecError(f"{key}: expected an integer, got {value!r}")
+    return value
+
+
+def resolve_tasks(value: Any) -> Path:
+    """A JSONL path, or the name of a bundled task set."""
+    text = str(value)
+    path = Path(text).expanduser()
+    if path.is_file():
+        return path.resolve()
+    bundled = TASK_SETS / f"{text}.jsonl"
+    if "/" not in text and bundled.is_file():
+        return bundled
+    names = sorted(p.stem for p in TASK_SETS.glob("*.jsonl"))
+    raise SpecError(f"job.tasks: {text!r} is neither a file nor a bundled task set {names}")
+
+
+def resolve_chat_template(value: str | None) -> str | None:
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    if path.is_file():
+        return str(path.resolve())
+    bundled = CHAT_TEMPLATES / f"{value}.jinja"
+    if "/" not in value and bundled.is_file():
+        return str(bundled)
+    names = sorted(p.stem for p in CHAT_TEMPLATES.glob("*.jinja"))
+    raise SpecError(f"server.chat_template: {value!r} is neither a file nor a bundled template {names}")
+
+
+def _check(spec: RunSpec) -> None:
+    errors: list[str] = []
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            errors.append(message)
+
+    c, m, s, r = spec.cluster, spec.model, spec.server, spec.registry
+    need(c.kind in CLUSTER_KINDS, f"cluster.kind: {c.kind!r} is not supported; choose one of {list(CLUSTER_KINDS)}")
+    need(c.timeout_min >= 1, f"cluster.timeout_min: must be >= 1, got {c.timeout_min}")
+
+    need((m.path is None) != (m.embedded is None), "model: set exactly one of model.path and model.embedded")
+    if m.embedded is not None:
+        need(m.embedded in EMBEDDED_MODELS, f"model.embedded: {m.embedded!r} is not one of {sorted(EMBEDDED_MODELS)}")
+    if m.path is not None and _looks_local(m.path):
+        need(Path(m.path).expanduser().is_dir(), f"model.path: folder {m.path!r} does not exist")
+    need(bool(m.served_name), "model.served_name: must not be empty (clients send it as `model`)")
+
+    need(s.engine in BUILDERS, f"server.engine: {s.engine!r} is not one of {sorted(BUILDERS)}")
+    need(bool(s.service) and "/" not in s.service, f"server.service: {s.service!r} must be a non-empty name without '/'")
+    need(s.replicas >= 1, f"server.replicas: must be >= 1, got {s.replicas}")
+    need(s.gpus_per_replica >= 0, f"server.gpus_per_replica: must be >= 0, got {s.gpus_per_replica}")
+    need(s.max_model_len is None or s.max_model_len > 0, f"server.max_model_len: must be > 0, got {s.max_model_len}")
+    need(
+        s.kv_cache_memory_bytes is None or s.kv_cache_memory_bytes > 0,
+        f"server.kv_cache_memory_bytes: must be > 0 or null, got {s.kv_cache_memory_bytes}",
+    )
+    need(
+        s.gpu_memory_utilization is None or 0 < s.gpu_memory_utilization <= 1,
+        f"server.gpu_memory_utilization: must be in (0, 1] or null, got {s.gpu_memory_utilization}",
+    )
+    need(s.port is None or 1 <= s.port <= 65535, f"server.port: must be in 1..65535 or null, got {s.port}")
+    need(
+        s.port is None or s.replicas == 1,
+        f"server.port: a fixed port ({s.port}) cannot serve {s.replicas} replicas on one node; set it to null",
+    )
+    need(s.startup_timeout_s > 0, f"server.startup_timeout_s: must be > 0, got {s.startup_timeout_s}")
+    need(
+        not s.enable_auto_tool_choice or bool(s.tool_call_parser),
+        "server.enable_auto_tool_choice: needs server.tool_call_parser (e.g. hermes for Qwen3)",
+    )
+    try:
+        s.chat_template = resolve_chat_template(s.chat_template)
+    except SpecError as e:
+        errors.append(str(e))
+
+    need(r.heartbeat_s > 0, f"registry.heartbeat_s: must be > 0, got {r.heartbeat_s}")
+    need(
+        r.ttl_s >= 2 * r.heartbeat_s,
+        f"registry.ttl_s: must be at least twice registry.heartbeat_s ({r.heartbeat_s}), got {r.ttl_s}",
+    )
+    need(bool(r.root), "registry.root: must not be empty")
+
+    if isinstance(spec.job, RolloutsJob):
+        _check_collector(spec.job, s, need)
+    if errors:
+        raise SpecError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def _check_collector(job: RolloutsJob, server: ServerSpec, need) -> None:
+    col, sp = job.collector, job.collector.sampling
+    need(
+        col.service == server.service,
+        f"job.service: {col.service!r} names no service of this run (server.service is {server.service!r})",
+    )
+    need(col.num_repeats >= 1, f"job.num_repeats: must be >= 1, got {col.num_repeats}")
+    need(col.max_concurrency >= 1, f"job.max_concurrency: must be >= 1, got {col.max_concurrency}")
+    need(col.max_turns >= 1, f"job.max_turns: must be >= 1, got {col.max_turns}")
+    need(0 <= col.top_logprobs <= 20, f"job.top_logprobs: must be in 0..20, got {col.top_logprobs}")
+    need(job.timeout_min >= 1, f"job.timeout_min: must be >= 1, got {job.timeout_min}")
+    need(sp.temperature >= 0, f"job.sampling.temperature: must be >= 0, got {sp.temperature}")
+    need(0 < sp.top_p <= 1, f"job.sampling.top_p: must be in (0, 1], got {sp.top_p}")
+    need(sp.max_tokens >= 1, f"job.sampling.max_tokens: must be >= 1, got {sp.max_tokens}")
+    if server.max_model_len is not None:
+        need(
+            sp.max_tokens < server.max_model_len,
+            f"job.sampling.max_tokens: {sp.max_tokens} leaves no room for the prompt in "
+            f"server.max_model_len={server.max_model_len}",
+        )
+
+
+def _looks_local(path: str) -> bool:
+    # A hub id is "org/name"; anything rooted or relative-dotted is a folder on disk.
+    return path.startswith(("/", "./", "../", "~"))
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0]

@@ -1,0 +1,1 @@
+"""What runs on a GPU node, and how others find it: engine commands, the server job, the registry."""

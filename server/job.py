@@ -1,0 +1,238 @@
+"""What a server job runs on its node: a supervisor around one engine process.
+
+It reserves a port, starts the engine as its own child (never detached, so the
+cluster's process tracking and our signals reach it), waits for ``/health``,
+publishes the replica in the registry, heartbeats, and on SIGTERM/SIGINT/USR2
+or an engine crash removes the entry and stops the engine's whole process
+group. The engine also gets SIGTERM from the kernel if this supervisor dies
+without cleaning up (``PR_SET_PDEATHSIG``): no orphaned GPU process.
+
+Imports nothing from launcher/.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from server.engines import EngineSpec, build_command, engine_version
+from server.registry import Entry, Registry
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
+_PORT_ATTEMPTS = 3
+
+
+@dataclass
+class ServerJob:
+    """Everything one replica needs; picklable, so it travels through submitit."""
+
+    namespace: str
+    service: str
+    replica: int
+    engine: EngineSpec
+    registry_root: str
+    log_dir: str
+    model_path: str | None = None  # a local folder or a hub id the engine resolves
+    embedded_model: str | None = None  # prepared on the node by server.models
+    model_cache_dir: str | None = None
+    bind_host: str = "127.0.0.1"
+    advertise_host: str | None = None  # None: this node's hostname
+    port: int | None = None  # None: any free port
+    heartbeat_s: float = 5.0
+    startup_timeout_s: float = 900.0
+    stop_grace_s: float = 15.0
+    config_hash: str = ""
+
+    @property
+    def engine_log(self) -> Path:
+        return Path(self.log_dir) / f"{self.service}-{self.replica}.engine.log"
+
+
+class EngineFailed(RuntimeError):
+    """The engine exited or never became healthy; the message carries its log tail."""
+
+
+def run(job: ServerJob) -> None:
+    """Serve until told to stop. Raises ``EngineFailed`` if the engine dies."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stop = threading.Event()
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, lambda signum, frame: stop.set())
+    registry = Registry(job.registry_root)
+    model_path = _resolve_model(job)
+    Path(job.log_dir).mkdir(parents=True, exist_ok=True)
+    engine = entry = None
+    try:
+        for attempt in range(_PORT_ATTEMPTS):
+            port = job.port or free_port(job.bind_host)
+            engine = _start_engine(job, model_path, port)
+            entry = _entry(job, port, engine.pid)
+            registry.publish(entry)
+            try:
+                _wait_healthy(job, engine, entry, stop, registry)
+                break
+            except EngineFailed as e:
+                registry.remove(job.namespace, job.service, job.replica)
+                retry = job.port is None and "address already in use" in str(e).lower()
+                if not retry or attempt == _PORT_ATTEMPTS - 1:
+                    raise
+                log.warning("port %d was taken before the engine bound it; retrying on another", port)
+        if stop.is_set():
+            return
+        registry.heartbeat(entry, state="ready")
+        log.info("replica %s/%d ready at %s", job.service, job.replica, entry.base_url)
+        while not stop.wait(job.heartbeat_s):
+            if engine.poll() is not None:
+                raise EngineFailed(_died_message(job, engine))
+            registry.heartbeat(entry)
+    finally:
+        registry.remove(job.namespace, job.service, job.replica)
+        if engine is not None:
+            stop_engine(engine, job.stop_grace_s)
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def stop_engine(proc: subprocess.Popen, grace_s: float) -> None:
+    """SIGTERM the engine's process group, SIGKILL what is left after ``grace_s``."""
+    if proc.poll() is None:
+        _signal_group(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            log.warning("engine pid %d ignored SIGTERM for %.0fs; killing it", proc.pid, grace_s)
+    # The engine's own workers share its process group; reap stragglers too.
+    _signal_group(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def log_tail(path: Path, lines: int = 40) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 64 * 1024))
+            return "\n".join(f.read().decode(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return f"(no log at {path})"
+
+
+def _resolve_model(job: ServerJob) -> str:
+    if job.embedded_model:
+        from server.models import prepare
+
+        cache = Path(job.model_cache_dir) if job.model_cache_dir else None
+        return str(prepare(job.embedded_model, cache))
+    if not job.model_path:
+        raise ValueError("ServerJob needs model_path or embedded_model")
+    return job.model_path
+
+
+def _start_engine(job: ServerJob, model_path: str, port: int) -> subprocess.Popen:
+    cmd = build_command(job.engine, model_path, job.bind_host, port)
+    env = {**os.environ, **job.engine.env}
+    log_file = open(job.engine_log, "ab")  # the child keeps its own descriptor
+    with log_file:
+        log_file.write(f"\n### {time.strftime('%F %T')} starting: {' '.join(cmd)}\n".encode())
+        log_file.flush()
+        return subprocess.Popen(
+            cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+            preexec_fn=_engine_child_setup,
+        )
+
+
+def _engine_child_setup() -> None:
+    # Own process group: a terminal's Ctrl-C reaches the supervisor, which then
+    # stops the engine in order, and killpg reaches the engine's workers.
+    os.setpgid(0, 0)
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _entry(job: ServerJob, port: int, engine_pid: int) -> Entry:
+    now = time.time()
+    return Entry(
+        namespace=job.namespace,
+        service=job.service,
+        replica=job.replica,
+        model=job.engine.served_name,
+        host=job.advertise_host or socket.gethostname(),
+        port=port,
+        engine=job.engine.engine,
+        engine_version=engine_version(job.engine.engine),
+        job_id=_job_id(),
+        node=socket.gethostname(),
+        pid=os.getpid(),
+        engine_pid=engine_pid,
+        state="starting",
+        started_at=now,
+        heartbeat_at=now,
+        config_hash=job.config_hash,
+    )
+
+
+def _job_id() -> str:
+    env = os.environ
+    if "SLURM_ARRAY_JOB_ID" in env:
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env.get('SLURM_ARRAY_TASK_ID', '0')}"
+    return env.get("SLURM_JOB_ID") or env.get("SUBMITIT_LOCAL_JOB_ID") or f"pid:{os.getpid()}"
+
+
+def _wait_healthy(
+    job: ServerJob, engine: subprocess.Popen, entry: Entry, stop: threading.Event, registry: Registry
+) -> None:
+    deadline = time.monotonic() + job.startup_timeout_s
+    health = f"http://{_connect_host(job.bind_host)}:{entry.port}/health"
+    last_beat = time.monotonic()
+    with httpx.Client(timeout=5.0) as client:
+        while not stop.is_set():
+            if engine.poll() is not None:
+                raise EngineFailed(_died_message(job, engine))
+            try:
+                if client.get(health).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise EngineFailed(
+                    f"engine not healthy after {job.startup_timeout_s:g}s (server.startup_timeout_s); "
+                    f"log {job.engine_log}:\n{log_tail(job.engine_log)}"
+                )
+            # Starting can take minutes (weights, compilation): keep the entry fresh meanwhile.
+            if time.monotonic() - last_beat >= job.heartbeat_s:
+                registry.heartbeat(entry)
+                last_beat = time.monotonic()
+            stop.wait(0.5)
+
+
+def _connect_host(bind_host: str) -> str:
+    return "127.0.0.1" if bind_host in ("0.0.0.0", "") else bind_host
+
+
+def _died_message(job: ServerJob, engine: subprocess.Popen) -> str:
+    return (
+        f"engine of {job.service}/{job.replica} exited with code {engine.returncode}; "
+        f"log {job.engine_log}:\n{log_tail(job.engine_log)}"
+    )

@@ -1,0 +1,542 @@
+"""The rollout collector, its tools, verifiers and endpoint pool, without vLLM.
+
+The HTTP tests run the collector against ``StandInServer``: a real HTTP server
+on 127.0.0.1 started by the test, which answers ``/v1/chat/completions`` with
+the response shapes of vLLM 0.32 (top-level ``prompt_token_ids``,
+``choices[0].token_ids``, ``choices[0].logprobs.content``, ``tool_calls``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from jobs import rollouts, tools, verifiers
+from jobs.pool import EndpointPool, NoEndpointError
+from jobs.rollouts import CollectorConfig, SamplingParams, TaskFileError, collect, load_tasks, parse_task
+from server.registry import Entry, Registry
+
+MODEL = "stand-in-model"
+
+# ---------------------------------------------------------------- tools
+
+
+@pytest.mark.parametrize(
+    "expression, expected",
+    [
+        ("1 + 2 * 3", "7"),
+        ("(3 + 4) * 2", "14"),
+        ("2 ** 10", "1024"),
+        ("7 / 2", "3.5"),
+        ("12 / 4", "3"),
+        ("-3 - -2", "-1"),
+        ("10 / 3", "3.333333333"),
+        (" 17*23 ", "391"),
+    ],
+)
+def test_calculator_results(expression, expected):
+    assert tools.calculator(expression) == expected
+
+
+@pytest.mark.parametrize(
+    "expression",
+    ["__import__('os')", "x + 1", "abs(-1)", "(1).real", "[1, 2]", "True + 1", "'a' * 3", "1 if 1 else 2", "1 +"],
+)
+def test_calculator_rejects_anything_but_arithmetic(expression):
+    with pytest.raises(ValueError):
+        tools.calculator(expression)
+
+
+def test_calculator_refuses_huge_powers():
+    with pytest.raises(ValueError, match="too large"):
+        tools.calculator("9 ** 9 ** 9")
+
+
+def test_call_tool_turns_model_mistakes_into_error_strings():
+    assert tools.call_tool("calculator", '{"expression": "6 * 7"}') == "42"
+    assert tools.call_tool("calculator", {"expression": "6 * 7"}) == "42"
+    for result in (
+        tools.call_tool("calculator", json.dumps({"expression": "__import__('os').system('true')"})),
+        tools.call_tool("calculator", '{"expression": "1 / 0"}'),
+        tools.call_tool("calculator", '{"expr": "1"}'),
+        tools.call_tool("calculator", "not json"),
+        tools.call_tool("calculator", "[1]"),
+    ):
+        assert result.startswith("error: ")
+    unknown = tools.call_tool("launch_rockets", "{}")
+    assert "unknown tool 'launch_rockets'" in unknown and "calculator" in unknown
+
+
+def test_get_weather_is_deterministic_and_unknown_city_is_an_error_string():
+    assert tools.get_weather("Paris") == tools.get_weather(" paris ") == "Paris: sunny, 22 degrees Celsius"
+    missing = tools.get_weather("Atlantis")
+    assert missing.startswith("error: ") and "Atlantis" in missing and "Paris" in missing
+
+
+def test_openai_tool_schema():
+    schema = tools.openai_tool_schema("calculator")
+    assert schema["type"] == "function"
+    assert schema["function"]["name"] == "calculator"
+    assert schema["function"]["parameters"]["required"] == ["expression"]
+    with pytest.raises(KeyError, match="get_weather"):
+        tools.openai_tool_schema("nope")
+
+
+# ---------------------------------------------------------------- verifiers
+
+
+def _task(**verifier) -> dict:
+    return {"id": "t1", "verifier": verifier}
+
+
+def test_number_verifier_takes_the_last_number():
+    task = _task(name="number", expected=12)
+    assert verifiers.score(task, "7 + 5 = 12.", []) == 1.0
+    assert verifiers.score(task, "12 or maybe 13", []) == 0.0
+    assert verifiers.score(task, "twelve", []) == 0.0
+    assert verifiers.score(task, "", []) == 0.0
+    assert verifiers.score(_task(name="number", expected=1200), "It is 1,200", []) == 1.0
+    assert verifiers.score(_task(name="number", expected=-3), "x = -3", []) == 1.0
+    assert verifiers.score(_task(name="number", expected=3.333), "3.3333", []) == 0.0
+    assert verifiers.score(_task(name="number", expected=3.333, tolerance=0.01), "3.3333", []) == 1.0
+
+
+def test_contains_verifier_ignores_case():
+    task = _task(name="contains", expected="Sunny")
+    assert verifiers.score(task, "It will be SUNNY today", []) == 1.0
+    assert verifiers.score(task, "rain", []) == 0.0
+
+
+def test_tool_call_verifier_checks_name_and_argument_subset():
+    calls = [{"name": "get_weather", "arguments": {"city": "paris", "unit": "C"}, "result": "..."}]
+    assert verifiers.score(_task(name="tool_call", tool="get_weather"), "", calls) == 1.0
+    assert verifiers.score(_task(name="tool_call", tool="get_weather", arguments={"city": "Paris"}), "", calls) == 1.0
+    assert verifiers.score(_task(name="tool_call", tool="get_weather", arguments={"city": "Rome"}), "", calls) == 0.0
+    assert verifiers.score(_task(name="tool_call", tool="calculator"), "", calls) == 0.0
+    unparsable = [{"name": "get_weather", "arguments": "{city: Paris", "result": "error"}]
+    assert verifiers.score(_task(name="tool_call", tool="get_weather", arguments={"city": "Paris"}), "", unparsable) == 0.0
+
+
+def test_unknown_verifier_names_task_and_known_names():
+    with pytest.raises(ValueError) as info:
+        verifiers.score({"id": "task-7", "verifier": {"name": "vibes"}}, "", [])
+    message = str(info.value)
+    assert "task-7" in message and "vibes" in message
+    assert all(name in message for name in ("number", "contains", "tool_call"))
+
+
+# ---------------------------------------------------------------- tasks
+
+
+FLAT_CALCULATOR = {
+    "type": "function",
+    "name": "calculator",
+    "description": "Evaluate arithmetic.",
+    "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}},
+}
+
+
+def test_responses_input_becomes_chat_messages():
+    task = parse_task(
+        {
+            "id": "a",
+            "responses_create_params": {
+                "instructions": "Be brief.",
+                "input": [
+                    {"role": "developer", "content": "Use tools."},
+                    {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hi "}, {"type": "input_text", "text": "there"}]},
+                    {"type": "function_call", "call_id": "c1", "name": "calculator", "arguments": '{"expression": "1+1"}'},
+                    {"type": "function_call", "call_id": "c2", "name": "calculator", "arguments": '{"expression": "2+2"}'},
+                    {"type": "function_call_output", "call_id": "c1", "output": "2"},
+                ],
+                "tools": [FLAT_CALCULATOR],
+                "tool_choice": {"type": "function", "name": "calculator"},
+            },
+            "verifier": {"name": "number", "expected": 2},
+        }
+    )
+    assert [m["role"] for m in task.messages] == ["system", "system", "user", "assistant", "tool"]
+    assert task.messages[0]["content"] == "Be brief."
+    assert task.messages[2]["content"] == "Hi there"
+    assert [c["id"] for c in task.messages[3]["tool_calls"]] == ["c1", "c2"]
+    assert task.messages[4] == {"role": "tool", "tool_call_id": "c1", "content": "2"}
+    assert task.tool_choice == {"type": "function", "function": {"name": "calculator"}}
+
+
+def test_flat_and_nested_tools_convert_to_the_same_chat_tool():
+    nested = {"type": "function", "function": {k: v for k, v in FLAT_CALCULATOR.items() if k != "type"}}
+    assert rollouts.chat_tool(FLAT_CALCULATOR) == rollouts.chat_tool(nested) == {
+        "type": "function",
+        "function": {
+            "name": "calculator",
+            "description": "Evaluate arithmetic.",
+            "parameters": FLAT_CALCULATOR["parameters"],
+        },
+    }
+
+
+def test_string_input_is_one_user_message():
+    task = parse_task({"id": 1, "responses_create_params": {"input": "Hello"}, "verifier": {"name": "contains", "expected": "x"}})
+    assert task.id == "1"
+    assert task.messages == [{"role": "user", "content": "Hello"}]
+    assert task.tools == [] and task.tool_choice is None
+
+
+def _write_lines(path: Path, lines: list) -> Path:
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return path
+
+
+GOOD = {"id": "ok", "responses_create_params": {"input": "1+1?"}, "verifier": {"name": "number", "expected": 2}}
+
+
+@pytest.mark.parametrize(
+    "bad, fragment",
+    [
+        ('{"id": "x", "responses_create_params": ', "Expecting"),
+        ({"id": "x", "verifier": {"name": "number"}}, "responses_create_params.input"),
+        ({"responses_create_params": {"input": "hi"}, "verifier": {"name": "number"}}, "'id'"),
+        ({"id": "x", "responses_create_params": {"input": "hi"}, "verifier": {"name": "vibes"}}, "unknown verifier"),
+        ({"id": "x", "responses_create_params": {"input": "hi", "tools": [{**FLAT_CALCULATOR, "name": "rm_rf"}]}, "verifier": {"name": "number"}}, "rm_rf"),
+        ({**GOOD}, "duplicate task id 'ok'"),
+    ],
+)
+def test_bad_task_line_names_file_and_line(tmp_path, bad, fragment):
+    path = _write_lines(tmp_path / "tasks.jsonl", [GOOD, "", bad])
+    with pytest.raises(TaskFileError) as info:
+        load_tasks(path)
+    assert f"{path}:3:" in str(info.value)
+    assert fragment in str(info.value)
+
+
+def test_demo_tasks_load():
+    tasks = load_tasks(rollouts.DEMO_TASKS)
+    assert len(tasks) == 24
+    with_tools = [t for t in tasks if t.tools]
+    assert 10 <= len(with_tools) <= 14
+    # The tiny demo model calls a tool only when forced.
+    assert all(t.tool_choice == "required" for t in with_tools)
+    names = {c["function"]["name"] for t in with_tools for c in t.tools}
+    assert names == {"calculator", "get_weather"}
+
+
+# ---------------------------------------------------------------- pool
+
+
+def _entry(replica: int, port: int = 9, namespace: str = "run1", service: str = "policy", **kw) -> Entry:
+    return Entry(
+        namespace=namespace,
+        service=service,
+        replica=replica,
+        model=MODEL,
+        host="127.0.0.1",
+        port=port,
+        engine="stand-in",
+        engine_version="0",
+        job_id=f"test-{replica}",
+        node="localhost",
+        pid=os.getpid(),
+        **{"state": "ready", "heartbeat_at": time.time(), **kw},
+    )
+
+
+def test_pool_pick_is_stable_and_spreads(tmp_path):
+    registry = Registry(tmp_path)
+    for replica in range(3):
+        registry.publish(_entry(replica))
+    registry.publish(_entry(3, state="starting"))
+    registry.publish(_entry(4, heartbeat_at=time.time() - 3600))
+    pool = EndpointPool("policy", "run1", tmp_path)
+    assert [e.replica for e in pool.endpoints()] == [0, 1, 2]
+    picks = {key: pool.pick(key).replica for key in (f"task-{i}/0" for i in range(60))}
+    assert picks == {key: EndpointPool("policy", "run1", tmp_path).pick(key).replica for key in picks}
+    assert set(picks.values()) == {0, 1, 2}
+
+
+def test_pool_rereads_registry_only_after_refresh_interval(tmp_path):
+    registry = Registry(tmp_path)
+    registry.publish(_entry(0))
+    cached = EndpointPool("policy", "run1", tmp_path, refresh_s=3600)
+    fresh = EndpointPool("policy", "run1", tmp_path, refresh_s=0)
+    assert len(cached.endpoints()) == len(fresh.endpoints()) == 1
+    registry.publish(_entry(1))
+    assert len(cached.endpoints()) == 1
+    assert len(fresh.endpoints()) == 2
+
+
+def test_pool_without_ready_replica_says_where_it_looked(tmp_path):
+    with pytest.raises(NoEndpointError) as info:
+        EndpointPool("policy", "run1", tmp_path).pick("t/0")
+    assert "'policy'" in str(info.value) and str(tmp_path) in str(info.value)
+
+
+def test_pool_refuses_a_service_in_several_namespaces(tmp_path):
+    registry = Registry(tmp_path)
+    registry.publish(_entry(0, namespace="run1"))
+    registry.publish(_entry(0, namespace="run2"))
+    with pytest.raises(NoEndpointError, match="several namespaces"):
+        EndpointPool("policy", None, tmp_path).pick("t/0")
+    assert EndpointPool("policy", "run2", tmp_path).pick("t/0").namespace == "run2"
+
+
+# ---------------------------------------------------------------- the conversation loop
+
+
+class StandInServer(ThreadingHTTPServer):
+    """Plays a vLLM OpenAI-compatible server; its answer depends on the last user message.
+
+    "FAIL" -> HTTP 500; "LOOP" -> a tool call on every turn; "GHOST" -> a call to a
+    tool that does not exist; tools offered and no tool result yet -> a calculator
+    call with the expression after "compute"; otherwise text quoting the last tool
+    result, or "The answer is 12."
+    """
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _StandInHandler)
+        self.requests: list[dict] = []  # {"path", "headers", "body"} in arrival order
+        self.lock = threading.Lock()
+
+    def reply(self, body: dict) -> tuple[int, dict]:
+        messages = body["messages"]
+        prompt = next(m["content"] for m in reversed(messages) if m["role"] == "user")
+        if "FAIL" in prompt:
+            return 500, {"error": {"message": "stand-in engine error", "type": "InternalServerError", "param": None, "code": 500}}
+        if body["model"] != MODEL:
+            return 404, {"error": {"message": f"The model `{body['model']}` does not exist.", "type": "NotFoundError", "param": "model", "code": 404}}
+        tool_done = messages[-1]["role"] == "tool"
+        if "LOOP" in prompt:
+            return 200, self.completion(body, tool_call=("calculator", {"expression": "1 + 1"}))
+        if "GHOST" in prompt and not tool_done:
+            return 200, self.completion(body, tool_call=("ghost_tool", {}))
+        if body.get("tools") and not tool_done:
+            expression = prompt.split("compute", 1)[1].strip(" .")
+            return 200, self.completion(body, tool_call=("calculator", {"expression": expression}))
+        text = f"The result is {messages[-1]['content']}." if tool_done else "The answer is 12."
+        return 200, self.completion(body, text=text)
+
+    def completion(self, body: dict, text: str | None = None, tool_call: tuple[str, dict] | None = None) -> dict:
+        with self.lock:
+            n = len(self.requests)
+        if tool_call:
+            name, arguments = tool_call
+            rendered = f'<tool_call>{{"name": "{name}", "arguments": {json.dumps(arguments)}}}</tool_call>'
+        else:
+            rendered = text
+        token_ids = [ord(c) for c in rendered]
+        k = body.get("top_logprobs") or 0
+        content = [
+            {
+                "token": c,
+                "logprob": -0.25,
+                "bytes": list(c.encode()),
+                "top_logprobs": [{"token": c, "logprob": -0.25, "bytes": list(c.encode())}][:k]
+                + [{"token": f"alt{j}", "logprob": -3.0 - j, "bytes": None} for j in range(max(k - 1, 0))],
+            }
+            for c in rendered
+        ]
+        message = {"role": "assistant", "content": text, "refusal": None, "annotations": None, "audio": None, "function_call": None, "reasoning": None}
+        if tool_call:
+            message["tool_calls"] = [
+                {"id": f"chatcmpl-tool-{n}", "type": "function", "function": {"name": name, "arguments": json.dumps(arguments)}}
+            ]
+        prompt_ids = list(range(100, 100 + 7 * len(body["messages"])))
+        return {
+            "id": f"chatcmpl-{n}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": body["model"],
+            "choices": [
+                {
+                    "index": 0,
+                    "message": message,
+                    "logprobs": {"content": content} if body.get("logprobs") else None,
+                    "finish_reason": "tool_calls" if tool_call else "stop",
+                    "stop_reason": None,
+                    "token_ids": token_ids if body.get("return_token_ids") else None,
+                }
+            ],
+            "service_tier": None,
+            "system_fingerprint": None,
+            "usage": {
+                "prompt_tokens": len(prompt_ids),
+                "total_tokens": len(prompt_ids) + len(token_ids),
+                "completion_tokens": len(token_ids),
+                "prompt_tokens_details": None,
+            },
+            "prompt_logprobs": None,
+            "prompt_token_ids": prompt_ids if body.get("return_token_ids") else None,
+            "prompt_text": None,
+            "kv_transfer_params": None,
+        }
+
+
+class _StandInHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as uvicorn does
+    server: StandInServer
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        with self.server.lock:
+            self.server.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
+        if self.path == "/v1/chat/completions":
+            status, payload = self.server.reply(body)
+        else:
+            status, payload = 404, {"detail": "Not Found"}
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def stand_in(tmp_path):
+    server = StandInServer()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    root = tmp_path / "registry"
+    Registry(root).publish(_entry(0, port=server.server_address[1]))
+    yield server, root
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def _collect_tasks(tmp_path: Path) -> Path:
+    tool_params = {"tools": [FLAT_CALCULATOR], "tool_choice": "required"}
+    return _write_lines(
+        tmp_path / "tasks.jsonl",
+        [
+            {"id": "calc", "responses_create_params": {"input": [{"role": "user", "content": "Use the calculator to compute 17 * 23."}], **tool_params}, "verifier": {"name": "number", "expected": 391}},
+            {"id": "text", "responses_create_params": {"input": [{"role": "user", "content": "What is 7 + 5?"}]}, "verifier": {"name": "number", "expected": 12}},
+            {"id": "wrong", "responses_create_params": {"input": "What is 2 + 2?"}, "verifier": {"name": "number", "expected": 4}},
+            {"id": "ghost", "responses_create_params": {"input": "GHOST", **tool_params}, "verifier": {"name": "tool_call", "tool": "calculator"}},
+            {"id": "fail", "responses_create_params": {"input": "FAIL please"}, "verifier": {"name": "number", "expected": 1}},
+            {"id": "loop", "responses_create_params": {"input": "LOOP", **tool_params}, "verifier": {"name": "number", "expected": 2}},
+        ],
+    )
+
+
+def test_collect_against_stand_in_server(tmp_path, stand_in, monkeypatch):
+    server, root = stand_in
+    monkeypatch.setenv(rollouts.API_KEY_ENV, "sekrit")
+    cfg = CollectorConfig(
+        tasks=str(_collect_tasks(tmp_path)),
+        output_dir=str(tmp_path / "out"),
+        namespace="run1",
+        registry_root=str(root),
+        num_repeats=2,
+        max_concurrency=3,
+        max_turns=3,
+        top_logprobs=2,
+        sampling=SamplingParams(temperature=0.5, max_tokens=64),
+    )
+    summary = collect(cfg)
+
+    rows = _read_jsonl(summary.rollouts_path)
+    failures = _read_jsonl(summary.failures_path)
+    assert sorted((r["task_id"], r["repeat"]) for r in rows) == sorted(
+        (t, r) for t in ("calc", "text", "wrong", "ghost") for r in (0, 1)
+    )
+    by_id = {r["task_id"]: r for r in rows if r["repeat"] == 0}
+
+    calc = by_id["calc"]
+    assert calc["tool_calls"] == [{"name": "calculator", "arguments": {"expression": "17 * 23"}, "result": "391"}]
+    assert calc["output"] == "The result is 391."
+    assert calc["reward"] == 1.0
+    assert calc["finish_reason"] == "stop"
+    assert calc["replica"] == 0
+    assert [m["role"] for m in calc["messages"]] == ["user", "assistant", "tool", "assistant"]
+    assert calc["messages"][2]["content"] == "391"
+    assert calc["messages"][2]["tool_call_id"] == calc["messages"][1]["tool_calls"][0]["id"]
+    assert len(calc["turns"]) == 2
+    first, second = calc["turns"]
+    assert first["finish_reason"] == "tool_calls" and second["finish_reason"] == "stop"
+    assert first["prompt_token_ids"] == list(range(100, 107))
+    assert second["generation_token_ids"] == [ord(c) for c in "The result is 391."]
+    assert second["generation_logprobs"] == [-0.25] * len("The result is 391.")
+    assert len(second["generation_top_logprobs"][0]) == 2
+    assert calc["usage"] == {
+        "prompt_tokens": first["usage"]["prompt_tokens"] + second["usage"]["prompt_tokens"],
+        "completion_tokens": first["usage"]["completion_tokens"] + second["usage"]["completion_tokens"],
+    }
+
+    assert by_id["text"]["reward"] == 1.0 and by_id["text"]["turns"][0]["generation_token_ids"]
+    assert by_id["wrong"]["reward"] == 0.0
+    ghost = by_id["ghost"]
+    assert ghost["tool_calls"][0]["name"] == "ghost_tool"
+    assert ghost["tool_calls"][0]["result"].startswith("error: unknown tool 'ghost_tool'")
+    assert ghost["reward"] == 0.0
+
+    assert sorted((f["task_id"], f["repeat"], f["reason"]) for f in failures) == [
+        ("fail", 0, "http_error"),
+        ("fail", 1, "http_error"),
+        ("loop", 0, "turn_limit"),
+        ("loop", 1, "turn_limit"),
+    ]
+    assert all("stand-in engine error" in f["error"] for f in failures if f["reason"] == "http_error")
+
+    # What the collector sent.
+    calc_requests = [r["body"] for r in server.requests if "17 * 23" in r["body"]["messages"][0]["content"]]
+    assert len(calc_requests) == 4  # 2 repeats x 2 turns
+    first_turns = [b for b in calc_requests if len(b["messages"]) == 1]
+    later_turns = [b for b in calc_requests if len(b["messages"]) > 1]
+    assert [b["tool_choice"] for b in first_turns] == ["required", "required"]
+    assert [b["tool_choice"] for b in later_turns] == ["auto", "auto"]
+    for request in server.requests:
+        body = request["body"]
+        assert request["path"] == "/v1/chat/completions"
+        assert request["headers"]["Authorization"] == "Bearer sekrit"
+        assert body["model"] == MODEL
+        assert body["logprobs"] is True and body["return_token_ids"] is True and body["top_logprobs"] == 2
+        assert (body["temperature"], body["top_p"], body["max_tokens"]) == (0.5, 1.0, 64)
+    text_request = next(r["body"] for r in server.requests if r["body"]["messages"][0]["content"] == "What is 7 + 5?")
+    assert "tools" not in text_request and "tool_choice" not in text_request
+    loop_requests = [r for r in server.requests if r["body"]["messages"][0]["content"] == "LOOP"]
+    assert len(loop_requests) == 2 * cfg.max_turns
+
+    assert summary.tasks == 6
+    assert summary.rollouts_written == 8 and summary.failures == 4
+    assert summary.mean_reward == pytest.approx(sum(r["reward"] for r in rows) / 8)
+    answered = sum(len(r["turns"]) for r in rows)
+    assert answered + 2 * cfg.max_turns == sum(1 for r in server.requests) - 2  # minus the two HTTP 500s
+    # Failed rollouts that got answers (turn limit) count too.
+    assert summary.generated_tokens > sum(r["usage"]["completion_tokens"] for r in rows)
+    assert json.loads(json.dumps(summary.to_json())) == summary.to_json()
+
+
+def test_collect_without_replica_fails_before_writing(tmp_path):
+    cfg = CollectorConfig(tasks=rollouts.DEMO_TASKS, output_dir=str(tmp_path / "out"), registry_root=str(tmp_path / "empty"))
+    with pytest.raises(NoEndpointError, match="no ready replica of service 'policy'"):
+        collect(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_prints_summary(tmp_path, stand_in, capsys, monkeypatch):
+    _, root = stand_in
+    monkeypatch.delenv(rollouts.API_KEY_ENV, raising=False)
+    tasks = _write_lines(tmp_path / "t.jsonl", [GOOD])
+    code = rollouts.main(
+        ["--tasks", str(tasks), "--output-dir", str(tmp_path / "o"), "--root", str(root), "--namespace", "run1", "--num-repeats", "3"]
+    )
+    summary = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert summary["rollouts_written"] == 3 and summary["failures"] == 0
+    assert len(_read_jsonl(summary["rollouts_path"])) == 3

@@ -1,0 +1,111 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from launcher.spec import NoJob, RolloutsJob, SpecError, load_spec
+
+CONF = str(Path(__file__).resolve().parent.parent / "conf")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def spec_for(*overrides):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return load_spec(compose("config", overrides=list(overrides)))
+
+
+def test_default_composes_to_the_embedded_demo():
+    spec = spec_for()
+    assert spec.model.embedded == "smollm2_135m" and spec.model.path is None
+    assert spec.server.service == "policy" and spec.server.replicas == 1
+    assert spec.server.kv_cache_memory_bytes == 268435456 and spec.server.gpus_per_replica == 0
+    assert spec.server.tool_call_parser == "hermes"
+    assert Path(spec.server.chat_template).is_file()
+    assert isinstance(spec.job, RolloutsJob)
+    assert Path(spec.job.collector.tasks).name == "demo.jsonl"
+    assert spec_for("+experiment=demo") == spec
+
+
+def test_engine_spec_carries_the_server_flags():
+    engine = spec_for("server.max_model_len=1024", "server.extra_args=[--max-num-seqs,8]").server.engine_spec()
+    assert engine.max_model_len == 1024 and engine.extra_args == ["--max-num-seqs", "8"]
+    assert engine.served_name == "smollm2-135m-instruct"
+
+
+def test_job_none_and_task_file(tmp_path):
+    assert isinstance(spec_for("job=none").job, NoJob)
+    tasks = tmp_path / "t.jsonl"
+    tasks.write_text("{}\n")
+    assert spec_for(f"job.tasks={tasks}").job.collector.tasks == str(tasks)
+
+
+def test_server_hash_depends_on_server_config_only():
+    base = spec_for()
+    assert spec_for("job.sampling.temperature=0.1").server_hash() == base.server_hash()
+    assert spec_for("server.max_model_len=1024").server_hash() != base.server_hash()
+
+
+BAD = [
+    (["server.replicas=0"], "server.replicas"),
+    (["server.replicas=abc"], "server.replicas"),
+    (["server.max_model_len=-5"], "server.max_model_len"),
+    (["server.kv_cache_memory_bytes=0"], "server.kv_cache_memory_bytes"),
+    (["server.gpu_memory_utilization=1.5"], "server.gpu_memory_utilization"),
+    (["server.port=70000"], "server.port"),
+    (["server.port=8000", "server.replicas=2"], "server.port"),
+    (["server.engine=trt"], "server.engine"),
+    (["server.service=a/b"], "server.service"),
+    (["server.gpus_per_replica=-1"], "server.gpus_per_replica"),
+    (["server.startup_timeout_s=0"], "server.startup_timeout_s"),
+    (["server.enforce_eager=maybe"], "server.enforce_eager"),
+    (["server.tool_call_parser=null"], "server.enable_auto_tool_choice"),
+    (["server.chat_template=nonexistent_template"], "server.chat_template"),
+    (["+server.bogus_flag=1"], "server.bogus_flag"),
+    (["model.embedded=gpt5"], "model.embedded"),
+    (["model.path=/no/such/folder"], "model"),
+    (["model.embedded=null", "model.path=/no/such/folder"], "model.path"),
+    (["model.served_name="], "model.served_name"),
+    (["cluster.kind=kubernetes"], "cluster.kind"),
+    (["cluster.timeout_min=0"], "cluster.timeout_min"),
+    (["registry.ttl_s=5"], "registry.ttl_s"),
+    (["registry.heartbeat_s=0"], "registry.heartbeat_s"),
+    (["job.tasks=/no/such/tasks.jsonl"], "job.tasks"),
+    (["job.num_repeats=0"], "job.num_repeats"),
+    (["job.max_concurrency=0"], "job.max_concurrency"),
+    (["job.max_turns=0"], "job.max_turns"),
+    (["job.top_logprobs=50"], "job.top_logprobs"),
+    (["job.sampling.temperature=-1"], "job.sampling.temperature"),
+    (["job.sampling.top_p=0"], "job.sampling.top_p"),
+    (["job.sampling.max_tokens=4096"], "job.sampling.max_tokens"),
+    (["job.sampling.max_tokens=many"], "job.sampling.max_tokens"),
+    (["job.service=judge"], "job.service"),
+    (["job.timeout_min=0"], "job.timeout_min"),
+    (["+job.output_dir=/tmp/x"], "job.output_dir"),
+    (["+job.unknown_knob=1"], "job.unknown_knob"),
+    (["job.kind=train"], "job.kind"),
+]
+
+
+@pytest.mark.parametrize("overrides,key", BAD, ids=[" ".join(o) for o, _ in BAD])
+def test_bad_config_is_refused_naming_the_key(overrides, key):
+    with pytest.raises(SpecError) as info:
+        spec_for(*overrides)
+    assert key in str(info.value)
+
+
+def test_several_errors_are_reported_together():
+    with pytest.raises(SpecError) as info:
+        spec_for("server.replicas=0", "job.max_turns=0")
+    assert "server.replicas" in str(info.value) and "job.max_turns" in str(info.value)
+
+
+def test_cli_refuses_a_bad_config_before_submitting_anything(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "launcher", "server.replicas=0", f"hydra.run.dir={tmp_path}/run"],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )
+    assert out.returncode == 2
+    assert "server.replicas" in out.stdout
+    assert not (tmp_path / "run" / "submitit").exists()
