@@ -116,7 +116,7 @@ class Run:
             job.collector, output_dir=str(self.run_dir), namespace=self.namespace,
             registry_root=self.spec.registry.root, registry_ttl_s=self.spec.registry.ttl_s,
         )
-        total = _count_lines(Path(collector.tasks)) * collector.num_repeats
+        total = job.num_rollouts
         submitted = self.backend.submit(collect, collector, name=f"{self.spec.run.name}-rollouts",
                                         timeout_min=job.timeout_min)
         self.console.print(f"submitted rollouts: job {submitted.job_id}, {total} rollouts")

@@ -16,7 +16,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from jobs.rollouts import CollectorConfig
+from jobs.rollouts import CollectorConfig, TaskFileError, load_tasks
 from server.engines import BUILDERS, EngineSpec
 from server.models import EMBEDDED_MODELS
 
@@ -82,8 +82,13 @@ class RolloutsJob:
     """``job=rollouts``: the built-in collector. Its settings are ``CollectorConfig``'s."""
 
     collector: CollectorConfig
+    num_tasks: int  # read (and checked) from the task file before anything is submitted
     timeout_min: int = 60
     kind: str = "rollouts"
+
+    @property
+    def num_rollouts(self) -> int:
+        return self.num_tasks * self.collector.num_repeats
 
 
 @dataclass
@@ -153,7 +158,13 @@ def _job(job_cfg: DictConfig) -> JobSpec:
     if "tasks" in data:
         data["tasks"] = str(resolve_tasks(data["tasks"]))
     collector = _typed(CollectorConfig, data, prefix="job.")
-    return RolloutsJob(collector=collector, timeout_min=_typed_int(timeout_min, "job.timeout_min"))
+    try:
+        num_tasks = len(load_tasks(collector.tasks))
+    except (OSError, TaskFileError) as e:
+        raise SpecError(f"job.tasks: {e}") from None
+    if num_tasks == 0:
+        raise SpecError(f"job.tasks: {collector.tasks} holds no task")
+    return RolloutsJob(collector=collector, num_tasks=num_tasks, timeout_min=_typed_int(timeout_min, "job.timeout_min"))
 
 
 def _typed_int(value: Any, key: str) -> int:

@@ -120,7 +120,8 @@ def test_tool_call_verifier_checks_name_and_argument_subset():
     assert verifiers.score(_task(name="tool_call", tool="get_weather", arguments={"city": "Rome"}), "", calls) == 0.0
     assert verifiers.score(_task(name="tool_call", tool="calculator"), "", calls) == 0.0
     unparsable = [{"name": "get_weather", "arguments": "{city: Paris", "result": "error"}]
-    assert verifiers.score(_task(name="tool_call", tool="get_weather", arguments={"city": "Paris"}), "", unparsable) == 0.0
+    paris = _task(name="tool_call", tool="get_weather", arguments={"city": "Paris"})
+    assert verifiers.score(paris, "", unparsable) == 0.0
 
 
 def test_unknown_verifier_names_task_and_known_names():
@@ -150,9 +151,13 @@ def test_responses_input_becomes_chat_messages():
                 "instructions": "Be brief.",
                 "input": [
                     {"role": "developer", "content": "Use tools."},
-                    {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hi "}, {"type": "input_text", "text": "there"}]},
-                    {"type": "function_call", "call_id": "c1", "name": "calculator", "arguments": '{"expression": "1+1"}'},
-                    {"type": "function_call", "call_id": "c2", "name": "calculator", "arguments": '{"expression": "2+2"}'},
+                    {
+                        "type": "message",
+                        "role": "user",
+                        "content": [{"type": "input_text", "text": "Hi "}, {"type": "input_text", "text": "there"}],
+                    },
+                    {"type": "function_call", "call_id": "c1", "name": "calculator", "arguments": "{}"},
+                    {"type": "function_call", "call_id": "c2", "name": "calculator", "arguments": "{}"},
                     {"type": "function_call_output", "call_id": "c1", "output": "2"},
                 ],
                 "tools": [FLAT_CALCULATOR],
@@ -182,10 +187,14 @@ def test_flat_and_nested_tools_convert_to_the_same_chat_tool():
 
 
 def test_string_input_is_one_user_message():
-    task = parse_task({"id": 1, "responses_create_params": {"input": "Hello"}, "verifier": {"name": "contains", "expected": "x"}})
+    task = parse_task(_gym_task(1, "Hello", {"name": "contains", "expected": "x"}))
     assert task.id == "1"
     assert task.messages == [{"role": "user", "content": "Hello"}]
     assert task.tools == [] and task.tool_choice is None
+
+
+def _gym_task(task_id: object, prompt: str | list, verifier: dict, **params) -> dict:
+    return {"id": task_id, "responses_create_params": {"input": prompt, **params}, "verifier": verifier}
 
 
 def _write_lines(path: Path, lines: list) -> Path:
@@ -203,7 +212,7 @@ GOOD = {"id": "ok", "responses_create_params": {"input": "1+1?"}, "verifier": {"
         ({"id": "x", "verifier": {"name": "number"}}, "responses_create_params.input"),
         ({"responses_create_params": {"input": "hi"}, "verifier": {"name": "number"}}, "'id'"),
         ({"id": "x", "responses_create_params": {"input": "hi"}, "verifier": {"name": "vibes"}}, "unknown verifier"),
-        ({"id": "x", "responses_create_params": {"input": "hi", "tools": [{**FLAT_CALCULATOR, "name": "rm_rf"}]}, "verifier": {"name": "number"}}, "rm_rf"),
+        (_gym_task("x", "hi", {"name": "number"}, tools=[{**FLAT_CALCULATOR, "name": "rm_rf"}]), "rm_rf"),
         ({**GOOD}, "duplicate task id 'ok'"),
     ],
 )
@@ -308,9 +317,9 @@ class StandInServer(ThreadingHTTPServer):
         messages = body["messages"]
         prompt = next(m["content"] for m in reversed(messages) if m["role"] == "user")
         if "FAIL" in prompt:
-            return 500, {"error": {"message": "stand-in engine error", "type": "InternalServerError", "param": None, "code": 500}}
+            return 500, _error("stand-in engine error", "InternalServerError", 500)
         if body["model"] != MODEL:
-            return 404, {"error": {"message": f"The model `{body['model']}` does not exist.", "type": "NotFoundError", "param": "model", "code": 404}}
+            return 404, _error(f"The model `{body['model']}` does not exist.", "NotFoundError", 404)
         tool_done = messages[-1]["role"] == "tool"
         if "LOOP" in prompt:
             return 200, self.completion(body, tool_call=("calculator", {"expression": "1 + 1"}))
@@ -342,10 +351,15 @@ class StandInServer(ThreadingHTTPServer):
             }
             for c in rendered
         ]
-        message = {"role": "assistant", "content": text, "refusal": None, "annotations": None, "audio": None, "function_call": None, "reasoning": None}
+        message = {"role": "assistant", "content": text, "refusal": None, "annotations": None, "audio": None}
+        message.update(function_call=None, reasoning=None)
         if tool_call:
             message["tool_calls"] = [
-                {"id": f"chatcmpl-tool-{n}", "type": "function", "function": {"name": name, "arguments": json.dumps(arguments)}}
+                {
+                    "id": f"chatcmpl-tool-{n}",
+                    "type": "function",
+                    "function": {"name": name, "arguments": json.dumps(arguments)},
+                }
             ]
         prompt_ids = list(range(100, 100 + 7 * len(body["messages"])))
         return {
@@ -376,6 +390,10 @@ class StandInServer(ThreadingHTTPServer):
             "prompt_text": None,
             "kv_transfer_params": None,
         }
+
+
+def _error(message: str, kind: str, code: int) -> dict:
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
 
 
 class _StandInHandler(BaseHTTPRequestHandler):
@@ -419,17 +437,25 @@ def _read_jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
+def _user(text: str) -> dict:
+    return {"role": "user", "content": text}
+
+
+def _number(expected: float) -> dict:
+    return {"name": "number", "expected": expected}
+
+
 def _collect_tasks(tmp_path: Path) -> Path:
     tool_params = {"tools": [FLAT_CALCULATOR], "tool_choice": "required"}
     return _write_lines(
         tmp_path / "tasks.jsonl",
         [
-            {"id": "calc", "responses_create_params": {"input": [{"role": "user", "content": "Use the calculator to compute 17 * 23."}], **tool_params}, "verifier": {"name": "number", "expected": 391}},
-            {"id": "text", "responses_create_params": {"input": [{"role": "user", "content": "What is 7 + 5?"}]}, "verifier": {"name": "number", "expected": 12}},
-            {"id": "wrong", "responses_create_params": {"input": "What is 2 + 2?"}, "verifier": {"name": "number", "expected": 4}},
-            {"id": "ghost", "responses_create_params": {"input": "GHOST", **tool_params}, "verifier": {"name": "tool_call", "tool": "calculator"}},
-            {"id": "fail", "responses_create_params": {"input": "FAIL please"}, "verifier": {"name": "number", "expected": 1}},
-            {"id": "loop", "responses_create_params": {"input": "LOOP", **tool_params}, "verifier": {"name": "number", "expected": 2}},
+            _gym_task("calc", [_user("Use the calculator to compute 17 * 23.")], _number(391), **tool_params),
+            _gym_task("text", [_user("What is 7 + 5?")], _number(12)),
+            _gym_task("wrong", "What is 2 + 2?", _number(4)),
+            _gym_task("ghost", "GHOST", {"name": "tool_call", "tool": "calculator"}, **tool_params),
+            _gym_task("fail", "FAIL please", _number(1)),
+            _gym_task("loop", "LOOP", _number(2), **tool_params),
         ],
     )
 
@@ -523,7 +549,7 @@ def test_collect_against_stand_in_server(tmp_path, stand_in, monkeypatch):
 
 
 def test_collect_without_replica_fails_before_writing(tmp_path):
-    cfg = CollectorConfig(tasks=rollouts.DEMO_TASKS, output_dir=str(tmp_path / "out"), registry_root=str(tmp_path / "empty"))
+    cfg = CollectorConfig(output_dir=str(tmp_path / "out"), registry_root=str(tmp_path / "empty"))
     with pytest.raises(NoEndpointError, match="no ready replica of service 'policy'"):
         collect(cfg)
     assert not (tmp_path / "out").exists()
@@ -534,7 +560,8 @@ def test_cli_prints_summary(tmp_path, stand_in, capsys, monkeypatch):
     monkeypatch.delenv(rollouts.API_KEY_ENV, raising=False)
     tasks = _write_lines(tmp_path / "t.jsonl", [GOOD])
     code = rollouts.main(
-        ["--tasks", str(tasks), "--output-dir", str(tmp_path / "o"), "--root", str(root), "--namespace", "run1", "--num-repeats", "3"]
+        ["--tasks", str(tasks), "--output-dir", str(tmp_path / "o"), "--root", str(root), "--namespace", "run1"]
+        + ["--num-repeats", "3"]
     )
     summary = json.loads(capsys.readouterr().out)
     assert code == 0

@@ -34,11 +34,29 @@ def test_engine_spec_carries_the_server_flags():
     assert engine.served_name == "smollm2-135m-instruct"
 
 
+TASK = '{"id": "%s", "responses_create_params": {"input": "hi"}, "verifier": {"name": "contains", "expected": "x"}}'
+
+
 def test_job_none_and_task_file(tmp_path):
     assert isinstance(spec_for("job=none").job, NoJob)
     tasks = tmp_path / "t.jsonl"
-    tasks.write_text("{}\n")
-    assert spec_for(f"job.tasks={tasks}").job.collector.tasks == str(tasks)
+    tasks.write_text(TASK % "a" + "\n\n" + TASK % "b" + "\n")
+    job = spec_for(f"job.tasks={tasks}", "job.num_repeats=3").job
+    assert job.collector.tasks == str(tasks) and job.num_tasks == 2 and job.num_rollouts == 6
+
+
+@pytest.mark.parametrize("content,message", [
+    ("", "holds no task"),
+    ("not json\n", "t.jsonl:1"),
+    (TASK % "a" + "\n" + TASK.replace("contains", "llm_judge") % "b" + "\n", "t.jsonl:2"),
+    (TASK % "a" + "\n" + TASK % "a" + "\n", "duplicate task id"),
+])
+def test_a_bad_task_file_is_refused_before_submission(tmp_path, content, message):
+    tasks = tmp_path / "t.jsonl"
+    tasks.write_text(content)
+    with pytest.raises(SpecError, match="job.tasks") as info:
+        spec_for(f"job.tasks={tasks}")
+    assert message in str(info.value)
 
 
 def test_server_hash_depends_on_server_config_only():
