@@ -246,17 +246,15 @@ class _Run:
         self.rewards: list[float] = []
         self.failed = 0
         self.generated_tokens = 0
+        self.keys: dict[str | None, str | None] = {}  # api_key_file -> key, read once
 
     async def all(self, tasks: list[Task]) -> None:
-        headers = {}
-        if os.environ.get(API_KEY_ENV):
-            headers["Authorization"] = f"Bearer {os.environ[API_KEY_ENV]}"
         limits = httpx.Limits(
             max_connections=self.cfg.max_concurrency, max_keepalive_connections=self.cfg.max_concurrency
         )
         # trust_env=False: a cluster's HTTP(S)_PROXY must not capture traffic to its own compute nodes.
         async with httpx.AsyncClient(
-            headers=headers, timeout=self.cfg.request_timeout_s, limits=limits, trust_env=False
+            timeout=self.cfg.request_timeout_s, limits=limits, trust_env=False
         ) as client:
             semaphore = asyncio.Semaphore(self.cfg.max_concurrency)
             await asyncio.gather(
@@ -332,7 +330,7 @@ class _Run:
 
     async def post(self, client: httpx.AsyncClient, entry: Entry, body: dict) -> dict:
         url = f"{entry.base_url}/chat/completions"
-        response = await client.post(url, json=body)
+        response = await client.post(url, json=body, headers=self.auth(entry))
         if response.status_code >= 400:
             raise RolloutError("http_error", f"HTTP {response.status_code} from {url}: {_error_message(response)}")
         try:
@@ -340,6 +338,13 @@ class _Run:
         except ValueError:
             text = response.text[:200]
             raise RolloutError("invalid_response", f"{url} answered with non-JSON: {text!r}") from None
+
+    def auth(self, entry: Entry) -> dict[str, str]:
+        """The replica's own key (from its registry entry), else ``$GYMLAUNCH_API_KEY``."""
+        if entry.api_key_file not in self.keys:
+            self.keys[entry.api_key_file] = entry.read_api_key() or os.environ.get(API_KEY_ENV)
+        key = self.keys[entry.api_key_file]
+        return {"Authorization": f"Bearer {key}"} if key else {}
 
     def fail(self, task: Task, repeat: int, entry: Entry | None, reason: str, error: str) -> None:
         self.failed += 1

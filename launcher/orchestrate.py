@@ -19,9 +19,10 @@ from jobs.rollouts import collect
 from launcher import console as views
 from launcher.executors import Backend
 from launcher.readiness import ReplicaStatus, ServerFailed, wait_ready
-from launcher.spec import RolloutsJob, RunSpec
+from launcher.spec import GENERATE_KEY, RolloutsJob, RunSpec
 from server.job import ServerJob, log_tail, run as run_server
-from server.registry import Registry
+from server.registry import Entry, Registry
+from server.verify import CheckResult, readiness_checks
 
 _POLL_S = 0.5
 
@@ -47,6 +48,7 @@ class Run:
         self.phases: dict[str, float] = {}
         self.collection: dict | None = None
         self.other_jobs: list = []  # submitted jobs besides the servers, still to cancel
+        self.api_key_file: str | None = None
 
     # ------------------------------------------------------------ phases
 
@@ -82,6 +84,10 @@ class Run:
     def _start_servers(self) -> None:
         spec = self.spec
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        if spec.server.api_key == GENERATE_KEY:
+            self.api_key_file = str(self.registry.create_api_key(self.namespace))
+        elif spec.server.api_key is not None:
+            self.api_key_file = str(Path(spec.server.api_key).expanduser().resolve())
         jobs = [self._server_job(i) for i in range(spec.server.replicas)]
         submitted = self.backend.submit_many(
             run_server, jobs, name=f"{spec.run.name}-{spec.server.service}",
@@ -98,7 +104,7 @@ class Run:
             registry_root=r.root, log_dir=str(self.log_dir), model_path=m.path, embedded_model=m.embedded,
             model_cache_dir=m.cache_dir, bind_host=c.bind_host, advertise_host=c.advertise_host, port=s.port,
             heartbeat_s=r.heartbeat_s, startup_timeout_s=s.startup_timeout_s, stop_grace_s=s.stop_grace_s,
-            config_hash=self.spec.server_hash(),
+            drain_grace_s=s.drain_grace_s, api_key_file=self.api_key_file, config_hash=self.spec.server_hash(),
         )
 
     def _wait_ready(self) -> None:
@@ -106,10 +112,19 @@ class Run:
         with Live(views.servers_table(service, self.replicas), console=self.console, transient=True) as live:
             wait_ready(
                 self.backend, self.replicas, self.registry, self.namespace, service,
-                timeout_s=self.spec.server.startup_timeout_s, engine_log=self._engine_log,
+                timeout_s=self.spec.server.startup_timeout_s, checks=self._checks, engine_log=self._engine_log,
                 on_update=lambda: live.update(views.servers_table(service, self.replicas)),
             )
         self.console.print(views.servers_table(service, self.replicas))
+
+    def _checks(self, entry: Entry) -> list[CheckResult]:
+        """The gate follows the job: tool calling if its tasks offer tools, token ids/logprobs if it
+        records them (the built-in collector always does)."""
+        job = self.spec.job
+        return readiness_checks(
+            entry.base_url, entry.model, api_key=entry.read_api_key(),
+            tools=isinstance(job, RolloutsJob) and job.uses_tools, logprobs=isinstance(job, RolloutsJob),
+        )
 
     def _run_rollouts(self, job: RolloutsJob) -> None:
         collector = dataclasses.replace(
@@ -174,8 +189,7 @@ class Run:
             _kill_when_alive(entry.pid, group=False)
             if entry.engine_pid:
                 _kill_when_alive(entry.engine_pid, group=True)
-        for entry in self.registry.entries(self.namespace):
-            self.registry.remove(entry.namespace, entry.service, entry.replica)
+        self.registry.remove_namespace(self.namespace)
         self.other_jobs = []
 
     # ------------------------------------------------------------ helpers

@@ -10,7 +10,7 @@ import submitit
 
 from launcher.executors import Backend
 from server.registry import Entry, Registry
-from server.verify import CheckResult, readiness_checks
+from server.verify import CheckResult
 
 _POLL_S = 0.5
 
@@ -38,10 +38,11 @@ def wait_ready(
     namespace: str,
     service: str,
     timeout_s: float,
+    checks: Callable[[Entry], list[CheckResult]],
     engine_log: Callable[[int], str],
     on_update: Callable[[], None] = lambda: None,
 ) -> None:
-    """Return once every replica passes the checks; raise ``ServerFailed`` at the first that cannot."""
+    """Return once every replica passes ``checks``; raise ``ServerFailed`` at the first that cannot."""
     pending = list(replicas)
     while pending:
         for status in list(pending):
@@ -54,7 +55,7 @@ def wait_ready(
             status.entry = entry or status.entry
             status.state = entry.state if entry else job_state
             if entry is not None and entry.state == "ready":
-                status.checks = readiness_checks(entry.base_url, entry.model)
+                status.checks = checks(entry)
                 if all(c.ok for c in status.checks):
                     status.ready_after_s = time.monotonic() - status.submitted_at
                     status.state = "ready"

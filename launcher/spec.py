@@ -7,17 +7,19 @@ submitted, and every error names the config key that is wrong.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from jobs.rollouts import CollectorConfig, TaskFileError, load_tasks
-from server.engines import BUILDERS, EngineSpec
+from launcher.nemo_rl import _CHAT_KWARGS, Policy, apply_policy
+from server.engines import BUILDERS, EngineSpec, known_tool_parsers
 from server.models import EMBEDDED_MODELS
 
 CHAT_TEMPLATES = Path(__file__).resolve().parent.parent / "server" / "chat_templates"
@@ -54,6 +56,9 @@ class ModelSpec:
     tool_strict_level: str | None = None
 
 
+GENERATE_KEY = "generate"
+
+
 @dataclass
 class ServerSpec(EngineSpec):
     """Engine flags (``EngineSpec``) plus how many replicas, where, and how long to wait."""
@@ -65,6 +70,9 @@ class ServerSpec(EngineSpec):
     port: int | None = None
     startup_timeout_s: float = 900.0
     stop_grace_s: float = 15.0
+    drain_grace_s: float = 60.0
+    # "generate": a fresh key per run; null: no key; else a file (mode 0600) holding the key.
+    api_key: str | None = GENERATE_KEY
 
     def engine_spec(self) -> EngineSpec:
         return EngineSpec(**{f.name: getattr(self, f.name) for f in dataclasses.fields(EngineSpec)})
@@ -83,6 +91,7 @@ class RolloutsJob:
 
     collector: CollectorConfig
     num_tasks: int  # read (and checked) from the task file before anything is submitted
+    uses_tools: bool = False  # some task offers tools: readiness then checks tool calling
     timeout_min: int = 60
     kind: str = "rollouts"
 
@@ -110,6 +119,7 @@ class RunSpec:
     model: ModelSpec = field(default_factory=ModelSpec)
     server: ServerSpec = field(default_factory=ServerSpec)
     registry: RegistrySpec = field(default_factory=RegistrySpec)
+    policy: Optional[Policy] = None  # a NeMo RL policy block, translated into server.*
     job: Any = None  # RolloutsJob | NoJob, chosen by job.kind
 
     def server_hash(self) -> str:
@@ -159,12 +169,15 @@ def _job(job_cfg: DictConfig) -> JobSpec:
         data["tasks"] = str(resolve_tasks(data["tasks"]))
     collector = _typed(CollectorConfig, data, prefix="job.")
     try:
-        num_tasks = len(load_tasks(collector.tasks))
+        tasks = load_tasks(collector.tasks)
     except (OSError, TaskFileError) as e:
         raise SpecError(f"job.tasks: {e}") from None
-    if num_tasks == 0:
+    if not tasks:
         raise SpecError(f"job.tasks: {collector.tasks} holds no task")
-    return RolloutsJob(collector=collector, num_tasks=num_tasks, timeout_min=_typed_int(timeout_min, "job.timeout_min"))
+    return RolloutsJob(
+        collector=collector, num_tasks=len(tasks), uses_tools=any(t.tools for t in tasks),
+        timeout_min=_typed_int(timeout_min, "job.timeout_min"),
+    )
 
 
 def _typed_int(value: Any, key: str) -> int:
@@ -217,6 +230,8 @@ def _check(spec: RunSpec) -> None:
         need(Path(m.path).expanduser().is_dir(), f"model.path: folder {m.path!r} does not exist")
     need(bool(m.served_name), "model.served_name: must not be empty (clients send it as `model`)")
 
+    if spec.policy is not None:
+        apply_policy(spec.policy, s, need)
     need(s.engine in BUILDERS, f"server.engine: {s.engine!r} is not one of {sorted(BUILDERS)}")
     need(bool(s.service) and "/" not in s.service, f"server.service: {s.service!r} must be a non-empty name without '/'")
     need(s.replicas >= 1, f"server.replicas: must be >= 1, got {s.replicas}")
@@ -240,6 +255,23 @@ def _check(spec: RunSpec) -> None:
         not s.enable_auto_tool_choice or bool(s.tool_call_parser),
         "server.enable_auto_tool_choice: needs server.tool_call_parser (e.g. hermes for Qwen3)",
     )
+    _check_parser(spec, need)
+    parallel = s.tensor_parallel_size * s.pipeline_parallel_size
+    need(
+        s.tensor_parallel_size >= 1 and s.pipeline_parallel_size >= 1,
+        f"server.tensor_parallel_size/pipeline_parallel_size: must be >= 1, got "
+        f"{s.tensor_parallel_size}/{s.pipeline_parallel_size}",
+    )
+    need(
+        s.gpus_per_replica == 0 or parallel == s.gpus_per_replica,
+        f"server.gpus_per_replica: {s.gpus_per_replica} GPUs per replica, but tensor_parallel_size x "
+        f"pipeline_parallel_size = {s.tensor_parallel_size} x {s.pipeline_parallel_size} = {parallel} "
+        + ("do not fit" if parallel > s.gpus_per_replica else "would leave GPUs idle")
+        + f"; make them equal (e.g. server.gpus_per_replica={parallel})",
+    )
+    need(s.drain_grace_s >= 0, f"server.drain_grace_s: must be >= 0, got {s.drain_grace_s}")
+    if s.api_key not in (None, GENERATE_KEY):
+        _check_key_file(s.api_key, need)
     try:
         s.chat_template = resolve_chat_template(s.chat_template)
     except SpecError as e:
@@ -278,6 +310,32 @@ def _check_collector(job: RolloutsJob, server: ServerSpec, need) -> None:
             f"job.sampling.max_tokens: {sp.max_tokens} leaves no room for the prompt in "
             f"server.max_model_len={server.max_model_len}",
         )
+
+
+def _check_parser(spec: RunSpec, need) -> None:
+    parser = spec.server.tool_call_parser
+    known = known_tool_parsers(spec.server.engine)
+    if not parser or known is None:
+        return
+    from_policy = spec.policy is not None and (
+        spec.policy.generation.vllm_cfg.http_server_serving_chat_kwargs.tool_call_parser == parser
+    )
+    key = f"{_CHAT_KWARGS}.tool_call_parser" if from_policy else "server.tool_call_parser"
+    close = difflib.get_close_matches(parser, sorted(known), n=3)
+    hint = f"; did you mean {' or '.join(close)}?" if close else f"; known: {sorted(known)}"
+    need(parser in known, f"{key}: {parser!r} is not a tool parser of {spec.server.engine}{hint}")
+
+
+def _check_key_file(value: str, need) -> None:
+    path = Path(value).expanduser()
+    if not path.is_file():
+        need(False, f"server.api_key: {value!r} is not a file; use 'generate', null, or a file holding the key "
+                    "(never the key itself: the config is saved in the run folder)")
+        return
+    need(
+        path.stat().st_mode & 0o077 == 0,
+        f"server.api_key: {value} is readable by other users; chmod 600 it",
+    )
 
 
 def _looks_local(path: str) -> bool:

@@ -1,11 +1,14 @@
 """What a server job runs on its node: a supervisor around one engine process.
 
 It reserves a port, starts the engine as its own child (never detached, so the
-cluster's process tracking and our signals reach it), waits for ``/health``,
-publishes the replica in the registry, heartbeats, and on SIGTERM/SIGINT/USR2
-or an engine crash removes the entry and stops the engine's whole process
-group. The engine also gets SIGTERM from the kernel if this supervisor dies
-without cleaning up (``PR_SET_PDEATHSIG``): no orphaned GPU process.
+cluster's process tracking and our signals reach it), waits for its health
+route, publishes the replica in the registry and heartbeats. SIGTERM/SIGINT or
+an engine crash remove the entry and stop the engine's whole process group.
+SIGUSR2 (Slurm's warning before the time limit, as submitit asks for it) drains
+first: the entry turns ``draining`` so clients start no new sessions on it, and
+in-flight requests get up to ``drain_grace_s`` to finish. The engine also gets
+SIGTERM from the kernel if this supervisor dies without cleaning up
+(``PR_SET_PDEATHSIG``): no orphaned GPU process.
 
 Imports nothing from launcher/.
 """
@@ -25,14 +28,16 @@ from pathlib import Path
 
 import httpx
 
-from server.engines import EngineSpec, build_command, engine_version
+from server.engines import EngineLaunch, EngineSpec, build_launch, engine_version
 from server.registry import Entry, Registry
 
 log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
 _PORT_ATTEMPTS = 3
+_DRAIN_POLL_S = 0.5
+# Prometheus gauges of vLLM's /metrics: requests the engine still owes an answer.
+_IN_FLIGHT_METRICS = ("vllm:num_requests_running", "vllm:num_requests_waiting")
 
 
 @dataclass
@@ -54,6 +59,8 @@ class ServerJob:
     heartbeat_s: float = 5.0
     startup_timeout_s: float = 900.0
     stop_grace_s: float = 15.0
+    drain_grace_s: float = 60.0
+    api_key_file: str | None = None  # None: the endpoint takes requests without a key
     config_hash: str = ""
 
     @property
@@ -68,21 +75,21 @@ class EngineFailed(RuntimeError):
 def run(job: ServerJob) -> None:
     """Serve until told to stop. Raises ``EngineFailed`` if the engine dies."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    stop = threading.Event()
-    for sig in _STOP_SIGNALS:
-        signal.signal(sig, lambda signum, frame: stop.set())
+    signals = _Signals()
     registry = Registry(job.registry_root)
+    api_key = Path(job.api_key_file).read_text().strip() if job.api_key_file else None
     model_path = _resolve_model(job)
     Path(job.log_dir).mkdir(parents=True, exist_ok=True)
-    engine = entry = None
+    engine = None
     try:
         for attempt in range(_PORT_ATTEMPTS):
             port = job.port or free_port(job.bind_host)
-            engine = _start_engine(job, model_path, port)
+            launch = build_launch(job.engine, model_path, job.bind_host, port, api_key)
+            engine = _start_engine(job, launch)
             entry = _entry(job, port, engine.pid)
             registry.publish(entry)
             try:
-                _wait_healthy(job, engine, entry, stop, registry)
+                _wait_healthy(job, engine, entry, launch.health_path, signals.stop, registry)
                 break
             except EngineFailed as e:
                 registry.remove(job.namespace, job.service, job.replica)
@@ -90,18 +97,57 @@ def run(job: ServerJob) -> None:
                 if not retry or attempt == _PORT_ATTEMPTS - 1:
                     raise
                 log.warning("port %d was taken before the engine bound it; retrying on another", port)
-        if stop.is_set():
+        if signals.stop.is_set():
             return
         registry.heartbeat(entry, state="ready")
         log.info("replica %s/%d ready at %s", job.service, job.replica, entry.base_url)
-        while not stop.wait(job.heartbeat_s):
-            if engine.poll() is not None:
-                raise EngineFailed(_died_message(job, engine))
-            registry.heartbeat(entry)
+        _serve(job, engine, entry, registry, signals)
     finally:
         registry.remove(job.namespace, job.service, job.replica)
         if engine is not None:
             stop_engine(engine, job.stop_grace_s)
+
+
+class _Signals:
+    """SIGTERM/SIGINT: stop now. SIGUSR2: drain, then stop."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.drain = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, frame: self.stop.set())
+        signal.signal(signal.SIGUSR2, lambda signum, frame: self.drain.set())
+
+
+def _serve(job: ServerJob, engine: subprocess.Popen, entry: Entry, registry: Registry, signals: _Signals) -> None:
+    drain_deadline = None
+    while not signals.stop.wait(_DRAIN_POLL_S if drain_deadline else job.heartbeat_s):
+        if engine.poll() is not None:
+            raise EngineFailed(_died_message(job, engine))
+        if signals.drain.is_set() and drain_deadline is None:
+            log.info("draining: no new sessions, up to %.0fs for in-flight requests", job.drain_grace_s)
+            drain_deadline = time.monotonic() + job.drain_grace_s
+            registry.heartbeat(entry, state="draining")
+        if drain_deadline is not None:
+            in_flight = _in_flight(entry, job.bind_host)
+            if in_flight == 0 or time.monotonic() >= drain_deadline:
+                log.info("drained (%s requests in flight); stopping", in_flight)
+                return
+        registry.heartbeat(entry)
+
+
+def _in_flight(entry: Entry, bind_host: str) -> float | None:
+    """Requests the engine is still working on, from its Prometheus metrics; None if unknown."""
+    try:
+        text = httpx.get(f"http://{_connect_host(bind_host)}:{entry.port}/metrics", timeout=5.0).text
+    except httpx.HTTPError:
+        return None
+    values = [
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(_IN_FLIGHT_METRICS)
+    ]
+    return sum(values) if values else None
 
 
 def free_port(host: str) -> int:
@@ -144,15 +190,14 @@ def _resolve_model(job: ServerJob) -> str:
     return job.model_path
 
 
-def _start_engine(job: ServerJob, model_path: str, port: int) -> subprocess.Popen:
-    cmd = build_command(job.engine, model_path, job.bind_host, port)
-    env = {**os.environ, **job.engine.env}
+def _start_engine(job: ServerJob, launch: EngineLaunch) -> subprocess.Popen:
+    env = {**os.environ, **job.engine.env, **launch.env}
     log_file = open(job.engine_log, "ab")  # the child keeps its own descriptor
     with log_file:
-        log_file.write(f"\n### {time.strftime('%F %T')} starting: {' '.join(cmd)}\n".encode())
+        log_file.write(f"\n### {time.strftime('%F %T')} starting: {' '.join(launch.argv)}\n".encode())
         log_file.flush()
         return subprocess.Popen(
-            cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+            launch.argv, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
             preexec_fn=_engine_child_setup,
         )
 
@@ -190,6 +235,7 @@ def _entry(job: ServerJob, port: int, engine_pid: int) -> Entry:
         started_at=now,
         heartbeat_at=now,
         config_hash=job.config_hash,
+        api_key_file=job.api_key_file,
     )
 
 
@@ -201,10 +247,11 @@ def _job_id() -> str:
 
 
 def _wait_healthy(
-    job: ServerJob, engine: subprocess.Popen, entry: Entry, stop: threading.Event, registry: Registry
+    job: ServerJob, engine: subprocess.Popen, entry: Entry, health_path: str, stop: threading.Event,
+    registry: Registry,
 ) -> None:
     deadline = time.monotonic() + job.startup_timeout_s
-    health = f"http://{_connect_host(job.bind_host)}:{entry.port}/health"
+    health = f"http://{_connect_host(job.bind_host)}:{entry.port}{health_path}"
     last_beat = time.monotonic()
     with httpx.Client(timeout=5.0) as client:
         while not stop.is_set():

@@ -20,6 +20,7 @@ import dataclasses
 import json
 import logging
 import os
+import secrets
 import sys
 import time
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ STATES = ("starting", "ready", "draining")
 ROOT_ENV = "GYMLAUNCH_REGISTRY_ROOT"
 NAMESPACE_ENV = "GYMLAUNCH_NAMESPACE"
 DEFAULT_TTL_S = 30.0
+API_KEY_FILE = ".api_key"  # per namespace; hidden so no listing takes it for a service
 
 
 def default_root() -> Path:
@@ -60,6 +62,7 @@ class Entry:
     started_at: float = 0.0
     heartbeat_at: float = 0.0
     config_hash: str = ""
+    api_key_file: str | None = None  # where the key lives (mode 0600); None: no key needed
 
     @property
     def base_url(self) -> str:
@@ -72,6 +75,9 @@ class Entry:
 
     def is_fresh(self, ttl_s: float, now: float | None = None) -> bool:
         return ((now if now is not None else time.time()) - self.heartbeat_at) <= ttl_s
+
+    def read_api_key(self) -> str | None:
+        return Path(self.api_key_file).read_text().strip() if self.api_key_file else None
 
     def to_json(self) -> dict:
         return {**dataclasses.asdict(self), "base_url": self.base_url}
@@ -101,7 +107,7 @@ class Registry:
     def publish(self, entry: Entry) -> Path:
         """Write (or replace) ``entry`` atomically."""
         target = self.path(entry.namespace, entry.service, entry.replica)
-        target.parent.mkdir(parents=True, exist_ok=True)
+        self._private_dirs(target.parent)
         # Hidden temp name: readers only look at ``*.json``.
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         data = json.dumps(entry.to_json(), indent=1).encode()
@@ -122,6 +128,38 @@ class Registry:
             entry.state = state
         self.publish(entry)
         return entry
+
+    def create_api_key(self, namespace: str) -> Path:
+        """A fresh random key for the namespace's endpoints, readable by this user only."""
+        path = self.root / namespace / API_KEY_FILE
+        self._private_dirs(path.parent)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, secrets.token_urlsafe(32).encode())
+        finally:
+            os.close(fd)
+        return path
+
+    def remove_namespace(self, namespace: str) -> int:
+        """Remove every entry and the key of ``namespace``; returns how many entries were left."""
+        entries = self.entries(namespace)
+        for e in entries:
+            self.remove(e.namespace, e.service, e.replica)
+        (self.root / namespace / API_KEY_FILE).unlink(missing_ok=True)
+        _prune_empty(self.root / namespace, stop=self.root)
+        return len(entries)
+
+    def _private_dirs(self, folder: Path) -> None:
+        """Create ``folder`` and its missing parents as 0700: entries point at keys."""
+        missing = []
+        while not folder.is_dir():
+            missing.append(folder)
+            folder = folder.parent
+        for d in reversed(missing):
+            try:
+                d.mkdir(mode=0o700)
+            except FileExistsError:  # another writer made it first
+                pass
 
     def remove(self, namespace: str, service: str, replica: int) -> bool:
         path = self.path(namespace, service, replica)

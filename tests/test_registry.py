@@ -143,3 +143,19 @@ def test_cli_refuses_to_guess_between_namespaces(tmp_path):
     assert out.returncode != 0 and "--namespace" in out.stderr and "run-a" in out.stderr
     out = _cli("--root", str(tmp_path), "--namespace", "run-b", "urls", "policy", env=env)
     assert out.stdout.strip() == "http://127.0.0.1:8002/v1"
+
+
+def test_folders_are_private_and_api_keys_are_removed_with_the_namespace(tmp_path):
+    reg = Registry(tmp_path / "root")
+    key_path = reg.create_api_key("ns")
+    entry = make_entry(0)
+    entry.api_key_file = str(key_path)
+    reg.publish(entry)
+    for folder in (tmp_path / "root", tmp_path / "root" / "ns", tmp_path / "root" / "ns" / "policy"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+    assert stat.S_IMODE(key_path.stat().st_mode) == 0o600
+    key = reg.entries()[0].read_api_key()
+    assert key and len(key) >= 32 and key != Registry(tmp_path / "r2").create_api_key("ns").read_text()
+    assert [e.replica for e in reg.entries("ns")] == [0]  # the key file is not taken for a service
+    assert reg.remove_namespace("ns") == 1
+    assert not (tmp_path / "root" / "ns").exists()

@@ -103,6 +103,36 @@ BAD = [
     (["+job.output_dir=/tmp/x"], "job.output_dir"),
     (["+job.unknown_knob=1"], "job.unknown_knob"),
     (["job.kind=train"], "job.kind"),
+    (["server.tool_call_parser=llama3json"], "server.tool_call_parser"),
+    (["server=vllm", "server.tensor_parallel_size=2"], "server.gpus_per_replica"),
+    (["server=vllm", "server.gpus_per_replica=4"], "server.gpus_per_replica"),
+    (["server=vllm", "server.gpus_per_replica=4", "server.tensor_parallel_size=2"], "server.gpus_per_replica"),
+    (["server.pipeline_parallel_size=0"], "server.tensor_parallel_size/pipeline_parallel_size"),
+    (["server.drain_grace_s=-1"], "server.drain_grace_s"),
+    (["server.api_key=/no/such/key"], "server.api_key"),
+    (["model=llama3_1_8b_instruct", "server=vllm", "+policy=nemo_rl_gym"], "tool_call_parser: 'hermes' disagrees"),
+] + [
+    (["+policy=nemo_rl_gym", f"policy.generation.{key}"], f"policy.generation.{key.split('=')[0]}")
+    for key in (
+        "vllm_cfg.expose_http_server=false",
+        "vllm_cfg.async_engine=false",
+        "stop_strings=[eos]",
+        "stop_token_ids=[2]",
+        "vllm_cfg.http_server_serving_chat_kwargs.tool_call_parser=hermess",
+        "vllm_cfg.http_server_serving_chat_kwargs.tool_call_parser=mistral",
+        "vllm_cfg.http_server_serving_chat_kwargs.enable_auto_tool_choice=false",
+        "vllm_cfg.http_server_serving_chat_kwargs.enable_auto_tool_choice=sometimes",
+        "vllm_cfg.async_engine=maybe",
+    )
+] + [
+    (["+policy=nemo_rl_gym", f"+policy.generation.{key}"], f"policy.generation.{key.split('=')[0]}")
+    for key in (
+        "vllm_cfg.tensor_parallel_size=2",
+        "vllm_cfg.max_model_len=4096",
+        "vllm_cfg.pipeline_parallel_size=2",
+        "temperature=0.5",
+        "vllm_cfg.http_server_serving_chat_kwargs.reasoning_parser=qwen3",
+    )
 ]
 
 
@@ -111,6 +141,44 @@ def test_bad_config_is_refused_naming_the_key(overrides, key):
     with pytest.raises(SpecError) as info:
         spec_for(*overrides)
     assert key in str(info.value)
+
+
+def test_nemo_rl_block_works_unchanged_and_fills_unset_server_flags():
+    spec = spec_for("+policy=nemo_rl_gym")
+    assert spec.policy.generation.vllm_cfg.expose_http_server is True
+    assert spec.server.tool_call_parser == "hermes" and spec.server.enable_auto_tool_choice
+    filled = spec_for("+policy=nemo_rl_gym", "server.tool_call_parser=null", "server=vllm",
+                      "+policy.generation.vllm_cfg.gpu_memory_utilization=0.8")
+    assert filled.server.tool_call_parser == "hermes" and filled.server.gpu_memory_utilization == 0.8
+    gym = spec_for("+experiment=qwen3_8b_gym")
+    assert (gym.model.path, gym.server.tool_call_parser, gym.server.replicas) == ("Qwen/Qwen3-8B", "hermes", 4)
+
+
+def test_policy_parser_typo_names_the_policy_key_and_the_fix():
+    with pytest.raises(SpecError) as info:
+        spec_for("+policy=nemo_rl_gym", "server.tool_call_parser=null",
+                 "policy.generation.vllm_cfg.http_server_serving_chat_kwargs.tool_call_parser=hermess")
+    assert "http_server_serving_chat_kwargs.tool_call_parser: 'hermess'" in str(info.value)
+    assert "did you mean hermes" in str(info.value)
+
+
+@pytest.mark.parametrize("family,parser", [
+    ("qwen3_8b", "hermes"), ("llama3_1_8b_instruct", "llama3_json"), ("mistral_7b_instruct", "mistral"),
+    ("smollm2_135m", "hermes"),
+])
+def test_model_families_carry_their_parser(family, parser):
+    spec = spec_for(f"model={family}", "server=vllm")
+    assert spec.server.tool_call_parser == parser and spec.model.served_name
+
+
+def test_a_world_readable_key_file_is_refused(tmp_path):
+    key = tmp_path / "key"
+    key.write_text("secret")
+    key.chmod(0o644)
+    with pytest.raises(SpecError, match="chmod 600"):
+        spec_for(f"server.api_key={key}")
+    key.chmod(0o600)
+    assert spec_for(f"server.api_key={key}").server.api_key == str(key)
 
 
 def test_several_errors_are_reported_together():

@@ -44,6 +44,10 @@ def engine_pids() -> dict[int, str]:
     return found
 
 
+def auth(entry: Entry) -> dict[str, str]:
+    return {"Authorization": f"Bearer {entry.read_api_key()}"}
+
+
 def engines_on_port(port: int) -> list[int]:
     return [pid for pid, cmd in engine_pids().items() if f"--port {port} " in cmd + " "]
 
@@ -59,9 +63,11 @@ def registry_root(tmp_path_factory) -> Path:
 def policy_server(tmp_path_factory, registry_root) -> Entry:
     """One shared replica for the tests that only talk to an endpoint."""
     folder = tmp_path_factory.mktemp("policy-server")
+    key_file = Registry(registry_root).create_api_key("itest")  # as every launcher run does by default
     job_spec = ServerJob(
         namespace="itest", service="policy", replica=0, engine=cpu_engine(), registry_root=str(registry_root),
         log_dir=str(folder / "logs"), embedded_model="smollm2_135m", heartbeat_s=1.0, startup_timeout_s=600,
+        api_key_file=str(key_file),
     )
     backend = Backend(ClusterSpec(kind="local"), folder / "submitit")
     job = backend.submit(run, job_spec, name="itest-policy", timeout_min=60)

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 
 from server.registry import Registry
-from tests.integration.conftest import ROOT, engines_on_port
+from tests.integration.conftest import ROOT, auth, engines_on_port
 
 
 def launcher(run_dir: Path, *overrides: str, **popen) -> subprocess.Popen:
@@ -23,6 +23,7 @@ def launcher(run_dir: Path, *overrides: str, **popen) -> subprocess.Popen:
 
 def assert_nothing_left(registry_root: Path, summary: dict) -> None:
     assert Registry(registry_root).entries(summary["namespace"]) == []
+    assert not (registry_root / summary["namespace"]).exists()  # nor its API key
     for server in summary["servers"]:
         if server["base_url"]:
             port = int(server["base_url"].rsplit(":", 1)[1].split("/")[0])
@@ -63,8 +64,12 @@ def test_serve_only_until_ctrl_c(registry_root, tmp_path):
             break
         assert time.monotonic() < deadline, "".join(lines)
     assert url, "".join(lines)
-    models = httpx.get(f"{url}/models", timeout=30).json()
+    assert httpx.get(f"{url}/models", timeout=30).status_code == 401  # a key is generated per run
+    entry = next(e for e in Registry(registry_root).entries() if e.base_url == url)
+    models = httpx.get(f"{url}/models", timeout=30, headers=auth(entry)).json()
     assert [m["id"] for m in models["data"]] == ["smollm2-135m-instruct"]
+    key_file = Path(entry.api_key_file)
+    assert key_file.stat().st_mode & 0o777 == 0o600 and key_file.parent.stat().st_mode & 0o777 == 0o700
     proc.send_signal(signal.SIGINT)
     rest, _ = proc.communicate(timeout=120)
     out = "".join(lines) + rest
@@ -72,6 +77,7 @@ def test_serve_only_until_ctrl_c(registry_root, tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "stopped"
     assert_nothing_left(registry_root, summary)
+    assert not key_file.exists()
 
 
 def test_a_dying_server_fails_the_run_fast_with_its_log(registry_root, tmp_path):

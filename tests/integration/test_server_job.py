@@ -2,6 +2,7 @@
 
 import json
 import os
+import subprocess
 import time
 
 import httpx
@@ -9,7 +10,7 @@ import httpx
 from jobs.rollouts import DEMO_TASKS, CollectorConfig, SamplingParams, collect
 from server.registry import Registry
 from server.verify import readiness_checks
-from tests.integration.conftest import SERVED_NAME
+from tests.integration.conftest import SERVED_NAME, auth, engine_pids
 
 
 def test_entry_carries_the_registry_contract(policy_server, registry_root):
@@ -27,9 +28,25 @@ def test_entry_carries_the_registry_contract(policy_server, registry_root):
 
 
 def test_readiness_checks_pass(policy_server):
-    results = readiness_checks(policy_server.base_url, policy_server.model)
-    assert [r.name for r in results] == ["models", "chat"]
+    results = readiness_checks(
+        policy_server.base_url, policy_server.model, api_key=policy_server.read_api_key(), tools=True, logprobs=True
+    )
+    assert {"models", "chat", "logprobs", "tokenize", "tool_required", "tool_named"} <= {r.name for r in results}
     assert all(r.ok for r in results), results
+
+
+def test_requests_without_the_key_are_refused_and_the_key_stays_secret(policy_server, tmp_path_factory):
+    body = {"model": policy_server.model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+    url = f"{policy_server.base_url}/chat/completions"
+    assert httpx.post(url, json=body, timeout=60).status_code == 401
+    assert httpx.post(url, json=body, timeout=60, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert httpx.post(url, json=body, timeout=60, headers=auth(policy_server)).status_code == 200
+    key = policy_server.read_api_key()
+    assert all(key not in cmd for cmd in engine_pids().values())  # not in any process's argv
+    ps = subprocess.run(["ps", "auxww"], capture_output=True, text=True).stdout
+    assert key not in ps
+    logs = [p for p in tmp_path_factory.getbasetemp().rglob("*") if p.is_file() and p.suffix in (".log", ".out", ".err")]
+    assert logs and all(key not in p.read_text(errors="replace") for p in logs)
 
 
 def test_chat_returns_token_ids_and_logprobs(policy_server):
@@ -37,7 +54,9 @@ def test_chat_returns_token_ids_and_logprobs(policy_server):
         "model": policy_server.model, "messages": [{"role": "user", "content": "Say hello"}],
         "max_tokens": 8, "logprobs": True, "top_logprobs": 2, "return_token_ids": True,
     }
-    data = httpx.post(f"{policy_server.base_url}/chat/completions", json=body, timeout=60).json()
+    data = httpx.post(
+        f"{policy_server.base_url}/chat/completions", json=body, timeout=60, headers=auth(policy_server)
+    ).json()
     choice = data["choices"][0]
     assert data["prompt_token_ids"] and choice["token_ids"]
     assert len(choice["logprobs"]["content"]) == len(choice["token_ids"])
