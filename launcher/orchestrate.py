@@ -222,6 +222,7 @@ class Run:
                     "job_id": str(r.job.job_id),
                     "base_url": r.entry.base_url if r.entry else None,
                     "ready_after_s": None if r.ready_after_s is None else round(r.ready_after_s, 2),
+                    "readiness_gate_s": None if r.gate_s is None else round(r.gate_s, 2),
                 }
                 for r in self.replicas
             ],

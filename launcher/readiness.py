@@ -27,6 +27,7 @@ class ReplicaStatus:
     submitted_at: float = field(default_factory=time.monotonic)
     running_since: float | None = None
     ready_after_s: float | None = None  # from submission to passing the checks
+    gate_s: float | None = None  # from the engine answering /health (entry `ready`) to passing the checks
     entry: Entry | None = None
     checks: list[CheckResult] = field(default_factory=list)
 
@@ -58,6 +59,8 @@ def wait_ready(
                 status.checks = checks(entry)
                 if all(c.ok for c in status.checks):
                     status.ready_after_s = time.monotonic() - status.submitted_at
+                    # The entry turned `ready` (and got this heartbeat) when /health first answered.
+                    status.gate_s = time.time() - entry.heartbeat_at
                     status.state = "ready"
                     pending.remove(status)
                     continue

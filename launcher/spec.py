@@ -19,7 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from jobs.rollouts import CollectorConfig, TaskFileError, load_tasks
 from launcher.nemo_rl import _CHAT_KWARGS, Policy, apply_policy
-from server.engines import BUILDERS, EngineSpec, known_tool_parsers
+from server.engines import BUILDERS, EngineSpec, build_launch, known_tool_parsers
 from server.models import EMBEDDED_MODELS
 
 CHAT_TEMPLATES = Path(__file__).resolve().parent.parent / "server" / "chat_templates"
@@ -269,6 +269,12 @@ def _check(spec: RunSpec) -> None:
         + ("do not fit" if parallel > s.gpus_per_replica else "would leave GPUs idle")
         + f"; make them equal (e.g. server.gpus_per_replica={parallel})",
     )
+    if s.engine in BUILDERS:
+        # A dry run of the command builder: its refusals are cheaper here than on a GPU node.
+        try:
+            build_launch(s.engine_spec(), m.path or "model", c.bind_host, 1, api_key=None)
+        except ValueError as e:
+            errors.append(str(e))  # the builder's message names the key
     need(s.drain_grace_s >= 0, f"server.drain_grace_s: must be >= 0, got {s.drain_grace_s}")
     if s.api_key not in (None, GENERATE_KEY):
         _check_key_file(s.api_key, need)

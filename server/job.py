@@ -36,8 +36,11 @@ log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
 _PORT_ATTEMPTS = 3
 _DRAIN_POLL_S = 0.5
-# Prometheus gauges of vLLM's /metrics: requests the engine still owes an answer.
-_IN_FLIGHT_METRICS = ("vllm:num_requests_running", "vllm:num_requests_waiting")
+# Prometheus gauges of requests an engine still owes an answer (SGLang's need --enable-metrics;
+# without them draining waits the whole grace period).
+_IN_FLIGHT_METRICS = (
+    "vllm:num_requests_running", "vllm:num_requests_waiting", "sglang:num_running_reqs", "sglang:num_queue_reqs",
+)
 
 
 @dataclass
@@ -129,14 +132,14 @@ def _serve(job: ServerJob, engine: subprocess.Popen, entry: Entry, registry: Reg
             drain_deadline = time.monotonic() + job.drain_grace_s
             registry.heartbeat(entry, state="draining")
         if drain_deadline is not None:
-            in_flight = _in_flight(entry, job.bind_host)
+            in_flight = in_flight_requests(entry, job.bind_host)
             if in_flight == 0 or time.monotonic() >= drain_deadline:
                 log.info("drained (%s requests in flight); stopping", in_flight)
                 return
         registry.heartbeat(entry)
 
 
-def _in_flight(entry: Entry, bind_host: str) -> float | None:
+def in_flight_requests(entry: Entry, bind_host: str) -> float | None:
     """Requests the engine is still working on, from its Prometheus metrics; None if unknown."""
     try:
         text = httpx.get(f"http://{_connect_host(bind_host)}:{entry.port}/metrics", timeout=5.0).text
@@ -194,7 +197,7 @@ def _start_engine(job: ServerJob, launch: EngineLaunch) -> subprocess.Popen:
     env = {**os.environ, **job.engine.env, **launch.env}
     log_file = open(job.engine_log, "ab")  # the child keeps its own descriptor
     with log_file:
-        log_file.write(f"\n### {time.strftime('%F %T')} starting: {' '.join(launch.argv)}\n".encode())
+        log_file.write(f"\n### {time.strftime('%F %T')} starting: {launch.loggable()}\n".encode())
         log_file.flush()
         return subprocess.Popen(
             launch.argv, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,

@@ -1,12 +1,22 @@
+import subprocess
 import sys
 
 import pytest
 
-from server.engines import EngineSpec, build_command, engine_version
+from server.engines import (
+    SGLANG_TOOL_PARSERS_0_5_23,
+    EngineSpec,
+    build_launch,
+    engine_version,
+    known_tool_parsers,
+)
 
 
 def flag(cmd, name):
     return cmd[cmd.index(name) + 1]
+
+
+# ---------------------------------------------------------------- vLLM
 
 
 def test_vllm_command_carries_every_flag():
@@ -15,7 +25,7 @@ def test_vllm_command_carries_every_flag():
         tool_call_parser="hermes", tool_strict_level="parameter", chat_template="/t.jinja",
         tensor_parallel_size=2, pipeline_parallel_size=2, gpu_memory_utilization=0.8, extra_args=["--seed", "1"],
     )
-    cmd = build_command(spec, "/models/x", "127.0.0.1", 8123)
+    cmd = build_launch(spec, "/models/x", "127.0.0.1", 8123).argv
     assert cmd[:3] == [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
     assert flag(cmd, "--model") == "/models/x" and flag(cmd, "--served-model-name") == "m"
     assert flag(cmd, "--host") == "127.0.0.1" and flag(cmd, "--port") == "8123"
@@ -28,17 +38,190 @@ def test_vllm_command_carries_every_flag():
 
 
 def test_vllm_command_leaves_unset_flags_to_the_engine():
-    cmd = build_command(EngineSpec(served_name="m", enable_auto_tool_choice=False), "org/model", "0.0.0.0", 1)
+    cmd = build_launch(EngineSpec(served_name="m", enable_auto_tool_choice=False), "org/model", "0.0.0.0", 1).argv
     for absent in ("--max-model-len", "--kv-cache-memory-bytes", "--enforce-eager", "--tool-call-parser",
                    "--enable-auto-tool-choice", "--chat-template", "--tensor-parallel-size"):
         assert absent not in cmd
 
 
+def test_vllm_reads_its_key_from_the_environment():
+    launch = build_launch(EngineSpec(served_name="m", enable_auto_tool_choice=False), "x", "h", 1, "sk-1")
+    assert launch.env == {"VLLM_API_KEY": "sk-1"} and "sk-1" not in launch.argv
+    assert launch.health_path == "/health"
+    assert build_launch(EngineSpec(served_name="m"), "x", "h", 1).env == {}
+
+
 def test_unknown_engine_is_refused():
-    with pytest.raises(ValueError, match="unknown engine 'trt'"):
-        build_command(EngineSpec(served_name="m", engine="trt"), "x", "h", 1)
+    with pytest.raises(ValueError, match="unknown engine 'trt'.*openai_command.*sglang.*vllm"):
+        build_launch(EngineSpec(served_name="m", engine="trt"), "x", "h", 1)
 
 
 def test_engine_version_reads_the_installed_cpu_build():
     assert engine_version("vllm").startswith("0.32")
     assert engine_version("no-such-engine") == "unknown"
+
+
+def test_vllm_parsers_come_from_the_installed_vllm():
+    assert {"hermes", "llama3_json", "mistral"} <= known_tool_parsers("vllm")
+
+
+# ---------------------------------------------------------------- SGLang
+
+
+def sglang(**flags) -> EngineSpec:
+    return EngineSpec(**{"served_name": "m", "engine": "sglang", "tool_call_parser": "qwen25", **flags})
+
+
+def test_sglang_command_maps_every_flag():
+    spec = sglang(
+        max_model_len=8192, gpu_memory_utilization=0.85, enforce_eager=True, dtype="bfloat16",
+        tensor_parallel_size=4, pipeline_parallel_size=2, tool_strict_level="function",
+        chat_template="/t.jinja", extra_args=["--max-running-requests", "64"],
+    )
+    launch = build_launch(spec, "/models/qwen", "10.0.0.7", 30000)
+    cmd = launch.argv
+    assert cmd[:3] == [sys.executable, "-m", "sglang.launch_server"]
+    assert flag(cmd, "--model-path") == "/models/qwen" and flag(cmd, "--served-model-name") == "m"
+    assert flag(cmd, "--host") == "10.0.0.7" and flag(cmd, "--port") == "30000"
+    assert flag(cmd, "--context-length") == "8192" and flag(cmd, "--mem-fraction-static") == "0.85"
+    assert flag(cmd, "--tp-size") == "4" and flag(cmd, "--pp-size") == "2"
+    assert flag(cmd, "--dtype") == "bfloat16" and "--disable-cuda-graph" in cmd
+    assert flag(cmd, "--tool-call-parser") == "qwen25" and flag(cmd, "--chat-template") == "/t.jinja"
+    assert cmd[-2:] == ["--max-running-requests", "64"]
+    # vLLM's spellings would stop SGLang's argument parser.
+    for vllm_only in ("--model", "--max-model-len", "--enforce-eager", "--enable-auto-tool-choice",
+                      "--tool-strict-level", "--tensor-parallel-size", "--gpu-memory-utilization"):
+        assert vllm_only not in cmd
+    assert launch.env == {"SGLANG_TOOL_STRICT_LEVEL": "1"}
+    assert launch.health_path == "/health" and launch.secret is None
+
+
+def test_sglang_command_leaves_unset_flags_to_the_engine():
+    launch = build_launch(sglang(tool_call_parser=None, enable_auto_tool_choice=False), "org/model", "h", 1)
+    for absent in ("--context-length", "--mem-fraction-static", "--disable-cuda-graph", "--tp-size", "--pp-size",
+                   "--tool-call-parser", "--chat-template", "--api-key"):
+        assert absent not in launch.argv
+    assert flag(launch.argv, "--dtype") == "auto" and launch.env == {}
+
+
+@pytest.mark.parametrize("level, value", [("auto", "0"), ("function", "1"), ("parameter", "2")])
+def test_sglang_tool_strict_level_becomes_its_environment_variable(level, value):
+    assert build_launch(sglang(tool_strict_level=level), "x", "h", 1).env == {"SGLANG_TOOL_STRICT_LEVEL": value}
+
+
+def test_sglang_takes_the_key_as_an_argument_and_logs_it_masked():
+    launch = build_launch(sglang(), "/models/my model", "h", 1, "sk-secret")
+    assert flag(launch.argv, "--api-key") == "sk-secret" and launch.secret == "sk-secret"
+    shown = launch.loggable()
+    assert "sk-secret" not in shown and "--api-key '<api key>'" in shown
+    assert "'/models/my model'" in shown  # shell-quoted: the logged line can be pasted into a shell
+
+
+@pytest.mark.parametrize("flags, key, advice", [
+    (dict(kv_cache_memory_bytes=2**30), "server.kv_cache_memory_bytes", "set it to null"),
+    (dict(tool_call_parser=None), "server.enable_auto_tool_choice", "set server.tool_call_parser"),
+    (dict(enable_auto_tool_choice=False), "server.enable_auto_tool_choice", "set it to true"),
+    (dict(tool_strict_level="strict"), "server.tool_strict_level", "not one of"),
+    (dict(dtype="fp8"), "server.dtype", "takes one of"),
+])
+def test_sglang_refuses_what_it_would_serve_differently(flags, key, advice):
+    with pytest.raises(ValueError, match=rf"engine sglang cannot serve this config:\n  {key}: .*{advice}"):
+        build_launch(sglang(**flags), "x", "h", 1)
+
+
+def test_sglang_names_every_refused_flag_at_once():
+    with pytest.raises(ValueError) as e:
+        build_launch(sglang(kv_cache_memory_bytes=1, dtype="fp8"), "x", "h", 1)
+    assert "kv_cache_memory_bytes" in str(e.value) and "server.dtype" in str(e.value)
+
+
+def test_sglang_parsers_are_the_shipped_list_without_sglang():
+    # SGLang is not installed here (it needs a GPU build of torch).
+    assert known_tool_parsers("sglang") == SGLANG_TOOL_PARSERS_0_5_23
+    assert {"hermes", "qwen25", "llama3", "mistral", "pythonic"} <= SGLANG_TOOL_PARSERS_0_5_23
+    assert "llama3_json" not in SGLANG_TOOL_PARSERS_0_5_23  # vLLM's name for it
+
+
+def test_sglang_parsers_are_read_from_an_installed_sglang(tmp_path, monkeypatch):
+    source = tmp_path / "sglang" / "srt" / "function_call"
+    source.mkdir(parents=True)
+    (tmp_path / "sglang" / "__init__.py").write_text("raise ImportError('never imported')\n")
+    (source / "function_call_parser.py").write_text(
+        "class FunctionCallParser:\n"
+        "    ToolCallParserEnum: Dict[str, Type[BaseFormatDetector]] = {\n"
+        "        'hermes': HermesDetector,\n"
+        "        'brand_new': BrandNewDetector,\n"
+        "    }\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert known_tool_parsers("sglang") == {"hermes", "brand_new"}
+
+
+# ---------------------------------------------------------------- openai_command
+
+
+def command(template, **flags) -> EngineSpec:
+    return EngineSpec(served_name="my-model", engine="openai_command", command=template, **flags)
+
+
+def test_command_placeholders_are_filled_word_by_word():
+    spec = command(
+        "{python} -m srv --model {model} --name={served_name} --bind {host}:{port} --greeting 'hi {served_name}' "
+        "--json {{}}",
+        health_path="/healthz", extra_args=["--verbose"],
+    )
+    launch = build_launch(spec, "/models/my model", "127.0.0.1", 8000)
+    assert launch.argv == [
+        sys.executable, "-m", "srv", "--model", "/models/my model", "--name=my-model", "--bind", "127.0.0.1:8000",
+        "--greeting", "hi my-model", "--json", "{}", "--verbose",
+    ]
+    assert launch.health_path == "/healthz"
+
+
+def test_command_gets_the_key_in_its_environment_only():
+    launch = build_launch(command("srv --port {port}"), "m", "h", 1, "sk-1")
+    assert launch.env == {"OPENAI_API_KEY": "sk-1", "API_KEY": "sk-1"}
+    assert "sk-1" not in launch.loggable() and launch.secret is None
+    assert build_launch(command("srv"), "m", "h", 1).env == {}
+
+
+def test_a_shell_hands_the_key_to_a_server_that_wants_it_as_an_argument():
+    # The documented way out for servers without an environment variable for their key.
+    launch = build_launch(command("""sh -c 'printf "%s %s" {port} "$OPENAI_API_KEY"'"""), "m", "h", 8000, "sk-1")
+    assert "sk-1" not in launch.argv
+    out = subprocess.run(launch.argv, env=launch.env, capture_output=True, text=True, check=True).stdout
+    assert out == "8000 sk-1"
+
+
+@pytest.mark.parametrize("template, unknown", [
+    ("srv --model {model_path}", "{model_path}"),
+    ("srv --port {PORT}", "{PORT}"),
+    ("srv {}", "{}"),
+    ("srv {0}", "{0}"),
+    ("srv {host.upper}", "{host.upper}"),
+])
+def test_an_unknown_placeholder_is_named(template, unknown):
+    with pytest.raises(ValueError) as e:
+        build_launch(command(template), "m", "h", 1)
+    assert f"server.command: unknown placeholder {unknown} in " in str(e.value)
+    assert str(e.value).endswith("the placeholders are {host}, {port}, {model}, {served_name}, {python}")
+
+
+@pytest.mark.parametrize("template, message", [
+    (None, "set server.command"),
+    ("", "set server.command"),
+    ("srv --port {port", "literal brace"),
+    ("srv --name 'unclosed", "does not split into words"),
+])
+def test_a_command_that_cannot_start_says_what_to_fix(template, message):
+    with pytest.raises(ValueError, match=rf"server.command: .*{message}"):
+        build_launch(command(template), "m", "h", 1)
+
+
+def test_a_health_path_must_be_a_path():
+    with pytest.raises(ValueError, match="server.health_path: 'healthz' must be a path starting with '/'"):
+        build_launch(command("srv", health_path="healthz"), "m", "h", 1)
+
+
+def test_no_parser_list_for_an_arbitrary_server():
+    assert known_tool_parsers("openai_command") is None

@@ -110,6 +110,9 @@ BAD = [
     (["server.pipeline_parallel_size=0"], "server.tensor_parallel_size/pipeline_parallel_size"),
     (["server.drain_grace_s=-1"], "server.drain_grace_s"),
     (["server.api_key=/no/such/key"], "server.api_key"),
+    (["server=openai_command"], "server.command"),
+    (["server=sglang", "model=qwen3_8b", "server.kv_cache_memory_bytes=100"], "server.kv_cache_memory_bytes"),
+    (["server=sglang", "model=llama3_1_8b_instruct"], "server.tool_call_parser"),
     (["model=llama3_1_8b_instruct", "server=vllm", "+policy=nemo_rl_gym"], "tool_call_parser: 'hermes' disagrees"),
 ] + [
     (["+policy=nemo_rl_gym", f"policy.generation.{key}"], f"policy.generation.{key.split('=')[0]}")

@@ -66,6 +66,7 @@ def test_serve_only_until_ctrl_c(registry_root, tmp_path):
     assert url, "".join(lines)
     assert httpx.get(f"{url}/models", timeout=30).status_code == 401  # a key is generated per run
     entry = next(e for e in Registry(registry_root).entries() if e.base_url == url)
+    key = entry.read_api_key()
     models = httpx.get(f"{url}/models", timeout=30, headers=auth(entry)).json()
     assert [m["id"] for m in models["data"]] == ["smollm2-135m-instruct"]
     key_file = Path(entry.api_key_file)
@@ -78,6 +79,8 @@ def test_serve_only_until_ctrl_c(registry_root, tmp_path):
     assert summary["status"] == "stopped"
     assert_nothing_left(registry_root, summary)
     assert not key_file.exists()
+    written = [p for p in run_dir.rglob("*") if p.is_file()]
+    assert written and all(key.encode() not in p.read_bytes() for p in written)  # logs, pickles, summary
 
 
 def test_a_dying_server_fails_the_run_fast_with_its_log(registry_root, tmp_path):

@@ -8,6 +8,7 @@ import time
 import httpx
 
 from jobs.rollouts import DEMO_TASKS, CollectorConfig, SamplingParams, collect
+from server.job import in_flight_requests
 from server.registry import Registry
 from server.verify import readiness_checks
 from tests.integration.conftest import SERVED_NAME, auth, engine_pids
@@ -88,3 +89,8 @@ def test_collector_runs_text_and_tool_tasks_against_real_vllm(policy_server, reg
     results = [c["result"] for r in tool_rows for c in r["tool_calls"]]
     assert all(isinstance(x, str) and x for x in results)
     assert any("error" not in x for x in results), results
+
+
+def test_in_flight_requests_reads_vllm_metrics(policy_server):
+    # Draining waits for this to reach 0; an idle engine reports exactly 0, not "unknown".
+    assert in_flight_requests(policy_server, "127.0.0.1") == 0

@@ -1,0 +1,149 @@
+"""The whole server-job lifecycle without a GPU: ``server.job.run`` supervising the stand-in
+(server/standin.py) as ``engine=openai_command``, in a process of its own as a submitted job runs."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import pytest
+
+from server.engines import EngineSpec
+from server.job import ServerJob, log_tail, run
+from server.registry import Entry, Registry
+from server.verify import readiness_checks
+
+SERVED_NAME = "standin-model"
+NAMESPACE, SERVICE = "itest-command", "standin"
+COMMAND = "{python} -m server.standin --host {host} --port {port} --model {served_name} --health-path /healthz"
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+            "required": ["city"],
+        },
+    },
+}
+
+
+@contextmanager
+def server_job(tmp_path: Path, api_key: str | None = None) -> Iterator[tuple[multiprocessing.Process, Entry, Path]]:
+    """A server job running the stand-in, once its registry entry is ready; stopped on exit."""
+    key_file = None
+    if api_key:
+        key_file = tmp_path / "api_key"
+        key_file.write_text(api_key)
+        key_file.chmod(0o600)
+    job = ServerJob(
+        namespace=NAMESPACE, service=SERVICE, replica=0, registry_root=str(tmp_path / "registry"),
+        engine=EngineSpec(served_name=SERVED_NAME, engine="openai_command", command=COMMAND, health_path="/healthz"),
+        log_dir=str(tmp_path / "logs"), model_path="/models/unused by the stand-in", advertise_host="127.0.0.1",
+        heartbeat_s=0.3, startup_timeout_s=60, stop_grace_s=5, api_key_file=str(key_file) if key_file else None,
+    )
+    # spawn, not fork: a fresh interpreter whose main thread is the job's, as under submitit.
+    process = multiprocessing.get_context("spawn").Process(target=run, args=(job,), name="server-job")
+    process.start()
+    try:
+        yield process, wait_ready(process, job), job.engine_log
+    finally:
+        if process.is_alive():
+            process.terminate()
+            process.join(30)
+        if process.is_alive():
+            process.kill()
+
+
+def wait_ready(process: multiprocessing.Process, job: ServerJob) -> Entry:
+    registry = Registry(job.registry_root, ttl_s=10)
+    deadline = time.monotonic() + 60
+    while not (ready := registry.ready(SERVICE, NAMESPACE)):
+        if not process.is_alive():
+            pytest.fail(f"server job exited with {process.exitcode}:\n{log_tail(job.engine_log)}")
+        assert time.monotonic() < deadline, f"no ready entry in 60 s:\n{log_tail(job.engine_log)}"
+        time.sleep(0.1)
+    return ready[0]
+
+
+def parent_pid(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def test_lifecycle_start_publish_heartbeat_stop(tmp_path):
+    key = "sk-itest-4f1c"
+    with server_job(tmp_path, api_key=key) as (process, entry, engine_log):
+        assert (entry.namespace, entry.service, entry.replica, entry.model) == (NAMESPACE, SERVICE, 0, SERVED_NAME)
+        assert entry.state == "ready" and entry.engine == "openai_command"
+        assert entry.base_url == f"http://127.0.0.1:{entry.port}/v1"
+        assert entry.pid == process.pid and parent_pid(entry.engine_pid) == process.pid
+        cmdline = Path(f"/proc/{entry.engine_pid}/cmdline").read_bytes().split(b"\0")
+        assert b"server.standin" in cmdline and cmdline[cmdline.index(b"--port") + 1] == str(entry.port).encode()
+
+        # The key went to the stand-in's environment, not its command line nor the log.
+        assert key.encode() not in b" ".join(cmdline) and key not in engine_log.read_text()
+        assert httpx.get(f"{entry.base_url}/models").status_code == 401
+        models = httpx.get(f"{entry.base_url}/models", headers={"Authorization": f"Bearer {key}"})
+        assert models.status_code == 200 and [m["id"] for m in models.json()["data"]] == [SERVED_NAME]
+
+        registry = Registry(tmp_path / "registry")
+        beats = {registry.entries(NAMESPACE)[0].heartbeat_at}
+        deadline = time.monotonic() + 10
+        while len(beats) < 3:
+            assert time.monotonic() < deadline, "fewer than 2 heartbeats in 10 s (heartbeat_s=0.3)"
+            time.sleep(0.1)
+            beats.add(registry.entries(NAMESPACE)[0].heartbeat_at)
+
+        process.terminate()  # SIGTERM, as the launcher stops a job
+        process.join(30)
+        assert process.exitcode == 0, log_tail(engine_log)
+        assert registry.entries(NAMESPACE) == []
+        with pytest.raises(ProcessLookupError):
+            os.kill(entry.engine_pid, 0)
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"http://127.0.0.1:{entry.port}/healthz")
+
+
+def test_the_standin_answers_as_vllm_would(tmp_path):
+    with server_job(tmp_path) as (_, entry, _):
+        checks = readiness_checks(entry.base_url, entry.model)
+        assert all(c.ok for c in checks), checks
+        with httpx.Client(base_url=entry.root_url, timeout=10) as client:
+            messages = [{"role": "user", "content": "Say hello"}]
+            data = client.post("/v1/chat/completions", json={
+                "model": SERVED_NAME, "messages": messages, "max_tokens": 8,
+                "logprobs": True, "top_logprobs": 2, "return_token_ids": True,
+            }).json()
+            choice = data["choices"][0]
+            assert choice["message"]["content"] == "Echo: Sa" and choice["finish_reason"] == "length"
+            assert len(choice["token_ids"]) == len(choice["logprobs"]["content"]) == 8
+            assert all(len(t["top_logprobs"]) == 2 for t in choice["logprobs"]["content"])
+            assert data["usage"]["completion_tokens"] == 8
+            tokenized = client.post("/tokenize", json={"model": SERVED_NAME, "messages": messages}).json()
+            assert tokenized["tokens"] == data["prompt_token_ids"] and tokenized["count"] == len(data["prompt_token_ids"])
+
+            for tool_choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+                data = client.post("/v1/chat/completions", json={
+                    "model": SERVED_NAME, "messages": [{"role": "user", "content": "Weather in Paris?"}],
+                    "tools": [WEATHER_TOOL], "tool_choice": tool_choice,
+                }).json()
+                choice = data["choices"][0]
+                assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+                (call,) = choice["message"]["tool_calls"]
+                assert call["type"] == "function" and call["function"]["name"] == "get_weather"
+                assert json.loads(call["function"]["arguments"]) == {"city": "stand-in", "unit": "celsius"}
+
+            auto = client.post("/v1/chat/completions", json={
+                "model": SERVED_NAME, "messages": messages, "tools": [WEATHER_TOOL], "tool_choice": "auto",
+            }).json()["choices"][0]
+            assert auto["finish_reason"] == "stop" and "tool_calls" not in auto["message"]
+
+            unknown = client.post("/v1/chat/completions", json={"model": "other", "messages": messages})
+            assert unknown.status_code == 404 and "other" in unknown.json()["error"]["message"]
