@@ -195,9 +195,31 @@ def tokenize(body: dict) -> dict:
 class StandinServer(ThreadingHTTPServer):
     daemon_threads = True  # an idle keep-alive connection must not hold up the shutdown
 
-    def __init__(self, address: tuple[str, int], model: str, health_path: str, api_key: str | None) -> None:
+    def __init__(
+        self, address: tuple[str, int], model: str, health_path: str, api_key: str | None,
+        seconds_per_token: float = 0.0,
+    ) -> None:
         super().__init__(address, _Handler)
         self.model, self.health_path, self.api_key = model, health_path, api_key
+        self.seconds_per_token = seconds_per_token  # simulated decode time, so requests can be in flight
+        self.running = 0
+        self.lock = threading.Lock()
+
+    def completion(self, body: dict) -> dict:
+        with self.lock:
+            self.running += 1
+        try:
+            answer = chat_completion(body, self.model)
+            time.sleep(self.seconds_per_token * answer["usage"]["completion_tokens"])
+            return answer
+        finally:
+            with self.lock:
+                self.running -= 1
+
+    def metrics(self) -> str:
+        """vLLM's in-flight gauges, in Prometheus text format."""
+        label = f'{{model_name="{self.model}"}}'
+        return f"vllm:num_requests_running{label} {self.running}.0\nvllm:num_requests_waiting{label} 0.0\n"
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -205,6 +227,14 @@ class _Handler(BaseHTTPRequestHandler):
     server: StandinServer
 
     def do_GET(self) -> None:
+        if self.path == "/metrics":
+            data = self.server.metrics().encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            return
         self._answer({
             self.server.health_path: lambda raw: {},
             "/v1/models": lambda raw: self._models(),
@@ -212,7 +242,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         self._answer({
-            "/v1/chat/completions": lambda raw: chat_completion(self._json(raw), self.server.model),
+            "/v1/chat/completions": lambda raw: self.server.completion(self._json(raw)),
             "/tokenize": lambda raw: tokenize(self._json(raw)),
         })
 
@@ -269,8 +299,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--model", required=True, help="the served model name")
     parser.add_argument("--health-path", default="/health")
+    parser.add_argument("--seconds-per-token", type=float, default=0.0, help="simulated decode time")
     args = parser.parse_args(argv)
-    server = StandinServer((args.host, args.port), args.model, args.health_path, os.environ.get("OPENAI_API_KEY"))
+    server = StandinServer(
+        (args.host, args.port), args.model, args.health_path, os.environ.get("OPENAI_API_KEY"),
+        args.seconds_per_token,
+    )
 
     def stop(signum: int, frame: object) -> None:
         # shutdown() waits for serve_forever(), which runs in this very thread: ask from another.

@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import dataclasses
 import json
 import multiprocessing
 import os
+import signal
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,7 +18,7 @@ import httpx
 import pytest
 
 from server.engines import EngineSpec
-from server.job import ServerJob, log_tail, run
+from server.job import ServerJob, in_flight_requests, log_tail, run
 from server.registry import Entry, Registry
 from server.verify import readiness_checks
 
@@ -36,7 +39,9 @@ WEATHER_TOOL = {
 
 
 @contextmanager
-def server_job(tmp_path: Path, api_key: str | None = None) -> Iterator[tuple[multiprocessing.Process, Entry, Path]]:
+def server_job(
+    tmp_path: Path, api_key: str | None = None, command: str = COMMAND, **overrides
+) -> Iterator[tuple[multiprocessing.Process, Entry, Path]]:
     """A server job running the stand-in, once its registry entry is ready; stopped on exit."""
     key_file = None
     if api_key:
@@ -45,10 +50,11 @@ def server_job(tmp_path: Path, api_key: str | None = None) -> Iterator[tuple[mul
         key_file.chmod(0o600)
     job = ServerJob(
         namespace=NAMESPACE, service=SERVICE, replica=0, registry_root=str(tmp_path / "registry"),
-        engine=EngineSpec(served_name=SERVED_NAME, engine="openai_command", command=COMMAND, health_path="/healthz"),
+        engine=EngineSpec(served_name=SERVED_NAME, engine="openai_command", command=command, health_path="/healthz"),
         log_dir=str(tmp_path / "logs"), model_path="/models/unused by the stand-in", advertise_host="127.0.0.1",
         heartbeat_s=0.3, startup_timeout_s=60, stop_grace_s=5, api_key_file=str(key_file) if key_file else None,
     )
+    job = dataclasses.replace(job, **overrides)
     # spawn, not fork: a fresh interpreter whose main thread is the job's, as under submitit.
     process = multiprocessing.get_context("spawn").Process(target=run, args=(job,), name="server-job")
     process.start()
@@ -147,3 +153,30 @@ def test_the_standin_answers_as_vllm_would(tmp_path):
 
             unknown = client.post("/v1/chat/completions", json={"model": "other", "messages": messages})
             assert unknown.status_code == 404 and "other" in unknown.json()["error"]["message"]
+
+
+def test_usr2_drains_in_flight_requests_then_stops(tmp_path):
+    """Slurm's pre-timeout signal: the entry turns `draining`, the request in flight still gets its
+    whole answer, and the job stops once nothing is in flight, well before the grace period ends."""
+    slow = COMMAND + " --seconds-per-token 0.05"
+    with server_job(tmp_path, command=slow, drain_grace_s=60) as (process, entry, _):
+        registry = Registry(tmp_path / "registry")
+        body = {"model": SERVED_NAME, "messages": [{"role": "user", "content": "x" * 80}]}  # ~4 s to answer
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(httpx.post, f"{entry.base_url}/chat/completions", json=body, timeout=60)
+            while in_flight_requests(entry, "127.0.0.1") != 1:
+                assert not answer.done(), "the request ended before it could be seen in flight"
+                time.sleep(0.05)
+            signalled = time.monotonic()
+            os.kill(process.pid, signal.SIGUSR2)
+            while registry.entries(NAMESPACE)[0].state != "draining":
+                assert time.monotonic() - signalled < 5, "the entry did not turn draining"
+                time.sleep(0.05)
+            assert registry.ready(SERVICE, NAMESPACE) == []  # clients start nothing new on it
+            response = answer.result(timeout=60)
+        assert response.status_code == 200
+        assert response.json()["choices"][0]["message"]["content"] == "Echo: " + "x" * 80
+        process.join(30)
+        assert process.exitcode == 0
+        assert time.monotonic() - signalled < 20  # stopped when drained, not at drain_grace_s
+        assert registry.entries(NAMESPACE) == []
