@@ -146,10 +146,11 @@ def chat_completion(body: dict, model: str) -> dict:
         }]
         finish_reason = "tool_calls"
     with_ids = bool(body.get("return_token_ids"))
+    top, as_ids = body.get("top_logprobs") or 0, bool(body.get("return_tokens_as_token_ids"))
     choice = {
         "index": 0,
         "message": message,
-        "logprobs": {"content": logprobs(ids, body.get("top_logprobs") or 0)} if body.get("logprobs") else None,
+        "logprobs": {"content": logprobs(ids, top, as_ids)} if body.get("logprobs") else None,
         "finish_reason": finish_reason,
         "stop_reason": None,
         "token_ids": ids if with_ids else None,
@@ -166,16 +167,18 @@ def chat_completion(body: dict, model: str) -> dict:
     }
 
 
-def logprobs(ids: list[int], top: int) -> list[dict]:
-    """vLLM's ``logprobs.content``: the chosen token first among its ``top`` alternatives."""
+def logprobs(ids: list[int], top: int, as_ids: bool = False) -> list[dict]:
+    """vLLM's ``logprobs.content``: the chosen token first among its ``top`` alternatives;
+    ``as_ids`` names tokens "token_id:N" as vLLM's ``return_tokens_as_token_ids`` does."""
+    name = (lambda t: f"token_id:{t}") if as_ids else token_text
     content = []
     for token_id in ids:
         ranked = [(token_id, _CHOSEN_LOGPROB)] + [((token_id + k) % 256, -1.0 - k) for k in range(1, top)]
         content.append({
-            "token": token_text(token_id),
+            "token": name(token_id),
             "logprob": _CHOSEN_LOGPROB,
             "bytes": [token_id],
-            "top_logprobs": [{"token": token_text(t), "logprob": lp, "bytes": [t]} for t, lp in ranked[:top]],
+            "top_logprobs": [{"token": name(t), "logprob": lp, "bytes": [t]} for t, lp in ranked[:top]],
         })
     return content
 

@@ -116,7 +116,8 @@ def check_chat(client: httpx.Client, base_url: str, model: str) -> CheckResult:
         if not isinstance(content, str):
             raise CheckFailed(
                 f"choices[0].message.content is {content!r}, not a string",
-                "the endpoint's chat completions are not OpenAI-shaped: point --base-url at an OpenAI-compatible server",
+                "the endpoint's chat completions are not OpenAI-shaped: point --base-url at an "
+                "OpenAI-compatible server",
             )
         return f"answered {content!r}"
 
@@ -128,9 +129,13 @@ def check_logprobs(client: httpx.Client, base_url: str, model: str) -> CheckResu
     (top level, vLLM's shape) and ``choices[0].token_ids``, one logprob per generated token."""
 
     def body() -> str:
-        data = _chat(client, base_url, model, max_tokens=4, logprobs=True, top_logprobs=1, return_token_ids=True)
+        data = _chat(
+            client, base_url, model, max_tokens=4, logprobs=True, top_logprobs=1, return_token_ids=True,
+            return_tokens_as_token_ids=True,
+        )
         choice = data["choices"][0]
-        logprobs = [t.get("logprob") for t in (choice.get("logprobs") or {}).get("content") or []]
+        content = (choice.get("logprobs") or {}).get("content") or []
+        logprobs = [t.get("logprob") for t in content]
         prompt_ids, token_ids = data.get("prompt_token_ids"), choice.get("token_ids")
         missing = [
             name for name, present in (
@@ -153,7 +158,14 @@ def check_logprobs(client: httpx.Client, base_url: str, model: str) -> CheckResu
                 "the engine's token ids and logprobs disagree, so they cannot be paired for training: "
                 "report it to the engine; do not train on this endpoint",
             )
-        return f"{len(prompt_ids)} prompt ids, {len(token_ids)} generated ids with logprobs"
+        # NeMo Gym's training variant reads generated ids from "token_id:N" logprob tokens.
+        if [t.get("token") for t in content] != [f"token_id:{i}" for i in token_ids]:
+            raise CheckFailed(
+                f"logprob tokens are {[t.get('token') for t in content][:4]}, not 'token_id:N' for the token ids",
+                "NeMo Gym's training variant needs return_tokens_as_token_ids: vLLM supports it; other "
+                "engines need an equivalent",
+            )
+        return f"{len(prompt_ids)} prompt ids, {len(token_ids)} generated ids with logprobs and token_id:N tokens"
 
     return _run("logprobs", body, client, base_url)
 
@@ -382,7 +394,7 @@ def _error_message(resp: httpx.Response) -> str:
     try:
         data = resp.json()
         return str(data["error"]["message"] if "error" in data else data["detail"])
-    except (*_SHAPE_ERRORS, AttributeError):
+    except _SHAPE_ERRORS:
         return resp.text[:300]
 
 
