@@ -1,9 +1,19 @@
-"""Submitit executors behind one small interface: submit, state, cancel, logs."""
+"""Submitit executors behind one small interface: submit, state, cancel, logs.
+
+``LocalBackend`` runs jobs on this machine (submitit's local executor),
+``SlurmBackend`` submits them with sbatch. Both also act on bare job ids, so
+that ``launcher.down`` and runs joining a shared server pool can stop jobs
+another process submitted.
+"""
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -11,59 +21,60 @@ import submitit
 
 from launcher.spec import ClusterSpec
 
+# Slurm states in which a job may still run; anything else is an end.
+_SLURM_ALIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED", "UNKNOWN"}
+_SACCT_EVERY_S = 2.0  # one sacct call serves every job; more often only loads slurmdbd
+
+
+@dataclass
+class Resources:
+    """What one job asks of the cluster, beyond the cluster-wide settings."""
+
+    name: str
+    timeout_min: int
+    gpus: int = 0
+    partition: str | None = None  # None: the cluster's
+    cpus_per_task: int | None = None
+    mem_gb: float | None = None
+
 
 class Backend:
-    """Submits functions as jobs of one cluster kind and reports on them."""
+    """Submits functions as jobs and reports on them; one subclass per cluster kind."""
+
+    kind = ""
 
     def __init__(self, cluster: ClusterSpec, folder: Path) -> None:
         self.cluster = cluster
         self.folder = Path(folder)
 
-    def _executor(self, name: str, timeout_min: int, gpus: int) -> submitit.Executor:
-        # A fresh executor per submission: submitit's update_parameters cannot unset a value.
-        executor = submitit.LocalExecutor(folder=self.folder / "%j")
-        executor.update_parameters(timeout_min=timeout_min, gpus_per_node=gpus, name=name)
-        return executor
+    def _executor(self, res: Resources) -> submitit.Executor:
+        raise NotImplementedError
 
-    def submit(self, fn: Callable, arg: Any, name: str, timeout_min: int, gpus: int = 0) -> submitit.Job:
+    def submit(self, fn: Callable, arg: Any, res: Resources) -> submitit.Job:
         with _terminal_interrupts_ignored():
-            return self._executor(name, timeout_min, gpus).submit(fn, arg)
+            return self._executor(res).submit(fn, arg)
 
-    def submit_many(
-        self, fn: Callable, args: Sequence[Any], name: str, timeout_min: int, gpus: int = 0
-    ) -> list[submitit.Job]:
-        """One submission for all ``args`` (an array job where the cluster has them)."""
-        executor = self._executor(name, timeout_min, gpus)
+    def submit_many(self, fn: Callable, args: Sequence[Any], res: Resources) -> list[submitit.Job]:
+        """One submission for all ``args``: a job array on Slurm (one sbatch call)."""
+        executor = self._executor(res)
         with _terminal_interrupts_ignored(), executor.batch():
             jobs = [executor.submit(fn, a) for a in args]
         return jobs
 
-    @staticmethod
-    def state(job: submitit.Job) -> str:
+    def state(self, job: submitit.Job) -> str:
         return job.state
 
-    @staticmethod
-    def cancel(job: submitit.Job) -> None:
-        """Ask the job to stop cleanly.
+    def finished(self, job: submitit.Job) -> bool:
+        return job.done()
 
-        submitit's local ``cancel`` sends SIGINT to the job's controller, which
-        SIGKILLs the job one second later: too soon for a server to stop its
-        engine in order. SIGTERM is forwarded to the job by the controller,
-        which then waits for it to exit.
-        """
-        process = getattr(job, "_process", None)
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-        elif process is None:
-            job.cancel(check=False)
+    def pending_reason(self, job: submitit.Job) -> str | None:
+        return None
 
-    @staticmethod
-    def force_cancel(job: submitit.Job) -> None:
-        process = getattr(job, "_process", None)
-        if process is not None:
-            process.kill()
-        else:
-            job.cancel(check=False)
+    def cancel(self, job: submitit.Job) -> None:
+        job.cancel(check=False)
+
+    def force_cancel(self, job: submitit.Job) -> None:
+        job.cancel(check=False)
 
     @staticmethod
     def log_tail(job: submitit.Job, lines: int = 30) -> str:
@@ -76,6 +87,127 @@ class Backend:
             if text:
                 return "\n".join(text.splitlines()[-lines:])
         return f"(no log yet in {job.paths.folder})"
+
+
+class LocalBackend(Backend):
+    kind = "local"
+
+    def _executor(self, res: Resources) -> submitit.Executor:
+        # A fresh executor per submission: submitit's update_parameters cannot unset a value.
+        executor = submitit.LocalExecutor(folder=self.folder / "%j")
+        executor.update_parameters(timeout_min=res.timeout_min, gpus_per_node=res.gpus)
+        return executor
+
+    def cancel(self, job: submitit.Job) -> None:
+        """Ask the job to stop cleanly.
+
+        submitit's local ``cancel`` sends SIGINT to the job's controller, which
+        SIGKILLs the job one second later: too soon for a server to stop its
+        engine in order. SIGTERM is forwarded to the job by the controller,
+        which then waits for it to exit.
+        """
+        cancel_job_ids(self.kind, [str(job.job_id)])
+
+    def force_cancel(self, job: submitit.Job) -> None:
+        cancel_job_ids(self.kind, [str(job.job_id)], force=True)
+
+
+class SlurmBackend(Backend):
+    kind = "slurm"
+
+    def __init__(self, cluster: ClusterSpec, folder: Path) -> None:
+        super().__init__(cluster, folder)
+        self._last_sacct = 0.0
+
+    def _executor(self, res: Resources) -> submitit.Executor:
+        c = self.cluster
+        executor = submitit.SlurmExecutor(folder=self.folder / "%j", max_num_timeout=0)
+        params: dict[str, Any] = dict(
+            job_name=res.name, time=res.timeout_min, nodes=1, ntasks_per_node=1,
+            partition=res.partition or c.partition, account=c.account, qos=c.qos, constraint=c.constraint,
+            cpus_per_task=res.cpus_per_task or c.cpus_per_task, setup=list(c.setup), srun_args=list(c.srun_args),
+            additional_parameters=dict(c.additional_parameters),
+            # USR2 this long before the time limit: servers drain, then stop.
+            signal_delay_s=c.signal_delay_s,
+        )
+        if res.gpus:
+            params["gpus_per_node"] = res.gpus
+        mem_gb = res.mem_gb or c.mem_gb
+        if mem_gb:
+            params["mem"] = f"{int(mem_gb * 1024)}M"
+        if c.exclusive:
+            params["exclusive"] = True
+        executor.update_parameters(**{k: v for k, v in params.items() if v is not None})
+        return executor
+
+    def state(self, job: submitit.Job) -> str:
+        # submitit's own polling backs off to once a minute: too slow to fail fast.
+        mode = "force" if time.monotonic() - self._last_sacct >= _SACCT_EVERY_S else "cache"
+        if mode == "force":
+            self._last_sacct = time.monotonic()
+        return job.watcher.get_state(job.job_id, mode=mode)
+
+    def finished(self, job: submitit.Job) -> bool:
+        return self.state(job) not in _SLURM_ALIVE
+
+    def pending_reason(self, job: submitit.Job) -> str | None:
+        out = subprocess.run(
+            ["squeue", "-h", "-j", str(job.job_id), "-o", "%T %r"], capture_output=True, text=True
+        ).stdout.split()
+        return out[1] if len(out) == 2 and out[0] == "PENDING" else None
+
+    def cancel(self, job: submitit.Job) -> None:
+        cancel_job_ids(self.kind, [str(job.job_id)])
+
+    def force_cancel(self, job: submitit.Job) -> None:
+        cancel_job_ids(self.kind, [str(job.job_id)], force=True)
+
+
+BACKENDS = {"local": LocalBackend, "slurm": SlurmBackend}
+
+
+def make_backend(cluster: ClusterSpec, folder: Path) -> Backend:
+    return BACKENDS[cluster.kind](cluster, folder)
+
+
+def cancel_job_ids(kind: str, job_ids: Sequence[str], force: bool = False) -> None:
+    """Stop jobs known only by id (submitted by this or another process).
+
+    Slurm: ``scancel`` (SIGTERM to the job, SIGKILL after the cluster's KillWait),
+    or ``--signal=KILL`` when forced. Local: a local job's id is its controller's
+    pid; SIGTERM is forwarded to the job, which stops its engine in order.
+    """
+    if not job_ids:
+        return
+    if kind == "slurm":
+        cmd = ["scancel", *(["--signal=KILL", "--full"] if force else []), *job_ids]
+        subprocess.run(cmd, capture_output=True, text=True)
+        return
+    for job_id in job_ids:
+        try:
+            os.kill(int(job_id), signal.SIGKILL if force else signal.SIGTERM)
+        except (ProcessLookupError, ValueError):
+            pass
+
+
+def alive_job_ids(kind: str, job_ids: Sequence[str]) -> list[str]:
+    """The ids of ``job_ids`` that may still run."""
+    if not job_ids:
+        return []
+    if kind == "slurm":
+        out = subprocess.run(
+            ["squeue", "-h", "-o", "%i %T", "-j", ",".join(job_ids)], capture_output=True, text=True
+        ).stdout
+        listed = {line.split()[0] for line in out.splitlines() if line.strip()}
+        return [j for j in job_ids if j in listed]
+    alive = []
+    for job_id in job_ids:
+        try:
+            os.kill(int(job_id), 0)
+            alive.append(job_id)
+        except (ProcessLookupError, ValueError):
+            pass
+    return alive
 
 
 @contextmanager

@@ -17,11 +17,12 @@ from rich.live import Live
 
 from jobs.rollouts import collect
 from launcher import console as views
-from launcher.executors import Backend
+from launcher.executors import Resources, make_backend
 from launcher.readiness import ReplicaStatus, ServerFailed, wait_ready
 from launcher.spec import GENERATE_KEY, RolloutsJob, RunSpec
 from server.job import ServerJob, log_tail, run as run_server
 from server.registry import Entry, Registry
+from server.runs import JobRecord, OwnerHeartbeat, Owners, record_jobs
 from server.verify import CheckResult, readiness_checks
 
 _POLL_S = 0.5
@@ -42,7 +43,9 @@ class Run:
         self.console = console or Console()
         self.namespace = f"{spec.run.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
         self.registry = Registry(spec.registry.root, ttl_s=spec.registry.ttl_s)
-        self.backend = Backend(spec.cluster, self.run_dir / "submitit")
+        self.backend = make_backend(spec.cluster, self.run_dir / "submitit")
+        self.owners = Owners(spec.registry.root, self.namespace)
+        self.heartbeat: OwnerHeartbeat | None = None
         self.log_dir = self.run_dir / "logs"
         self.replicas: list[ReplicaStatus] = []
         self.phases: dict[str, float] = {}
@@ -88,11 +91,17 @@ class Run:
             self.api_key_file = str(self.registry.create_api_key(self.namespace))
         elif spec.server.api_key is not None:
             self.api_key_file = str(Path(spec.server.api_key).expanduser().resolve())
+        # Heartbeat first: server jobs that find no live owner stop themselves.
+        self.heartbeat = OwnerHeartbeat(self.owners, self.namespace, spec.registry.heartbeat_s).start()
         jobs = [self._server_job(i) for i in range(spec.server.replicas)]
-        submitted = self.backend.submit_many(
-            run_server, jobs, name=f"{spec.run.name}-{spec.server.service}",
-            timeout_min=spec.cluster.timeout_min, gpus=spec.server.gpus_per_replica,
+        res = Resources(
+            name=f"{spec.run.name}-{spec.server.service}", timeout_min=spec.cluster.timeout_min,
+            gpus=spec.server.gpus_per_replica,
         )
+        submitted = self.backend.submit_many(run_server, jobs, res)
+        record_jobs(spec.registry.root, self.namespace, JobRecord(
+            kind=self.backend.kind, job_ids=[str(j.job_id) for j in submitted], server_hash=spec.server_hash(),
+        ))
         self.replicas = [ReplicaStatus(replica=i, job=j) for i, j in enumerate(submitted)]
         for r in self.replicas:
             self.console.print(f"submitted {spec.server.service}/{r.replica}: job {r.job.job_id}")
@@ -105,6 +114,7 @@ class Run:
             model_cache_dir=m.cache_dir, bind_host=c.bind_host, advertise_host=c.advertise_host, port=s.port,
             heartbeat_s=r.heartbeat_s, startup_timeout_s=s.startup_timeout_s, stop_grace_s=s.stop_grace_s,
             drain_grace_s=s.drain_grace_s, api_key_file=self.api_key_file, config_hash=self.spec.server_hash(),
+            orphan_grace_s=r.orphan_grace_s,
         )
 
     def _wait_ready(self) -> None:
@@ -132,15 +142,18 @@ class Run:
             registry_root=self.spec.registry.root, registry_ttl_s=self.spec.registry.ttl_s,
         )
         total = job.num_rollouts
-        submitted = self.backend.submit(collect, collector, name=f"{self.spec.run.name}-rollouts",
-                                        timeout_min=job.timeout_min)
+        res = Resources(
+            name=f"{self.spec.run.name}-rollouts", timeout_min=job.timeout_min, partition=job.partition,
+            cpus_per_task=job.cpus_per_task, mem_gb=job.mem_gb,
+        )
+        submitted = self.backend.submit(collect, collector, res)
         self.console.print(f"submitted rollouts: job {submitted.job_id}, {total} rollouts")
         self.other_jobs = [submitted]
         rollouts, failures = self.run_dir / "rollouts.jsonl", self.run_dir / "failures.jsonl"
         progress = views.rollout_progress(self.console)
         with progress:
             bar = progress.add_task("rollouts", total=total, failures=0)
-            while not submitted.done():
+            while not self.backend.finished(submitted):
                 self._check_servers_alive()
                 progress.update(bar, completed=_count_lines(rollouts), failures=_count_lines(failures))
                 time.sleep(_POLL_S)
@@ -161,7 +174,7 @@ class Run:
 
     def _check_servers_alive(self) -> None:
         for r in self.replicas:
-            if r.job.done():
+            if self.backend.finished(r.job):
                 raise ServerFailed(
                     f"server job {r.job.job_id} (replica {r.replica}) ended while in use: state "
                     f"{self.backend.state(r.job)}\n--- job log tail:\n{self.backend.log_tail(r.job)}\n"
@@ -176,19 +189,21 @@ class Run:
         # Read before the entries disappear: what to kill if a job cannot stop its own processes.
         here = [e for e in self.registry.entries(self.namespace) if e.node == os.uname().nodename]
         for job in jobs:
-            if not job.done():
+            if not self.backend.finished(job):
                 self.backend.cancel(job)
         deadline = time.monotonic() + self.spec.server.stop_grace_s + 15
-        while any(not j.done() for j in jobs) and time.monotonic() < deadline:
-            time.sleep(0.2)
+        while any(not self.backend.finished(j) for j in jobs) and time.monotonic() < deadline:
+            time.sleep(0.5)
         for job in jobs:
-            if not job.done():
+            if not self.backend.finished(job):
                 self.console.print(f"[yellow]job {job.job_id} did not stop in time; killing it[/]")
                 self.backend.force_cancel(job)
         for entry in here:
             _kill_when_alive(entry.pid, group=False)
             if entry.engine_pid:
                 _kill_when_alive(entry.engine_pid, group=True)
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
         self.registry.remove_namespace(self.namespace)
         self.other_jobs = []
 

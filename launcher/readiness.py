@@ -48,13 +48,14 @@ def wait_ready(
     while pending:
         for status in list(pending):
             job_state = backend.state(status.job)
-            if status.job.done():
+            if backend.finished(status.job):
                 raise ServerFailed(_death_report(backend, status, job_state, engine_log))
             if status.running_since is None and job_state == "RUNNING":
                 status.running_since = time.monotonic()
             entry = _entry(registry, namespace, service, status.replica)
             status.entry = entry or status.entry
-            status.state = entry.state if entry else job_state
+            reason = backend.pending_reason(status.job) if job_state == "PENDING" else None
+            status.state = entry.state if entry else (f"PENDING ({reason})" if reason else job_state)
             if entry is not None and entry.state == "ready":
                 status.checks = checks(entry)
                 if all(c.ok for c in status.checks):

@@ -24,7 +24,7 @@ from server.models import EMBEDDED_MODELS
 
 CHAT_TEMPLATES = Path(__file__).resolve().parent.parent / "server" / "chat_templates"
 TASK_SETS = Path(__file__).resolve().parent.parent / "jobs" / "tasks"
-CLUSTER_KINDS = ("local",)
+CLUSTER_KINDS = ("local", "slurm")
 
 
 class SpecError(ValueError):
@@ -42,6 +42,19 @@ class ClusterSpec:
     bind_host: str = "127.0.0.1"
     advertise_host: str | None = None
     timeout_min: int = 240
+    # Slurm (ignored by kind=local)
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    gpus_per_node: int | None = None  # what a node has: a replica must fit on one
+    cpus_per_task: int | None = None
+    mem_gb: float | None = None
+    constraint: str | None = None
+    exclusive: bool = False
+    setup: list[str] = field(default_factory=list)  # shell lines before the job (module load, venv)
+    srun_args: list[str] = field(default_factory=list)
+    additional_parameters: dict[str, Any] = field(default_factory=dict)  # more sbatch options
+    signal_delay_s: int = 120  # USR2 this long before the time limit: servers drain
 
 
 @dataclass
@@ -83,6 +96,8 @@ class RegistrySpec:
     root: str = ""
     heartbeat_s: float = 5.0
     ttl_s: float = 30.0
+    # Servers stop when no run using them (launcher) has heartbeated for this long.
+    orphan_grace_s: float = 120.0
 
 
 @dataclass
@@ -93,6 +108,9 @@ class RolloutsJob:
     num_tasks: int  # read (and checked) from the task file before anything is submitted
     uses_tools: bool = False  # some task offers tools: readiness then checks tool calling
     timeout_min: int = 60
+    partition: str | None = None  # Slurm: the collector needs no GPU; None: cluster.partition
+    cpus_per_task: int | None = None
+    mem_gb: float | None = None
     kind: str = "rollouts"
 
     @property
@@ -164,7 +182,7 @@ def _job(job_cfg: DictConfig) -> JobSpec:
     for key in _LAUNCHER_OWNED:
         if key in data:
             raise SpecError(f"job.{key}: set by the launcher for each run; remove it from the config")
-    timeout_min = data.pop("timeout_min", 60)
+    submission = _typed(_JobSubmission, {k: data.pop(k) for k in _SUBMISSION_KEYS if k in data}, prefix="job.")
     if "tasks" in data:
         data["tasks"] = str(resolve_tasks(data["tasks"]))
     collector = _typed(CollectorConfig, data, prefix="job.")
@@ -176,14 +194,21 @@ def _job(job_cfg: DictConfig) -> JobSpec:
         raise SpecError(f"job.tasks: {collector.tasks} holds no task")
     return RolloutsJob(
         collector=collector, num_tasks=len(tasks), uses_tools=any(t.tools for t in tasks),
-        timeout_min=_typed_int(timeout_min, "job.timeout_min"),
+        **dataclasses.asdict(submission),
     )
 
 
-def _typed_int(value: Any, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise SpecError(f"{key}: expected an integer, got {value!r}")
-    return value
+@dataclass
+class _JobSubmission:
+    """The keys of a job config that say how to submit it, not what it does."""
+
+    timeout_min: int = 60
+    partition: Optional[str] = None
+    cpus_per_task: Optional[int] = None
+    mem_gb: Optional[float] = None
+
+
+_SUBMISSION_KEYS = tuple(f.name for f in dataclasses.fields(_JobSubmission))
 
 
 def resolve_tasks(value: Any) -> Path:
@@ -222,6 +247,14 @@ def _check(spec: RunSpec) -> None:
     c, m, s, r = spec.cluster, spec.model, spec.server, spec.registry
     need(c.kind in CLUSTER_KINDS, f"cluster.kind: {c.kind!r} is not supported; choose one of {list(CLUSTER_KINDS)}")
     need(c.timeout_min >= 1, f"cluster.timeout_min: must be >= 1, got {c.timeout_min}")
+    if c.kind == "slurm":
+        need(
+            c.gpus_per_node is None or s.gpus_per_replica <= c.gpus_per_node,
+            f"server.gpus_per_replica: {s.gpus_per_replica} GPUs do not fit on one node "
+            f"(cluster.gpus_per_node={c.gpus_per_node}); multi-node replicas are not supported",
+        )
+        need(c.signal_delay_s >= 0, f"cluster.signal_delay_s: must be >= 0, got {c.signal_delay_s}")
+        need(c.mem_gb is None or c.mem_gb > 0, f"cluster.mem_gb: must be > 0 or null, got {c.mem_gb}")
 
     need((m.path is None) != (m.embedded is None), "model: set exactly one of model.path and model.embedded")
     if m.embedded is not None:
@@ -289,6 +322,10 @@ def _check(spec: RunSpec) -> None:
         f"registry.ttl_s: must be at least twice registry.heartbeat_s ({r.heartbeat_s}), got {r.ttl_s}",
     )
     need(bool(r.root), "registry.root: must not be empty")
+    need(
+        r.orphan_grace_s >= 2 * r.heartbeat_s,
+        f"registry.orphan_grace_s: must be at least twice registry.heartbeat_s, got {r.orphan_grace_s}",
+    )
 
     if isinstance(spec.job, RolloutsJob):
         _check_collector(spec.job, s, need)

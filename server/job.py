@@ -30,6 +30,7 @@ import httpx
 
 from server.engines import EngineLaunch, EngineSpec, build_launch, engine_version
 from server.registry import Entry, Registry
+from server.runs import Owners
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,14 @@ class ServerJob:
     stop_grace_s: float = 15.0
     drain_grace_s: float = 60.0
     api_key_file: str | None = None  # None: the endpoint takes requests without a key
+    # Stop when no run using this namespace heartbeated for this long (None: never).
+    orphan_grace_s: float | None = None
     config_hash: str = ""
+
+    def orphaned(self) -> bool:
+        if self.orphan_grace_s is None:
+            return False
+        return not Owners(self.registry_root, self.namespace).alive(self.orphan_grace_s)
 
     @property
     def engine_log(self) -> Path:
@@ -127,6 +135,9 @@ def _serve(job: ServerJob, engine: subprocess.Popen, entry: Entry, registry: Reg
     while not signals.stop.wait(_DRAIN_POLL_S if drain_deadline else job.heartbeat_s):
         if engine.poll() is not None:
             raise EngineFailed(_died_message(job, engine))
+        if job.orphaned():
+            log.warning("no run using %s heartbeated for %.0fs: stopping", job.namespace, job.orphan_grace_s)
+            return
         if signals.drain.is_set() and drain_deadline is None:
             log.info("draining: no new sessions, up to %.0fs for in-flight requests", job.drain_grace_s)
             drain_deadline = time.monotonic() + job.drain_grace_s
@@ -272,6 +283,10 @@ def _wait_healthy(
                 )
             # Starting can take minutes (weights, compilation): keep the entry fresh meanwhile.
             if time.monotonic() - last_beat >= job.heartbeat_s:
+                if job.orphaned():
+                    log.warning("no run using %s heartbeated while starting: stopping", job.namespace)
+                    stop.set()
+                    return
                 registry.heartbeat(entry)
                 last_beat = time.monotonic()
             stop.wait(0.5)

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -141,12 +142,11 @@ class Registry:
         return path
 
     def remove_namespace(self, namespace: str) -> int:
-        """Remove every entry and the key of ``namespace``; returns how many entries were left."""
+        """Remove ``namespace`` whole (entries, key, run records); returns how many entries were left."""
         entries = self.entries(namespace)
         for e in entries:
             self.remove(e.namespace, e.service, e.replica)
-        (self.root / namespace / API_KEY_FILE).unlink(missing_ok=True)
-        _prune_empty(self.root / namespace, stop=self.root)
+        shutil.rmtree(self.root / namespace, ignore_errors=True)
         return len(entries)
 
     def _private_dirs(self, folder: Path) -> None:
@@ -231,8 +231,9 @@ def _read(path: Path) -> Entry | None:
 
 
 def _subdirs(folder: Path) -> list[str]:
+    """Service folders: hidden ones hold a namespace's own records (owners)."""
     try:
-        return sorted(p.name for p in folder.iterdir() if p.is_dir())
+        return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     except FileNotFoundError:
         return []
 

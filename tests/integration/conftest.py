@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.executors import Backend
+from launcher.executors import LocalBackend, Resources
 from launcher.spec import ClusterSpec
 from server.engines import EngineSpec
 from server.job import ServerJob, run
@@ -69,8 +69,8 @@ def policy_server(tmp_path_factory, registry_root) -> Entry:
         log_dir=str(folder / "logs"), embedded_model="smollm2_135m", heartbeat_s=1.0, startup_timeout_s=600,
         api_key_file=str(key_file),
     )
-    backend = Backend(ClusterSpec(kind="local"), folder / "submitit")
-    job = backend.submit(run, job_spec, name="itest-policy", timeout_min=60)
+    backend = LocalBackend(ClusterSpec(kind="local"), folder / "submitit")
+    job = backend.submit(run, job_spec, Resources(name="itest-policy", timeout_min=60))
     registry = Registry(registry_root, ttl_s=10)
     deadline = time.monotonic() + 600
     try:
@@ -83,5 +83,5 @@ def policy_server(tmp_path_factory, registry_root) -> Entry:
     finally:
         backend.cancel(job)
         deadline = time.monotonic() + 60
-        while not job.done() and time.monotonic() < deadline:
+        while not backend.finished(job) and time.monotonic() < deadline:
             time.sleep(0.2)

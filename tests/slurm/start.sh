@@ -152,7 +152,10 @@ ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SwitchType=switch/none
 SelectType=select/cons_tres
+# Cores are consumable, memory is not: --mem/--mem-per-cpu up to RealMemory is accepted and
+# recorded but not reserved, so jobs that ask for memory still share the node (as with CPUs=8).
 SelectTypeParameters=CR_Core
+DefMemPerCPU=$((MEMORY_MB / CPUS))
 SchedulerType=sched/backfill
 SchedulerParameters=batch_sched_delay=0
 SlurmdParameters=config_overrides

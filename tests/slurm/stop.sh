@@ -5,7 +5,7 @@
 #   - kills what is left of the cluster's jobs (processes that carry SLURM_JOB_ID and this
 #     cluster's SLURM_CONF, e.g. children that detached from the job; slurmstepd);
 #   - stops the daemons named by the pid files in the state folder (slurmd, slurmctld,
-#     slurmdbd, mariadbd, munged; SIGTERM, then SIGKILL after 20 s);
+#     slurmdbd, then mariadbd, munged; SIGTERM, then SIGKILL after 20 s), and nothing else;
 #   - removes the state folder (configs, job state, accounting database, logs) unless
 #     GYMLAUNCH_SLURM_KEEP=1. It only ever removes a folder start.sh marked as its own.
 set -euo pipefail
@@ -13,7 +13,8 @@ set -euo pipefail
 DIR=${GYMLAUNCH_SLURM_DIR:-/tmp/gymlaunch-slurm}
 MARKER=.gymlaunch-slurm
 
-log() { echo "[slurm stop] $*" >&2; }
+T0=$EPOCHREALTIME
+log() { printf '[slurm stop %5ss] %s\n' "$(awk -v a="$T0" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }')" "$*" >&2; }
 
 if [[ ! -d $DIR ]]; then
     log "no $DIR: nothing to stop"
@@ -38,7 +39,7 @@ pid_of() {  # pid_of PIDFILE COMM: the live pid the file names, if it is that da
 
 # processes that belong to this cluster's jobs
 job_pids() {
-    local p env ancestors=" $$ " a=$$
+    local p comm ancestors=" $$ " a=$$
     while [[ $a -gt 1 ]]; do  # never our own ancestors (a caller may itself run inside a job)
         a=$(awk '{print $4}' "/proc/$a/stat" 2>/dev/null || echo 1)
         ancestors+="$a "
@@ -46,27 +47,31 @@ job_pids() {
     for p in /proc/[0-9]*; do
         p=${p#/proc/}
         [[ $ancestors == *" $p "* ]] && continue
-        if [[ $(cat "/proc/$p/comm" 2>/dev/null) == slurmstepd ]]; then
-            # slurmstepd inherits slurmd's environment, hence our SLURM_CONF
-            env=$(tr '\0' '\n' <"/proc/$p/environ" 2>/dev/null) || continue
-            grep -qx "SLURM_CONF=$SLURM_CONF" <<<"$env" && echo "$p"
-            continue
+        # slurmstepd inherits slurmd's environment (our SLURM_CONF) but has no SLURM_JOB_ID
+        comm=
+        { read -r comm <"/proc/$p/comm"; } 2>/dev/null || continue
+        if [[ $comm != slurmstepd ]]; then
+            grep -qz '^SLURM_JOB_ID=' "/proc/$p/environ" 2>/dev/null || continue
         fi
-        env=$(tr '\0' '\n' <"/proc/$p/environ" 2>/dev/null) || continue
-        grep -q '^SLURM_JOB_ID=' <<<"$env" && grep -qx "SLURM_CONF=$SLURM_CONF" <<<"$env" && echo "$p"
+        grep -qzx "SLURM_CONF=$SLURM_CONF" "/proc/$p/environ" 2>/dev/null && echo "$p"
     done
     return 0
 }
 
-stop_pid() {  # stop_pid NAME PID
-    local name=$1 pid=$2 i
-    kill -TERM "$pid" 2>/dev/null || return 0
-    for ((i = 0; i < 100; i++)); do
-        kill -0 "$pid" 2>/dev/null || { log "stopped $name ($pid)"; return 0; }
-        sleep 0.2
+stop_pids() {  # stop_pids NAME:PID...: SIGTERM to all, wait, SIGKILL what ignored it for 20 s
+    local spec i left
+    for spec in "$@"; do kill -TERM "${spec#*:}" 2>/dev/null || true; done
+    for ((i = 0; i < 200; i++)); do
+        left=()
+        for spec in "$@"; do kill -0 "${spec#*:}" 2>/dev/null && left+=("$spec"); done
+        ((${#left[@]})) || break
+        sleep 0.1
     done
-    log "$name ($pid) ignored SIGTERM for 20 s: SIGKILL"
-    kill -KILL "$pid" 2>/dev/null || true
+    for spec in "${left[@]}"; do
+        log "${spec%%:*} (${spec#*:}) ignored SIGTERM for 20 s: SIGKILL"
+        kill -KILL "${spec#*:}" 2>/dev/null || true
+    done
+    for spec in "$@"; do log "stopped ${spec%%:*} (${spec#*:})"; done
 }
 
 # 1. jobs
@@ -89,11 +94,16 @@ if [[ -n $leftover ]]; then
     kill -KILL $leftover 2>/dev/null || true
 fi
 
-# 2. daemons, in reverse start order
-for spec in slurmd:$RUN/slurmd.pid slurmctld:$RUN/slurmctld.pid slurmdbd:$RUN/slurmdbd.pid \
-    mariadbd:$DIR/mysql/mysqld.pid munged:$DIR/munge/munged.pid; do
-    name=${spec%%:*} file=${spec#*:}
-    if pid=$(pid_of "$file" "$name"); then stop_pid "$name" "$pid"; fi
+# 2. daemons: the slurm ones together, then the database and munged (the slurm daemons use both
+#    while they shut down)
+for group in "slurmd:$RUN/slurmd.pid slurmctld:$RUN/slurmctld.pid slurmdbd:$RUN/slurmdbd.pid" \
+    "mariadbd:$DIR/mysql/mysqld.pid munged:$DIR/munge/munged.pid"; do
+    running=()
+    for spec in $group; do
+        name=${spec%%:*} file=${spec#*:}
+        if pid=$(pid_of "$file" "$name"); then running+=("$name:$pid"); fi
+    done
+    ((${#running[@]})) && stop_pids "${running[@]}"
 done
 
 # 3. state
