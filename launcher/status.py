@@ -1,0 +1,51 @@
+"""``python -m launcher.status``: every run and server the registry knows, from any shell.
+
+Reads only the registry and the cluster (squeue, or process ids for local
+jobs), so it works from another login shell and after a launcher died.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from rich.console import Console
+from rich.table import Table
+
+from launcher.executors import alive_job_ids
+from server.registry import DEFAULT_TTL_S, Registry
+from server.runs import Owners, recorded_jobs
+
+
+def status_table(registry: Registry, orphan_grace_s: float) -> Table:
+    table = Table("namespace", "runs alive", "jobs alive", "service", "replica", "state", "url", "job",
+                  "heartbeat age", title=f"registry {registry.root}", title_justify="left")
+    now = time.time()
+    for namespace in registry.namespaces():
+        record = recorded_jobs(registry.root, namespace)
+        jobs = f"{len(alive_job_ids(record.kind, record.job_ids))}/{len(record.job_ids)} {record.kind}" if record else "?"
+        runs = str(len(Owners(registry.root, namespace).alive(orphan_grace_s, now)))
+        entries = registry.entries(namespace)
+        if not entries:
+            table.add_row(namespace, runs, jobs, "", "", "(no replica registered)", "", "", "")
+        for e in entries:
+            state = e.state if e.is_fresh(registry.ttl_s, now) else f"{e.state} (stale)"
+            table.add_row(namespace, runs, jobs, e.service, str(e.replica), state, e.base_url, e.job_id,
+                          f"{now - e.heartbeat_at:.0f}s")
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m launcher.status", description=__doc__.split("\n")[0])
+    parser.add_argument("--root", default=None, help="registry root (default: $GYMLAUNCH_REGISTRY_ROOT or ~/.gymlaunch/registry)")
+    parser.add_argument("--ttl", type=float, default=DEFAULT_TTL_S, help="heartbeat age after which an entry is stale")
+    parser.add_argument("--orphan-grace", type=float, default=120.0, help="owner heartbeat age after which a run is gone")
+    args = parser.parse_args(argv)
+    registry = Registry(args.root, ttl_s=args.ttl)
+    Console(width=None if sys.stdout.isatty() else 240).print(status_table(registry, args.orphan_grace))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

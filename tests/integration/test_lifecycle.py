@@ -1,0 +1,87 @@
+"""Run lifecycle from any shell: status, down, and servers that outlive a killed launcher only
+by the orphan grace period. Uses the stand-in server (server/standin.py, no model) through
+``server=openai_command``, so these tests cost seconds, not vLLM starts."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from server.registry import Registry
+from tests.integration.conftest import ROOT
+
+STANDIN = "{python} -m server.standin --host {host} --port {port} --model {served_name}"
+FAST_HEARTBEATS = ["registry.heartbeat_s=0.5", "registry.ttl_s=5", "registry.orphan_grace_s=3"]
+
+
+def serve_standin(run_dir: Path, registry_root: Path, *overrides: str) -> tuple[subprocess.Popen, str]:
+    """A launcher serving the stand-in (job=none); returns it once it prints its URL."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "launcher", "job=none", "server=openai_command", f'server.command="{STANDIN}"',
+         "model.embedded=null", "model.path=standin/model", f"hydra.run.dir={run_dir}", *FAST_HEARTBEATS,
+         *overrides],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "GYMLAUNCH_REGISTRY_ROOT": str(registry_root)},
+    )
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("serving policy at "):
+            return proc, line.split()[3]
+    raise AssertionError("launcher ended before serving:\n" + "".join(lines))
+
+
+def cli(module: str, *args: str, registry_root: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", module, "--root", str(registry_root), *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+
+
+def standin_pids() -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and b"server.standin" in (proc / "cmdline").read_bytes():
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+def test_servers_stop_themselves_after_the_launcher_is_killed(tmp_path):
+    root = tmp_path / "registry"
+    before = set(standin_pids())
+    proc, url = serve_standin(tmp_path / "run", root)
+    (namespace,) = Registry(root).namespaces()
+    status = cli("launcher.status", registry_root=root)
+    assert namespace in status.stdout and url in status.stdout and "ready" in status.stdout
+    mine = set(standin_pids()) - before
+    assert mine
+
+    proc.send_signal(signal.SIGKILL)  # no teardown: the launcher's node is "lost"
+    proc.wait()
+    killed = time.monotonic()
+    while set(standin_pids()) & mine or Registry(root).entries(namespace):
+        assert time.monotonic() - killed < 30, "servers outlived their launcher"
+        time.sleep(0.2)
+    print(f"last server gone {time.monotonic() - killed:.1f}s after SIGKILL (orphan_grace_s=3)")
+    # What the killed launcher could not clean (run records) goes with `down`.
+    down = cli("launcher.down", namespace, registry_root=root)
+    assert down.returncode == 0, down.stderr
+    assert Registry(root).namespaces() == []
+
+
+def test_down_from_another_shell_stops_a_running_launchers_servers(tmp_path):
+    root = tmp_path / "registry"
+    proc, _ = serve_standin(tmp_path / "run", root, "run.name=downme")
+    down = cli("launcher.down", "downme", registry_root=root)
+    assert down.returncode == 0, down.stderr
+    assert Registry(root).entries() == []
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and "ended while in use" in out  # the launcher saw its servers go
+    assert Registry(root).namespaces() == []
