@@ -25,8 +25,9 @@ model: install
 demo: model
 	$(PY) -m launcher
 
+# The Slurm tests need the project's single-node cluster: started before, stopped after, pass or fail.
 test: model
-	$(PY) -m pytest
+	eval "$$(tests/slurm/start.sh)" && $(PY) -m pytest; rc=$$?; tests/slurm/stop.sh; exit $$rc
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -31,6 +31,7 @@ def rollout_progress(console: Console) -> Progress:
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("[red]{task.fields[failures]} failed"),
+        TextColumn("[cyan]{task.fields[state]}"),
         TimeElapsedColumn(),
         console=console,
     )

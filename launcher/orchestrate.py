@@ -152,17 +152,28 @@ class Run:
         rollouts, failures = self.run_dir / "rollouts.jsonl", self.run_dir / "failures.jsonl"
         progress = views.rollout_progress(self.console)
         with progress:
-            bar = progress.add_task("rollouts", total=total, failures=0)
+            bar = progress.add_task("rollouts", total=total, failures=0, state="")
             while not self.backend.finished(submitted):
                 self._check_servers_alive()
-                progress.update(bar, completed=_count_lines(rollouts), failures=_count_lines(failures))
+                progress.update(
+                    bar, completed=_count_lines(rollouts), failures=_count_lines(failures),
+                    state=self._job_state(submitted),
+                )
                 time.sleep(_POLL_S)
-            progress.update(bar, completed=_count_lines(rollouts), failures=_count_lines(failures))
+            progress.update(bar, completed=_count_lines(rollouts), failures=_count_lines(failures), state="")
         try:
             self.collection = submitted.result().to_json()
         except Exception as e:  # submitit re-raises the job's failure with its traceback
             raise JobFailed(f"rollout job {submitted.job_id} failed: {e}") from None
         self.other_jobs = []
+
+    def _job_state(self, job) -> str:
+        """Blank while running; else the state, with Slurm's reason for a pending job."""
+        state = self.backend.state(job)
+        if state == "RUNNING":
+            return ""
+        reason = self.backend.pending_reason(job) if state == "PENDING" else None
+        return f"job {state} ({reason})" if reason else f"job {state}"
 
     def _serve_until_interrupted(self) -> None:
         urls = ",".join(r.entry.base_url for r in self.replicas if r.entry)

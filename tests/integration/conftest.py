@@ -4,7 +4,12 @@ the launcher starts it (a submitit local job running ``server.job.run``)."""
 from __future__ import annotations
 
 import os
+import shlex
+import shutil
+import subprocess
+import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -16,6 +21,8 @@ from server.job import ServerJob, run
 from server.registry import Entry, Registry
 
 ROOT = Path(__file__).resolve().parents[2]
+SLURM_SCRIPTS = ROOT / "tests" / "slurm"
+DEFAULT_SLURM_DIR = Path(os.environ.get("GYMLAUNCH_SLURM_DIR", "/tmp/gymlaunch-slurm"))
 CHAT_TEMPLATE = ROOT / "server" / "chat_templates" / "chatml_hermes_tools.jinja"
 SERVED_NAME = "smollm2-test"
 
@@ -85,3 +92,83 @@ def policy_server(tmp_path_factory, registry_root) -> Entry:
         deadline = time.monotonic() + 60
         while not backend.finished(job) and time.monotonic() < deadline:
             time.sleep(0.2)
+
+
+# --- the Slurm cluster (tests/slurm/start.sh) ---------------------------------------------
+
+
+@dataclass
+class SlurmCluster:
+    env: dict[str, str]  # what callers need in the environment (SLURM_CONF, ...)
+    started_here: bool  # this session started it (and stops it at the end)
+    start_s: float | None  # how long start.sh took, when it ran
+    job_ids: set[str] = field(default_factory=set)  # every job this session submitted
+
+
+def _answers(env: dict[str, str]) -> bool:
+    """A cluster answers: sinfo lists a node and sacct (accounting) replies."""
+    if not shutil.which("sinfo") or not shutil.which("sacct"):
+        return False
+    try:
+        nodes = subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True, timeout=15)
+        if nodes.returncode or not nodes.stdout.strip():
+            return False
+        acct = subprocess.run(["sacct", "-n", "-X", "-S", "now-1minute"], env=env, capture_output=True, timeout=15)
+        return acct.returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def _exports(stdout: str) -> dict[str, str]:
+    """The `export K=V` lines start.sh prints last."""
+    found = {}
+    for line in stdout.splitlines():
+        if line.startswith("export "):
+            key, _, value = line[len("export ") :].partition("=")
+            found[key] = shlex.split(value)[0] if value else ""
+    return found
+
+
+def queued() -> list[str]:
+    return subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A Slurm cluster with accounting and 4 gres GPUs: the one that answers already (the
+    caller's SLURM_CONF, or one start.sh left running in the default folder), else one
+    started here with tests/slurm/start.sh and stopped at the end with tests/slurm/stop.sh."""
+    own_conf = DEFAULT_SLURM_DIR / "etc" / "slurm.conf"
+    candidates = []
+    if os.environ.get("SLURM_CONF") or Path("/etc/slurm/slurm.conf").exists():
+        candidates.append({})
+    if own_conf.exists():
+        candidates.append({"SLURM_CONF": str(own_conf), "GYMLAUNCH_SLURM_DIR": str(DEFAULT_SLURM_DIR)})
+    with pytest.MonkeyPatch.context() as mp:
+        for extra in candidates:
+            if _answers({**os.environ, **extra}):
+                for key, value in extra.items():
+                    mp.setenv(key, value)
+                yield SlurmCluster(env=extra, started_here=False, start_s=None)
+                return
+        t0 = time.monotonic()
+        started = subprocess.run([str(SLURM_SCRIPTS / "start.sh")], capture_output=True, text=True, timeout=900)
+        start_s = time.monotonic() - t0
+        if started.returncode:
+            pytest.fail(f"tests/slurm/start.sh failed ({started.returncode}):\n{started.stderr[-6000:]}")
+        env = _exports(started.stdout)
+        assert "SLURM_CONF" in env, started.stdout
+        for key, value in env.items():
+            mp.setenv(key, value)
+        print(f"\n[slurm] start.sh took {start_s:.1f} s", file=sys.stderr)
+        cluster = SlurmCluster(env=env, started_here=True, start_s=start_s)
+        try:
+            yield cluster
+        finally:
+            foreign = [j for j in queued() if j.split("_")[0] not in cluster.job_ids]
+            if foreign:  # someone else is using the cluster meanwhile: do not pull it from under them
+                print(f"\n[slurm] left running: jobs {foreign} are not this session's; stop it with "
+                      f"tests/slurm/stop.sh", file=sys.stderr)
+            else:
+                stopped = subprocess.run([str(SLURM_SCRIPTS / "stop.sh")], capture_output=True, text=True, timeout=300)
+                assert stopped.returncode == 0, stopped.stderr

@@ -16,8 +16,11 @@
 #   - a node with CPUs=8 (more jobs than cores), the real RealMemory, 4 fake GPUs (gres on
 #     character devices), partitions `gpu` (default) and `cpu`, accounting via slurmdbd
 #     (submitit needs sacct), no accounting enforcement;
-#   - waits (bounded) for the node to be idle and sacct to answer; on failure prints the
-#     daemons' log tails and exits non-zero.
+#   - waits (bounded) for the node to be idle and sacct to answer, and, when it started
+#     slurmctld or slurmd, for one probe job (partition cpu, name gymlaunch-probe) to end
+#     COMPLETED in accounting; on failure prints the daemons' log tails and exits non-zero.
+# Cold (packages missing) about 1 min, mostly apt; from an empty folder with the packages
+# present about 6 s (3 s of it slurmctld's first scheduling pass); when already running < 1 s.
 # All progress goes to stderr; stdout carries only the `export` lines, last. The daemons keep
 # none of this script's file descriptors (no pipe of a caller's stays open, no lock is held).
 #
@@ -206,7 +209,7 @@ if ! alive "$DIR/munge/munged.pid" munged; then
     chmod 600 "$DIR/munge/munge.key"
     munged --key-file="$DIR/munge/munge.key" --socket="$MUNGE_SOCKET" --pid-file="$DIR/munge/munged.pid" \
         --log-file="$DIR/munge/munged.log" --seed-file="$DIR/munge/munged.seed" --num-threads=4 \
-        </dev/null >"$LOGS/munged.out" 2>&1 9<&-
+        </dev/null >"$LOGS/munged.out" 2>&1 9<&- || die "munged did not start: $(cat "$LOGS/munged.out")"
     started+=(munged)
 fi
 wait_for 20 munged munge --socket="$MUNGE_SOCKET" --no-input --string=x
@@ -261,9 +264,19 @@ if ! alive "$RUN/slurmd.pid" slurmd; then
     slurmd </dev/null >"$LOGS/slurmd.out" 2>&1 9<&- || die "slurmd did not start: $(cat "$LOGS/slurmd.out")"
     started+=(slurmd)
 fi
+probe_done() { [[ $(sacct -n -X -P -o State -j "$PROBE" 2>/dev/null) =~ ^(COMPLETED|FAILED|CANCELLED|NODE_FAIL|TIMEOUT) ]]; }
 node_idle() { [[ $(sinfo -h -n "$NODE" -o %T 2>/dev/null | sort -u) =~ ^(idle|mixed|allocated)$ ]]; }
 wait_for "$TIMEOUT_S" "node $NODE to be idle" node_idle
 wait_for "$TIMEOUT_S" "sacct to answer" sacct -n -X -S now-1minute
+if [[ " ${started[*]} " == *" slurmctld "* || " ${started[*]} " == *" slurmd "* ]]; then
+    # One probe job through the whole path (munge, scheduler, slurmd, slurmstepd, accounting).
+    # It also absorbs slurmctld's first scheduling pass, which comes about 3 s after it starts:
+    # without the probe the callers' first job would wait for it.
+    PROBE=$(sbatch --parsable -p cpu -J gymlaunch-probe --chdir="$DIR" -o /dev/null -e /dev/null --wrap true)
+    wait_for "$TIMEOUT_S" "probe job $PROBE to end" probe_done
+    state=$(sacct -n -X -P -o State -j "$PROBE")
+    [[ $state == COMPLETED ]] || die "probe job $PROBE ended $state; see $LOGS/slurmd.log"
+fi
 
 if ((${#started[@]})); then log "started ${started[*]}; cluster $CLUSTER ready"; else log "already running; cluster $CLUSTER ready"; fi
 echo "export SLURM_CONF=$SLURM_CONF"

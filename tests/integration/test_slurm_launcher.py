@@ -1,0 +1,113 @@
+"""``python -m launcher cluster=slurm`` on the project's real single-node Slurm cluster
+(tests/slurm/start.sh): fake GPUs through gres, job arrays, fail fast, no orphaned job."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+from server.registry import Registry
+from tests.integration.conftest import ROOT, queued
+
+# Small requests so servers and the collector share the 8 (fake) CPUs of the test node.
+SLURM = ["cluster=slurm", "server.gpus_per_replica=1", "cluster.gpus_per_node=4", "cluster.cpus_per_task=1",
+         "cluster.mem_gb=4", "job.partition=cpu", "job.cpus_per_task=1", "job.mem_gb=2"]
+
+
+def launcher(slurm_cluster, registry_root: Path, run_dir: Path, *overrides: str) -> subprocess.Popen:
+    cluster = [o for o in SLURM if not o.startswith("job.")] if "job=none" in overrides else SLURM
+    return subprocess.Popen(
+        [sys.executable, "-m", "launcher", *cluster, f"hydra.run.dir={run_dir}", *overrides],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, **slurm_cluster.env, "GYMLAUNCH_REGISTRY_ROOT": str(registry_root)},
+    )
+
+
+def sacct(slurm_cluster, job_id: str, fields: str) -> list[list[str]]:
+    out = subprocess.run(
+        ["sacct", "-n", "-P", "-X", "-j", job_id, "-o", fields], env={**os.environ, **slurm_cluster.env},
+        capture_output=True, text=True, check=True,
+    ).stdout
+    return [line.split("|") for line in out.splitlines() if line]
+
+
+def wait_for_line(proc: subprocess.Popen, prefix: str, timeout_s: float) -> list[str]:
+    lines, deadline = [], time.monotonic() + timeout_s
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith(prefix):
+            return lines
+        assert time.monotonic() < deadline, "".join(lines)
+    raise AssertionError(f"no line starting {prefix!r}:\n" + "".join(lines))
+
+
+def test_demo_on_slurm_with_fake_gpus_and_a_job_array(slurm_cluster, tmp_path):
+    root, run_dir = tmp_path / "registry", tmp_path / "run"
+    proc = launcher(slurm_cluster, root, run_dir, "server.replicas=2")
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out
+    summary = json.loads((run_dir / "summary.json").read_text())
+    ids = [s["job_id"] for s in summary["servers"]]
+    array_ids = {i.split("_")[0] for i in ids}
+    assert len(ids) == 2 and len(array_ids) == 1 and all("_" in i for i in ids), ids  # one sbatch
+    for job_id in ids:
+        (tres,) = sacct(slurm_cluster, job_id, "AllocTRES")[0]
+        assert "gres/gpu=1" in tres, tres
+    assert summary["collection"]["rollouts_written"] >= 16
+    assert Registry(root).namespaces() == []
+    assert not set(queued()) & {*ids, *array_ids}
+
+
+def test_a_failing_server_job_fails_the_run_fast(slurm_cluster, tmp_path):
+    not_a_model = tmp_path / "not-a-model"
+    not_a_model.mkdir()
+    proc = launcher(slurm_cluster, tmp_path / "registry", tmp_path / "run", "model.embedded=null",
+                    f"model.path={not_a_model}", "job=none")
+    out, _ = proc.communicate(timeout=600)
+    exited = datetime.now()
+    assert proc.returncode == 1, out
+    assert "ended while starting" in out and str(not_a_model) in out  # the engine's log tail
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    (job_id,) = [s["job_id"] for s in summary["servers"]]
+    state, end = sacct(slurm_cluster, job_id, "State,End")[0]
+    assert state == "FAILED", state
+    lag = (exited - datetime.fromisoformat(end)).total_seconds()
+    print(f"launcher exited {lag:.1f}s after the server job failed")
+    assert lag < 15
+
+
+def test_ctrl_c_during_readiness_leaves_nothing(slurm_cluster, tmp_path):
+    root = tmp_path / "registry"
+    proc = launcher(slurm_cluster, root, tmp_path / "run")
+    wait_for_line(proc, "submitted policy/0", timeout_s=120)
+    time.sleep(3)  # the job is starting: vLLM imports take ~20 s
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "interrupted", out
+    job_ids = {s["job_id"] for s in summary["servers"]}
+    assert not set(queued()) & job_ids
+    assert Registry(root).namespaces() == []
+
+
+def test_a_killed_launchers_server_jobs_end_after_the_grace_period(slurm_cluster, tmp_path):
+    root = tmp_path / "registry"
+    proc = launcher(slurm_cluster, root, tmp_path / "run", "job=none", "registry.heartbeat_s=1",
+                    "registry.ttl_s=5", "registry.orphan_grace_s=5")
+    wait_for_line(proc, "serving policy at ", timeout_s=600)
+    (namespace,) = Registry(root).namespaces()
+    job_ids = json.loads((root / namespace / ".jobs.json").read_text())["job_ids"]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed = time.monotonic()
+    while set(queued()) & set(job_ids):
+        assert time.monotonic() - killed < 60, "a server job outlived its launcher"
+        time.sleep(0.5)
+    print(f"last server job gone {time.monotonic() - killed:.1f}s after SIGKILL (orphan_grace_s=5)")
+    assert Registry(root).entries(namespace) == []
