@@ -8,6 +8,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 from rich.console import Console
 
@@ -29,7 +30,10 @@ def main(cfg: DictConfig) -> None:
         # Nothing was submitted yet: a config error costs no GPU time.
         console.print(f"[red bold]config error[/] {e}")
         sys.exit(2)
-    code = Run(spec, Path(HydraConfig.get().runtime.output_dir), console).execute()
+    hydra_cfg = HydraConfig.get()
+    # The points of a multirun share servers with equal configurations (launcher/pools.py).
+    sweep_dir = hydra_cfg.sweep.dir if hydra_cfg.mode == RunMode.MULTIRUN else None
+    code = Run(spec, Path(hydra_cfg.runtime.output_dir), console, sweep_dir=sweep_dir).execute()
     if code:
         sys.exit(code)
 

@@ -51,15 +51,19 @@ class Backend:
         raise NotImplementedError
 
     def submit(self, fn: Callable, arg: Any, res: Resources) -> submitit.Job:
-        with _terminal_interrupts_ignored():
+        with _terminal_interrupts_ignored(), _outer_job_env_hidden():
             return self._executor(res).submit(fn, arg)
 
     def submit_many(self, fn: Callable, args: Sequence[Any], res: Resources) -> list[submitit.Job]:
         """One submission for all ``args``: a job array on Slurm (one sbatch call)."""
         executor = self._executor(res)
-        with _terminal_interrupts_ignored(), executor.batch():
+        with _terminal_interrupts_ignored(), _outer_job_env_hidden(), executor.batch():
             jobs = [executor.submit(fn, a) for a in args]
         return jobs
+
+    def jobs_from_ids(self, job_ids: Sequence[str]) -> list[submitit.Job]:
+        """Handles on jobs another process submitted (a run joining a shared pool)."""
+        raise NotImplementedError
 
     def state(self, job: submitit.Job) -> str:
         return job.state
@@ -97,6 +101,17 @@ class LocalBackend(Backend):
         executor = submitit.LocalExecutor(folder=self.folder / "%j")
         executor.update_parameters(timeout_min=res.timeout_min, gpus_per_node=res.gpus)
         return executor
+
+    def jobs_from_ids(self, job_ids: Sequence[str]) -> list[submitit.Job]:
+        return [submitit.local.local.LocalJob(self.folder / "%j", job_id) for job_id in job_ids]
+
+    def state(self, job: submitit.Job) -> str:
+        if getattr(job, "_process", None) is None:  # another process's job: all we have is its pid
+            return "RUNNING" if alive_job_ids(self.kind, [str(job.job_id)]) else "FINISHED"
+        return job.state
+
+    def finished(self, job: submitit.Job) -> bool:
+        return self.state(job) != "RUNNING"
 
     def cancel(self, job: submitit.Job) -> None:
         """Ask the job to stop cleanly.
@@ -139,6 +154,9 @@ class SlurmBackend(Backend):
             params["exclusive"] = True
         executor.update_parameters(**{k: v for k, v in params.items() if v is not None})
         return executor
+
+    def jobs_from_ids(self, job_ids: Sequence[str]) -> list[submitit.Job]:
+        return [submitit.SlurmJob(self.folder / "%j", job_id) for job_id in job_ids]
 
     def state(self, job: submitit.Job) -> str:
         # submitit's own polling backs off to once a minute: too slow to fail fast.
@@ -208,6 +226,24 @@ def alive_job_ids(kind: str, job_ids: Sequence[str]) -> list[str]:
         except (ProcessLookupError, ValueError):
             pass
     return alive
+
+
+@contextmanager
+def _outer_job_env_hidden() -> Iterator[None]:
+    """Submit as if from a login shell, also from inside a job (a sweep handed to Slurm).
+
+    sbatch passes the submitting environment on: a new job would inherit the
+    outer job's SLURM_ARRAY_JOB_ID and friends, and submitit in it would look
+    for the outer job's pickle. SLURM_CONF stays: it says which cluster.
+    """
+    hidden = {k: v for k, v in os.environ.items()
+              if (k.startswith("SLURM_") and k != "SLURM_CONF") or k.startswith("SUBMITIT_")}
+    for key in hidden:
+        del os.environ[key]
+    try:
+        yield
+    finally:
+        os.environ.update(hidden)
 
 
 @contextmanager

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import secrets
 import signal
 import time
@@ -12,17 +11,19 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from rich.console import Console, Group
+from rich.console import Console
 from rich.live import Live
 
 from jobs.rollouts import collect
 from launcher import console as views
-from launcher.executors import Resources, make_backend
+from launcher import pools
+from launcher.executors import Resources, alive_job_ids, make_backend
+from launcher.pools import Pool, pool_lock, pool_namespace
 from launcher.readiness import ReplicaStatus, ServerFailed, wait_ready
 from launcher.spec import GENERATE_KEY, RolloutsJob, RunSpec
 from server.job import ServerJob, log_tail, run as run_server
 from server.registry import Entry, Registry
-from server.runs import JobRecord, OwnerHeartbeat, Owners, record_jobs
+from server.runs import JobRecord, OwnerHeartbeat, Owners, record_jobs, recorded_jobs
 from server.verify import CheckResult, readiness_checks
 
 _POLL_S = 0.5
@@ -37,15 +38,23 @@ class JobFailed(RuntimeError):
 
 
 class Run:
-    def __init__(self, spec: RunSpec, run_dir: Path, console: Console | None = None) -> None:
+    """One run. With ``sweep_dir`` (a Hydra multirun) its servers are a pool shared by every point
+    of the sweep with the same server configuration."""
+
+    def __init__(
+        self, spec: RunSpec, run_dir: Path, console: Console | None = None, sweep_dir: str | None = None
+    ) -> None:
         self.spec = spec
         self.run_dir = Path(run_dir)
         self.console = console or Console()
-        self.namespace = f"{spec.run.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+        self.run_id = f"{spec.run.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+        self.sweep_dir = sweep_dir
+        self.namespace = pool_namespace(spec.run.name, sweep_dir, spec.server_hash()) if sweep_dir else self.run_id
         self.registry = Registry(spec.registry.root, ttl_s=spec.registry.ttl_s)
         self.backend = make_backend(spec.cluster, self.run_dir / "submitit")
         self.owners = Owners(spec.registry.root, self.namespace)
-        self.heartbeat: OwnerHeartbeat | None = None
+        self.pool: Pool | None = None
+        self.joined = False
         self.log_dir = self.run_dir / "logs"
         self.replicas: list[ReplicaStatus] = []
         self.phases: dict[str, float] = {}
@@ -78,21 +87,51 @@ class Run:
             self.console.print(f"[red bold]failed:[/] {e}")
         finally:
             with _signals_ignored(), self._phase("teardown"):
-                self._teardown()
+                self._teardown(status)
         summary = self._write_summary(status, error)
         self.console.print(views.summary_table(summary))
         self.console.print(f"run folder: {self.run_dir}")
         return 0 if status in ("succeeded", "stopped") else 1
 
     def _start_servers(self) -> None:
-        spec = self.spec
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        if self.sweep_dir is None:
+            self._launch_pool()
+        else:
+            with pool_lock(self.registry, self.namespace):
+                self._join_pool() or self._launch_pool()
+        self.replicas = [ReplicaStatus(replica=i, job=j) for i, j in enumerate(self.pool.jobs)]
+        verb = "joined" if self.joined else "submitted"
+        for r in self.replicas:
+            self.console.print(f"{verb} {self.spec.server.service}/{r.replica}: job {r.job.job_id}")
+
+    def _join_pool(self) -> bool:
+        """Use the sweep's live pool for this server configuration, if there is one."""
+        spec = self.spec
+        pool = pools.kept(self.namespace)
+        if pool is None:
+            record = recorded_jobs(spec.registry.root, self.namespace)
+            if not (record and alive_job_ids(record.kind, record.job_ids)
+                    and self.owners.alive(spec.registry.orphan_grace_s)):
+                self.registry.remove_namespace(self.namespace)  # whatever a dead pool left
+                return False
+            heartbeat = OwnerHeartbeat(self.owners, self.run_id, spec.registry.heartbeat_s).start()
+            pool = self._pool(self.backend.jobs_from_ids(record.job_ids), heartbeat)
+        self.pool, self.joined = pool, True
+        return True
+
+    def _pool(self, jobs: list, heartbeat: OwnerHeartbeat) -> Pool:
+        s, r = self.spec.server, self.spec.registry
+        return Pool(self.namespace, self.registry, self.backend, jobs, heartbeat, s.stop_grace_s, r.orphan_grace_s)
+
+    def _launch_pool(self) -> None:
+        spec = self.spec
         if spec.server.api_key == GENERATE_KEY:
             self.api_key_file = str(self.registry.create_api_key(self.namespace))
         elif spec.server.api_key is not None:
             self.api_key_file = str(Path(spec.server.api_key).expanduser().resolve())
         # Heartbeat first: server jobs that find no live owner stop themselves.
-        self.heartbeat = OwnerHeartbeat(self.owners, self.namespace, spec.registry.heartbeat_s).start()
+        heartbeat = OwnerHeartbeat(self.owners, self.run_id, spec.registry.heartbeat_s).start()
         jobs = [self._server_job(i) for i in range(spec.server.replicas)]
         res = Resources(
             name=f"{spec.run.name}-{spec.server.service}", timeout_min=spec.cluster.timeout_min,
@@ -102,9 +141,7 @@ class Run:
         record_jobs(spec.registry.root, self.namespace, JobRecord(
             kind=self.backend.kind, job_ids=[str(j.job_id) for j in submitted], server_hash=spec.server_hash(),
         ))
-        self.replicas = [ReplicaStatus(replica=i, job=j) for i, j in enumerate(submitted)]
-        for r in self.replicas:
-            self.console.print(f"submitted {spec.server.service}/{r.replica}: job {r.job.job_id}")
+        self.pool = self._pool(submitted, heartbeat)
 
     def _server_job(self, replica: int) -> ServerJob:
         s, m, c, r = self.spec.server, self.spec.model, self.spec.cluster, self.spec.registry
@@ -194,29 +231,19 @@ class Run:
 
     # ------------------------------------------------------------ teardown
 
-    def _teardown(self) -> None:
-        """Stop every job this run submitted, then make sure no entry and no engine is left."""
-        jobs = [r.job for r in self.replicas] + list(self.other_jobs)
-        # Read before the entries disappear: what to kill if a job cannot stop its own processes.
-        here = [e for e in self.registry.entries(self.namespace) if e.node == os.uname().nodename]
-        for job in jobs:
-            if not self.backend.finished(job):
-                self.backend.cancel(job)
-        deadline = time.monotonic() + self.spec.server.stop_grace_s + 15
-        while any(not self.backend.finished(j) for j in jobs) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        for job in jobs:
-            if not self.backend.finished(job):
-                self.console.print(f"[yellow]job {job.job_id} did not stop in time; killing it[/]")
-                self.backend.force_cancel(job)
-        for entry in here:
-            _kill_when_alive(entry.pid, group=False)
-            if entry.engine_pid:
-                _kill_when_alive(entry.engine_pid, group=True)
-        if self.heartbeat is not None:
-            self.heartbeat.stop()
-        self.registry.remove_namespace(self.namespace)
+    def _teardown(self, status: str) -> None:
+        """Stop this run's own jobs; let go of its servers (a sweep keeps them for its next points)."""
+        say = lambda text: self.console.print(f"[yellow]{text}[/]")  # noqa: E731
+        pools.stop_jobs(self.backend, self.other_jobs, self.spec.server.stop_grace_s, say)
         self.other_jobs = []
+        if self.pool is None:
+            return
+        if self.sweep_dir is not None and status == "succeeded":
+            if pools.kept(self.namespace) is None:
+                pools.keep(self.pool)
+            self.console.print(f"servers of {self.namespace} kept for the sweep's next points")
+        else:
+            pools.release(self.pool, say)
 
     # ------------------------------------------------------------ helpers
 
@@ -236,6 +263,8 @@ class Run:
         summary = {
             "run": self.spec.run.name,
             "namespace": self.namespace,
+            "run_id": self.run_id,
+            "joined_servers": self.joined,
             "status": status,
             "error": error,
             "run_dir": str(self.run_dir),
@@ -265,22 +294,6 @@ def _count_lines(path: Path) -> int:
             return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 16), b""))
     except FileNotFoundError:
         return 0
-
-
-def _kill_when_alive(pid: int, group: bool) -> None:
-    """Last resort for a process whose job could not stop it: wait a little, then SIGKILL."""
-    kill = os.killpg if group else os.kill
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            kill(pid, 0)
-        except (ProcessLookupError, PermissionError):
-            return
-        time.sleep(0.2)
-    try:
-        kill(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 @contextmanager

@@ -4,6 +4,7 @@ by the orphan grace period. Uses the stand-in server (server/standin.py, no mode
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -85,3 +86,33 @@ def test_down_from_another_shell_stops_a_running_launchers_servers(tmp_path):
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 1 and "ended while in use" in out  # the launcher saw its servers go
     assert Registry(root).namespaces() == []
+
+
+def sweep(tmp_path: Path, registry_root: Path, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """A 2-point Hydra multirun over sampling temperature: the server config is the same."""
+    return subprocess.run(
+        [sys.executable, "-m", "launcher", "-m", "server=openai_command", f'server.command="{STANDIN}"',
+         "model.embedded=null", "model.path=standin/model", "job.sampling.temperature=0.2,0.8",
+         f"hydra.sweep.dir={tmp_path / 'sweep'}", *FAST_HEARTBEATS, *overrides],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "GYMLAUNCH_REGISTRY_ROOT": str(registry_root), **(env or {})},
+    )
+
+
+def sweep_summaries(tmp_path: Path) -> list[dict]:
+    return [json.loads((tmp_path / "sweep" / str(i) / "summary.json").read_text()) for i in (0, 1)]
+
+
+def test_a_sweep_with_one_server_config_starts_one_pool(tmp_path):
+    root = tmp_path / "registry"
+    before = set(standin_pids())
+    out = sweep(tmp_path, root)
+    assert out.returncode == 0, out.stdout + out.stderr
+    first, second = sweep_summaries(tmp_path)
+    assert first["status"] == second["status"] == "succeeded"
+    assert first["namespace"] == second["namespace"] and first["run_id"] != second["run_id"]
+    assert (first["joined_servers"], second["joined_servers"]) == (False, True)
+    assert [s["job_id"] for s in first["servers"]] == [s["job_id"] for s in second["servers"]]
+    assert second["collection"]["rollouts_written"] == first["collection"]["rollouts_written"] > 0
+    # Torn down once the sweep ended.
+    assert Registry(root).namespaces() == [] and set(standin_pids()) <= before

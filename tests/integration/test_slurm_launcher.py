@@ -14,6 +14,7 @@ from pathlib import Path
 
 from server.registry import Registry
 from tests.integration.conftest import ROOT, queued
+from tests.integration.test_lifecycle import sweep, sweep_summaries
 
 # Small requests so servers and the collector share the 8 (fake) CPUs of the test node.
 SLURM = ["cluster=slurm", "server.gpus_per_replica=1", "cluster.gpus_per_node=4", "cluster.cpus_per_task=1",
@@ -111,3 +112,34 @@ def test_a_killed_launchers_server_jobs_end_after_the_grace_period(slurm_cluster
         time.sleep(0.5)
     print(f"last server job gone {time.monotonic() - killed:.1f}s after SIGKILL (orphan_grace_s=5)")
     assert Registry(root).entries(namespace) == []
+
+
+def run_sweep(slurm_cluster, tmp_path: Path, *overrides: str) -> list[dict]:
+    root = tmp_path / "registry"
+    out = sweep(tmp_path, root, *SLURM, *overrides, env=slurm_cluster.env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    summaries = sweep_summaries(tmp_path)
+    assert all(s["status"] == "succeeded" for s in summaries)
+    assert len({s["namespace"] for s in summaries}) == 1
+    assert len({tuple(x["job_id"] for x in s["servers"]) for s in summaries}) == 1  # one pool, one sbatch
+    assert sorted(s["joined_servers"] for s in summaries) == [False, True]
+    # A point's job reports its result before its process lets go of the pool: allow that moment.
+    server_ids = {x["job_id"] for s in summaries for x in s["servers"]}
+    deadline = time.monotonic() + 60
+    while Registry(root).namespaces() or set(queued()) & server_ids:
+        assert time.monotonic() < deadline, f"pool left behind: {Registry(root).namespaces()}, {queued()}"
+        time.sleep(0.5)
+    return summaries
+
+
+def test_a_sweep_on_slurm_shares_one_server_pool(slurm_cluster, tmp_path):
+    run_sweep(slurm_cluster, tmp_path)
+
+
+def test_a_sweep_handed_to_slurm_shares_one_server_pool(slurm_cluster, tmp_path):
+    """hydra/launcher=submitit_slurm: each point's launcher is itself a Slurm job, they run at
+    the same moment, and launch-or-join under the pool's file lock still starts one pool."""
+    run_sweep(
+        slurm_cluster, tmp_path, "hydra/launcher=submitit_slurm", "hydra.launcher.partition=cpu",
+        "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=2", "hydra.launcher.timeout_min=30",
+    )
