@@ -1,7 +1,6 @@
 """``python -m launcher`` end to end, as a user runs it: real Hydra, submitit, vLLM, HTTP."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
