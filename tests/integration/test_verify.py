@@ -29,7 +29,8 @@ def verify_cli(base_url: str, model: str, *flags: str, api_key: str | None = Non
     if api_key:
         env["GYMLAUNCH_API_KEY"] = api_key
     return subprocess.run(
-        [sys.executable, "-m", "server.verify", "--base-url", base_url, "--model", model, *flags],
+        # A generous --timeout: on 2 busy cores a first grammar-constrained call can take long.
+        [sys.executable, "-m", "server.verify", "--base-url", base_url, "--model", model, "--timeout", "120", *flags],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )
 
