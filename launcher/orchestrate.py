@@ -14,13 +14,14 @@ from typing import Iterator
 from rich.console import Console
 from rich.live import Live
 
+from jobs.command import Endpoints, GymConfig, run as run_command
 from jobs.rollouts import collect
 from launcher import console as views
 from launcher import pools
 from launcher.executors import Resources, alive_job_ids, make_backend
 from launcher.pools import Pool, pool_lock, pool_namespace
 from launcher.readiness import ReplicaStatus, ServerFailed, wait_ready
-from launcher.spec import GENERATE_KEY, RolloutsJob, RunSpec
+from launcher.spec import GENERATE_KEY, CommandJob, NoJob, RolloutsJob, RunSpec
 from server.job import ServerJob, log_tail, run as run_server
 from server.registry import Entry, Registry
 from server.runs import JobRecord, OwnerHeartbeat, Owners, record_jobs, recorded_jobs
@@ -59,6 +60,7 @@ class Run:
         self.replicas: list[ReplicaStatus] = []
         self.phases: dict[str, float] = {}
         self.collection: dict | None = None
+        self.job_result: dict | None = None  # job=command/gym: what ran, for how long, its logs
         self.other_jobs: list = []  # submitted jobs besides the servers, still to cancel
         self.api_key_file: str | None = None
 
@@ -73,14 +75,18 @@ class Run:
                     self._start_servers()
                 with self._phase("servers ready"):
                     self._wait_ready()
-                if isinstance(self.spec.job, RolloutsJob):
+                job = self.spec.job
+                if isinstance(job, RolloutsJob):
                     with self._phase("rollouts"):
-                        self._run_rollouts(self.spec.job)
+                        self._run_rollouts(job)
+                elif isinstance(job, CommandJob):
+                    with self._phase(job.kind):
+                        self._run_command(job)
                 else:
                     self._serve_until_interrupted()
         except Interrupted:
             # For job=none an interrupt is the normal way to end the run.
-            status = "stopped" if not isinstance(self.spec.job, RolloutsJob) else "interrupted"
+            status = "stopped" if isinstance(self.spec.job, NoJob) else "interrupted"
             self.console.print(f"[yellow]{status}: tearing down[/]")
         except (ServerFailed, JobFailed) as e:
             status, error = "failed", str(e)
@@ -179,13 +185,8 @@ class Run:
             registry_root=self.spec.registry.root, registry_ttl_s=self.spec.registry.ttl_s,
         )
         total = job.num_rollouts
-        res = Resources(
-            name=f"{self.spec.run.name}-rollouts", timeout_min=job.timeout_min, partition=job.partition,
-            cpus_per_task=job.cpus_per_task, mem_gb=job.mem_gb,
-        )
-        submitted = self.backend.submit(collect, collector, res)
+        submitted = self._submit(collect, collector, job, "rollouts")
         self.console.print(f"submitted rollouts: job {submitted.job_id}, {total} rollouts")
-        self.other_jobs = [submitted]
         rollouts, failures = self.run_dir / "rollouts.jsonl", self.run_dir / "failures.jsonl"
         progress = views.rollout_progress(self.console)
         with progress:
@@ -203,6 +204,40 @@ class Run:
         except Exception as e:  # submitit re-raises the job's failure with its traceback
             raise JobFailed(f"rollout job {submitted.job_id} failed: {e}") from None
         self.other_jobs = []
+
+    def _run_command(self, job: CommandJob) -> None:
+        """Submit the program with the endpoints the readiness gate passed; its exit code is the run's."""
+        entries = [r.entry for r in self.replicas if r.entry]
+        endpoints = Endpoints(
+            service=self.spec.server.service, namespace=self.namespace, registry_root=self.spec.registry.root,
+            base_urls=[e.base_url for e in entries], model=entries[0].model, api_key_file=entries[0].api_key_file,
+        )
+        process = dataclasses.replace(job.process, run_dir=str(self.run_dir), endpoints=endpoints)
+        submitted = self._submit(run_command, process, job, job.kind)
+        self.console.print(f"submitted {job.kind}: job {submitted.job_id}, logs in {process.log_dir}")
+        with self.console.status(f"{job.kind} running") as status:
+            while not self.backend.finished(submitted):
+                self._check_servers_alive()
+                status.update(f"{job.kind} running {self._job_state(submitted)}")
+                time.sleep(_POLL_S)
+        try:
+            result = submitted.result()
+        except Exception as e:  # submitit's message is the job's traceback: its last exception is ours
+            raise JobFailed(f"{job.kind} job {submitted.job_id} failed: {_job_error(e)}") from None
+        self.other_jobs = []
+        self.job_result = result.to_json()
+        if isinstance(process, GymConfig):
+            output = Path(result.output)
+            self.collection = {"rollouts_written": _count_lines(output), "rollouts_path": str(output)}
+
+    def _submit(self, fn, arg, job: RolloutsJob | CommandJob, label: str):
+        res = Resources(
+            name=f"{self.spec.run.name}-{label}", timeout_min=job.timeout_min, partition=job.partition,
+            cpus_per_task=job.cpus_per_task, mem_gb=job.mem_gb,
+        )
+        submitted = self.backend.submit(fn, arg, res)
+        self.other_jobs = [submitted]
+        return submitted
 
     def _job_state(self, job) -> str:
         """Blank while running; else the state, with Slurm's reason for a pending job."""
@@ -234,7 +269,10 @@ class Run:
     def _teardown(self, status: str) -> None:
         """Stop this run's own jobs; let go of its servers (a sweep keeps them for its next points)."""
         say = lambda text: self.console.print(f"[yellow]{text}[/]")  # noqa: E731
-        pools.stop_jobs(self.backend, self.other_jobs, self.spec.server.stop_grace_s, say)
+        job = self.spec.job
+        # A program job stops its own programs first (job.stop_grace_s): do not kill it before that.
+        grace_s = max(self.spec.server.stop_grace_s, job.process.stop_grace_s if isinstance(job, CommandJob) else 0)
+        pools.stop_jobs(self.backend, self.other_jobs, grace_s, say)
         self.other_jobs = []
         if self.pool is None:
             return
@@ -282,10 +320,19 @@ class Run:
                 for r in self.replicas
             ],
             "collection": self.collection,
+            "job": self.job_result,
         }
         self.run_dir.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(summary, indent=2) + "\n")
         return summary
+
+
+def _job_error(e: Exception) -> str:
+    """A ``CommandFailed`` message (exit code, log tail) without submitit's traceback and footer around it."""
+    text = str(e)
+    if "CommandFailed: " not in text:
+        return text
+    return text.rsplit("CommandFailed: ", 1)[1].split("\n----------------------")[0].strip()
 
 
 def _count_lines(path: Path) -> int:

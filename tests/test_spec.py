@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from launcher.spec import NoJob, RolloutsJob, SpecError, load_spec
+from jobs.command import CommandConfig, GymConfig
+from launcher.spec import CommandJob, NoJob, RolloutsJob, SpecError, load_spec
 
 CONF = str(Path(__file__).resolve().parent.parent / "conf")
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,7 +66,38 @@ def test_server_hash_depends_on_server_config_only():
     assert spec_for("server.max_model_len=1024").server_hash() != base.server_hash()
 
 
+COMMAND = ["job=command", 'job.command="{python} eval.py --base-url {base_url} --out {run_dir}/x.json"']
+GYM = [
+    "job=gym", "job.config_paths=[resources_servers/x/configs/x.yaml]", "job.agent_name=x_agent",
+    f"job.input_jsonl={ROOT / 'jobs' / 'tasks' / 'demo.jsonl'}",
+]
+
 BAD = [
+    (["job=command"], "job.command"),
+    (["job=command", "job.command=''"], "job.command"),
+    (["job=command", 'job.command="eval --key {api_key}"'], "job.command: unknown placeholder {api_key}"),
+    (["job=command", 'job.command="eval --url {url}"'], "job.command: unknown placeholder {url}"),
+    (["job=command", 'job.command="eval {"'], "job.command"),
+    (["job=command", "job.command=\"eval 'unclosed\""], "job.command"),
+    ([*COMMAND, "+job.env.POLICY_API_KEY=k"], "job.env.POLICY_API_KEY"),
+    ([*COMMAND, "+job.env.GYMLAUNCH_NAMESPACE=n"], "job.env.GYMLAUNCH_NAMESPACE"),
+    ([*COMMAND, "job.cwd=/no/such/folder"], "job.cwd"),
+    ([*COMMAND, "job.service=judge"], "job.service"),
+    ([*COMMAND, "job.timeout_min=0"], "job.timeout_min"),
+    ([*COMMAND, "job.stop_grace_s=-1"], "job.stop_grace_s"),
+    ([*COMMAND, "+job.run_dir=/tmp/x"], "job.run_dir"),
+    ([*COMMAND, "+job.tasks=demo"], "job.tasks"),
+    (["job=gym"], "job.config_paths"),
+    (["job=gym"], "job.agent_name"),
+    (["job=gym"], "job.input_jsonl"),
+    ([*GYM, "job.input_jsonl=no/such.jsonl"], "job.input_jsonl"),
+    ([*GYM, "job.limit=0"], "job.limit"),
+    ([*GYM, "job.num_samples_in_parallel=0"], "job.num_samples_in_parallel"),
+    ([*GYM, "job.startup_timeout_s=0"], "job.startup_timeout_s"),
+    ([*GYM, "job.gym_bin=/no/such/bin"], "job.gym_bin"),
+    ([*GYM, "job.ng_run_args=['+policy_api_key=secret']"], "job.ng_run_args"),
+    ([*GYM, "job.collect_args=['++output_jsonl_fpath=x']"], "job.collect_args"),
+    ([*GYM, "+job.command=x"], "job.command"),
     (["server.replicas=0"], "server.replicas"),
     (["server.replicas=abc"], "server.replicas"),
     (["server.max_model_len=-5"], "server.max_model_len"),
@@ -137,6 +169,18 @@ BAD = [
         "vllm_cfg.http_server_serving_chat_kwargs.reasoning_parser=qwen3",
     )
 ]
+
+
+def test_command_and_gym_jobs_compose(tmp_path):
+    job = spec_for(*COMMAND, "+job.env.HF_HOME=/data/hf", f"job.cwd={tmp_path}", "job.partition=cpu").job
+    assert isinstance(job, CommandJob) and job.kind == "command" and isinstance(job.process, CommandConfig)
+    assert job.process.env == {"HF_HOME": "/data/hf"} and job.process.cwd == str(tmp_path)
+    assert (job.partition, job.timeout_min) == ("cpu", 60)
+    assert spec_for(*COMMAND).job.process.cwd == str(Path.cwd())  # null: where the launcher started
+
+    gym = spec_for(*GYM, "job.limit=5").job
+    assert gym.kind == "gym" and isinstance(gym.process, GymConfig) and gym.process.limit == 5
+    assert gym.process.env["UV_PYTHON_DOWNLOADS"] == "never" and gym.process.gym_bin is None
 
 
 @pytest.mark.parametrize("overrides,key", BAD, ids=[" ".join(o) for o, _ in BAD])

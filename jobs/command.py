@@ -1,0 +1,348 @@
+"""Any program as the job that uses a service: ``job=command``, and NeMo Gym's collection, ``job=gym``.
+
+The launcher submits ``run(cfg)`` once the service's replicas are ready. The job
+runs the program as its own child (never detached: its own process group, and
+the kernel signals it if the job dies) with the endpoints in its environment:
+
+- ``POLICY_BASE_URLS``: comma-separated base URLs (``http://host:port/v1``) of the ready replicas
+- ``POLICY_API_KEY``: the key they take (unset when the service has no key)
+- ``POLICY_MODEL_NAME``: the served model name requests send as ``model``
+- ``GYMLAUNCH_REGISTRY_ROOT``, ``GYMLAUNCH_NAMESPACE``: for ``jobs.pool.EndpointPool`` / ``server.registry``
+
+``job=gym`` is the same machinery with a fixed program: ``ng_run`` (Gym's servers,
+pointed at the endpoints) as a background child until it reports its servers ready,
+then ``ng_collect_rollouts`` into ``<run dir>/gym_rollouts.jsonl``, then ``ng_run``
+stopped with SIGINT (its Ctrl-C shutdown) whatever happened.
+
+Output of each program goes to ``<run dir>/logs/<name>.log``; a non-zero exit raises
+``CommandFailed`` naming the exit code and the log, so the job (and the run) fails.
+SIGTERM/SIGINT to the job (a cancel) stops the programs before the job ends.
+
+Imports nothing from launcher/.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from server.job import log_tail
+from server.registry import NAMESPACE_ENV, ROOT_ENV
+from server.templates import fill_command
+
+BASE_URLS_ENV = "POLICY_BASE_URLS"
+API_KEY_ENV = "POLICY_API_KEY"
+MODEL_ENV = "POLICY_MODEL_NAME"
+ENDPOINT_ENV = (BASE_URLS_ENV, API_KEY_ENV, MODEL_ENV, ROOT_ENV, NAMESPACE_ENV)
+
+# What `job.command` may name. There is deliberately no {api_key}: argv shows in `ps` for every
+# user of the node; a program that only takes the key as an argument can read it through a shell:
+# sh -c 'exec my-eval --api-key "$POLICY_API_KEY"'.
+PLACEHOLDERS = {
+    "base_urls": "comma-separated base URLs of the ready replicas",
+    "base_url": "the first of them",
+    "model": "the served model name",
+    "run_dir": "the run's output folder",
+    "python": "the job's own interpreter",
+}
+
+GYM_OUTPUT = "gym_rollouts.jsonl"
+# ng_run prints this once every Gym server answers (nemo_gym/cli.py, RunHelper.wait_for_spinup).
+GYM_READY = re.compile(r"All \d+ / \d+ servers ready")
+# Gym resolves OmegaConf interpolations in its overrides: the key is read from ng_run's environment,
+# so the literal key never appears in an argv.
+GYM_API_KEY_OVERRIDE = "+policy_api_key=${oc.env:" + API_KEY_ENV + "}"
+# Overrides the gym job writes itself; a user value would contradict them.
+GYM_OWNED_OVERRIDES = (
+    "config_paths", "policy_base_url", "policy_api_key", "policy_model_name",
+    "agent_name", "input_jsonl_fpath", "output_jsonl_fpath", "limit", "num_samples_in_parallel",
+)
+
+_PR_SET_PDEATHSIG = 1
+_POLL_S = 0.2
+
+
+class CommandFailed(RuntimeError):
+    """The program exited non-zero, never got ready, or the job was stopped."""
+
+
+@dataclass
+class Endpoints:
+    """The service a job uses, as the launcher saw it ready."""
+
+    service: str
+    namespace: str
+    registry_root: str
+    base_urls: list[str]
+    model: str
+    api_key_file: str | None = None
+
+    def environ(self) -> dict[str, str]:
+        env = {
+            BASE_URLS_ENV: ",".join(self.base_urls), MODEL_ENV: self.model,
+            ROOT_ENV: self.registry_root, NAMESPACE_ENV: self.namespace,
+        }
+        if self.api_key_file:
+            env[API_KEY_ENV] = Path(self.api_key_file).read_text().strip()
+        return env
+
+
+@dataclass(kw_only=True)
+class ProcessConfig:
+    """What every program the job runs shares: where, with what environment, how it is stopped."""
+
+    service: str = "policy"
+    env: dict[str, str] = field(default_factory=dict)  # added to the job's environment
+    cwd: str | None = None  # None: where the launcher was started
+    setup: list[str] = field(default_factory=list)  # bash lines before the program (venv activation, module load)
+    stop_grace_s: float = 15.0  # SIGTERM (SIGINT for ng_run) to SIGKILL
+    # Filled in by the launcher for each run.
+    run_dir: str = ""
+    endpoints: Endpoints | None = None
+
+    @property
+    def log_dir(self) -> Path:
+        return Path(self.run_dir) / "logs"
+
+    def bin_dir(self) -> str | None:
+        """A folder to put first on the programs' PATH."""
+        return None
+
+
+@dataclass(kw_only=True)
+class CommandConfig(ProcessConfig):
+    """``job=command``: one program, its argv a template with ``PLACEHOLDERS``."""
+
+    command: str | None = None
+
+
+@dataclass(kw_only=True)
+class GymConfig(ProcessConfig):
+    """``job=gym``: ``ng_run`` + ``ng_collect_rollouts`` against the service."""
+
+    config_paths: list[str] = field(default_factory=list)  # Gym's +config_paths (resources server, model, agent)
+    agent_name: str | None = None
+    input_jsonl: str | None = None
+    limit: int | None = None
+    num_samples_in_parallel: int | None = None
+    gym_bin: str | None = None  # folder with ng_run and ng_collect_rollouts; None: found on PATH
+    startup_timeout_s: float = 900.0  # ng_run started to all its servers ready
+    ng_run_args: list[str] = field(default_factory=list)  # more ng_run overrides
+    collect_args: list[str] = field(default_factory=list)  # more ng_collect_rollouts overrides
+
+    @property
+    def output(self) -> Path:
+        return Path(self.run_dir) / GYM_OUTPUT
+
+    def bin_dir(self) -> str | None:
+        # ng_run's uv looks for the Gym venv's interpreter (python3.12) on PATH.
+        return self.gym_bin
+
+    def program(self, name: str) -> str:
+        return str(Path(self.gym_bin) / name) if self.gym_bin else name
+
+    def ng_run_argv(self, endpoints: Endpoints) -> list[str]:
+        urls = endpoints.base_urls
+        # One replica as a plain string: Gym's openai_model takes only a string, its vllm_model both.
+        url = urls[0] if len(urls) == 1 else "[" + ",".join(urls) + "]"
+        # Without a key Gym's model configs still interpolate ${policy_api_key}; OpenAI clients want a non-empty one.
+        key = GYM_API_KEY_OVERRIDE if endpoints.api_key_file else "+policy_api_key=EMPTY"
+        return [
+            self.program("ng_run"), f"+config_paths=[{','.join(self.config_paths)}]", f"+policy_base_url={url}",
+            f"+policy_model_name={endpoints.model}", key, *self.ng_run_args,
+        ]
+
+    def collect_argv(self) -> list[str]:
+        argv = [
+            self.program("ng_collect_rollouts"), f"+agent_name={self.agent_name}",
+            f"+input_jsonl_fpath={self.input_jsonl}", f"+output_jsonl_fpath={self.output}",
+        ]
+        if self.limit is not None:
+            argv.append(f"+limit={self.limit}")
+        if self.num_samples_in_parallel is not None:
+            argv.append(f"+num_samples_in_parallel={self.num_samples_in_parallel}")
+        return argv + list(self.collect_args)
+
+
+@dataclass
+class CommandResult:
+    argv: list[list[str]]  # every program run, in order
+    wall_s: float
+    logs: list[str]
+    output: str | None = None  # job=gym: the rollouts file
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def command_argv(command: str | None, values: dict[str, str]) -> list[str]:
+    """Split ``command`` as a shell would, then fill each word: a value with spaces stays one word."""
+    argv = fill_command(command or "", values, "job.command", {"api_key": "the key is in $POLICY_API_KEY, never in argv"})
+    if not argv:
+        raise ValueError(
+            "job.command: required; the program to run, e.g. "
+            "'job.command=\"{python} eval.py --base-url {base_url} --model {model}\"'"
+        )
+    return argv
+
+
+def placeholder_values(endpoints: Endpoints, run_dir: str) -> dict[str, str]:
+    return {
+        "base_urls": ",".join(endpoints.base_urls), "base_url": endpoints.base_urls[0], "model": endpoints.model,
+        "run_dir": run_dir, "python": sys.executable,
+    }
+
+
+# ---------------------------------------------------------------- the job
+
+
+def run(cfg: CommandConfig | GymConfig) -> CommandResult:
+    """The submitit job: run the program(s); raise ``CommandFailed`` unless they succeed."""
+    if cfg.endpoints is None or not cfg.run_dir:
+        raise ValueError("run() needs cfg.endpoints and cfg.run_dir (the launcher fills them in)")
+    stop = _stop_on_signals()
+    cfg.log_dir.mkdir(parents=True, exist_ok=True)
+    runner = _Runner(cfg, stop)
+    t0 = time.monotonic()
+    if isinstance(cfg, GymConfig):
+        _gym(cfg, runner)
+    else:
+        argv = command_argv(cfg.command, placeholder_values(cfg.endpoints, cfg.run_dir))
+        runner.check(runner.start("command", argv))
+    return CommandResult(
+        argv=[p.argv for p in runner.started], wall_s=time.monotonic() - t0, logs=[str(p.log) for p in runner.started],
+        output=str(cfg.output) if isinstance(cfg, GymConfig) else None,
+    )
+
+
+def _gym(cfg: GymConfig, runner: _Runner) -> None:
+    servers = runner.start("ng_run", cfg.ng_run_argv(cfg.endpoints), stop_signal=signal.SIGINT)
+    try:
+        runner.wait_for_line(servers, GYM_READY, cfg.startup_timeout_s)
+        collect = runner.start("ng_collect_rollouts", cfg.collect_argv())
+        runner.check(
+            collect, hint="ng_collect_rollouts writes nothing when a single rollout fails; see its log for which"
+        )
+    finally:
+        runner.stop(servers)
+    if not cfg.output.is_file():
+        raise CommandFailed(f"ng_collect_rollouts succeeded but wrote no {cfg.output}; log {collect.log}")
+
+
+def _stop_on_signals() -> threading.Event:
+    """A cancel (SIGTERM; SIGINT by hand) stops the programs in order rather than killing the job."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stop.set())
+    return stop
+
+
+@dataclass
+class _Process:
+    name: str
+    argv: list[str]
+    log: Path
+    popen: subprocess.Popen
+    stop_signal: int
+
+
+class _Runner:
+    """Starts the job's programs as children and stops them: on request, on a cancel, always."""
+
+    def __init__(self, cfg: ProcessConfig, stop: threading.Event) -> None:
+        self.cfg, self.stop_requested = cfg, stop
+        self.started: list[_Process] = []
+        # Unbuffered: ng_run's readiness line and a crashing program's last words reach the log at once.
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **cfg.env, **cfg.endpoints.environ()}
+        if cfg.bin_dir():
+            self.env["PATH"] = f"{cfg.bin_dir()}{os.pathsep}{self.env.get('PATH', '')}"
+
+    def start(self, name: str, argv: list[str], stop_signal: int = signal.SIGTERM) -> _Process:
+        log = self.cfg.log_dir / f"{name}.log"
+        launch = argv
+        if self.cfg.setup:
+            # `exec "$@"`: the program replaces bash, so our signals reach it, and its argv needs no quoting.
+            launch = ["bash", "-c", "set -e\n" + "\n".join(self.cfg.setup) + '\nexec "$@"', name, *argv]
+        with open(log, "ab") as f:
+            f.write(f"### {time.strftime('%F %T')} starting: {shlex.join(argv)}\n".encode())
+            f.flush()
+            try:
+                popen = subprocess.Popen(
+                    launch, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env,
+                    cwd=self.cfg.cwd or None, preexec_fn=lambda: _child_setup(stop_signal),
+                )
+            except OSError as e:  # not found, not executable, cwd missing
+                raise CommandFailed(f"{name}: cannot start {argv[0]!r}: {e}") from None
+        process = _Process(name, argv, log, popen, stop_signal)
+        self.started.append(process)
+        return process
+
+    def check(self, p: _Process, hint: str = "") -> None:
+        """Wait for ``p``; raise unless it exited 0."""
+        while p.popen.poll() is None:
+            self._stop_if_requested()
+            time.sleep(_POLL_S)
+        if p.popen.returncode:
+            raise CommandFailed(_exit_message(p, hint))
+
+    def wait_for_line(self, p: _Process, pattern: re.Pattern, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not pattern.search(p.log.read_text(errors="replace")):
+            self._stop_if_requested()
+            if p.popen.poll() is not None:
+                raise CommandFailed(_exit_message(p, "it ended before its servers were ready"))
+            if time.monotonic() > deadline:
+                raise CommandFailed(
+                    f"{p.name}: not ready after {timeout_s:g}s (job.startup_timeout_s); log {p.log}:\n{log_tail(p.log)}"
+                )
+            time.sleep(_POLL_S)
+
+    def stop(self, p: _Process) -> None:
+        """``p``'s stop signal to its whole group, SIGKILL to what is left after the grace period."""
+        if p.popen.poll() is None:
+            _signal_group(p.popen.pid, p.stop_signal)
+            try:
+                p.popen.wait(self.cfg.stop_grace_s)
+            except subprocess.TimeoutExpired:
+                pass
+        _signal_group(p.popen.pid, signal.SIGKILL)  # its own children share its group
+        p.popen.wait()
+
+    def _stop_if_requested(self) -> None:
+        if self.stop_requested.is_set():
+            for p in reversed(self.started):
+                self.stop(p)
+            raise CommandFailed("stopped: the job was cancelled")
+
+
+def _exit_message(p: _Process, hint: str) -> str:
+    return (
+        f"{p.name} exited with code {p.popen.returncode}" + (f" ({hint})" if hint else "")
+        + f"; log {p.log}:\n{log_tail(p.log, lines=30)}"
+    )
+
+
+def _child_setup(stop_signal: int) -> None:
+    # Own process group: stopping the program reaches its workers too. The kernel sends the stop
+    # signal if the job dies first. SIGINT back to default: local jobs are started with it ignored
+    # (launcher/executors.py), and ng_run shuts its servers down only on SIGINT.
+    os.setpgid(0, 0)
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, stop_signal)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass

@@ -1,0 +1,38 @@
+"""Command templates: a command line with ``{placeholders}``, filled word by word.
+
+The line is split as a shell would first, then each word is filled, so a value
+with spaces (a path) stays one argument; ``{{`` and ``}}`` are literal braces.
+Shared by ``server=openai_command`` and ``job=command``.
+"""
+
+from __future__ import annotations
+
+import shlex
+import string
+
+
+def fill_command(command: str, values: dict[str, str], key: str, hints: dict[str, str] | None = None) -> list[str]:
+    """``command`` as argv with ``values`` filled in; errors name the config ``key``.
+
+    ``hints`` adds a sentence to the error for a placeholder that is missing on purpose.
+    """
+    try:
+        words = shlex.split(command)
+    except ValueError as e:  # an unclosed quote
+        raise ValueError(f"{key}: {command!r} does not split into words: {e}") from None
+    return [_fill(word, values, key, hints or {}) for word in words]
+
+
+def _fill(word: str, values: dict[str, str], key: str, hints: dict[str, str]) -> str:
+    try:
+        names = [name for _, name, _, _ in string.Formatter().parse(word) if name is not None]
+    except ValueError as e:  # a lone brace
+        raise ValueError(f"{key}: {word!r}: {e}; write a literal brace as {{{{ or }}}}") from None
+    for name in names:
+        if name not in values:
+            hint = f" ({hints[name]})" if name in hints else ""
+            raise ValueError(
+                f"{key}: unknown placeholder {{{name}}} in {word!r}{hint}; "
+                f"the placeholders are {', '.join('{' + known + '}' for known in values)}"
+            )
+    return word.format_map(values)

@@ -1,0 +1,229 @@
+"""job=command and job=gym through the whole launcher, against the stand-in server
+(server=openai_command), with real small programs that record what they received.
+
+NeMo Gym is not installed here: job=gym runs stand-ins for ng_run and ng_collect_rollouts that
+behave like them where the launcher relies on it (ng_run prints "All N / N servers ready" and
+serves until SIGINT; ng_collect_rollouts writes the output JSONL, or exits 1 writing nothing)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+from server.registry import Registry
+from tests.integration.conftest import ROOT
+from tests.integration.test_lifecycle import FAST_HEARTBEATS, STANDIN
+
+SERVED = "standin-model"
+
+# Records argv + the endpoint environment, then calls the first endpoint with and without the key.
+RECORDER = textwrap.dedent("""
+    import json, os, sys, httpx
+    from jobs.pool import EndpointPool
+    base_url = os.environ["POLICY_BASE_URLS"].split(",")[0]
+    body = {"model": os.environ["POLICY_MODEL_NAME"], "messages": [{"role": "user", "content": "hi"}]}
+    auth = {"Authorization": "Bearer " + os.environ["POLICY_API_KEY"]}
+    pool = EndpointPool("policy", namespace=os.environ["GYMLAUNCH_NAMESPACE"])
+    record = {
+        "argv": sys.argv,
+        "env": {k: v for k, v in os.environ.items() if k.startswith(("POLICY_", "GYMLAUNCH_", "EXTRA_"))},
+        "cwd": os.getcwd(),
+        "with_key": httpx.post(base_url + "/chat/completions", json=body, headers=auth).status_code,
+        "without_key": httpx.post(base_url + "/chat/completions", json=body).status_code,
+        "pool": sorted(e.base_url for e in pool.endpoints()),
+    }
+    with open(sys.argv[-1], "w") as f:
+        json.dump(record, f)
+""")
+
+NG_RUN = textwrap.dedent("""
+    import json, os, sys, time, httpx
+    record = os.path.join(os.environ["STANDIN_RECORD_DIR"], "ng_run")
+    key_override = [a for a in sys.argv if a.startswith("+policy_api_key=")][0]
+    # What Gym's OmegaConf does with ${oc.env:POLICY_API_KEY}: read it from the environment.
+    assert key_override == "+policy_api_key=${oc.env:POLICY_API_KEY}", key_override
+    url = [a for a in sys.argv if a.startswith("+policy_base_url=")][0].split("=", 1)[1].strip("[]").split(",")[0]
+    status = httpx.get(url + "/models", headers={"Authorization": "Bearer " + os.environ["POLICY_API_KEY"]}).status_code
+    with open(record + ".json", "w") as f:
+        json.dump({"argv": sys.argv, "models_status": status, "path": os.environ["PATH"],
+                   "uv_python_downloads": os.environ.get("UV_PYTHON_DOWNLOADS")}, f)
+    print("Waiting for servers to spin up")  # no flush, as Gym: the job makes the output unbuffered
+    time.sleep(0.5)
+    print("All 2 / 2 servers ready! Polling every 60s")
+    try:
+        while True:
+            time.sleep(0.1)
+    except KeyboardInterrupt:  # Gym's shutdown path: only SIGINT stops it in order
+        open(record + ".stopped", "w").close()
+        print("NeMo Gym finished!")
+""")
+
+NG_COLLECT = textwrap.dedent("""
+    import json, os, sys
+    record = os.path.join(os.environ["STANDIN_RECORD_DIR"], "ng_collect_rollouts.json")
+    args = dict(a.lstrip("+").split("=", 1) for a in sys.argv[1:])
+    with open(record, "w") as f:
+        json.dump({"argv": sys.argv, "ng_run_up": os.path.exists(os.path.join(os.environ["STANDIN_RECORD_DIR"], "ng_run.json"))}, f)
+    if os.environ.get("STANDIN_COLLECT_FAIL"):
+        print("one rollout failed: nothing written", file=sys.stderr)
+        sys.exit(1)
+    rows = [json.loads(line) for line in open(args["input_jsonl_fpath"]) if line.strip()][: int(args.get("limit", 10**9))]
+    with open(args["output_jsonl_fpath"], "w") as f:
+        for row in rows:
+            f.write(json.dumps({**row, "response": {"output": []}, "reward": 1.0}) + "\\n")
+""")
+
+
+def launch(run_dir: Path, registry_root: Path, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "launcher", "server=openai_command", f'server.command="{STANDIN}"',
+         "model.embedded=null", "model.path=standin/model", f"model.served_name={SERVED}",
+         f"hydra.run.dir='{run_dir}'", *FAST_HEARTBEATS, *overrides],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "GYMLAUNCH_REGISTRY_ROOT": str(registry_root)},
+    )
+
+
+def test_command_gets_the_endpoints_in_env_and_argv_and_not_the_key_in_argv(tmp_path):
+    folder = tmp_path / "with space"  # placeholders fill whole words: paths with spaces survive
+    folder.mkdir()
+    (folder / "record.py").write_text(RECORDER)
+    run_dir, root = tmp_path / "run dir", tmp_path / "registry"
+    command = f"{{python}} '{folder / 'record.py'}' --urls {{base_urls}} --first {{base_url}} --model {{model}} {{run_dir}}/received.json"
+    out = launch(run_dir, root, "job=command", f'job.command="{command}"', "server.replicas=2",
+                 f"+job.env.PYTHONPATH={ROOT}", "+job.env.EXTRA_FLAG=on", "job.setup=['export EXTRA_SETUP=ran']")
+    assert out.returncode == 0, out.stdout + out.stderr
+
+    got = json.loads((run_dir / "received.json").read_text())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    urls = [s["base_url"] for s in summary["servers"]]
+    assert len(urls) == 2 and got["pool"] == sorted(urls)
+    env = got["env"]
+    assert env["POLICY_BASE_URLS"] == ",".join(urls) and env["POLICY_MODEL_NAME"] == SERVED
+    assert env["GYMLAUNCH_NAMESPACE"] == summary["namespace"] and env["GYMLAUNCH_REGISTRY_ROOT"] == str(root)
+    assert (env["EXTRA_FLAG"], env["EXTRA_SETUP"], got["cwd"]) == ("on", "ran", str(ROOT))
+    assert (got["with_key"], got["without_key"]) == (200, 401)
+    assert got["argv"][1:] == ["--urls", ",".join(urls), "--first", urls[0], "--model", SERVED,
+                               str(run_dir / "received.json")]
+    key = env["POLICY_API_KEY"]
+    assert len(key) > 20 and not any(key in word for word in got["argv"])
+    assert key not in (run_dir / "summary.json").read_text()
+    assert summary["status"] == "succeeded" and summary["job"]["argv"][0][1] == str(folder / "record.py")
+    assert Registry(root).namespaces() == []  # torn down
+
+
+def test_a_failing_command_fails_the_run_with_its_output_tail(tmp_path):
+    command = "{python} -c 'import sys; print(\\\"partial result\\\"); sys.exit(\\\"boom: no tasks\\\")'"
+    out = launch(tmp_path / "run", tmp_path / "registry", "job=command", f'job.command="{command}"')
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "command exited with code 1" in out.stdout
+    assert "partial result" in out.stdout and "boom: no tasks" in out.stdout
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "failed" and "exited with code 1" in summary["error"]
+    assert Registry(tmp_path / "registry").namespaces() == []
+
+
+def gym_standins(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A bin folder with ng_run / ng_collect_rollouts stand-ins, a record folder, a task file."""
+    bin_dir, records = tmp_path / "gym venv" / "bin", tmp_path / "records"
+    bin_dir.mkdir(parents=True)
+    records.mkdir()
+    for name, source in (("ng_run", NG_RUN), ("ng_collect_rollouts", NG_COLLECT)):
+        program = bin_dir / name
+        program.write_text(f"#!{sys.executable}\n{source}")
+        program.chmod(0o755)
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text("".join(
+        json.dumps({"responses_create_params": {"input": [{"role": "user", "content": f"q{i}"}]}}) + "\n"
+        for i in range(5)
+    ))
+    return bin_dir, records, tasks
+
+
+def gym_overrides(bin_dir: Path, records: Path, tasks: Path) -> list[str]:
+    return [
+        "job=gym", f"job.gym_bin='{bin_dir}'", f"+job.env.STANDIN_RECORD_DIR={records}",
+        "job.config_paths=[resources_servers/example/configs/example.yaml,responses_api_models/vllm_model/configs/vllm_model_for_training.yaml]",
+        "job.agent_name=example_simple_agent", f"job.input_jsonl={tasks}", "job.limit=3",
+        "job.num_samples_in_parallel=2", "job.stop_grace_s=10",
+    ]
+
+
+def test_gym_runs_ng_run_then_collects_then_stops_ng_run(tmp_path):
+    bin_dir, records, tasks = gym_standins(tmp_path)
+    run_dir = tmp_path / "run"
+    out = launch(run_dir, tmp_path / "registry", *gym_overrides(bin_dir, records, tasks), "server.replicas=2")
+    assert out.returncode == 0, out.stdout + out.stderr
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    urls = [s["base_url"] for s in summary["servers"]]
+    ng_run = json.loads((records / "ng_run.json").read_text())
+    assert ng_run["argv"][1:] == [
+        "+config_paths=[resources_servers/example/configs/example.yaml,"
+        "responses_api_models/vllm_model/configs/vllm_model_for_training.yaml]",
+        f"+policy_base_url=[{','.join(urls)}]", f"+policy_model_name={SERVED}",
+        "+policy_api_key=${oc.env:POLICY_API_KEY}",
+    ]
+    assert ng_run["models_status"] == 200  # the key reached it through the environment
+    assert ng_run["path"].startswith(f"{bin_dir}:") and ng_run["uv_python_downloads"] == "never"
+    collect = json.loads((records / "ng_collect_rollouts.json").read_text())
+    output = run_dir / "gym_rollouts.jsonl"
+    assert collect["ng_run_up"] and collect["argv"][1:] == [
+        "+agent_name=example_simple_agent", f"+input_jsonl_fpath={tasks}", f"+output_jsonl_fpath={output}",
+        "+limit=3", "+num_samples_in_parallel=2",
+    ]
+    assert len(output.read_text().splitlines()) == 3
+    assert (records / "ng_run.stopped").exists()  # SIGINT, Gym's own shutdown
+    assert "NeMo Gym finished!" in (run_dir / "logs" / "ng_run.log").read_text()
+    assert summary["collection"] == {"rollouts_written": 3, "rollouts_path": str(output)}
+
+
+def test_gym_stops_ng_run_also_when_collection_fails(tmp_path):
+    bin_dir, records, tasks = gym_standins(tmp_path)
+    run_dir = tmp_path / "run"
+    out = launch(run_dir, tmp_path / "registry", *gym_overrides(bin_dir, records, tasks),
+                 "+job.env.STANDIN_COLLECT_FAIL=1")
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "ng_collect_rollouts exited with code 1" in out.stdout and "one rollout failed" in out.stdout
+    assert (records / "ng_run.stopped").exists()
+    assert not (run_dir / "gym_rollouts.jsonl").exists()
+
+
+SLEEPER = textwrap.dedent("""
+    import os, signal, sys, time
+    out = sys.argv[1]
+    def stopped(signum, frame):
+        open(out + ".stopped", "w").write(signal.Signals(signum).name)
+        sys.exit(0)
+    signal.signal(signal.SIGTERM, stopped)
+    open(out, "w").write(str(os.getpid()))
+    while True:
+        time.sleep(0.1)
+""")
+
+
+def test_ctrl_c_on_the_launcher_stops_the_running_command(tmp_path):
+    (tmp_path / "sleeper.py").write_text(SLEEPER)
+    pid_file = tmp_path / "sleeper.pid"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "launcher", "server=openai_command", f'server.command="{STANDIN}"',
+         "model.embedded=null", "model.path=standin/model", f"hydra.run.dir={tmp_path / 'run'}", *FAST_HEARTBEATS,
+         "job=command", f'job.command="{{python}} {tmp_path / "sleeper.py"} {pid_file}"'],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "GYMLAUNCH_REGISTRY_ROOT": str(tmp_path / "registry")},
+    )
+    deadline = time.monotonic() + 120
+    while not pid_file.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "interrupted" in out, out
+    assert (tmp_path / "sleeper.pid.stopped").read_text() == "SIGTERM"
+    assert not Path(f"/proc/{pid_file.read_text()}").exists()
