@@ -1,24 +1,71 @@
-"""Which replica of a service a conversation talks to.
+"""Which replica of a service a conversation talks to, and what happens when that replica fails.
 
-The pool reads ready entries from the registry (at most every ``refresh_s``
-seconds: a collector picks an endpoint per conversation, and re-listing a
-shared filesystem that often would be slow) and maps a session key to one
-replica by a stable hash, so that every turn of a conversation reaches the same
-server and its prefix cache.
+The pool reads the service's entries from the registry (at most every ``refresh_s``
+seconds, re-parsing only the files that changed: a collector asks once per
+request, and re-reading a shared filesystem that often would be slow) and maps a
+session key to one replica by a stable hash, so that every turn of a
+conversation reaches the same server and its prefix cache.
+
+When that replica is gone, draining, stale or ejected, the conversation moves to
+the replica with the fewest requests in flight and stays there. ``post`` sends a
+request and, when the replica turns out unreachable or answers 502/503, ejects
+it (until it heartbeats again) and retries on another one.
+
+One pool serves one event loop: it keeps no locks.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import dataclasses
 import hashlib
 import math
+import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from server.registry import DEFAULT_TTL_S, Entry, Registry
+import httpx
+
+# The registry's own reader (logs and skips files it cannot parse); the pool only decides when to call it.
+from server.registry import DEFAULT_TTL_S, Entry, Registry, read_entry
+
+API_KEY_ENV = "GYMLAUNCH_API_KEY"
+
+# Answers that say "this replica cannot take requests now" (a proxy without upstream, an engine
+# that is overloaded or shutting down) and carry no generation: safe to send elsewhere.
+RETRY_STATUSES = frozenset({502, 503})
+
+# Errors raised before any response arrived: nothing was handed to the caller, so the request
+# can go elsewhere. Not ReadTimeout (the replica is alive but slow: a retry doubles its work and
+# spends the caller's timeout twice) nor PoolTimeout (this client is saturated, not the replica).
+UNREACHABLE_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.ReadError, httpx.WriteError,
+                      httpx.RemoteProtocolError)
+
+# Moved conversations remembered; beyond this the oldest moves are forgotten (a conversation that
+# long-lived merely risks one prefix-cache miss), so that a job of millions of rollouts stays small.
+_MAX_MOVES = 1 << 16
 
 
 class NoEndpointError(RuntimeError):
-    """No ready replica of the service is registered."""
+    """No replica of the service can take requests."""
+
+
+@dataclass
+class ReplicaStats:
+    requests: int = 0  # attempts sent to this replica, retries included
+    failures: int = 0  # attempts that found it unreachable or answering 502/503
+    retries: int = 0  # attempts that it took over from a replica that failed
+    in_flight: int = 0
+
+
+@dataclass(frozen=True)
+class _Parsed:
+    # inode, size, mtime, ctime: os.replace gives every write a new inode, so a rewrite is seen
+    # even where mtimes are coarse (NFS, some shared filesystems).
+    signature: tuple[int, int, int, int]
+    entry: Entry | None  # None: the file did not parse (already logged by the registry reader)
 
 
 class EndpointPool:
@@ -29,39 +76,240 @@ class EndpointPool:
         root: str | Path | None = None,
         ttl_s: float = DEFAULT_TTL_S,
         refresh_s: float = 2.0,
+        *,
+        max_retries: int = 3,
+        backoff_s: float = 0.1,
+        max_backoff_s: float = 2.0,
+        wait_s: float = 60.0,
     ) -> None:
         self.service = service
         self.namespace = namespace
         self.registry = Registry(root, ttl_s=ttl_s)
         self.refresh_s = refresh_s
-        self._entries: list[Entry] = []
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.wait_s = wait_s
         self._read_at = -math.inf
+        self._files: dict[str, _Parsed] = {}
+        self._pinned: str | None = namespace  # without a namespace: the one found serving, kept from then on
+        self._known: dict[int, Entry] = {}  # every entry of the service, whatever its state
+        self._usable: dict[int, Entry] = {}  # ready, fresh, not ejected
+        self._buckets = 0
+        self._ejected: dict[int, float] = {}  # replica -> when it failed (wall clock, as heartbeats)
+        self._moves: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self._stats: collections.defaultdict[int, ReplicaStats] = collections.defaultdict(ReplicaStats)
+        self._keys: dict[str | None, str | None] = {}  # api_key_file -> key, read once
+
+    # ------------------------------------------------------------ choosing
 
     def endpoints(self) -> list[Entry]:
-        """Ready replicas, sorted by replica id."""
-        now = time.monotonic()
-        if now - self._read_at >= self.refresh_s:
-            entries = self.registry.ready(self.service, self.namespace)
-            namespaces = sorted({e.namespace for e in entries})
-            if len(namespaces) > 1:
-                # Two runs may serve different models under the same service name.
-                raise NoEndpointError(
-                    f"service {self.service!r} is ready in several namespaces {namespaces} of registry "
-                    f"{self.registry.root}: pass a namespace"
-                )
-            self._entries = sorted(entries, key=lambda e: e.replica)
-            self._read_at = now
-        return list(self._entries)
+        """Replicas that may take new work (ready, heartbeating, not ejected), sorted by replica id."""
+        self._refresh_if_due()
+        return sorted(self._usable.values(), key=lambda e: e.replica)
 
     def pick(self, session_key: str) -> Entry:
-        """The replica for ``session_key``: the same one as long as the set of ready replicas holds."""
-        entries = self.endpoints()
-        if not entries:
-            raise NoEndpointError(
-                f"no ready replica of service {self.service!r} in registry {self.registry.root} "
-                f"(namespace {self.namespace or 'any'}, heartbeat TTL {self.registry.ttl_s:g}s): start the "
-                f"servers, or check the registry root and namespace (python -m server.registry list)"
-            )
-        # Python's hash() is salted per process; sha256 keeps the choice stable across jobs.
-        digest = hashlib.sha256(session_key.encode()).digest()
-        return entries[int.from_bytes(digest[:8], "big") % len(entries)]
+        """The replica for ``session_key``; ``NoEndpointError`` at once when none can take it."""
+        entry = self._choose(session_key)
+        if entry is None:
+            raise NoEndpointError(self._why_empty(waited_s=0.0))
+        return entry
+
+    async def wait_pick(self, session_key: str) -> Entry:
+        """``pick``, but an empty pool is given ``wait_s`` to come back (a restart, a heartbeat
+        after an ejection) before ``NoEndpointError``: a short gap must not fail every task."""
+        deadline = time.monotonic() + self.wait_s
+        while (entry := self._choose(session_key)) is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise NoEndpointError(self._why_empty(waited_s=self.wait_s))
+            # Polling faster than the refresh interval would only re-read the same cache.
+            await asyncio.sleep(min(max(self.refresh_s, 0.05), left))
+        return entry
+
+    def stats(self) -> dict[int, ReplicaStats]:
+        """Counters per replica id (copies), for every replica that was sent a request."""
+        return {replica: dataclasses.replace(s) for replica, s in sorted(self._stats.items())}
+
+    def _choose(self, session_key: str) -> Entry | None:
+        self._refresh_if_due()
+        if not self._usable:
+            return None
+        digest = hashlib.sha256(session_key.encode()).digest()  # hash() is salted per process
+        moved = self._moves.get(session_key)
+        if moved is None:
+            home = self._usable.get(_jump_hash(int.from_bytes(digest[:8], "big"), self._buckets))
+            if home is not None:
+                return home
+        elif moved in self._usable:
+            return self._usable[moved]
+        # Its replica is gone, draining, stale or ejected: the least busy one takes the
+        # conversation over, and keeps it (its prefix cache is there from now on).
+        fewest = min(map(self._in_flight, self._usable))
+        least = sorted(r for r in self._usable if self._in_flight(r) == fewest)
+        # Among equals, the key decides: sessions that move together spread instead of piling on one.
+        replica = least[int.from_bytes(digest[8:16], "big") % len(least)]
+        self._moves[session_key] = replica
+        self._moves.move_to_end(session_key)
+        if len(self._moves) > _MAX_MOVES:
+            self._moves.popitem(last=False)
+        return self._usable[replica]
+
+    def _in_flight(self, replica: int) -> int:
+        stats = self._stats.get(replica)  # not [replica]: stats() lists replicas that were sent requests
+        return stats.in_flight if stats else 0
+
+    # ------------------------------------------------------------ requests
+
+    async def post(
+        self,
+        client: httpx.AsyncClient,
+        path: str,
+        json: dict,
+        session_key: str,
+        headers: dict | None = None,
+    ) -> tuple[Entry, httpx.Response]:
+        """POST ``json`` to ``{base_url}{path}`` of the session's replica; returns the replica that
+        answered and its answer. Any status other than 502/503 is the caller's to judge.
+
+        A non-streaming ``client.post`` reads the whole body before it returns, so it either hands
+        the caller a complete response or raises with nothing handed out. Retrying only on raised
+        errors and on 502/503 (which carry no generation) therefore never repeats a request whose
+        answer the caller already used.
+        """
+        attempt = 0
+        while True:
+            entry = await self.wait_pick(session_key)
+            stats = self._stats[entry.replica]
+            stats.requests += 1
+            if attempt:
+                stats.retries += 1
+            stats.in_flight += 1
+            try:
+                response = await client.post(
+                    f"{entry.base_url}{path}", json=json, headers=self._headers(entry, headers)
+                )
+            except UNREACHABLE_ERRORS:
+                self._fail(entry)
+                if attempt >= self.max_retries:
+                    raise
+            else:
+                if response.status_code not in RETRY_STATUSES:
+                    return entry, response
+                self._fail(entry)
+                if attempt >= self.max_retries:
+                    return entry, response
+            finally:
+                stats.in_flight -= 1
+            attempt += 1
+            await asyncio.sleep(min(self.backoff_s * 2 ** (attempt - 1), self.max_backoff_s))
+
+    def _fail(self, entry: Entry) -> None:
+        """Eject ``entry`` until its heartbeat is newer than now; its sessions move on their next pick."""
+        self._stats[entry.replica].failures += 1
+        # Wall clock, as the replica's heartbeat_at: cluster nodes keep NTP time, and a skew only
+        # shifts re-admission by that much.
+        self._ejected[entry.replica] = time.time()
+        self._usable.pop(entry.replica, None)
+
+    def _headers(self, entry: Entry, headers: dict | None) -> dict:
+        """The caller's headers plus the replica's key, unless the caller sent its own."""
+        if entry.api_key_file not in self._keys:
+            self._keys[entry.api_key_file] = entry.read_api_key() or os.environ.get(API_KEY_ENV)
+        key = self._keys[entry.api_key_file]
+        merged = dict(headers or {})
+        if key and not any(name.lower() == "authorization" for name in merged):
+            merged["Authorization"] = f"Bearer {key}"
+        return merged
+
+    # ------------------------------------------------------------ registry
+
+    def _refresh_if_due(self) -> None:
+        now = time.monotonic()
+        if now - self._read_at >= self.refresh_s:
+            self._refresh()
+            self._read_at = now
+
+    def _refresh(self) -> None:
+        root = self.registry.root
+        namespaces = [self._pinned] if self._pinned else self.registry.namespaces()
+        files: dict[str, _Parsed] = {}
+        for namespace in namespaces:
+            self._scan(root / namespace / self.service, files)
+        self._files = files
+        entries = [p.entry for p in files.values() if p.entry is not None]
+        now = time.time()
+        ready = [e for e in entries if e.state == "ready" and e.is_fresh(self.registry.ttl_s, now)]
+        if not self._pinned:
+            serving = sorted({e.namespace for e in ready})
+            if len(serving) > 1:
+                # Two runs may serve different models under the same service name.
+                raise NoEndpointError(
+                    f"service {self.service!r} is ready in several namespaces {serving} of registry "
+                    f"{root}: pass a namespace"
+                )
+            # A collection must not drift to another run's servers later: keep the first one found.
+            self._pinned = serving[0] if serving else None
+            entries = [e for e in entries if e.namespace == self._pinned]
+        self._known = {e.replica: e for e in entries}
+        # Replica ids are job-array indices: hashing over 0..max keeps a session's replica when
+        # another one's entry comes or goes (a gap is a replica that is gone).
+        self._buckets = max(self._known) + 1 if self._known else 0
+        self._usable = {}
+        for e in ready:
+            ejected_at = self._ejected.get(e.replica)
+            if ejected_at is not None:
+                if e.heartbeat_at <= ejected_at:
+                    continue
+                del self._ejected[e.replica]  # it heartbeated after it failed: alive again
+            self._usable[e.replica] = e
+
+    def _scan(self, folder: Path, into: dict[str, _Parsed]) -> None:
+        """Add ``folder``'s entries to ``into``, parsing only files whose signature changed.
+
+        Not keyed on the folder's mtime: every heartbeat replaces a file, so it changes anyway.
+        """
+        try:
+            listing = os.scandir(folder)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        with listing:
+            for item in listing:
+                if item.name.startswith(".") or not item.name.endswith(".json"):  # temp files are hidden
+                    continue
+                try:
+                    st = item.stat()
+                except FileNotFoundError:  # removed since the listing
+                    continue
+                signature = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+                parsed = self._files.get(item.path)
+                if parsed is None or parsed.signature != signature:
+                    # Stat before read: a file replaced in between is parsed again next time, never missed.
+                    parsed = _Parsed(signature, read_entry(Path(item.path)))
+                into[item.path] = parsed
+
+    def _why_empty(self, waited_s: float) -> str:
+        now = time.time()
+        counts = collections.Counter(
+            "ejected after a failure (back at its next heartbeat)" if r in self._ejected
+            else e.state if e.is_fresh(self.registry.ttl_s, now) else "stale (no heartbeat)"
+            for r, e in self._known.items()
+        )
+        seen = ", ".join(f"{n} {state}" for state, n in sorted(counts.items())) or "no entries"
+        waited = f" after waiting {waited_s:g}s" if waited_s else ""
+        return (
+            f"no usable replica of service {self.service!r} in registry {self.registry.root}{waited} "
+            f"(namespace {self._pinned or 'any'}, heartbeat TTL {self.registry.ttl_s:g}s; seen: {seen}): "
+            f"start the servers, or check the registry root and namespace (python -m server.registry list)"
+        )
+
+
+def _jump_hash(key: int, buckets: int) -> int:
+    """Lamping and Veach's jump consistent hash: a key keeps its bucket when buckets are added or
+    the last one removed, and the choice costs O(log buckets), not a pass over the replicas."""
+    bucket, jump = -1, 0
+    while jump < buckets:
+        bucket = jump
+        key = (key * 2862933555777941757 + 1) & 0xFFFFFFFFFFFFFFFF
+        jump = int((bucket + 1) * ((1 << 31) / ((key >> 33) + 1)))
+    return bucket

@@ -8,6 +8,12 @@ turns, a reward from ``jobs.verifiers`` at the end. Every finished
 conversation is one line of ``rollouts.jsonl`` (or of ``failures.jsonl``),
 written as soon as it ends so that a watcher can count progress.
 
+Requests go through ``jobs.pool.EndpointPool``: a conversation sticks to one
+replica, and moves to another one (and stays there) when its replica stops
+answering. Collection is resumable: run it again on the same output folder and
+it does only the (task, repeat) pairs that ``rollouts.jsonl`` lacks, each row
+written exactly once even if a run was killed at any point.
+
 ``collect`` is synchronous and takes one picklable config, so that it can be
 submitted as a submitit job; the concurrency lives inside it.
 """
@@ -25,7 +31,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
 
 import httpx
 
@@ -35,7 +40,6 @@ from server.registry import DEFAULT_TTL_S, NAMESPACE_ENV, ROOT_ENV, Entry
 
 log = logging.getLogger(__name__)
 
-API_KEY_ENV = "GYMLAUNCH_API_KEY"
 DEMO_TASKS = str(Path(__file__).parent / "tasks" / "demo.jsonl")
 
 
@@ -65,14 +69,16 @@ class CollectorConfig:
 @dataclass
 class CollectSummary:
     tasks: int
-    rollouts_written: int
-    failures: int
-    mean_reward: float | None  # None when no rollout was written
-    generated_tokens: int  # every answered request, failed rollouts included: the servers did that work
+    rollouts_written: int  # rows in rollouts.jsonl: this run's and those of earlier runs on the same output_dir
+    rollouts_written_this_run: int
+    failures: int  # this run's, as listed in failures.jsonl
+    mean_reward: float | None  # over every row in rollouts.jsonl; None when there is none
+    generated_tokens: int  # this run's answered requests, failed rollouts included: the servers did that work
     wall_s: float
     generated_tokens_per_s: float
     rollouts_path: str
     failures_path: str
+    replicas: dict[str, dict]  # replica id -> this run's requests, failures, retries (jobs.pool.ReplicaStats)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -208,47 +214,168 @@ def chat_tool_choice(choice: str | dict | None) -> str | dict | None:
 
 # ---------------------------------------------------------------- collection
 
+ROLLOUTS_FILE = "rollouts.jsonl"
+FAILURES_FILE = "failures.jsonl"
+# A killed collector cannot tear more than the last line (one write per row), so fsync only guards
+# against the node going down, and a row lost that way is redone, never doubled. An fsync costs
+# ~0.3-1 ms on a local disk and more on shared filesystems, on the event loop that serves every
+# conversation: sync at most this often rather than once per row.
+FSYNC_INTERVAL_S = 1.0
+
+
+class OutputError(ValueError):
+    """An output file that a resumed run cannot continue."""
+
 
 def collect(cfg: CollectorConfig) -> CollectSummary:
-    """Run every (task, repeat) once and write ``rollouts.jsonl`` and ``failures.jsonl`` in ``output_dir``."""
+    """Run every (task, repeat) that ``rollouts.jsonl`` in ``output_dir`` lacks yet; write its row or failure.
+
+    Running again on the same ``output_dir`` resumes: rows written before are kept and skipped, every
+    other (task, repeat), failed or never finished, is tried again. ``failures.jsonl`` is rewritten
+    by each run and lists that run's failures only: an earlier failure is not final (this run retries
+    it), and the summary's figures about earlier runs come from ``rollouts.jsonl``. So progress is
+    lines of one file plus lines of the other, as for a fresh run.
+    """
     tasks = load_tasks(cfg.tasks)
     pool = EndpointPool(cfg.service, cfg.namespace, cfg.registry_root, ttl_s=cfg.registry_ttl_s)
-    pool.pick("")  # no replica at all is a setup problem: say so once, not once per rollout
+    model = served_model(pool)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rollouts_path, failures_path = out / "rollouts.jsonl", out / "failures.jsonl"
+    rollouts_path, failures_path = out / ROLLOUTS_FILE, out / FAILURES_FILE
+    earlier = read_rollouts(rollouts_path, {t.id for t in tasks})
+    todo = [_Attempt(t, r) for t in tasks for r in range(cfg.num_repeats) if (t.id, r) not in earlier]
     start = time.monotonic()
-    with open(rollouts_path, "w", encoding="utf-8") as ok, open(failures_path, "w", encoding="utf-8") as failed:
-        run = _Run(cfg, pool, ok, failed)
-        asyncio.run(run.all(tasks))
+    with _JsonlAppender(rollouts_path) as ok, _JsonlAppender(failures_path, truncate=True) as failed:
+        run = _Run(cfg, pool, model, ok, failed)
+        asyncio.run(run.all(todo))
     wall_s = time.monotonic() - start
+    rewards = [*earlier.values(), *run.rewards]
     return CollectSummary(
         tasks=len(tasks),
-        rollouts_written=len(run.rewards),
+        rollouts_written=len(rewards),
+        rollouts_written_this_run=len(run.rewards),
         failures=run.failed,
-        mean_reward=sum(run.rewards) / len(run.rewards) if run.rewards else None,
+        mean_reward=sum(rewards) / len(rewards) if rewards else None,
         generated_tokens=run.generated_tokens,
         wall_s=round(wall_s, 3),
         generated_tokens_per_s=round(run.generated_tokens / wall_s, 2) if wall_s > 0 else 0.0,
         rollouts_path=str(rollouts_path),
         failures_path=str(failures_path),
+        replicas={str(r): dataclasses.asdict(s) for r, s in pool.stats().items()},
     )
+
+
+def served_model(pool: EndpointPool) -> str:
+    """The model name requests carry: a service's replicas share one model config, hence one name."""
+    entry = pool.pick("")  # no replica at all is a setup problem: say so once, not once per rollout
+    return entry.model
+
+
+def read_rollouts(path: Path, task_ids: set[str]) -> dict[tuple[str, int], float]:
+    """(task_id, repeat) -> reward of each row in ``path``; a torn last line is cut off the file.
+
+    Rows are appended with one write each, so a crash can only tear the last line (no newline at its
+    end, or not JSON): it is truncated away and its rollout is redone. A bad line before the last was
+    not made by a crash of this collector, and is refused rather than silently dropped.
+    """
+    done: dict[tuple[str, int], float] = {}
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        return done
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        offset = 0  # where the current line starts; everything before it is whole rows
+        for lineno, line in enumerate(f, 1):
+            try:
+                if not line.endswith(b"\n"):
+                    raise ValueError("no newline at its end")
+                row = json.loads(line)
+                task_id, repeat, reward = str(row["task_id"]), int(row["repeat"]), float(row["reward"])
+            except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+                if offset + len(line) < size:
+                    raise OutputError(
+                        f"{path}:{lineno} is not a rollout row ({e}); a crash only tears the last line, so "
+                        f"something else damaged it: delete that line to redo its rollout, or move the file "
+                        f"away to start over"
+                    ) from None
+                log.warning(
+                    "%s: dropping a torn last line (%d bytes, %s) that a crash left; its rollout is redone",
+                    path, len(line), e,
+                )
+                os.truncate(path, offset)
+                break
+            if task_id not in task_ids:
+                raise OutputError(
+                    f"{path}:{lineno} is a rollout of task {task_id!r}, which the task file lacks: this "
+                    f"output_dir holds another task set's rollouts; pass the task file they were collected "
+                    f"with, or a new output_dir"
+                )
+            done[(task_id, repeat)] = reward
+            offset += len(line)
+    return done
+
+
+class _JsonlAppender:
+    """A JSONL file that rows are appended to whole: one ``write`` per row, so a line-counting watcher
+    and a resumed run see complete lines, and a crash can tear the last one only."""
+
+    def __init__(self, path: Path, truncate: bool = False) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (os.O_TRUNC if truncate else 0)
+        self.fd = os.open(path, flags, 0o644)
+        self.synced_at = time.monotonic()
+
+    def write(self, row: dict) -> None:
+        data = memoryview((json.dumps(row) + "\n").encode())
+        while data:  # a file takes it in one write unless the disk is full, and then the next one raises
+            data = data[os.write(self.fd, data) :]
+        if time.monotonic() - self.synced_at >= FSYNC_INTERVAL_S:
+            self.sync()
+
+    def sync(self) -> None:
+        os.fsync(self.fd)
+        self.synced_at = time.monotonic()
+
+    def __enter__(self) -> "_JsonlAppender":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.sync()
+        finally:
+            os.close(self.fd)
+
+
+@dataclass
+class _Attempt:
+    """One (task, repeat) conversation; ``entry`` is the replica that answered its last request."""
+
+    task: Task
+    repeat: int
+    entry: Entry | None = None
+
+    @property
+    def session_key(self) -> str:
+        return f"{self.task.id}/{self.repeat}"
 
 
 class _Run:
     """State shared by the conversations of one ``collect`` call (one event loop, so no locks)."""
 
-    def __init__(self, cfg: CollectorConfig, pool: EndpointPool, rollouts: IO[str], failures: IO[str]) -> None:
+    def __init__(
+        self, cfg: CollectorConfig, pool: EndpointPool, model: str, rollouts: _JsonlAppender,
+        failures: _JsonlAppender,
+    ) -> None:
         self.cfg = cfg
         self.pool = pool
+        self.model = model
         self.rollouts = rollouts
         self.failures_file = failures
         self.rewards: list[float] = []
         self.failed = 0
         self.generated_tokens = 0
-        self.keys: dict[str | None, str | None] = {}  # api_key_file -> key, read once
 
-    async def all(self, tasks: list[Task]) -> None:
+    async def all(self, attempts: list[_Attempt]) -> None:
         limits = httpx.Limits(
             max_connections=self.cfg.max_concurrency, max_keepalive_connections=self.cfg.max_concurrency
         )
@@ -257,37 +384,34 @@ class _Run:
             timeout=self.cfg.request_timeout_s, limits=limits, trust_env=False
         ) as client:
             semaphore = asyncio.Semaphore(self.cfg.max_concurrency)
-            await asyncio.gather(
-                *(self.one(client, semaphore, task, r) for task in tasks for r in range(self.cfg.num_repeats))
-            )
+            await asyncio.gather(*(self.one(client, semaphore, a) for a in attempts))
 
-    async def one(self, client: httpx.AsyncClient, semaphore: asyncio.Semaphore, task: Task, repeat: int) -> None:
+    async def one(self, client: httpx.AsyncClient, semaphore: asyncio.Semaphore, attempt: _Attempt) -> None:
         async with semaphore:
-            entry: Entry | None = None
             try:
-                entry = self.pool.pick(f"{task.id}/{repeat}")
-                row = await self.converse(client, entry, task)
-                row["reward"] = verifiers.score(task.raw, row["output"], row["tool_calls"])
+                row = await self.converse(client, attempt)
+                row["reward"] = verifiers.score(attempt.task.raw, row["output"], row["tool_calls"])
             except NoEndpointError as e:
-                return self.fail(task, repeat, entry, "no_endpoint", str(e))
+                return self.fail(attempt, "no_endpoint", str(e))
             except RolloutError as e:
-                return self.fail(task, repeat, entry, e.reason, str(e))
-            except httpx.HTTPError as e:  # connection refused, timeout, ... (no answer at all)
-                return self.fail(task, repeat, entry, "connection_error", f"{type(e).__name__}: {e}")
+                return self.fail(attempt, e.reason, str(e))
+            except httpx.HTTPError as e:  # no answer even after the pool's retries on other replicas
+                return self.fail(attempt, "connection_error", f"{type(e).__name__}: {e}")
             except Exception as e:  # a bug must cost one rollout, not the whole collection
-                log.exception("rollout %s/%d crashed", task.id, repeat)
-                return self.fail(task, repeat, entry, "exception", f"{type(e).__name__}: {e}")
+                log.exception("rollout %s crashed", attempt.session_key)
+                return self.fail(attempt, "exception", f"{type(e).__name__}: {e}")
             self.rewards.append(row["reward"])
-            self._write(self.rollouts, {"task_id": task.id, "repeat": repeat, **row})
+            self.rollouts.write({"task_id": attempt.task.id, "repeat": attempt.repeat, **row})
 
-    async def converse(self, client: httpx.AsyncClient, entry: Entry, task: Task) -> dict:
+    async def converse(self, client: httpx.AsyncClient, attempt: _Attempt) -> dict:
+        task = attempt.task
         messages = copy.deepcopy(task.messages)
         turns: list[dict] = []
         calls: list[dict] = []
         usage = {"prompt_tokens": 0, "completion_tokens": 0}
         for turn in range(self.cfg.max_turns):
-            body = self.request_body(entry, task, messages, first=turn == 0)
-            data = await self.post(client, entry, body)
+            body = self.request_body(task, messages, first=turn == 0)
+            data = await self.post(client, attempt, body)
             record, message = _parse_reply(data)
             turns.append(record)
             for key in usage:
@@ -303,7 +427,8 @@ class _Run:
                     "turns": turns,
                     "finish_reason": record["finish_reason"],
                     "usage": usage,
-                    "replica": entry.replica,
+                    # The last one: the pool moves a conversation whose replica went away.
+                    "replica": attempt.entry.replica,
                     "tool_calls": calls,
                 }
             messages.append({"role": "assistant", "content": message.get("content"), "tool_calls": tool_calls})
@@ -312,9 +437,9 @@ class _Run:
                 messages.append({"role": "tool", "tool_call_id": call.get("id", ""), "content": result})
         raise RolloutError("turn_limit", f"no text answer after {self.cfg.max_turns} turns (max_turns)")
 
-    def request_body(self, entry: Entry, task: Task, messages: list[dict], first: bool) -> dict:
+    def request_body(self, task: Task, messages: list[dict], first: bool) -> dict:
         body = {
-            "model": entry.model,
+            "model": self.model,
             "messages": messages,
             **dataclasses.asdict(self.cfg.sampling),
             "logprobs": True,
@@ -328,9 +453,11 @@ class _Run:
             body["tool_choice"] = task.tool_choice if first and task.tool_choice is not None else "auto"
         return body
 
-    async def post(self, client: httpx.AsyncClient, entry: Entry, body: dict) -> dict:
-        url = f"{entry.base_url}/chat/completions"
-        response = await client.post(url, json=body, headers=self.auth(entry))
+    async def post(self, client: httpx.AsyncClient, attempt: _Attempt, body: dict) -> dict:
+        attempt.entry, response = await self.pool.post(
+            client, "/chat/completions", body, session_key=attempt.session_key
+        )
+        url = f"{attempt.entry.base_url}/chat/completions"
         if response.status_code >= 400:
             raise RolloutError("http_error", f"HTTP {response.status_code} from {url}: {_error_message(response)}")
         try:
@@ -339,24 +466,12 @@ class _Run:
             text = response.text[:200]
             raise RolloutError("invalid_response", f"{url} answered with non-JSON: {text!r}") from None
 
-    def auth(self, entry: Entry) -> dict[str, str]:
-        """The replica's own key (from its registry entry), else ``$GYMLAUNCH_API_KEY``."""
-        if entry.api_key_file not in self.keys:
-            self.keys[entry.api_key_file] = entry.read_api_key() or os.environ.get(API_KEY_ENV)
-        key = self.keys[entry.api_key_file]
-        return {"Authorization": f"Bearer {key}"} if key else {}
-
-    def fail(self, task: Task, repeat: int, entry: Entry | None, reason: str, error: str) -> None:
+    def fail(self, attempt: _Attempt, reason: str, error: str) -> None:
         self.failed += 1
-        log.warning("rollout %s/%d failed (%s): %s", task.id, repeat, reason, error)
-        row = {"task_id": task.id, "repeat": repeat, "reason": reason, "error": error}
-        self._write(self.failures_file, {**row, "replica": entry.replica if entry is not None else None})
-
-    @staticmethod
-    def _write(f: IO[str], row: dict) -> None:
-        # One write per line, flushed at once: readers count lines while the run goes on.
-        f.write(json.dumps(row) + "\n")
-        f.flush()
+        log.warning("rollout %s failed (%s): %s", attempt.session_key, reason, error)
+        replica = attempt.entry.replica if attempt.entry is not None else None
+        row = {"task_id": attempt.task.id, "repeat": attempt.repeat, "reason": reason, "error": error}
+        self.failures_file.write({**row, "replica": replica})
 
 
 def _parse_reply(data: dict) -> tuple[dict, dict]:
@@ -421,6 +536,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--num-repeats", type=int, default=1, help="rollouts per task")
     parser.add_argument("--max-concurrency", type=int, default=16, help="conversations in flight")
+    parser.add_argument("--max-turns", type=int, default=CollectorConfig.max_turns, help="model calls per conversation")
+    parser.add_argument("--temperature", type=float, default=SamplingParams.temperature)
+    parser.add_argument("--max-tokens", type=int, default=SamplingParams.max_tokens, help="per model call")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     cfg = CollectorConfig(
@@ -431,14 +549,16 @@ def main(argv: list[str] | None = None) -> int:
         registry_root=args.root,
         num_repeats=args.num_repeats,
         max_concurrency=args.max_concurrency,
+        max_turns=args.max_turns,
+        sampling=SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens),
     )
     try:
         summary = collect(cfg)
-    except (TaskFileError, NoEndpointError, OSError) as e:
+    except (TaskFileError, OutputError, NoEndpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(summary.to_json(), indent=1))
-    return 1 if summary.failures and not summary.rollouts_written else 0
+    return 1 if summary.failures and not summary.rollouts_written_this_run else 0
 
 
 if __name__ == "__main__":

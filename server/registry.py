@@ -174,7 +174,7 @@ class Registry:
         """Every entry that parses, sorted by (namespace, service, replica)."""
         out = []
         for path in self._files(namespace, service):
-            entry = _read(path)
+            entry = read_entry(path)
             if entry is not None:
                 out.append(entry)
         return sorted(out, key=lambda e: (e.namespace, e.service, e.replica))
@@ -220,7 +220,8 @@ class Registry:
                     yield from svc_dir.glob("*.json")
 
 
-def _read(path: Path) -> Entry | None:
+def read_entry(path: Path) -> Entry | None:
+    """The entry in ``path``; None (with a warning) if it cannot be parsed, None if it is gone."""
     try:
         return Entry.from_json(json.loads(path.read_bytes()))
     except FileNotFoundError:  # removed between listing and reading

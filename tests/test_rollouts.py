@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from jobs import rollouts, tools, verifiers
-from jobs.pool import EndpointPool, NoEndpointError
+from jobs.pool import API_KEY_ENV, EndpointPool, NoEndpointError
 from jobs.rollouts import CollectorConfig, SamplingParams, TaskFileError, collect, load_tasks, parse_task
 from server.registry import Entry, Registry
 
@@ -300,23 +300,32 @@ def test_pool_refuses_a_service_in_several_namespaces(tmp_path):
 class StandInServer(ThreadingHTTPServer):
     """Plays a vLLM OpenAI-compatible server; its answer depends on the last user message.
 
-    "FAIL" -> HTTP 500; "LOOP" -> a tool call on every turn; "GHOST" -> a call to a
-    tool that does not exist; tools offered and no tool result yet -> a calculator
-    call with the expression after "compute"; otherwise text quoting the last tool
-    result, or "The answer is 12."
+    "FAIL" -> HTTP 500; "FLAKY" -> HTTP 500 while ``flaky`` is set; "LOOP" -> a tool
+    call on every turn; "GHOST" -> a call to a tool that does not exist; tools offered
+    and no tool result yet -> a calculator call with the expression after "compute";
+    otherwise text quoting the last tool result, or "The answer is 12." Once it gave
+    ``answers_left`` answers, it says 503 to everything, as an engine shutting down.
     """
 
     daemon_threads = True
 
-    def __init__(self) -> None:
+    def __init__(self, name: str = "a") -> None:
         super().__init__(("127.0.0.1", 0), _StandInHandler)
+        self.name = name  # in its tool call ids, to tell which server made a call
         self.requests: list[dict] = []  # {"path", "headers", "body"} in arrival order
         self.lock = threading.Lock()
+        self.flaky = False
+        self.answers_left: int | None = None
 
     def reply(self, body: dict) -> tuple[int, dict]:
         messages = body["messages"]
         prompt = next(m["content"] for m in reversed(messages) if m["role"] == "user")
-        if "FAIL" in prompt:
+        with self.lock:
+            if self.answers_left is not None:
+                if self.answers_left <= 0:
+                    return 503, _error("stand-in shutting down", "ServiceUnavailableError", 503)
+                self.answers_left -= 1
+        if "FAIL" in prompt or ("FLAKY" in prompt and self.flaky):
             return 500, _error("stand-in engine error", "InternalServerError", 500)
         if body["model"] != MODEL:
             return 404, _error(f"The model `{body['model']}` does not exist.", "NotFoundError", 404)
@@ -356,7 +365,7 @@ class StandInServer(ThreadingHTTPServer):
         if tool_call:
             message["tool_calls"] = [
                 {
-                    "id": f"chatcmpl-tool-{n}",
+                    "id": f"chatcmpl-tool-{self.name}{n}",
                     "type": "function",
                     "function": {"name": name, "arguments": json.dumps(arguments)},
                 }
@@ -420,16 +429,31 @@ class _StandInHandler(BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def stand_in(tmp_path):
-    server = StandInServer()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+def serve(tmp_path):
+    """Starts stand-in servers as replicas 0, 1, ... of service "policy" in namespace run1."""
     root = tmp_path / "registry"
-    Registry(root).publish(_entry(0, port=server.server_address[1]))
-    yield server, root
-    server.shutdown()
-    server.server_close()
-    thread.join()
+    running: list[tuple[StandInServer, threading.Thread]] = []
+
+    def start() -> StandInServer:
+        replica = len(running)
+        server = StandInServer(name=f"r{replica}-")
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        running.append((server, thread))
+        Registry(root).publish(_entry(replica, port=server.server_address[1]))
+        return server
+
+    yield start, root
+    for server, thread in running:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+@pytest.fixture
+def stand_in(serve):
+    start, root = serve
+    return start(), root
 
 
 def _read_jsonl(path: str) -> list[dict]:
@@ -462,7 +486,7 @@ def _collect_tasks(tmp_path: Path) -> Path:
 
 def test_collect_against_stand_in_server(tmp_path, stand_in, monkeypatch):
     server, root = stand_in
-    monkeypatch.setenv(rollouts.API_KEY_ENV, "sekrit")
+    monkeypatch.setenv(API_KEY_ENV, "sekrit")
     cfg = CollectorConfig(
         tasks=str(_collect_tasks(tmp_path)),
         output_dir=str(tmp_path / "out"),
@@ -550,14 +574,14 @@ def test_collect_against_stand_in_server(tmp_path, stand_in, monkeypatch):
 
 def test_collect_without_replica_fails_before_writing(tmp_path):
     cfg = CollectorConfig(output_dir=str(tmp_path / "out"), registry_root=str(tmp_path / "empty"))
-    with pytest.raises(NoEndpointError, match="no ready replica of service 'policy'"):
+    with pytest.raises(NoEndpointError, match="no usable replica of service 'policy'"):
         collect(cfg)
     assert not (tmp_path / "out").exists()
 
 
 def test_cli_prints_summary(tmp_path, stand_in, capsys, monkeypatch):
     _, root = stand_in
-    monkeypatch.delenv(rollouts.API_KEY_ENV, raising=False)
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
     tasks = _write_lines(tmp_path / "t.jsonl", [GOOD])
     code = rollouts.main(
         ["--tasks", str(tasks), "--output-dir", str(tmp_path / "o"), "--root", str(root), "--namespace", "run1"]
@@ -567,3 +591,163 @@ def test_cli_prints_summary(tmp_path, stand_in, capsys, monkeypatch):
     assert code == 0
     assert summary["rollouts_written"] == 3 and summary["failures"] == 0
     assert len(_read_jsonl(summary["rollouts_path"])) == 3
+
+
+# ---------------------------------------------------------------- failover and resuming
+
+
+def test_a_conversation_moves_off_a_replica_that_stops_answering(tmp_path, serve):
+    start, root = serve
+    dying, healthy = start(), start()
+    dying.answers_left = 1  # one first turn (a tool call), then 503 to everything
+    tasks = _write_lines(
+        tmp_path / "t.jsonl",
+        [_gym_task("calc", [_user("Use the calculator to compute 17 * 23.")], _number(391), tools=[FLAT_CALCULATOR])],
+    )
+    cfg = CollectorConfig(
+        tasks=str(tasks), output_dir=str(tmp_path / "out"), namespace="run1", registry_root=str(root),
+        num_repeats=8, max_concurrency=1,
+    )
+    summary = collect(cfg)
+
+    rows = _read_jsonl(summary.rollouts_path)
+    assert (summary.rollouts_written, summary.failures) == (8, 0)
+    assert {r["replica"] for r in rows} == {1}  # the replica that finished it
+    moved = [r for r in rows if r["messages"][1]["tool_calls"][0]["id"].startswith("chatcmpl-tool-r0-")]
+    assert len(moved) == 1  # begun on replica 0, finished on replica 1
+    assert moved[0]["reward"] == 1.0 and len(moved[0]["turns"]) == 2
+    assert any("chatcmpl-tool-r0-" in json.dumps(r["body"]["messages"]) for r in healthy.requests)
+    assert summary.replicas["0"]["failures"] >= 1 and summary.replicas["1"]["retries"] >= 1
+
+
+def _resumable(tmp_path: Path, root: Path, *extra: dict) -> CollectorConfig:
+    tool_params = {"tools": [FLAT_CALCULATOR], "tool_choice": "required"}
+    tasks = _write_lines(
+        tmp_path / "tasks.jsonl",
+        [
+            _gym_task("calc", [_user("Use the calculator to compute 17 * 23.")], _number(391), **tool_params),
+            _gym_task("text", [_user("What is 7 + 5?")], _number(12)),
+            _gym_task("wrong", "What is 2 + 2?", _number(4)),
+            *extra,
+        ],
+    )
+    return CollectorConfig(
+        tasks=str(tasks), output_dir=str(tmp_path / "out"), namespace="run1", registry_root=str(root),
+        num_repeats=2, max_concurrency=3,
+    )
+
+
+def _keys(path: str | Path) -> list[tuple[str, int]]:
+    return [(r["task_id"], r["repeat"]) for r in _read_jsonl(str(path))]
+
+
+ALL_SIX = sorted((t, r) for t in ("calc", "text", "wrong") for r in (0, 1))
+
+
+def test_a_rerun_skips_the_rows_already_written(tmp_path, stand_in):
+    server, root = stand_in
+    cfg = _resumable(tmp_path, root)
+    first = collect(cfg)
+    written = Path(first.rollouts_path).read_bytes()
+    asked = len(server.requests)
+
+    again = collect(cfg)
+    assert len(server.requests) == asked  # nothing sent
+    assert Path(again.rollouts_path).read_bytes() == written
+    assert (again.rollouts_written, again.rollouts_written_this_run, again.failures) == (6, 0, 0)
+    assert again.mean_reward == first.mean_reward  # over the rows of both runs
+
+
+@pytest.mark.parametrize(
+    "tear",
+    [
+        pytest.param(lambda line: line[: len(line) // 2], id="cut-mid-line"),
+        pytest.param(lambda line: line[:-1], id="whole-json-but-no-newline"),
+        pytest.param(lambda line: line[: len(line) // 2] + b"\n", id="newline-but-not-json"),
+    ],
+)
+def test_a_torn_last_line_is_truncated_and_its_rollout_redone(tmp_path, stand_in, tear, caplog):
+    _, root = stand_in
+    cfg = _resumable(tmp_path, root)
+    path = Path(collect(cfg).rollouts_path)
+    *whole, last = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join(whole) + tear(last))
+
+    again = collect(cfg)
+    assert "torn last line" in caplog.text
+    assert path.read_bytes().startswith(b"".join(whole))
+    keys = _keys(path)
+    assert sorted(keys) == ALL_SIX  # each once
+    assert keys[-1] == (json.loads(last)["task_id"], json.loads(last)["repeat"])
+    assert (again.rollouts_written, again.rollouts_written_this_run) == (6, 1)
+
+
+class _Crash(BaseException):
+    """Stands for SIGKILL: no ``except Exception`` in the collector catches it."""
+
+
+@pytest.mark.parametrize("point", ["before-write", "mid-write", "after-write"])
+def test_after_a_crash_at_any_point_a_rerun_writes_each_row_once(tmp_path, stand_in, monkeypatch, point):
+    _, root = stand_in
+    cfg = _resumable(tmp_path, root)
+    write = rollouts._JsonlAppender.write
+    rows_seen = []
+
+    def crashing_on_the_third_row(self, row: dict) -> None:
+        rows_seen.append(row)
+        if len(rows_seen) < 3:
+            return write(self, row)
+        if len(rows_seen) == 3:  # the crash; conversations that asyncio winds down after it write nothing
+            if point == "mid-write":
+                data = (json.dumps(row) + "\n").encode()
+                os.write(self.fd, data[: len(data) // 2])
+            elif point == "after-write":
+                write(self, row)
+        raise _Crash
+
+    monkeypatch.setattr(rollouts._JsonlAppender, "write", crashing_on_the_third_row)
+    with pytest.raises(_Crash):
+        collect(cfg)
+    monkeypatch.setattr(rollouts._JsonlAppender, "write", write)
+
+    again = collect(cfg)
+    assert sorted(_keys(again.rollouts_path)) == ALL_SIX
+    assert again.rollouts_written_this_run == (3 if point == "after-write" else 4)
+
+
+def test_failures_are_retried_by_the_next_run_and_listed_by_the_last(tmp_path, stand_in):
+    server, root = stand_in
+    cfg = _resumable(tmp_path, root, _gym_task("flaky", "FLAKY 1 + 1", _number(2)))
+    server.flaky = True
+    first = collect(cfg)
+    assert (first.rollouts_written, first.failures) == (6, 2)
+    assert sorted(_keys(first.failures_path)) == [("flaky", 0), ("flaky", 1)]
+
+    server.flaky = False
+    again = collect(cfg)
+    assert (again.rollouts_written, again.rollouts_written_this_run, again.failures) == (8, 2, 0)
+    assert sorted(_keys(again.rollouts_path)) == sorted([*ALL_SIX, ("flaky", 0), ("flaky", 1)])
+    assert Path(again.failures_path).read_text() == ""  # this run's failures: none
+
+
+def _retagged(line: bytes, **changes) -> bytes:
+    return (json.dumps({**json.loads(line), **changes}) + "\n").encode()
+
+
+@pytest.mark.parametrize(
+    "damage, fragment",
+    [
+        (lambda lines: [lines[0], b"not json\n", *lines[2:]], r"rollouts.jsonl:2 is not a rollout row"),
+        (lambda lines: [*lines, _retagged(lines[0], task_id="other")], r"task 'other', which the task file lacks"),
+    ],
+    ids=["damaged-line-before-the-last", "another-task-set"],
+)
+def test_an_output_that_a_crash_cannot_explain_is_refused_untouched(tmp_path, stand_in, damage, fragment):
+    _, root = stand_in
+    cfg = _resumable(tmp_path, root)
+    path = Path(collect(cfg).rollouts_path)
+    path.write_bytes(b"".join(damage(path.read_bytes().splitlines(keepends=True))))
+    damaged = path.read_bytes()
+    with pytest.raises(rollouts.OutputError, match=fragment):
+        collect(cfg)
+    assert path.read_bytes() == damaged
