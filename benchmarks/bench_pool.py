@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import json
 import math
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runnable as a script from a checkout
 
 from jobs.pool import EndpointPool  # noqa: E402
+from server.job import free_port
 from server.registry import Entry, Registry  # noqa: E402
 
 NAMESPACE, SERVICE = "bench", "policy"
@@ -74,14 +74,8 @@ class Comparison:
 # ---------------------------------------------------------------- server
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_standin(model: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
+    port = free_port("127.0.0.1")
     proc = subprocess.Popen(
         [sys.executable, "-m", "server.standin", "--host", "127.0.0.1", "--port", str(port), "--model", model],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,  # it logs every request

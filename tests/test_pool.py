@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +17,7 @@ import pytest
 
 import jobs.pool
 from jobs.pool import EndpointPool, NoEndpointError, ReplicaStats
+from server.job import free_port
 from server.registry import Entry, Registry
 from server.standin import ApiError, StandinServer
 
@@ -198,14 +198,8 @@ def test_stale_replica_is_not_picked(tmp_path, standins):
 # ---------------------------------------------------------------- failover
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_standin_process(seconds_per_token: float) -> tuple[subprocess.Popen, int]:
-    port = free_port()
+    port = free_port("127.0.0.1")
     proc = subprocess.Popen(
         [sys.executable, "-m", "server.standin", "--host", "127.0.0.1", "--port", str(port), "--model", MODEL,
          "--seconds-per-token", str(seconds_per_token)],
@@ -375,7 +369,7 @@ def test_empty_pool_gives_up_after_wait_s_and_says_why(tmp_path, standins):
 
 
 def test_unreachable_replica_and_nothing_else_raises_the_transport_error(tmp_path):
-    Registry(tmp_path).publish(entry(0, free_port()))  # nobody listens there
+    Registry(tmp_path).publish(entry(0, free_port("127.0.0.1")))  # nobody listens there
     pool = EndpointPool(SERVICE, NS, tmp_path, max_retries=0)
 
     async def post() -> None:
