@@ -20,7 +20,7 @@ from launcher import console as views
 from launcher import pools
 from launcher.executors import Resources, alive_job_ids, make_backend
 from launcher.pools import Pool, pool_lock, pool_namespace
-from launcher.readiness import ReplicaStatus, ServerFailed, wait_ready
+from launcher.readiness import ReplicaStatus, ServerFailed, death_report, wait_ready
 from launcher.spec import GENERATE_KEY, CommandJob, NoJob, RolloutsJob, RunSpec
 from server.job import ServerJob, log_tail, run as run_server
 from server.registry import Entry, Registry
@@ -258,11 +258,8 @@ class Run:
     def _check_servers_alive(self) -> None:
         for r in self.replicas:
             if self.backend.finished(r.job):
-                raise ServerFailed(
-                    f"server job {r.job.job_id} (replica {r.replica}) ended while in use: state "
-                    f"{self.backend.state(r.job)}\n--- job log tail:\n{self.backend.log_tail(r.job)}\n"
-                    f"--- engine log tail:\n{self._engine_log(r.replica)}"
-                )
+                state = self.backend.state(r.job)
+                raise ServerFailed(death_report(self.backend, r, state, self._engine_log, "while in use"))
 
     # ------------------------------------------------------------ teardown
 

@@ -49,7 +49,7 @@ def wait_ready(
         for status in list(pending):
             job_state = backend.state(status.job)
             if backend.finished(status.job):
-                raise ServerFailed(_death_report(backend, status, job_state, engine_log))
+                raise ServerFailed(death_report(backend, status, job_state, engine_log, "while starting"))
             if status.running_since is None and job_state == "RUNNING":
                 status.running_since = time.monotonic()
             entry = _entry(registry, namespace, service, status.replica)
@@ -83,10 +83,13 @@ def _entry(registry: Registry, namespace: str, service: str, replica: int) -> En
     return next((e for e in registry.entries(namespace, service) if e.replica == replica), None)
 
 
-def _death_report(backend: Backend, status: ReplicaStatus, job_state: str, engine_log: Callable[[int], str]) -> str:
+def death_report(
+    backend: Backend, status: ReplicaStatus, job_state: str, engine_log: Callable[[int], str], when: str
+) -> str:
+    """What a user needs when a server job ended: which, where, its state, and both log tails."""
     node = status.entry.node if status.entry else "?"
     return (
-        f"server job {status.job.job_id} (replica {status.replica}, node {node}) ended while starting: "
+        f"server job {status.job.job_id} (replica {status.replica}, node {node}) ended {when}: "
         f"state {job_state}\n"
         f"--- job log tail ({status.job.paths.stderr}):\n{backend.log_tail(status.job)}\n"
         f"--- engine log tail:\n{engine_log(status.replica)}"

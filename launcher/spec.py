@@ -103,16 +103,25 @@ class RegistrySpec:
 
 
 @dataclass
-class RolloutsJob:
+class _JobSubmission:
+    """The keys of a job config that say how to submit it, not what it does."""
+
+    timeout_min: int = 60
+    partition: Optional[str] = None
+    cpus_per_task: Optional[int] = None
+    mem_gb: Optional[float] = None
+
+
+_SUBMISSION_KEYS = tuple(f.name for f in dataclasses.fields(_JobSubmission))
+
+
+@dataclass(kw_only=True)
+class RolloutsJob(_JobSubmission):
     """``job=rollouts``: the built-in collector. Its settings are ``CollectorConfig``'s."""
 
     collector: CollectorConfig
     num_tasks: int  # read (and checked) from the task file before anything is submitted
     uses_tools: bool = False  # some task offers tools: readiness then checks tool calling
-    timeout_min: int = 60
-    partition: str | None = None  # Slurm: the collector needs no GPU; None: cluster.partition
-    cpus_per_task: int | None = None
-    mem_gb: float | None = None
     kind: str = "rollouts"
 
     @property
@@ -125,19 +134,6 @@ class NoJob:
     """``job=none``: serve only, until Ctrl-C."""
 
     kind: str = "none"
-
-
-@dataclass
-class _JobSubmission:
-    """The keys of a job config that say how to submit it, not what it does."""
-
-    timeout_min: int = 60
-    partition: Optional[str] = None
-    cpus_per_task: Optional[int] = None
-    mem_gb: Optional[float] = None
-
-
-_SUBMISSION_KEYS = tuple(f.name for f in dataclasses.fields(_JobSubmission))
 
 
 @dataclass
