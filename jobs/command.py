@@ -23,7 +23,6 @@ Imports nothing from launcher/.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import os
 import re
@@ -36,14 +35,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server.job import log_tail
-from server.registry import NAMESPACE_ENV, ROOT_ENV
+from server import process
+from server.registry import NAMESPACE_ENV, ROOT_ENV, Registry
 from server.templates import fill_command
 
-BASE_URLS_ENV = "POLICY_BASE_URLS"
-API_KEY_ENV = "POLICY_API_KEY"
-MODEL_ENV = "POLICY_MODEL_NAME"
-ENDPOINT_ENV = (BASE_URLS_ENV, API_KEY_ENV, MODEL_ENV, ROOT_ENV, NAMESPACE_ENV)
+POLICY_BASE_URLS_ENV = "POLICY_BASE_URLS"
+POLICY_API_KEY_ENV = "POLICY_API_KEY"
+POLICY_MODEL_ENV = "POLICY_MODEL_NAME"
+ENDPOINT_ENV = (POLICY_BASE_URLS_ENV, POLICY_API_KEY_ENV, POLICY_MODEL_ENV, ROOT_ENV, NAMESPACE_ENV)
 
 # What `job.command` may name. There is deliberately no {api_key}: argv shows in `ps` for every
 # user of the node; a program that only takes the key as an argument can read it through a shell:
@@ -61,14 +60,13 @@ GYM_OUTPUT = "gym_rollouts.jsonl"
 GYM_READY = re.compile(r"All \d+ / \d+ servers ready")
 # Gym resolves OmegaConf interpolations in its overrides: the key is read from ng_run's environment,
 # so the literal key never appears in an argv.
-GYM_API_KEY_OVERRIDE = "+policy_api_key=${oc.env:" + API_KEY_ENV + "}"
+GYM_API_KEY_OVERRIDE = "+policy_api_key=${oc.env:" + POLICY_API_KEY_ENV + "}"
 # Overrides the gym job writes itself; a user value would contradict them.
 GYM_OWNED_OVERRIDES = (
     "config_paths", "policy_base_url", "policy_api_key", "policy_model_name",
     "agent_name", "input_jsonl_fpath", "output_jsonl_fpath", "limit", "num_samples_in_parallel",
 )
 
-_PR_SET_PDEATHSIG = 1
 _POLL_S = 0.2
 
 
@@ -82,18 +80,18 @@ class Endpoints:
 
     service: str
     namespace: str
-    registry_root: str
+    registry: Registry
     base_urls: list[str]
     model: str
     api_key_file: str | None = None
 
     def environ(self) -> dict[str, str]:
         env = {
-            BASE_URLS_ENV: ",".join(self.base_urls), MODEL_ENV: self.model,
-            ROOT_ENV: self.registry_root, NAMESPACE_ENV: self.namespace,
+            POLICY_BASE_URLS_ENV: ",".join(self.base_urls), POLICY_MODEL_ENV: self.model,
+            ROOT_ENV: str(self.registry.root), NAMESPACE_ENV: self.namespace,
         }
         if self.api_key_file:
-            env[API_KEY_ENV] = Path(self.api_key_file).read_text().strip()
+            env[POLICY_API_KEY_ENV] = Path(self.api_key_file).read_text().strip()
         return env
 
 
@@ -273,19 +271,15 @@ class _Runner:
         if self.cfg.setup:
             # `exec "$@"`: the program replaces bash, so our signals reach it, and its argv needs no quoting.
             launch = ["bash", "-c", "set -e\n" + "\n".join(self.cfg.setup) + '\nexec "$@"', name, *argv]
-        with open(log, "ab") as f:
-            f.write(f"### {time.strftime('%F %T')} starting: {shlex.join(argv)}\n".encode())
-            f.flush()
-            try:
-                popen = subprocess.Popen(
-                    launch, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env,
-                    cwd=self.cfg.cwd or None, preexec_fn=lambda: _child_setup(stop_signal),
-                )
-            except OSError as e:  # not found, not executable, cwd missing
-                raise CommandFailed(f"{name}: cannot start {argv[0]!r}: {e}") from None
-        process = _Process(name, argv, log, popen, stop_signal)
-        self.started.append(process)
-        return process
+        try:
+            popen = process.start(
+                launch, log, self.env, cwd=self.cfg.cwd or None, death_signal=stop_signal, header=shlex.join(argv)
+            )
+        except OSError as e:  # not found, not executable, cwd missing
+            raise CommandFailed(f"{name}: cannot start {argv[0]!r}: {e}") from None
+        started = _Process(name, argv, log, popen, stop_signal)
+        self.started.append(started)
+        return started
 
     def check(self, p: _Process, hint: str = "") -> None:
         """Wait for ``p``; raise unless it exited 0."""
@@ -303,20 +297,13 @@ class _Runner:
                 raise CommandFailed(_exit_message(p, "it ended before its servers were ready"))
             if time.monotonic() > deadline:
                 raise CommandFailed(
-                    f"{p.name}: not ready after {timeout_s:g}s (job.startup_timeout_s); log {p.log}:\n{log_tail(p.log)}"
+                    f"{p.name}: not ready after {timeout_s:g}s (job.startup_timeout_s); "
+                    f"log {p.log}:\n{process.log_tail(p.log)}"
                 )
             time.sleep(_POLL_S)
 
     def stop(self, p: _Process) -> None:
-        """``p``'s stop signal to its whole group, SIGKILL to what is left after the grace period."""
-        if p.popen.poll() is None:
-            _signal_group(p.popen.pid, p.stop_signal)
-            try:
-                p.popen.wait(self.cfg.stop_grace_s)
-            except subprocess.TimeoutExpired:
-                pass
-        _signal_group(p.popen.pid, signal.SIGKILL)  # its own children share its group
-        p.popen.wait()
+        process.stop(p.popen, self.cfg.stop_grace_s, p.stop_signal)
 
     def _stop_if_requested(self) -> None:
         if self.stop_requested.is_set():
@@ -327,22 +314,7 @@ class _Runner:
 
 def _exit_message(p: _Process, hint: str) -> str:
     return (
-        f"{p.name} exited with code {p.popen.returncode}" + (f" ({hint})" if hint else "")
-        + f"; log {p.log}:\n{log_tail(p.log, lines=30)}"
+        f"{p.name} {process.exit_description(p.popen.returncode)}" + (f" ({hint})" if hint else "")
+        + f"; log {p.log}:\n{process.log_tail(p.log, lines=30)}"
     )
 
-
-def _child_setup(stop_signal: int) -> None:
-    # Own process group: stopping the program reaches its workers too. The kernel sends the stop
-    # signal if the job dies first. SIGINT back to default: local jobs are started with it ignored
-    # (launcher/executors.py), and ng_run shuts its servers down only on SIGINT.
-    os.setpgid(0, 0)
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, stop_signal)
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-def _signal_group(pid: int, sig: int) -> None:
-    try:
-        os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass

@@ -24,14 +24,11 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 
-# The registry's own reader (logs and skips files it cannot parse); the pool only decides when to call it.
-from server.registry import DEFAULT_TTL_S, Entry, Registry, read_entry
-
-API_KEY_ENV = "GYMLAUNCH_API_KEY"
+# The registry reads the files (and logs and skips those it cannot parse); the pool decides when.
+from server.registry import API_KEY_ENV, Entry, Registry, Scanned
 
 # Answers that say "this replica cannot take requests now" (a proxy without upstream, an engine
 # that is overloaded or shutting down) and carry no generation: safe to send elsewhere.
@@ -60,21 +57,12 @@ class ReplicaStats:
     in_flight: int = 0
 
 
-@dataclass(frozen=True)
-class _Parsed:
-    # inode, size, mtime, ctime: os.replace gives every write a new inode, so a rewrite is seen
-    # even where mtimes are coarse (NFS, some shared filesystems).
-    signature: tuple[int, int, int, int]
-    entry: Entry | None  # None: the file did not parse (already logged by the registry reader)
-
-
 class EndpointPool:
     def __init__(
         self,
         service: str,
         namespace: str | None = None,
-        root: str | Path | None = None,
-        ttl_s: float = DEFAULT_TTL_S,
+        registry: Registry | None = None,  # None: the default root and settings
         refresh_s: float = 2.0,
         *,
         max_retries: int = 3,
@@ -84,14 +72,14 @@ class EndpointPool:
     ) -> None:
         self.service = service
         self.namespace = namespace
-        self.registry = Registry(root, ttl_s=ttl_s)
+        self.registry = registry or Registry()
         self.refresh_s = refresh_s
         self.max_retries = max_retries
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
         self.wait_s = wait_s
         self._read_at = -math.inf
-        self._files: dict[str, _Parsed] = {}
+        self._files: dict[str, Scanned] = {}
         self._pinned: str | None = namespace  # without a namespace: the one found serving, kept from then on
         self._known: dict[int, Entry] = {}  # every entry of the service, whatever its state
         self._usable: dict[int, Entry] = {}  # ready, fresh, not ejected
@@ -231,11 +219,10 @@ class EndpointPool:
             self._read_at = now
 
     def _refresh(self) -> None:
-        root = self.registry.root
         namespaces = [self._pinned] if self._pinned else self.registry.namespaces()
-        files: dict[str, _Parsed] = {}
+        files: dict[str, Scanned] = {}
         for namespace in namespaces:
-            self._scan(root / namespace / self.service, files)
+            files.update(self.registry.scan(namespace, self.service, self._files))
         self._files = files
         entries = [p.entry for p in files.values() if p.entry is not None]
         now = time.time()
@@ -246,7 +233,7 @@ class EndpointPool:
                 # Two runs may serve different models under the same service name.
                 raise NoEndpointError(
                     f"service {self.service!r} is ready in several namespaces {serving} of registry "
-                    f"{root}: pass a namespace"
+                    f"{self.registry.root}: pass a namespace"
                 )
             # A collection must not drift to another run's servers later: keep the first one found.
             self._pinned = serving[0] if serving else None
@@ -263,30 +250,6 @@ class EndpointPool:
                     continue
                 del self._ejected[e.replica]  # it heartbeated after it failed: alive again
             self._usable[e.replica] = e
-
-    def _scan(self, folder: Path, into: dict[str, _Parsed]) -> None:
-        """Add ``folder``'s entries to ``into``, parsing only files whose signature changed.
-
-        Not keyed on the folder's mtime: every heartbeat replaces a file, so it changes anyway.
-        """
-        try:
-            listing = os.scandir(folder)
-        except (FileNotFoundError, NotADirectoryError):
-            return
-        with listing:
-            for item in listing:
-                if item.name.startswith(".") or not item.name.endswith(".json"):  # temp files are hidden
-                    continue
-                try:
-                    st = item.stat()
-                except FileNotFoundError:  # removed since the listing
-                    continue
-                signature = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-                parsed = self._files.get(item.path)
-                if parsed is None or parsed.signature != signature:
-                    # Stat before read: a file replaced in between is parsed again next time, never missed.
-                    parsed = _Parsed(signature, read_entry(Path(item.path)))
-                into[item.path] = parsed
 
     def _why_empty(self, waited_s: float) -> str:
         now = time.time()

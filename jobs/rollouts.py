@@ -31,12 +31,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import httpx
 
 from jobs import tools, verifiers
 from jobs.pool import EndpointPool, NoEndpointError
-from server.registry import DEFAULT_TTL_S, NAMESPACE_ENV, ROOT_ENV, Entry
+from server.registry import NAMESPACE_ENV, ROOT_ENV, Entry, Registry
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,7 @@ class CollectorConfig:
     tasks: str = DEMO_TASKS
     output_dir: str = "rollouts"
     namespace: str | None = None
-    registry_root: str | None = None
-    registry_ttl_s: float = DEFAULT_TTL_S
+    registry: Optional[Registry] = None  # None: the default root and settings
     num_repeats: int = 1
     max_concurrency: int = 16
     max_turns: int = 4  # model calls per conversation
@@ -237,7 +237,7 @@ def collect(cfg: CollectorConfig) -> CollectSummary:
     lines of one file plus lines of the other, as for a fresh run.
     """
     tasks = load_tasks(cfg.tasks)
-    pool = EndpointPool(cfg.service, cfg.namespace, cfg.registry_root, ttl_s=cfg.registry_ttl_s)
+    pool = EndpointPool(cfg.service, cfg.namespace, cfg.registry)
     model = served_model(pool)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -525,8 +525,8 @@ def _error_message(response: httpx.Response) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.rollouts", description=__doc__.split("\n")[0])
-    parser.add_argument("--service", default="policy", help="service name in the registry (default: policy)")
-    parser.add_argument("--tasks", default=DEMO_TASKS, help="task JSONL (default: the bundled demo tasks)")
+    parser.add_argument("--service", default=CollectorConfig.service, help="service name in the registry (default: %(default)s)")
+    parser.add_argument("--tasks", default=CollectorConfig.tasks, help="task JSONL (default: the bundled demo tasks)")
     parser.add_argument("--output-dir", required=True, help="where rollouts.jsonl and failures.jsonl go")
     parser.add_argument(
         "--namespace", default=os.environ.get(NAMESPACE_ENV), help=f"run namespace (default: ${NAMESPACE_ENV})"
@@ -534,8 +534,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--root", default=None, help=f"registry root (default: ${ROOT_ENV} or ~/.gymlaunch/registry)"
     )
-    parser.add_argument("--num-repeats", type=int, default=1, help="rollouts per task")
-    parser.add_argument("--max-concurrency", type=int, default=16, help="conversations in flight")
+    parser.add_argument("--num-repeats", type=int, default=CollectorConfig.num_repeats, help="rollouts per task")
+    parser.add_argument("--max-concurrency", type=int, default=CollectorConfig.max_concurrency, help="conversations in flight")
     parser.add_argument("--max-turns", type=int, default=CollectorConfig.max_turns, help="model calls per conversation")
     parser.add_argument("--temperature", type=float, default=SamplingParams.temperature)
     parser.add_argument("--max-tokens", type=int, default=SamplingParams.max_tokens, help="per model call")
@@ -546,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
         tasks=args.tasks,
         output_dir=args.output_dir,
         namespace=args.namespace or None,
-        registry_root=args.root,
+        registry=Registry(args.root),
         num_repeats=args.num_repeats,
         max_concurrency=args.max_concurrency,
         max_turns=args.max_turns,

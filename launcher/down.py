@@ -2,7 +2,11 @@
 
 RUN is a registry namespace, or a run name that prefixes exactly one
 namespace; SERVICE is a service name (its replicas in every namespace). Reads
-only the registry and the cluster, so it works after the launcher died.
+only the registry and the cluster, so it works after the launcher died. Job
+ids are handed to the backend of the cluster kind that recorded them (the
+namespace's job record, or each entry's ``cluster``); an id whose kind is
+unknown is refused, never guessed: a Slurm job id taken for a local pid would
+signal an unrelated process.
 """
 
 from __future__ import annotations
@@ -10,50 +14,67 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections import defaultdict
+from typing import Callable
 
-from launcher.executors import alive_job_ids, cancel_job_ids
-from server.registry import Registry
-from server.runs import recorded_jobs
+from launcher.executors import backend_class
+from server.registry import Entry, Registry
+
+
+class DownError(ValueError):
+    """What to stop cannot be told apart safely; the message says what and why."""
 
 
 def down_namespace(registry: Registry, namespace: str, wait_s: float) -> list[str]:
     """Cancel every job of ``namespace``, wait for them to end, remove the namespace."""
-    record = recorded_jobs(registry.root, namespace)
-    kind = record.kind if record else "local"
-    job_ids = sorted(set(record.job_ids if record else []) | {e.job_id for e in registry.entries(namespace)})
-    return _cancel_and_wait(registry, kind, job_ids, wait_s, after=lambda: registry.remove_namespace(namespace))
+    by_kind = _jobs_by_kind(registry.entries(namespace))
+    record = registry.recorded_jobs(namespace)
+    if record:
+        by_kind[record.kind].update(record.job_ids)
+    return _cancel_and_wait(by_kind, wait_s, after=lambda: registry.remove_namespace(namespace))
 
 
 def down_service(registry: Registry, service: str, wait_s: float) -> list[str]:
-    cancelled = []
-    for namespace in registry.namespaces():
-        entries = registry.entries(namespace, service)
-        if not entries:
+    """Cancel the jobs of ``service``'s replicas in every namespace and remove their entries."""
+    entries = registry.entries(service=service)
+
+    def remove() -> None:
+        for e in entries:
+            registry.remove(e.namespace, e.service, e.replica)
+
+    return _cancel_and_wait(_jobs_by_kind(entries), wait_s, after=remove)
+
+
+def _jobs_by_kind(entries: list[Entry]) -> defaultdict[str, set[str]]:
+    by_kind: defaultdict[str, set[str]] = defaultdict(set)
+    for e in entries:
+        if e.job_id.startswith("pid:"):  # a server started by hand, outside any job: nothing to cancel
             continue
-        record = recorded_jobs(registry.root, namespace)
+        if not e.cluster:
+            raise DownError(
+                f"replica {e.service}/{e.replica} of {e.namespace} names job {e.job_id} but not the cluster kind "
+                f"that runs it (an entry from an older gymlaunch): cancel it yourself (scancel, or kill its "
+                f"process), then remove {e.namespace} with python -m launcher.down again"
+            )
+        by_kind[e.cluster].add(e.job_id)
+    return by_kind
 
-        def remove(entries=entries) -> None:
-            for e in entries:
-                registry.remove(e.namespace, e.service, e.replica)
 
-        job_ids = sorted({e.job_id for e in entries})
-        cancelled += _cancel_and_wait(registry, record.kind if record else "local", job_ids, wait_s, after=remove)
-    return cancelled
-
-
-def _cancel_and_wait(registry: Registry, kind: str, job_ids: list[str], wait_s: float, after) -> list[str]:
-    job_ids = [j for j in job_ids if not j.startswith("pid:")]
-    cancel_job_ids(kind, job_ids)
+def _cancel_and_wait(by_kind: dict[str, set[str]], wait_s: float, after: Callable[[], object]) -> list[str]:
+    backends = {backend_class(kind): sorted(ids) for kind, ids in by_kind.items() if ids}
+    for backend, ids in backends.items():
+        backend.cancel_ids(ids)
     deadline = time.monotonic() + wait_s
-    while alive_job_ids(kind, job_ids) and time.monotonic() < deadline:
+    while any(b.alive_ids(ids) for b, ids in backends.items()) and time.monotonic() < deadline:
         time.sleep(0.5)
-    cancel_job_ids(kind, alive_job_ids(kind, job_ids), force=True)
+    for backend, ids in backends.items():
+        backend.cancel_ids(backend.alive_ids(ids), force=True)
     after()
-    return job_ids
+    return sorted(j for ids in backends.values() for j in ids)
 
 
 def resolve(registry: Registry, name: str) -> tuple[str, str]:
-    """``("namespace", ns)`` or ``("service", name)``; SystemExit when it names nothing or too much."""
+    """``("namespace", ns)`` or ``("service", name)``; ``DownError`` when it names nothing or too much."""
     namespaces = registry.namespaces()
     if name in namespaces:
         return "namespace", name
@@ -61,10 +82,17 @@ def resolve(registry: Registry, name: str) -> tuple[str, str]:
     if len(prefixed) == 1:
         return "namespace", prefixed[0]
     if len(prefixed) > 1:
-        raise SystemExit(f"{name!r} prefixes several runs {prefixed}: name one")
+        raise DownError(f"{name!r} prefixes several runs {prefixed}: name one")
     if registry.entries(service=name):
         return "service", name
-    raise SystemExit(f"no run or service {name!r} in {registry.root} (see python -m launcher.status)")
+    raise DownError(f"no run or service {name!r} in {registry.root} (see python -m launcher.status)")
+
+
+def down(registry: Registry, name: str, wait_s: float) -> tuple[str, str, list[str]]:
+    """Stop what ``name`` names; returns (what, resolved name, cancelled job ids)."""
+    what, resolved = resolve(registry, name)
+    stop = down_namespace if what == "namespace" else down_service
+    return what, resolved, stop(registry, resolved, wait_s)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,10 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", default=None, help="registry root (default: $GYMLAUNCH_REGISTRY_ROOT or ~/.gymlaunch/registry)")
     parser.add_argument("--wait", type=float, default=60.0, help="seconds to wait for jobs to stop before killing them")
     args = parser.parse_args(argv)
-    registry = Registry(args.root)
-    what, name = resolve(registry, args.name)
-    stop = down_namespace if what == "namespace" else down_service
-    job_ids = stop(registry, name, args.wait)
+    try:
+        what, name, job_ids = down(Registry(args.root), args.name, args.wait)
+    except DownError as e:
+        print(f"launcher.down: {e}", file=sys.stderr)
+        return 2
     print(f"{what} {name}: cancelled jobs {job_ids or 'none'}, entries removed")
     return 0
 

@@ -1,9 +1,11 @@
 """Submitit executors behind one small interface: submit, state, cancel, logs.
 
 ``LocalBackend`` runs jobs on this machine (submitit's local executor),
-``SlurmBackend`` submits them with sbatch. Both also act on bare job ids, so
-that ``launcher.down`` and runs joining a shared server pool can stop jobs
-another process submitted.
+``SlurmBackend`` submits them with sbatch; everything that differs between
+schedulers lives in these two classes. Both also act on bare job ids
+(``cancel_ids``, ``alive_ids``), so that ``launcher.down`` and runs joining a
+shared server pool can stop jobs another process submitted: they ask the
+backend of the kind that recorded the ids (``backend_class``), never guess.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any, Callable, Iterator, Sequence
 import submitit
 
 from launcher.spec import ClusterSpec
+from server.process import log_tail
 
 # Slurm states in which a job may still run; anything else is an end.
 _SLURM_ALIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED", "UNKNOWN"}
@@ -74,22 +77,41 @@ class Backend:
     def pending_reason(self, job: submitit.Job) -> str | None:
         return None
 
+    @classmethod
+    def cancel_ids(cls, job_ids: Sequence[str], force: bool = False) -> None:
+        """Stop jobs known only by id (submitted by this or another process): ask, or kill when ``force``."""
+        raise NotImplementedError
+
+    @classmethod
+    def alive_ids(cls, job_ids: Sequence[str]) -> list[str]:
+        """The ids of ``job_ids`` that may still run."""
+        raise NotImplementedError
+
     def cancel(self, job: submitit.Job) -> None:
-        job.cancel(check=False)
+        self.cancel_ids([str(job.job_id)])
 
     def force_cancel(self, job: submitit.Job) -> None:
-        job.cancel(check=False)
+        self.cancel_ids([str(job.job_id)], force=True)
+
+    def stop(self, jobs: Sequence[submitit.Job], grace_s: float, say: Callable[[str], None]) -> None:
+        """Ask ``jobs`` to stop, wait up to ``grace_s`` (+15 s), then kill what is left."""
+        for job in jobs:
+            if not self.finished(job):
+                self.cancel(job)
+        deadline = time.monotonic() + grace_s + 15
+        while any(not self.finished(j) for j in jobs) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        for job in jobs:
+            if not self.finished(job):
+                say(f"job {job.job_id} did not stop in time; killing it")
+                self.force_cancel(job)
 
     @staticmethod
     def log_tail(job: submitit.Job, lines: int = 30) -> str:
         """The end of the job's stderr (where tracebacks go), else stdout."""
         for path in (job.paths.stderr, job.paths.stdout):
-            try:
-                text = path.read_text(errors="replace").strip()
-            except FileNotFoundError:
-                continue
-            if text:
-                return "\n".join(text.splitlines()[-lines:])
+            if path.is_file() and path.stat().st_size:
+                return log_tail(path, lines)
         return f"(no log yet in {job.paths.folder})"
 
 
@@ -107,24 +129,37 @@ class LocalBackend(Backend):
 
     def state(self, job: submitit.Job) -> str:
         if getattr(job, "_process", None) is None:  # another process's job: all we have is its pid
-            return "RUNNING" if alive_job_ids(self.kind, [str(job.job_id)]) else "FINISHED"
+            return "RUNNING" if self.alive_ids([str(job.job_id)]) else "FINISHED"
         return job.state
 
     def finished(self, job: submitit.Job) -> bool:
         return self.state(job) != "RUNNING"
 
-    def cancel(self, job: submitit.Job) -> None:
-        """Ask the job to stop cleanly.
+    @classmethod
+    def cancel_ids(cls, job_ids: Sequence[str], force: bool = False) -> None:
+        """A local job's id is its controller's pid.
 
-        submitit's local ``cancel`` sends SIGINT to the job's controller, which
-        SIGKILLs the job one second later: too soon for a server to stop its
+        Not submitit's local ``cancel``: it sends SIGINT to the controller, which
+        SIGKILLs the job one second later, too soon for a server to stop its
         engine in order. SIGTERM is forwarded to the job by the controller,
         which then waits for it to exit.
         """
-        cancel_job_ids(self.kind, [str(job.job_id)])
+        for pid in _pids(job_ids):
+            try:
+                os.kill(pid, signal.SIGKILL if force else signal.SIGTERM)
+            except ProcessLookupError:
+                pass
 
-    def force_cancel(self, job: submitit.Job) -> None:
-        cancel_job_ids(self.kind, [str(job.job_id)], force=True)
+    @classmethod
+    def alive_ids(cls, job_ids: Sequence[str]) -> list[str]:
+        alive = []
+        for pid in _pids(job_ids):
+            try:
+                os.kill(pid, 0)
+                alive.append(str(pid))
+            except ProcessLookupError:
+                pass
+        return alive
 
 
 class SlurmBackend(Backend):
@@ -174,58 +209,42 @@ class SlurmBackend(Backend):
         ).stdout.split()
         return out[1] if len(out) == 2 and out[0] == "PENDING" else None
 
-    def cancel(self, job: submitit.Job) -> None:
-        cancel_job_ids(self.kind, [str(job.job_id)])
+    @classmethod
+    def cancel_ids(cls, job_ids: Sequence[str], force: bool = False) -> None:
+        """``scancel``: SIGTERM to the job, SIGKILL after the cluster's KillWait; ``--signal=KILL`` when forced."""
+        if job_ids:
+            cmd = ["scancel", *(["--signal=KILL", "--full"] if force else []), *job_ids]
+            subprocess.run(cmd, capture_output=True, text=True)
 
-    def force_cancel(self, job: submitit.Job) -> None:
-        cancel_job_ids(self.kind, [str(job.job_id)], force=True)
+    @classmethod
+    def alive_ids(cls, job_ids: Sequence[str]) -> list[str]:
+        if not job_ids:
+            return []
+        out = subprocess.run(
+            ["squeue", "-h", "-o", "%i %T", "-j", ",".join(job_ids)], capture_output=True, text=True
+        ).stdout
+        listed = {line.split()[0] for line in out.splitlines() if line.strip()}
+        return [j for j in job_ids if j in listed]
 
 
-BACKENDS = {"local": LocalBackend, "slurm": SlurmBackend}
+BACKENDS: dict[str, type[Backend]] = {"local": LocalBackend, "slurm": SlurmBackend}
 
 
 def make_backend(cluster: ClusterSpec, folder: Path) -> Backend:
     return BACKENDS[cluster.kind](cluster, folder)
 
 
-def cancel_job_ids(kind: str, job_ids: Sequence[str], force: bool = False) -> None:
-    """Stop jobs known only by id (submitted by this or another process).
-
-    Slurm: ``scancel`` (SIGTERM to the job, SIGKILL after the cluster's KillWait),
-    or ``--signal=KILL`` when forced. Local: a local job's id is its controller's
-    pid; SIGTERM is forwarded to the job, which stops its engine in order.
-    """
-    if not job_ids:
-        return
-    if kind == "slurm":
-        cmd = ["scancel", *(["--signal=KILL", "--full"] if force else []), *job_ids]
-        subprocess.run(cmd, capture_output=True, text=True)
-        return
-    for job_id in job_ids:
-        try:
-            os.kill(int(job_id), signal.SIGKILL if force else signal.SIGTERM)
-        except (ProcessLookupError, ValueError):
-            pass
+def backend_class(kind: str) -> type[Backend]:
+    """The backend that knows job ids recorded under ``kind``; refuses a kind it does not know."""
+    try:
+        return BACKENDS[kind]
+    except KeyError:
+        raise ValueError(f"unknown cluster kind {kind!r} (known: {sorted(BACKENDS)})") from None
 
 
-def alive_job_ids(kind: str, job_ids: Sequence[str]) -> list[str]:
-    """The ids of ``job_ids`` that may still run."""
-    if not job_ids:
-        return []
-    if kind == "slurm":
-        out = subprocess.run(
-            ["squeue", "-h", "-o", "%i %T", "-j", ",".join(job_ids)], capture_output=True, text=True
-        ).stdout
-        listed = {line.split()[0] for line in out.splitlines() if line.strip()}
-        return [j for j in job_ids if j in listed]
-    alive = []
-    for job_id in job_ids:
-        try:
-            os.kill(int(job_id), 0)
-            alive.append(job_id)
-        except (ProcessLookupError, ValueError):
-            pass
-    return alive
+def _pids(job_ids: Sequence[str]) -> list[int]:
+    """Local job ids as pids; anything else is not a local job and is never signalled."""
+    return [int(j) for j in job_ids if j.isdigit() and int(j) > 1]
 
 
 @contextmanager

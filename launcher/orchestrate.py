@@ -18,13 +18,13 @@ from jobs.command import Endpoints, GymConfig, run as run_command
 from jobs.rollouts import collect
 from launcher import console as views
 from launcher import pools
-from launcher.executors import Resources, alive_job_ids, make_backend
-from launcher.pools import Pool, pool_lock, pool_namespace
+from launcher.executors import Resources, make_backend
+from launcher.pools import ServerPool, pool_namespace
 from launcher.readiness import ReplicaStatus, ServerFailed, death_report, wait_ready
 from launcher.spec import GENERATE_KEY, CommandJob, NoJob, RolloutsJob, RunSpec
-from server.job import ServerJob, log_tail, run as run_server
-from server.registry import Entry, Registry
-from server.runs import JobRecord, OwnerHeartbeat, Owners, record_jobs, recorded_jobs
+from server.job import ServerJob, ServerSettings, run as run_server
+from server.process import log_tail
+from server.registry import Entry, JobRecord, OwnerHeartbeat
 from server.verify import CheckResult, readiness_checks
 
 _POLL_S = 0.5
@@ -51,10 +51,9 @@ class Run:
         self.run_id = f"{spec.run.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
         self.sweep_dir = sweep_dir
         self.namespace = pool_namespace(spec.run.name, sweep_dir, spec.server_hash()) if sweep_dir else self.run_id
-        self.registry = Registry(spec.registry.root, ttl_s=spec.registry.ttl_s)
+        self.registry = spec.registry
         self.backend = make_backend(spec.cluster, self.run_dir / "submitit")
-        self.owners = Owners(spec.registry.root, self.namespace)
-        self.pool: Pool | None = None
+        self.pool: ServerPool | None = None
         self.joined = False
         self.log_dir = self.run_dir / "logs"
         self.replicas: list[ReplicaStatus] = []
@@ -104,7 +103,7 @@ class Run:
         if self.sweep_dir is None:
             self._launch_pool()
         else:
-            with pool_lock(self.registry, self.namespace):
+            with self.registry.pool_lock(self.namespace):
                 self._join_pool() or self._launch_pool()
         self.replicas = [ReplicaStatus(replica=i, job=j) for i, j in enumerate(self.pool.jobs)]
         verb = "joined" if self.joined else "submitted"
@@ -113,22 +112,24 @@ class Run:
 
     def _join_pool(self) -> bool:
         """Use the sweep's live pool for this server configuration, if there is one."""
-        spec = self.spec
         pool = pools.kept(self.namespace)
         if pool is None:
-            record = recorded_jobs(spec.registry.root, self.namespace)
-            if not (record and alive_job_ids(record.kind, record.job_ids)
-                    and self.owners.alive(spec.registry.orphan_grace_s)):
+            record = self.registry.recorded_jobs(self.namespace)
+            # Joined only through the backend that recorded the jobs: another cluster's ids mean nothing here.
+            if not (record and record.kind == self.backend.kind and self.backend.alive_ids(record.job_ids)
+                    and self.registry.live_owners(self.namespace)):
                 self.registry.remove_namespace(self.namespace)  # whatever a dead pool left
                 return False
-            heartbeat = OwnerHeartbeat(self.owners, self.run_id, spec.registry.heartbeat_s).start()
+            heartbeat = self._owner_heartbeat()
             pool = self._pool(self.backend.jobs_from_ids(record.job_ids), heartbeat)
         self.pool, self.joined = pool, True
         return True
 
-    def _pool(self, jobs: list, heartbeat: OwnerHeartbeat) -> Pool:
-        s, r = self.spec.server, self.spec.registry
-        return Pool(self.namespace, self.registry, self.backend, jobs, heartbeat, s.stop_grace_s, r.orphan_grace_s)
+    def _pool(self, jobs: list, heartbeat: OwnerHeartbeat) -> ServerPool:
+        return ServerPool(self.namespace, self.registry, self.backend, jobs, heartbeat, self.spec.server.stop_grace_s)
+
+    def _owner_heartbeat(self) -> OwnerHeartbeat:
+        return self.registry.owner_heartbeat(self.namespace, self.run_id).start()
 
     def _launch_pool(self) -> None:
         spec = self.spec
@@ -137,27 +138,26 @@ class Run:
         elif spec.server.api_key is not None:
             self.api_key_file = str(Path(spec.server.api_key).expanduser().resolve())
         # Heartbeat first: server jobs that find no live owner stop themselves.
-        heartbeat = OwnerHeartbeat(self.owners, self.run_id, spec.registry.heartbeat_s).start()
+        heartbeat = self._owner_heartbeat()
         jobs = [self._server_job(i) for i in range(spec.server.replicas)]
         res = Resources(
             name=f"{spec.run.name}-{spec.server.service}", timeout_min=spec.cluster.timeout_min,
             gpus=spec.server.gpus_per_replica,
         )
         submitted = self.backend.submit_many(run_server, jobs, res)
-        record_jobs(spec.registry.root, self.namespace, JobRecord(
+        self.registry.record_jobs(self.namespace, JobRecord(
             kind=self.backend.kind, job_ids=[str(j.job_id) for j in submitted], server_hash=spec.server_hash(),
         ))
         self.pool = self._pool(submitted, heartbeat)
 
     def _server_job(self, replica: int) -> ServerJob:
-        s, m, c, r = self.spec.server, self.spec.model, self.spec.cluster, self.spec.registry
+        s, m, c = self.spec.server, self.spec.model, self.spec.cluster
+        settings = {f.name: getattr(s, f.name) for f in dataclasses.fields(ServerSettings)}
         return ServerJob(
-            namespace=self.namespace, service=s.service, replica=replica, engine=s.engine_spec(),
-            registry_root=r.root, log_dir=str(self.log_dir), model_path=m.path, embedded_model=m.embedded,
-            model_cache_dir=m.cache_dir, bind_host=c.bind_host, advertise_host=c.advertise_host, port=s.port,
-            heartbeat_s=r.heartbeat_s, startup_timeout_s=s.startup_timeout_s, stop_grace_s=s.stop_grace_s,
-            drain_grace_s=s.drain_grace_s, api_key_file=self.api_key_file, config_hash=self.spec.server_hash(),
-            orphan_grace_s=r.orphan_grace_s,
+            **settings, namespace=self.namespace, service=s.service, replica=replica, engine=s.engine_spec(),
+            registry=self.registry, log_dir=str(self.log_dir), cluster=self.backend.kind, model_path=m.path,
+            embedded_model=m.embedded, model_cache_dir=m.cache_dir, bind_host=c.bind_host,
+            advertise_host=c.advertise_host, api_key_file=self.api_key_file, config_hash=self.spec.server_hash(),
         )
 
     def _wait_ready(self) -> None:
@@ -181,8 +181,7 @@ class Run:
 
     def _run_rollouts(self, job: RolloutsJob) -> None:
         collector = dataclasses.replace(
-            job.collector, output_dir=str(self.run_dir), namespace=self.namespace,
-            registry_root=self.spec.registry.root, registry_ttl_s=self.spec.registry.ttl_s,
+            job.collector, output_dir=str(self.run_dir), namespace=self.namespace, registry=self.registry,
         )
         total = job.num_rollouts
         submitted = self._submit(collect, collector, job, "rollouts")
@@ -209,7 +208,7 @@ class Run:
         """Submit the program with the endpoints the readiness gate passed; its exit code is the run's."""
         entries = [r.entry for r in self.replicas if r.entry]
         endpoints = Endpoints(
-            service=self.spec.server.service, namespace=self.namespace, registry_root=self.spec.registry.root,
+            service=self.spec.server.service, namespace=self.namespace, registry=self.registry,
             base_urls=[e.base_url for e in entries], model=entries[0].model, api_key_file=entries[0].api_key_file,
         )
         process = dataclasses.replace(job.process, run_dir=str(self.run_dir), endpoints=endpoints)
@@ -269,7 +268,7 @@ class Run:
         job = self.spec.job
         # A program job stops its own programs first (job.stop_grace_s): do not kill it before that.
         grace_s = max(self.spec.server.stop_grace_s, job.process.stop_grace_s if isinstance(job, CommandJob) else 0)
-        pools.stop_jobs(self.backend, self.other_jobs, grace_s, say)
+        self.backend.stop(self.other_jobs, grace_s, say)
         self.other_jobs = []
         if self.pool is None:
             return

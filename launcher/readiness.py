@@ -52,7 +52,7 @@ def wait_ready(
                 raise ServerFailed(death_report(backend, status, job_state, engine_log, "while starting"))
             if status.running_since is None and job_state == "RUNNING":
                 status.running_since = time.monotonic()
-            entry = _entry(registry, namespace, service, status.replica)
+            entry = registry.entry(namespace, service, status.replica)
             status.entry = entry or status.entry
             reason = backend.pending_reason(status.job) if job_state == "PENDING" else None
             status.state = entry.state if entry else (f"PENDING ({reason})" if reason else job_state)
@@ -77,10 +77,6 @@ def wait_ready(
         on_update()
         if pending:
             time.sleep(_POLL_S)
-
-
-def _entry(registry: Registry, namespace: str, service: str, replica: int) -> Entry | None:
-    return next((e for e in registry.entries(namespace, service) if e.replica == replica), None)
 
 
 def death_report(

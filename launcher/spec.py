@@ -23,6 +23,7 @@ from jobs.rollouts import CollectorConfig, TaskFileError, load_tasks
 from launcher.nemo_rl import _CHAT_KWARGS, Policy, apply_policy
 from server.engines import BUILDERS, EngineSpec, build_launch, known_tool_parsers
 from server.models import EMBEDDED_MODELS
+from server.registry import Registry
 
 CHAT_TEMPLATES = Path(__file__).resolve().parent.parent / "server" / "chat_templates"
 TASK_SETS = Path(__file__).resolve().parent.parent / "jobs" / "tasks"
@@ -94,15 +95,6 @@ class ServerSpec(EngineSpec):
 
 
 @dataclass
-class RegistrySpec:
-    root: str = ""
-    heartbeat_s: float = 5.0
-    ttl_s: float = 30.0
-    # Servers stop when no run using them (launcher) has heartbeated for this long.
-    orphan_grace_s: float = 120.0
-
-
-@dataclass
 class _JobSubmission:
     """The keys of a job config that say how to submit it, not what it does."""
 
@@ -151,7 +143,7 @@ JOB_KINDS = ("none", "rollouts", *PROCESS_CONFIGS)
 JobSpec = RolloutsJob | CommandJob | NoJob
 # Filled in by the launcher for each run; a user value would be overwritten.
 _LAUNCHER_OWNED = {
-    "rollouts": ("output_dir", "namespace", "registry_root", "registry_ttl_s"),
+    "rollouts": ("output_dir", "namespace", "registry"),
     "command": ("run_dir", "endpoints"),
     "gym": ("run_dir", "endpoints"),
 }
@@ -163,7 +155,7 @@ class RunSpec:
     cluster: ClusterSpec = field(default_factory=ClusterSpec)
     model: ModelSpec = field(default_factory=ModelSpec)
     server: ServerSpec = field(default_factory=ServerSpec)
-    registry: RegistrySpec = field(default_factory=RegistrySpec)
+    registry: Registry = field(default_factory=Registry)
     policy: Optional[Policy] = None  # a NeMo RL policy block, translated into server.*
     job: Any = None  # RolloutsJob | CommandJob | NoJob, chosen by job.kind
 
@@ -337,16 +329,7 @@ def _check(spec: RunSpec) -> None:
     except SpecError as e:
         errors.append(str(e))
 
-    need(r.heartbeat_s > 0, f"registry.heartbeat_s: must be > 0, got {r.heartbeat_s}")
-    need(
-        r.ttl_s >= 2 * r.heartbeat_s,
-        f"registry.ttl_s: must be at least twice registry.heartbeat_s ({r.heartbeat_s}), got {r.ttl_s}",
-    )
-    need(bool(r.root), "registry.root: must not be empty")
-    need(
-        r.orphan_grace_s >= 2 * r.heartbeat_s,
-        f"registry.orphan_grace_s: must be at least twice registry.heartbeat_s, got {r.orphan_grace_s}",
-    )
+    r.validate(errors)
 
     if isinstance(spec.job, RolloutsJob):
         _check_collector(spec.job, s, need)

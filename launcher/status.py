@@ -13,19 +13,20 @@ import time
 from rich.console import Console
 from rich.table import Table
 
-from launcher.executors import alive_job_ids
-from server.registry import DEFAULT_TTL_S, Registry
-from server.runs import Owners, recorded_jobs
+from launcher.executors import backend_class
+from server.registry import Registry
 
 
-def status_table(registry: Registry, orphan_grace_s: float) -> Table:
+def status_table(registry: Registry) -> Table:
     table = Table("namespace", "runs alive", "jobs alive", "service", "replica", "state", "url", "job",
                   "heartbeat age", title=f"registry {registry.root}", title_justify="left")
     now = time.time()
     for namespace in registry.namespaces():
-        record = recorded_jobs(registry.root, namespace)
-        jobs = f"{len(alive_job_ids(record.kind, record.job_ids))}/{len(record.job_ids)} {record.kind}" if record else "?"
-        runs = str(len(Owners(registry.root, namespace).alive(orphan_grace_s, now)))
+        record = registry.recorded_jobs(namespace)
+        # Only the backend that recorded the ids may say whether they run; without a record: unknown.
+        jobs = (f"{len(backend_class(record.kind).alive_ids(record.job_ids))}/{len(record.job_ids)} {record.kind}"
+                if record else "?")
+        runs = str(len(registry.live_owners(namespace, now)))
         entries = registry.entries(namespace)
         if not entries:
             table.add_row(namespace, runs, jobs, "", "", "(no replica registered)", "", "", "")
@@ -39,11 +40,12 @@ def status_table(registry: Registry, orphan_grace_s: float) -> Table:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launcher.status", description=__doc__.split("\n")[0])
     parser.add_argument("--root", default=None, help="registry root (default: $GYMLAUNCH_REGISTRY_ROOT or ~/.gymlaunch/registry)")
-    parser.add_argument("--ttl", type=float, default=DEFAULT_TTL_S, help="heartbeat age after which an entry is stale")
-    parser.add_argument("--orphan-grace", type=float, default=120.0, help="owner heartbeat age after which a run is gone")
+    parser.add_argument("--ttl", type=float, default=Registry.ttl_s, help="heartbeat age after which an entry is stale")
+    parser.add_argument("--orphan-grace", type=float, default=Registry.orphan_grace_s,
+                        help="owner heartbeat age after which a run is gone")
     args = parser.parse_args(argv)
-    registry = Registry(args.root, ttl_s=args.ttl)
-    Console(width=None if sys.stdout.isatty() else 240).print(status_table(registry, args.orphan_grace))
+    registry = Registry(args.root, ttl_s=args.ttl, orphan_grace_s=args.orphan_grace)
+    Console(width=None if sys.stdout.isatty() else 240).print(status_table(registry))
     return 0
 
 

@@ -8,14 +8,13 @@ SIGUSR2 (Slurm's warning before the time limit, as submitit asks for it) drains
 first: the entry turns ``draining`` so clients start no new sessions on it, and
 in-flight requests get up to ``drain_grace_s`` to finish. The engine also gets
 SIGTERM from the kernel if this supervisor dies without cleaning up
-(``PR_SET_PDEATHSIG``): no orphaned GPU process.
+(``server.process``): no orphaned GPU process.
 
 Imports nothing from launcher/.
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
@@ -28,13 +27,12 @@ from pathlib import Path
 
 import httpx
 
+from server import process
 from server.engines import EngineLaunch, EngineSpec, build_launch, engine_version
 from server.registry import Entry, Registry
-from server.runs import Owners
 
 log = logging.getLogger(__name__)
 
-_PR_SET_PDEATHSIG = 1
 _PORT_ATTEMPTS = 3
 _DRAIN_POLL_S = 0.5
 # Prometheus gauges of requests an engine still owes an answer (SGLang's need --enable-metrics;
@@ -45,34 +43,36 @@ _IN_FLIGHT_METRICS = (
 
 
 @dataclass
-class ServerJob:
+class ServerSettings:
+    """How a replica is started, stopped and drained: ``server.*`` keys beside ``EngineSpec``'s."""
+
+    port: int | None = None  # None: any free port on the node
+    startup_timeout_s: float = 900.0  # from the job running to the engine answering its health route
+    stop_grace_s: float = 15.0  # SIGTERM to SIGKILL when stopping the engine
+    drain_grace_s: float = 60.0  # on Slurm's pre-timeout signal (USR2): time for in-flight requests
+
+
+@dataclass(kw_only=True)
+class ServerJob(ServerSettings):
     """Everything one replica needs; picklable, so it travels through submitit."""
 
     namespace: str
     service: str
     replica: int
     engine: EngineSpec
-    registry_root: str
+    registry: Registry  # where to publish, and the namespace's heartbeat and orphan rules
     log_dir: str
+    cluster: str = ""  # the cluster kind submitting the job (local | slurm), recorded in the entry
     model_path: str | None = None  # a local folder or a hub id the engine resolves
     embedded_model: str | None = None  # prepared on the node by server.models
     model_cache_dir: str | None = None
     bind_host: str = "127.0.0.1"
     advertise_host: str | None = None  # None: this node's hostname
-    port: int | None = None  # None: any free port
-    heartbeat_s: float = 5.0
-    startup_timeout_s: float = 900.0
-    stop_grace_s: float = 15.0
-    drain_grace_s: float = 60.0
     api_key_file: str | None = None  # None: the endpoint takes requests without a key
-    # Stop when no run using this namespace heartbeated for this long (None: never).
-    orphan_grace_s: float | None = None
     config_hash: str = ""
 
     def orphaned(self) -> bool:
-        if self.orphan_grace_s is None:
-            return False
-        return not Owners(self.registry_root, self.namespace).alive(self.orphan_grace_s)
+        return self.registry.orphaned(self.namespace)
 
     @property
     def engine_log(self) -> Path:
@@ -87,7 +87,7 @@ def run(job: ServerJob) -> None:
     """Serve until told to stop. Raises ``EngineFailed`` if the engine dies."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     signals = _Signals()
-    registry = Registry(job.registry_root)
+    registry = job.registry
     api_key = Path(job.api_key_file).read_text().strip() if job.api_key_file else None
     model_path = _resolve_model(job)
     Path(job.log_dir).mkdir(parents=True, exist_ok=True)
@@ -116,7 +116,7 @@ def run(job: ServerJob) -> None:
     finally:
         registry.remove(job.namespace, job.service, job.replica)
         if engine is not None:
-            stop_engine(engine, job.stop_grace_s)
+            process.stop(engine, job.stop_grace_s)
 
 
 class _Signals:
@@ -132,11 +132,11 @@ class _Signals:
 
 def _serve(job: ServerJob, engine: subprocess.Popen, entry: Entry, registry: Registry, signals: _Signals) -> None:
     drain_deadline = None
-    while not signals.stop.wait(_DRAIN_POLL_S if drain_deadline else job.heartbeat_s):
+    while not signals.stop.wait(_DRAIN_POLL_S if drain_deadline else registry.heartbeat_s):
         if engine.poll() is not None:
             raise EngineFailed(_died_message(job, engine))
         if job.orphaned():
-            log.warning("no run using %s heartbeated for %.0fs: stopping", job.namespace, job.orphan_grace_s)
+            log.warning("no run using %s heartbeated for %.0fs: stopping", job.namespace, registry.orphan_grace_s)
             return
         if signals.drain.is_set() and drain_deadline is None:
             log.info("draining: no new sessions, up to %.0fs for in-flight requests", job.drain_grace_s)
@@ -170,29 +170,6 @@ def free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def stop_engine(proc: subprocess.Popen, grace_s: float) -> None:
-    """SIGTERM the engine's process group, SIGKILL what is left after ``grace_s``."""
-    if proc.poll() is None:
-        _signal_group(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            log.warning("engine pid %d ignored SIGTERM for %.0fs; killing it", proc.pid, grace_s)
-    # The engine's own workers share its process group; reap stragglers too.
-    _signal_group(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
-def log_tail(path: Path, lines: int = 40) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 64 * 1024))
-            return "\n".join(f.read().decode(errors="replace").splitlines()[-lines:])
-    except FileNotFoundError:
-        return f"(no log at {path})"
-
-
 def _resolve_model(job: ServerJob) -> str:
     if job.embedded_model:
         from server.models import prepare
@@ -206,28 +183,7 @@ def _resolve_model(job: ServerJob) -> str:
 
 def _start_engine(job: ServerJob, launch: EngineLaunch) -> subprocess.Popen:
     env = {**os.environ, **job.engine.env, **launch.env}
-    log_file = open(job.engine_log, "ab")  # the child keeps its own descriptor
-    with log_file:
-        log_file.write(f"\n### {time.strftime('%F %T')} starting: {launch.loggable()}\n".encode())
-        log_file.flush()
-        return subprocess.Popen(
-            launch.argv, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-            preexec_fn=_engine_child_setup,
-        )
-
-
-def _engine_child_setup() -> None:
-    # Own process group: a terminal's Ctrl-C reaches the supervisor, which then
-    # stops the engine in order, and killpg reaches the engine's workers.
-    os.setpgid(0, 0)
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-def _signal_group(pid: int, sig: int) -> None:
-    try:
-        os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
+    return process.start(launch.argv, job.engine_log, env, header=launch.loggable())
 
 
 def _entry(job: ServerJob, port: int, engine_pid: int) -> Entry:
@@ -250,6 +206,7 @@ def _entry(job: ServerJob, port: int, engine_pid: int) -> Entry:
         heartbeat_at=now,
         config_hash=job.config_hash,
         api_key_file=job.api_key_file,
+        cluster=job.cluster,
     )
 
 
@@ -279,10 +236,10 @@ def _wait_healthy(
             if time.monotonic() > deadline:
                 raise EngineFailed(
                     f"engine not healthy after {job.startup_timeout_s:g}s (server.startup_timeout_s); "
-                    f"log {job.engine_log}:\n{log_tail(job.engine_log)}"
+                    f"log {job.engine_log}:\n{process.log_tail(job.engine_log)}"
                 )
             # Starting can take minutes (weights, compilation): keep the entry fresh meanwhile.
-            if time.monotonic() - last_beat >= job.heartbeat_s:
+            if time.monotonic() - last_beat >= registry.heartbeat_s:
                 if job.orphaned():
                     log.warning("no run using %s heartbeated while starting: stopping", job.namespace)
                     stop.set()
@@ -298,6 +255,6 @@ def _connect_host(bind_host: str) -> str:
 
 def _died_message(job: ServerJob, engine: subprocess.Popen) -> str:
     return (
-        f"engine of {job.service}/{job.replica} exited with code {engine.returncode}; "
-        f"log {job.engine_log}:\n{log_tail(job.engine_log)}"
+        f"engine of {job.service}/{job.replica} {process.exit_description(engine.returncode)}; "
+        f"log {job.engine_log}:\n{process.log_tail(job.engine_log)}"
     )

@@ -1,16 +1,28 @@
-"""The endpoint registry: one JSON file per server replica on a shared filesystem.
+"""The endpoint registry: the only code that knows its folders on the shared filesystem.
 
-Layout: ``<root>/<namespace>/<service>/<replica>.json``. A namespace is one run
-(or one shared server pool), a service is a named group of replicas (``policy``).
+::
+
+    <root>/                           registry.root ($GYMLAUNCH_REGISTRY_ROOT, ~/.gymlaunch/registry)
+      .<namespace>.lock               launch-or-join / let-go lock of a shared server pool
+      <namespace>/                    one run, or one pool shared by a sweep's points (mode 0700)
+        .api_key                      the namespace's API key (0600)
+        .jobs.json                    the cluster kind and the job ids serving it
+        .owners/<run id>              one file per launcher run using it, touched as its heartbeat
+        <service>/<replica>.json      one entry per replica (0600), what clients read
 
 Writers replace a file atomically (temp file + fsync + ``os.replace``), so a
-reader sees either the old or the new entry, never half of one. Readers take
-no lock: on shared filesystems locks are slow and sometimes broken, and a
-reader that meets a file it cannot parse skips it with a warning. An entry
-whose heartbeat is older than the TTL is not returned as ready: its server job
-may have died without removing it.
+reader sees either the old or the new file, never half of one. Readers take no
+lock: on shared filesystems locks are slow and sometimes broken, and a reader
+that meets a file it cannot parse skips it with a warning. An entry whose
+heartbeat is older than ``ttl_s`` is not handed out: its server job may have
+died without removing it. Server jobs stop themselves when no owner of their
+namespace heartbeated for ``orphan_grace_s`` (the launcher was killed, or its
+node was lost), so no GPU job outlives its runs by more than that.
 
-This module imports nothing from launcher/ so that any Gym job can use it.
+``Registry`` is also the schema of the config's ``registry:`` section: its
+settings are the namespace's rules (heartbeat, TTL, orphan grace) that every
+job of a run shares. This module imports nothing from launcher/ so that any
+Gym job can use it.
 """
 
 from __future__ import annotations
@@ -23,18 +35,25 @@ import os
 import secrets
 import shutil
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
+
+from server.cli import options_anywhere
 
 log = logging.getLogger(__name__)
 
 STATES = ("starting", "ready", "draining")
 ROOT_ENV = "GYMLAUNCH_REGISTRY_ROOT"
 NAMESPACE_ENV = "GYMLAUNCH_NAMESPACE"
-DEFAULT_TTL_S = 30.0
-API_KEY_FILE = ".api_key"  # per namespace; hidden so no listing takes it for a service
+# A key for clients to send where an entry names no key file (an endpoint run outside the registry).
+API_KEY_ENV = "GYMLAUNCH_API_KEY"
+# Hidden names: no listing of services takes them for one.
+_API_KEY_FILE = ".api_key"
+_JOBS_FILE = ".jobs.json"
+_OWNERS = ".owners"
 
 
 def default_root() -> Path:
@@ -64,6 +83,9 @@ class Entry:
     heartbeat_at: float = 0.0
     config_hash: str = ""
     api_key_file: str | None = None  # where the key lives (mode 0600); None: no key needed
+    # Which scheduler job_id belongs to (slurm | local), so that a stop never takes a Slurm job id
+    # for a local pid; "" when the server runs outside any job (by hand).
+    cluster: str = ""
 
     @property
     def base_url(self) -> str:
@@ -95,12 +117,52 @@ class Entry:
         return entry
 
 
-class Registry:
-    """Read and write entries below one root folder."""
+@dataclass
+class JobRecord:
+    """The jobs submitted for a namespace, so another process can stop them without the submitter."""
 
-    def __init__(self, root: str | Path | None = None, ttl_s: float = DEFAULT_TTL_S) -> None:
-        self.root = Path(root) if root is not None else default_root()
-        self.ttl_s = ttl_s
+    kind: str  # the cluster kind that knows these ids: local | slurm
+    job_ids: list[str]
+    server_hash: str = ""
+
+
+@dataclass(frozen=True)
+class Scanned:
+    """One entry file as a client last parsed it (``Registry.scan``)."""
+
+    # inode, size, mtime, ctime: os.replace gives every write a new inode, so a rewrite is seen
+    # even where mtimes are coarse (NFS, some shared filesystems).
+    signature: tuple[int, int, int, int]
+    entry: Entry | None  # None: the file did not parse (logged when read)
+
+
+@dataclass
+class Registry:
+    """Entries and namespace records below one root folder, and the rules a namespace's jobs share."""
+
+    root: Optional[Path] = None  # None: $GYMLAUNCH_REGISTRY_ROOT, else ~/.gymlaunch/registry
+    heartbeat_s: float = 5.0  # how often a server rewrites its entry (and a launcher its owner file)
+    ttl_s: float = 30.0  # an entry older than this is not handed out as ready
+    # Servers stop when no run using them heartbeated for this long; None: never (servers run by hand).
+    orphan_grace_s: Optional[float] = 120.0
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root).expanduser() if self.root else default_root()
+
+    def validate(self, errors: list[str]) -> None:
+        """Append what cannot work to ``errors``, naming the ``registry.*`` key."""
+        if self.heartbeat_s <= 0:
+            errors.append(f"registry.heartbeat_s: must be > 0, got {self.heartbeat_s}")
+        elif self.ttl_s < 2 * self.heartbeat_s:
+            errors.append(
+                f"registry.ttl_s: must be at least twice registry.heartbeat_s ({self.heartbeat_s}), got {self.ttl_s}"
+            )
+        if self.orphan_grace_s is not None and self.orphan_grace_s < 2 * self.heartbeat_s:
+            errors.append(
+                f"registry.orphan_grace_s: must be at least twice registry.heartbeat_s, got {self.orphan_grace_s}"
+            )
+
+    # ------------------------------------------------------------ entries
 
     def path(self, namespace: str, service: str, replica: int) -> Path:
         return self.root / namespace / service / f"{replica}.json"
@@ -108,18 +170,7 @@ class Registry:
     def publish(self, entry: Entry) -> Path:
         """Write (or replace) ``entry`` atomically."""
         target = self.path(entry.namespace, entry.service, entry.replica)
-        self._private_dirs(target.parent)
-        # Hidden temp name: readers only look at ``*.json``.
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        data = json.dumps(entry.to_json(), indent=1).encode()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        _write_atomic(target, json.dumps(entry.to_json(), indent=1).encode())
         return target
 
     def heartbeat(self, entry: Entry, state: str | None = None) -> Entry:
@@ -129,37 +180,6 @@ class Registry:
             entry.state = state
         self.publish(entry)
         return entry
-
-    def create_api_key(self, namespace: str) -> Path:
-        """A fresh random key for the namespace's endpoints, readable by this user only."""
-        path = self.root / namespace / API_KEY_FILE
-        self._private_dirs(path.parent)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, secrets.token_urlsafe(32).encode())
-        finally:
-            os.close(fd)
-        return path
-
-    def remove_namespace(self, namespace: str) -> int:
-        """Remove ``namespace`` whole (entries, key, run records); returns how many entries were left."""
-        entries = self.entries(namespace)
-        for e in entries:
-            self.remove(e.namespace, e.service, e.replica)
-        shutil.rmtree(self.root / namespace, ignore_errors=True)
-        return len(entries)
-
-    def _private_dirs(self, folder: Path) -> None:
-        """Create ``folder`` and its missing parents as 0700: entries point at keys."""
-        missing = []
-        while not folder.is_dir():
-            missing.append(folder)
-            folder = folder.parent
-        for d in reversed(missing):
-            try:
-                d.mkdir(mode=0o700)
-            except FileExistsError:  # another writer made it first
-                pass
 
     def remove(self, namespace: str, service: str, replica: int) -> bool:
         path = self.path(namespace, service, replica)
@@ -179,19 +199,13 @@ class Registry:
                 out.append(entry)
         return sorted(out, key=lambda e: (e.namespace, e.service, e.replica))
 
+    def entry(self, namespace: str, service: str, replica: int) -> Entry | None:
+        return read_entry(self.path(namespace, service, replica))
+
     def ready(self, service: str, namespace: str | None = None) -> list[Entry]:
         """Entries that a client may send new work to: ``ready`` and heartbeating."""
         now = time.time()
-        return [
-            e
-            for e in self.entries(namespace, service)
-            if e.state == "ready" and e.is_fresh(self.ttl_s, now)
-        ]
-
-    def namespaces(self) -> list[str]:
-        if not self.root.is_dir():
-            return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        return [e for e in self.entries(namespace, service) if e.state == "ready" and e.is_fresh(self.ttl_s, now)]
 
     def wait(
         self, service: str, count: int, timeout_s: float, namespace: str | None = None, poll_s: float = 0.5
@@ -209,6 +223,106 @@ class Registry:
                 )
             time.sleep(poll_s)
 
+    def scan(self, namespace: str, service: str, previous: dict[str, Scanned]) -> dict[str, Scanned]:
+        """The service's entry files, parsing only those whose signature changed since ``previous``.
+
+        For clients that look often (a pool asks once per request): re-reading every file of a
+        shared filesystem that often would be slow. Not keyed on the folder's mtime: every
+        heartbeat replaces a file, so it changes anyway.
+        """
+        found: dict[str, Scanned] = {}
+        try:
+            listing = os.scandir(self.root / namespace / service)
+        except (FileNotFoundError, NotADirectoryError):
+            return found
+        with listing:
+            for item in listing:
+                if item.name.startswith(".") or not item.name.endswith(".json"):  # temp files are hidden
+                    continue
+                try:
+                    st = item.stat()
+                except FileNotFoundError:  # removed since the listing
+                    continue
+                signature = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+                scanned = previous.get(item.path)
+                if scanned is None or scanned.signature != signature:
+                    # Stat before read: a file replaced in between is parsed again next time, never missed.
+                    scanned = Scanned(signature, read_entry(Path(item.path)))
+                found[item.path] = scanned
+        return found
+
+    # ------------------------------------------------------------ namespaces
+
+    def namespaces(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def remove_namespace(self, namespace: str) -> int:
+        """Remove ``namespace`` whole (entries, key, run records); returns how many entries were left."""
+        entries = self.entries(namespace)
+        for e in entries:
+            self.remove(e.namespace, e.service, e.replica)
+        shutil.rmtree(self.root / namespace, ignore_errors=True)
+        return len(entries)
+
+    def create_api_key(self, namespace: str) -> Path:
+        """A fresh random key for the namespace's endpoints, readable by this user only."""
+        path = self.root / namespace / _API_KEY_FILE
+        _write_atomic(path, secrets.token_urlsafe(32).encode())
+        return path
+
+    def record_jobs(self, namespace: str, record: JobRecord) -> None:
+        _write_atomic(self.root / namespace / _JOBS_FILE, json.dumps(dataclasses.asdict(record)).encode())
+
+    def recorded_jobs(self, namespace: str) -> JobRecord | None:
+        try:
+            return JobRecord(**json.loads((self.root / namespace / _JOBS_FILE).read_text()))
+        except (FileNotFoundError, ValueError, TypeError):
+            return None
+
+    def pool_lock(self, namespace: str):
+        """The lock that makes launch-or-join and let-go of a shared pool one step each."""
+        from filelock import FileLock  # only launchers lock; Gym jobs importing this module need not have it
+
+        _private_dirs(self.root)
+        return FileLock(str(self.root / f".{namespace}.lock"))
+
+    # ------------------------------------------------------------ owners
+
+    def touch_owner(self, namespace: str, run_id: str) -> None:
+        folder = self.root / namespace / _OWNERS
+        _private_dirs(folder)
+        (folder / run_id).touch()
+
+    def remove_owner(self, namespace: str, run_id: str) -> None:
+        (self.root / namespace / _OWNERS / run_id).unlink(missing_ok=True)
+
+    def live_owners(self, namespace: str, now: float | None = None) -> list[str]:
+        """Runs using ``namespace`` whose heartbeat is younger than ``orphan_grace_s``."""
+        now = time.time() if now is None else now
+        grace_s = self.orphan_grace_s if self.orphan_grace_s is not None else float("inf")
+        alive = []
+        try:
+            for path in (self.root / namespace / _OWNERS).iterdir():
+                try:
+                    if now - path.stat().st_mtime <= grace_s:
+                        alive.append(path.name)
+                except FileNotFoundError:
+                    continue
+        except FileNotFoundError:
+            return []
+        return sorted(alive)
+
+    def orphaned(self, namespace: str) -> bool:
+        """No run has used ``namespace`` for ``orphan_grace_s``: its servers should stop."""
+        return self.orphan_grace_s is not None and not self.live_owners(namespace)
+
+    def owner_heartbeat(self, namespace: str, run_id: str) -> "OwnerHeartbeat":
+        return OwnerHeartbeat(self, namespace, run_id)
+
+    # ------------------------------------------------------------ helpers
+
     def _files(self, namespace: str | None, service: str | None) -> Iterator[Path]:
         namespaces = [namespace] if namespace else self.namespaces()
         for ns in namespaces:
@@ -220,6 +334,33 @@ class Registry:
                     yield from svc_dir.glob("*.json")
 
 
+class OwnerHeartbeat:
+    """Touches a run's owner file from a daemon thread until stopped."""
+
+    def __init__(self, registry: Registry, namespace: str, run_id: str) -> None:
+        self.registry, self.namespace, self.run_id = registry, namespace, run_id
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"owner-heartbeat-{run_id}", daemon=True)
+
+    def start(self) -> "OwnerHeartbeat":
+        self.registry.touch_owner(self.namespace, self.run_id)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop beating and remove the owner file: this run no longer uses the namespace."""
+        self._stop.set()
+        self._thread.join()
+        self.registry.remove_owner(self.namespace, self.run_id)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.registry.heartbeat_s):
+            try:
+                self.registry.touch_owner(self.namespace, self.run_id)
+            except OSError:  # a hiccup of the shared filesystem: the next beat may work
+                pass
+
+
 def read_entry(path: Path) -> Entry | None:
     """The entry in ``path``; None (with a warning) if it cannot be parsed, None if it is gone."""
     try:
@@ -229,6 +370,34 @@ def read_entry(path: Path) -> Entry | None:
     except (OSError, ValueError, TypeError) as e:
         log.warning("skipping unreadable registry entry %s: %s", path, e)
         return None
+
+
+def _write_atomic(target: Path, data: bytes) -> None:
+    """Replace ``target`` with ``data`` (mode 0600): readers see the old file or the new one, whole."""
+    _private_dirs(target.parent)
+    # Hidden temp name: readers only look at visible ``*.json`` files.
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, target)
+    _fsync_dir(target.parent)
+
+
+def _private_dirs(folder: Path) -> None:
+    """Create ``folder`` and its missing parents as 0700: entries point at keys."""
+    missing = []
+    while not folder.is_dir():
+        missing.append(folder)
+        folder = folder.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir(mode=0o700)
+        except FileExistsError:  # another writer made it first
+            pass
 
 
 def _subdirs(folder: Path) -> list[str]:
@@ -263,19 +432,27 @@ def _prune_empty(folder: Path, stop: Path) -> None:
         folder = folder.parent
 
 
-# ---------------------------------------------------------------- CLI
+# ---------------------------------------------------------------- library functions behind the CLI
 
 
-def _resolve_namespace(registry: Registry, service: str, namespace: str | None) -> str:
+def resolve_namespace(registry: Registry, service: str, namespace: str | None) -> str | None:
+    """``namespace``, or the only namespace serving ``service``; ``ValueError`` when several do."""
     if namespace:
         return namespace
     owners = sorted({e.namespace for e in registry.entries(service=service)})
     if len(owners) > 1:
-        raise SystemExit(
-            f"service {service!r} exists in several namespaces {owners}: pass --namespace "
-            f"(or set {NAMESPACE_ENV})"
+        raise ValueError(
+            f"service {service!r} exists in several namespaces {owners}: pass --namespace (or set {NAMESPACE_ENV})"
         )
-    return owners[0] if owners else ""
+    return owners[0] if owners else None
+
+
+def urls(registry: Registry, service: str, namespace: str | None) -> list[str]:
+    """Base URLs of the ready replicas of ``service``."""
+    return [e.base_url for e in registry.ready(service, resolve_namespace(registry, service, namespace))]
+
+
+# ---------------------------------------------------------------- CLI
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -284,35 +461,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--namespace", default=os.environ.get(NAMESPACE_ENV), help=f"run namespace (default: ${NAMESPACE_ENV})"
     )
-    parser.add_argument("--ttl", type=float, default=DEFAULT_TTL_S, help="heartbeat age (s) after which an entry is stale")
+    parser.add_argument("--ttl", type=float, default=Registry.ttl_s, help="heartbeat age (s) after which an entry is stale")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="every entry, as a table")
-    urls = sub.add_parser("urls", help="comma-separated base URLs of a service's ready replicas")
-    urls.add_argument("service")
+    sub.add_parser("urls", help="comma-separated base URLs of a service's ready replicas").add_argument("service")
     wait = sub.add_parser("wait", help="block until COUNT replicas of SERVICE are ready")
     wait.add_argument("service")
     wait.add_argument("--count", type=int, default=1)
     wait.add_argument("--timeout", type=float, default=600.0)
+    options_anywhere(parser, sub)
     args = parser.parse_args(argv)
 
     registry = Registry(args.root, ttl_s=args.ttl)
     if args.command == "list":
         _print_table(registry.entries(args.namespace), registry.ttl_s)
         return 0
-    namespace = _resolve_namespace(registry, args.service, args.namespace)
-    if args.command == "urls":
-        ready = registry.ready(args.service, namespace or None)
-        if not ready:
-            print(f"no ready replica of service {args.service!r} in {registry.root}", file=sys.stderr)
-            return 1
-        print(",".join(e.base_url for e in ready))
-        return 0
     try:
-        ready = registry.wait(args.service, args.count, args.timeout, namespace or None)
-    except TimeoutError as e:
+        if args.command == "urls":
+            found = urls(registry, args.service, args.namespace)
+            if not found:
+                print(f"no ready replica of service {args.service!r} in {registry.root}", file=sys.stderr)
+                return 1
+        else:
+            namespace = resolve_namespace(registry, args.service, args.namespace)
+            found = [e.base_url for e in registry.wait(args.service, args.count, args.timeout, namespace)]
+    except (ValueError, TimeoutError) as e:
         print(str(e), file=sys.stderr)
         return 1
-    print(",".join(e.base_url for e in ready))
+    print(",".join(found))
     return 0
 
 

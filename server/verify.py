@@ -34,7 +34,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-API_KEY_ENV = "GYMLAUNCH_API_KEY"
+from server.registry import API_KEY_ENV
+
 
 _PROMPT = "What is the weather in Paris?"
 _TOOL_NAME = "get_weather"

@@ -1,0 +1,114 @@
+"""Child processes of a job: the one place that starts, signals and stops them.
+
+A job's programs (an engine, NeMo Gym's servers, a user's command) run as
+children of the job, never detached: the cluster's process tracking and our
+signals must reach them. Each starts in its own process group, so stopping it
+reaches the workers it forks, and with a parent-death signal, so the kernel
+stops it if the job dies without cleaning up: no orphaned GPU process.
+
+Imports nothing from launcher/.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Mapping
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+_TAIL_BYTES = 64 * 1024
+
+
+def start(
+    argv: list[str], log_path: Path, env: Mapping[str, str], *, cwd: str | None = None,
+    death_signal: int = signal.SIGTERM, header: str | None = None,
+) -> subprocess.Popen:
+    """Start ``argv`` as a child in its own process group, its output appended to ``log_path``.
+
+    ``header`` (default: the argv) is written to the log first; pass a masked command line when
+    the argv holds a secret. Raises ``OSError`` when the program cannot be started.
+    """
+    with open(log_path, "ab") as f:  # the child keeps its own descriptor
+        f.write(f"\n### {time.strftime('%F %T')} starting: {header or ' '.join(argv)}\n".encode())
+        f.flush()
+        return subprocess.Popen(
+            argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=dict(env), cwd=cwd,
+            preexec_fn=lambda: _child_setup(death_signal),
+        )
+
+
+def _child_setup(death_signal: int) -> None:
+    # Own process group: a terminal's Ctrl-C reaches the job, which then stops the program in
+    # order, and killpg reaches the program's workers. The kernel sends ``death_signal`` if the job
+    # dies first. SIGINT back to default: local jobs are started with it ignored
+    # (launcher/executors.py), and some programs (ng_run) shut down only on SIGINT.
+    os.setpgid(0, 0)
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, death_signal)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def signal_group(pid: int, sig: int) -> None:
+    """``sig`` to the process group led by ``pid``; nothing if it is gone."""
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def stop(proc: subprocess.Popen, grace_s: float, stop_signal: int = signal.SIGTERM) -> None:
+    """``stop_signal`` to the child's group, SIGKILL to what is left after ``grace_s``; reaps it."""
+    if proc.poll() is None:
+        signal_group(proc.pid, stop_signal)
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            log.warning("pid %d ignored %s for %.0fs; killing it", proc.pid, signal.Signals(stop_signal).name, grace_s)
+    # The child's own workers share its group: reap stragglers too.
+    signal_group(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def kill_when_alive(pid: int, group: bool, wait_s: float = 10.0) -> None:
+    """Last resort for a process (or group) another job should have stopped: wait, then SIGKILL."""
+    kill = os.killpg if group else os.kill
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            kill(pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        time.sleep(0.2)
+    try:
+        kill(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def exit_description(returncode: int) -> str:
+    """``exited with code 1`` or ``killed by signal 9 (SIGKILL)``: what a report says of an exit."""
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = "?"
+        return f"killed by signal {-returncode} ({name})"
+    return f"exited with code {returncode}"
+
+
+def log_tail(path: Path, lines: int = 40) -> str:
+    """The last ``lines`` lines of a log (reading at most its last 64 KiB)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - _TAIL_BYTES))
+            text = f.read().decode(errors="replace").strip()
+    except FileNotFoundError:
+        return f"(no log at {path})"
+    return "\n".join(text.splitlines()[-lines:]) if text else f"(empty log {path})"
