@@ -1,0 +1,24 @@
+"""Fixtures every test module may use."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.standin import Faults, StandIn
+from tests.support import MODEL
+
+
+@pytest.fixture
+def standins():
+    """``start(count, api_key=None, **faults)``: that many stand-in servers (server/standin.py)
+    on threads, serving MODEL, each with its own ``Faults(**faults)``; all stopped at the end."""
+    started: list[StandIn] = []
+
+    def start(count: int = 1, api_key: str | None = None, **faults) -> list[StandIn]:
+        servers = [StandIn(model=MODEL, api_key=api_key, faults=Faults(**faults)).start() for _ in range(count)]
+        started.extend(servers)
+        return servers
+
+    yield start
+    for server in started:
+        server.stop()
