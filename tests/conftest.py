@@ -1,11 +1,22 @@
-"""Fixtures every test module may use."""
+"""Fixtures every test module may use, and the ``integration`` marker: every test under
+tests/integration/ gets it here, so ``pytest -m "not integration"`` runs the quick tests only."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
 from server.standin import Faults, StandIn
 from tests.support import MODEL
+
+INTEGRATION = Path(__file__).resolve().parent / "integration"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if INTEGRATION in item.path.parents:
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture
