@@ -19,7 +19,6 @@ import asyncio
 import json
 import math
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runnable as a script from a checkout
 
 from jobs.pool import EndpointPool  # noqa: E402
-from server.job import free_port
+from server import standin  # noqa: E402
 from server.registry import Entry, Registry  # noqa: E402
 
 NAMESPACE, SERVICE = "bench", "policy"
@@ -72,27 +71,6 @@ class Comparison:
 
 
 # ---------------------------------------------------------------- server
-
-
-def start_standin(model: str) -> tuple[subprocess.Popen, str]:
-    port = free_port("127.0.0.1")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "server.standin", "--host", "127.0.0.1", "--port", str(port), "--model", model],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,  # it logs every request
-    )
-    deadline = time.monotonic() + 30
-    while True:
-        if proc.poll() is not None:
-            raise SystemExit(f"the stand-in exited with {proc.returncode} before answering /health")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1, trust_env=False).status_code == 200:
-                return proc, f"http://127.0.0.1:{port}/v1"
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise SystemExit(f"the stand-in on port {port} did not answer /health within 30 s")
-        time.sleep(0.05)
 
 
 def register(root: Path, base_url: str, model: str, api_key_file: str | None) -> Entry:
@@ -237,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
 
     proc = None
     if args.base_url is None:
-        proc, args.base_url = start_standin(args.model)
+        proc, port = standin.start_process(args.model)  # a process of its own: it does not share our GIL
+        args.base_url = f"http://127.0.0.1:{port}/v1"
     try:
         with tempfile.TemporaryDirectory(prefix="bench-pool-") as root:
             entry = register(Path(root), args.base_url, args.model, args.api_key_file)

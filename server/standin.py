@@ -2,25 +2,36 @@
 
 It is NOT an engine. It exists so that tests and demos can drive the whole server-job
 lifecycle (start, health, registry, API key, shutdown) and a Gym client's requests on a
-machine without a GPU or vLLM, as ``server=openai_command``:
+machine without a GPU or vLLM. As a process (``server=openai_command``):
 
     python -m server.standin --host 127.0.0.1 --port 8000 --model NAME [--health-path /healthz]
+                             [--seconds-per-token S]
+
+``--port 0`` takes a free port; the first line it prints names it. In a test, on a thread:
+
+    with StandIn(model="m") as server:  # server.port, server.base_url, server.requests
+        server.faults.status = 503       # switches are read per request
 
 Routes, in vLLM's shapes:
-- ``GET <health path>``: 200 once serving.
+- ``GET <health path>``: 200 once serving. ``GET /metrics``: vLLM's in-flight gauges.
 - ``GET /v1/models``: lists NAME.
-- ``POST /v1/chat/completions``: a deterministic echo of the last message, with
-  ``prompt_token_ids`` and ``choices[0].token_ids`` when ``return_token_ids`` is set and
-  ``logprobs.content`` (with ``top_logprobs``) when ``logprobs`` is set. With ``tools`` and
-  ``tool_choice`` ``"required"`` or a named function it answers one parsed ``tool_calls`` entry
-  whose arguments fill the function's JSON schema; under ``"auto"`` it never calls a tool, so
-  a tool-using conversation ends after the forced turn.
-- ``POST /tokenize``: ``{"prompt": ...}`` or ``{"messages": ...}``.
+- ``POST /v1/chat/completions``: what "the model" writes (below), with ``prompt_token_ids`` and
+  ``choices[0].token_ids`` when ``return_token_ids`` is set and ``logprobs.content`` (with
+  ``top_logprobs``) when ``logprobs`` is set. When the request offers ``tools``, the engine's
+  tool parser (hermes by default) reads calls out of that text into ``tool_calls``, as vLLM's
+  does. A ``structured_outputs.choice`` pins the text to its first choice.
+- ``POST /tokenize`` (``{"prompt": ...}`` or ``{"messages": ...}``) and ``POST /detokenize``.
 
-Tokens are UTF-8 bytes (token id = byte value) and prompts are rendered as ChatML, so token
-IDs are consistent between ``/tokenize`` and chat completions. When ``$OPENAI_API_KEY`` is
-set, ``/v1/*`` needs ``Authorization: Bearer <key>`` (401 otherwise), as vLLM's ``--api-key``
-guards ``/v1`` only. SIGTERM or SIGINT stop it cleanly with exit code 0.
+What the model writes: an echo of the last message (``Echo: ...``); when a call is forced
+(``tool_choice`` ``"required"`` or a named function), a hermes-style call whose arguments fill
+the function's JSON schema. ``Faults.writes`` replaces it with a fixed text or a function of
+the request. Tokens are UTF-8 bytes (token id = byte value) and prompts are rendered as
+ChatML with hermes-style calls, so token IDs agree between ``/tokenize`` and chat completions.
+
+``Faults`` holds the switches for what a misbehaving or misconfigured engine does; its
+defaults answer as a healthy vLLM. When an API key is set (``$OPENAI_API_KEY`` for the
+process), ``/v1/*`` needs ``Authorization: Bearer <key>`` (401 otherwise), as vLLM's
+``--api-key`` guards ``/v1`` only. SIGTERM or SIGINT stop the process cleanly with exit code 0.
 """
 
 from __future__ import annotations
@@ -28,17 +39,45 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import secrets
 import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, Callable
 
 MAX_MODEL_LEN = 32768  # reported only: byte tokens make long prompts, and nothing here runs out of memory
-_CHOSEN_LOGPROB = -0.25  # the echoed token is always the most likely one
+CHOSEN_LOGPROB = -0.25  # the written token is always the most likely one
+CHAT = "/v1/chat/completions"
 _IM_START, _IM_END = "<|im_start|>", "<|im_end|>"
+_NO_PARSER = '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set'
+
+
+@dataclass
+class Faults:
+    """What the stand-in does unlike a healthy, well-configured vLLM: one switch a fault, all off
+    by default. Read at each request, so a test may flip them while the server runs."""
+
+    # Chat completions that get no completion.
+    status: int = 200  # any other: every chat completion is answered with this HTTP status
+    fail_on: dict[str, int] = field(default_factory=dict)  # last user message contains KEY: HTTP status VALUE
+    answers_left: int | None = None  # after this many chat answers, 503 to each: an engine shutting down
+    drop_connection: bool = False  # half of each chat answer, then the connection closes: an engine dying mid-answer
+    seconds_per_token: float = 0.0  # simulated decode time: slow answers, in flight meanwhile
+    # What comes back.
+    writes: str | Callable[[dict], str] | None = None  # what the model writes; a function gets the request body
+    tool_parser: str | None = "hermes"  # the call format the parser reads (TOOL_PARSERS); None: no parser, 400
+    takes_parser_branch: bool = False  # pinned to a choice, with tools: the model writes its own call instead
+    token_ids: bool = True  # False: no prompt_token_ids / token_ids, even when return_token_ids asks
+    token_id_tokens: bool = True  # False: return_tokens_as_token_ids is ignored
+    template_drops_calls: bool = False  # the chat template renders assistant turns without their tool calls
+    detokenize: bool = True  # False: no /detokenize route (OpenAI-compatible servers other than vLLM)
 
 
 class ApiError(Exception):
@@ -49,8 +88,20 @@ class ApiError(Exception):
         self.status, self.message, self.param = status, message, param
 
     def body(self) -> dict:
-        kind = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError"}.get(self.status, "Error")
+        kind = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
+                500: "InternalServerError", 503: "ServiceUnavailableError"}.get(self.status, "Error")
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.status}}
+
+
+@dataclass
+class Exchange:
+    """A POST the stand-in received and what it answered (``status`` None: no answer yet, or dropped)."""
+
+    path: str
+    headers: dict[str, str]
+    body: Any  # the parsed JSON, or None
+    status: int | None = None
+    answer: dict | None = None
 
 
 def encode(text: str) -> list[int]:
@@ -69,15 +120,49 @@ def message_text(message: dict) -> str:
     return content or ""
 
 
-def render_prompt(messages: list[dict], tools: list[dict] | None, add_generation_prompt: bool = True) -> str:
-    """ChatML, with the tools as a system turn: what a chat template would feed the model."""
+def hermes_call(name: str, arguments: dict) -> str:
+    """A tool call as hermes-style models write it (and this stand-in's chat template renders it)."""
+    return f"<tool_call>\n{json.dumps({'name': name, 'arguments': arguments})}\n</tool_call>"
+
+
+def _read_hermes(text: str) -> list[dict]:
+    calls = []
+    for found in re.findall(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", text, re.S):
+        try:
+            call = json.loads(found)
+        except ValueError:
+            continue  # not a call it can read: left in the text
+        if isinstance(call, dict) and "name" in call:
+            calls.append({"name": call["name"], "arguments": call.get("arguments", {})})
+    return calls
+
+
+def _read_qwen3_xml(text: str) -> list[dict]:
+    pattern = r"<function=(\w+)>\s*<parameter=(\w+)>\s*(.*?)\s*</parameter>\s*</function>"
+    return [{"name": name, "arguments": {key: value}} for name, key, value in re.findall(pattern, text, re.S)]
+
+
+# vLLM tool parser name -> the calls it reads out of generated text.
+TOOL_PARSERS: dict[str, Callable[[str], list[dict]]] = {"hermes": _read_hermes, "qwen3_xml": _read_qwen3_xml}
+
+
+def render_prompt(
+    messages: list[dict], tools: list[dict] | None, add_generation_prompt: bool = True, faults: Faults | None = None,
+) -> str:
+    """ChatML, with the tools as a system turn and assistant calls hermes-style: what a chat
+    template would feed the model."""
+    drop_calls = faults is not None and faults.template_drops_calls
     turns = []
     if tools:
         turns.append(f"{_IM_START}system\n# Tools\n{json.dumps(tools, sort_keys=True)}{_IM_END}\n")
     for message in messages:
         text = message_text(message)
-        if message.get("tool_calls"):
-            text += json.dumps(message["tool_calls"], sort_keys=True)
+        for call in [] if drop_calls else message.get("tool_calls") or []:
+            function = call.get("function", call)
+            arguments = function.get("arguments")
+            if isinstance(arguments, str):  # OpenAI clients send a JSON string, vLLM hands templates a dict
+                arguments = json.loads(arguments)
+            text += hermes_call(function["name"], arguments)
         turns.append(f"{_IM_START}{message.get('role', 'user')}\n{text}{_IM_END}\n")
     if add_generation_prompt:
         turns.append(f"{_IM_START}assistant\n")
@@ -114,7 +199,27 @@ def forced_tool(tools: list[dict] | None, tool_choice: Any) -> dict | None:
     raise ApiError(400, f"tool_choice names {name!r}, which is not in tools", "tool_choice")
 
 
-def chat_completion(body: dict, model: str) -> dict:
+def written_text(body: dict, faults: Faults) -> str:
+    """What the model writes for this request, before max_tokens cuts it."""
+    tools = body.get("tools")
+    function = forced_tool(tools, body.get("tool_choice"))
+    pinned = (body.get("structured_outputs") or {}).get("choice")
+    if pinned:
+        if not (tools and faults.takes_parser_branch):
+            return pinned[0]
+        # vLLM's grammar offers the parser's call format next to the choice: the model takes that branch.
+        function = function or tools[0].get("function", tools[0])
+    if callable(faults.writes):
+        return faults.writes(body)
+    if faults.writes is not None:
+        return faults.writes
+    if function is not None:
+        return hermes_call(function["name"], example_value(function.get("parameters") or {"type": "object"}))
+    return f"Echo: {message_text(body['messages'][-1])}"
+
+
+def chat_completion(body: dict, model: str, faults: Faults | None = None) -> dict:
+    faults = faults or Faults()
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "messages must be a non-empty list", "messages")
@@ -123,30 +228,29 @@ def chat_completion(body: dict, model: str) -> dict:
     if body.get("n", 1) != 1:
         raise ApiError(400, "the stand-in answers n=1 only", "n")
     tools = body.get("tools")
-    prompt_ids = encode(render_prompt(messages, tools))
-    function = forced_tool(tools, body.get("tool_choice"))
-    if function is not None:
-        call = {"name": function["name"], "arguments": example_value(function.get("parameters") or {"type": "object"})}
-        text = f"<tool_call>\n{json.dumps(call)}\n</tool_call>"  # what a hermes-style model writes
-    else:
-        text = f"Echo: {message_text(messages[-1])}"
-    ids = encode(text)
+    if tools and faults.tool_parser is None:
+        raise ApiError(400, _NO_PARSER, "tool_choice")
+    prompt_ids = encode(render_prompt(messages, tools, faults=faults))
+    ids = encode(written_text(body, faults))
     limit = body.get("max_completion_tokens") or body.get("max_tokens")
     truncated = limit is not None and len(ids) > limit
     if truncated:
         ids = ids[:limit]
-    message: dict[str, Any] = {"role": "assistant", "content": bytes(ids).decode(errors="replace")}
+    text = bytes(ids).decode(errors="replace")
+    calls = TOOL_PARSERS[faults.tool_parser](text) if tools else []
+    message: dict[str, Any] = {"role": "assistant", "content": text}
     finish_reason = "length" if truncated else "stop"
-    if function is not None and not truncated:
+    if calls:
         message["content"] = None
         message["tool_calls"] = [{
             "id": f"chatcmpl-tool-{uuid.uuid4().hex}",
             "type": "function",
             "function": {"name": call["name"], "arguments": json.dumps(call["arguments"])},
-        }]
+        } for call in calls]
         finish_reason = "tool_calls"
-    with_ids = bool(body.get("return_token_ids"))
-    top, as_ids = body.get("top_logprobs") or 0, bool(body.get("return_tokens_as_token_ids"))
+    with_ids = bool(body.get("return_token_ids")) and faults.token_ids
+    top = body.get("top_logprobs") or 0
+    as_ids = bool(body.get("return_tokens_as_token_ids")) and faults.token_id_tokens
     choice = {
         "index": 0,
         "message": message,
@@ -173,19 +277,19 @@ def logprobs(ids: list[int], top: int, as_ids: bool = False) -> list[dict]:
     name = (lambda t: f"token_id:{t}") if as_ids else token_text
     content = []
     for token_id in ids:
-        ranked = [(token_id, _CHOSEN_LOGPROB)] + [((token_id + k) % 256, -1.0 - k) for k in range(1, top)]
+        ranked = [(token_id, CHOSEN_LOGPROB)] + [((token_id + k) % 256, -1.0 - k) for k in range(1, top)]
         content.append({
             "token": name(token_id),
-            "logprob": _CHOSEN_LOGPROB,
+            "logprob": CHOSEN_LOGPROB,
             "bytes": [token_id],
             "top_logprobs": [{"token": name(t), "logprob": lp, "bytes": [t]} for t, lp in ranked[:top]],
         })
     return content
 
 
-def tokenize(body: dict) -> dict:
+def tokenize(body: dict, faults: Faults | None = None) -> dict:
     if "messages" in body:
-        text = render_prompt(body["messages"], body.get("tools"), body.get("add_generation_prompt", True))
+        text = render_prompt(body["messages"], body.get("tools"), body.get("add_generation_prompt", True), faults)
     elif "prompt" in body:
         text = body["prompt"]
     else:
@@ -195,30 +299,104 @@ def tokenize(body: dict) -> dict:
     return {"count": len(ids), "max_model_len": MAX_MODEL_LEN, "tokens": ids, "token_strs": strs}
 
 
-class StandinServer(ThreadingHTTPServer):
+def detokenize(body: dict) -> dict:
+    return {"prompt": bytes(body["tokens"]).decode(errors="replace")}
+
+
+class StandIn(ThreadingHTTPServer):
+    """The stand-in server. ``port=0`` binds a free port; ``start()`` serves on a daemon thread
+    (or use it as a context manager), ``stop()`` ends it. With ``record``, every POST is kept in
+    ``requests`` (an ``Exchange`` each, in arrival order). Closing ``gate`` holds chat
+    completions in flight (counted by /metrics) until it is set again."""
+
     daemon_threads = True  # an idle keep-alive connection must not hold up the shutdown
     request_queue_size = 128  # the default backlog (5) resets connections when many clients connect at once
 
     def __init__(
-        self, address: tuple[str, int], model: str, health_path: str, api_key: str | None,
-        seconds_per_token: float = 0.0,
+        self, model: str = "stand-in-model", host: str = "127.0.0.1", port: int = 0, health_path: str = "/health",
+        api_key: str | None = None, faults: Faults | None = None, record: bool = True, log_requests: bool = False,
     ) -> None:
-        super().__init__(address, _Handler)
+        super().__init__((host, port), _Handler)
         self.model, self.health_path, self.api_key = model, health_path, api_key
-        self.seconds_per_token = seconds_per_token  # simulated decode time, so requests can be in flight
+        self.faults = faults or Faults()
+        self.requests: list[Exchange] | None = [] if record else None
+        self.log_requests = log_requests
+        self.gate = threading.Event()
+        self.gate.set()
         self.running = 0
         self.lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return self.server_address[1]
+
+    @property
+    def root_url(self) -> str:
+        return f"http://{self.server_address[0]}:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.root_url}/v1"
+
+    def start(self) -> StandIn:
+        self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.gate.set()  # held requests get their answers
+        if self._thread is not None:
+            self.shutdown()
+            self._thread.join()
+        self.server_close()
+
+    def __enter__(self) -> StandIn:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def record(self, path: str, headers: dict[str, str], raw: bytes) -> Exchange | None:
+        if self.requests is None:
+            return None
+        try:
+            body = json.loads(raw or b"null")
+        except ValueError:
+            body = None
+        exchange = Exchange(path, headers, body)
+        with self.lock:
+            self.requests.append(exchange)
+        return exchange
 
     def completion(self, body: dict) -> dict:
+        faults = self.faults
         with self.lock:
             self.running += 1
         try:
-            answer = chat_completion(body, self.model)
-            time.sleep(self.seconds_per_token * answer["usage"]["completion_tokens"])
+            self.gate.wait()
+            self._refuse(body, faults)
+            answer = chat_completion(body, self.model, faults)
+            time.sleep(faults.seconds_per_token * answer["usage"]["completion_tokens"])
             return answer
         finally:
             with self.lock:
                 self.running -= 1
+
+    def _refuse(self, body: dict, faults: Faults) -> None:
+        """Raises the error a fault answers this chat completion with, if any."""
+        if faults.status != 200:
+            raise ApiError(faults.status, f"stand-in told to answer {faults.status}")
+        with self.lock:
+            if faults.answers_left is not None:
+                if faults.answers_left <= 0:
+                    raise ApiError(503, "stand-in shutting down")
+                faults.answers_left -= 1
+        users = [m for m in body.get("messages") or [] if isinstance(m, dict) and m.get("role") == "user"]
+        prompt = message_text(users[-1]) if users else ""
+        for key, status in faults.fail_on.items():
+            if key in prompt:
+                raise ApiError(status, f"stand-in told to answer {status} to {key!r}")
 
     def metrics(self) -> str:
         """vLLM's in-flight gauges, in Prometheus text format."""
@@ -231,37 +409,51 @@ class _Handler(BaseHTTPRequestHandler):
     # Headers and body go out in two sends: with Nagle's algorithm each answer would wait
     # for the client's delayed ACK (~40 ms on Linux).
     disable_nagle_algorithm = True
-    server: StandinServer
+    server: StandIn
 
     def do_GET(self) -> None:
         if self.path == "/metrics":
             self._send_bytes(200, self.server.metrics().encode(), "text/plain; version=0.0.4")
             return
         self._answer({
-            self.server.health_path: lambda raw: {},
-            "/v1/models": lambda raw: self._models(),
+            self.server.health_path: lambda body: {},
+            "/v1/models": lambda body: self._models(),
         })
 
     def do_POST(self) -> None:
-        self._answer({
-            "/v1/chat/completions": lambda raw: self.server.completion(self._json(raw)),
-            "/tokenize": lambda raw: tokenize(self._json(raw)),
-        })
+        faults = self.server.faults
+        routes = {CHAT: self.server.completion, "/tokenize": lambda body: tokenize(body, faults)}
+        if faults.detokenize:
+            routes["/detokenize"] = detokenize
+        self._answer(routes)
 
-    def _answer(self, routes: dict[str, Callable[[bytes], dict]]) -> None:
+    def log_message(self, format: str, *args: Any) -> None:
+        if self.server.log_requests:
+            super().log_message(format, *args)
+
+    def _answer(self, routes: dict[str, Callable[[dict], dict]]) -> None:
         path = self.path.split("?", 1)[0]
+        # Read the body before any early answer: left unread, it would corrupt the next request.
+        raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        exchange = self.server.record(path, dict(self.headers), raw) if self.command == "POST" else None
         try:
-            # Read the body before any early answer: left unread, it would corrupt the next request.
-            raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
             if path not in routes:
                 raise ApiError(404, f"no route {self.command} {path}")
             if path.startswith("/v1/"):
                 self._authorize()
-            self._send(200, routes[path](raw))
+            status, body = 200, routes[path](self._json(raw) if self.command == "POST" else {})
         except ApiError as e:
-            self._send(e.status, e.body())
+            status, body = e.status, e.body()
         except (AttributeError, KeyError, TypeError, ValueError) as e:  # a field of the wrong shape
-            self._send(400, ApiError(400, f"malformed request: {type(e).__name__}: {e}").body())
+            status, body = 400, ApiError(400, f"malformed request: {type(e).__name__}: {e}").body()
+        data = json.dumps(body).encode()
+        if path == CHAT and status == 200 and self.server.faults.drop_connection:
+            self._send_bytes(status, data[: len(data) // 2], "application/json", length=len(data))
+            self.close_connection = True  # the promised rest never comes
+            return
+        if exchange is not None:
+            exchange.status, exchange.answer = status, body
+        self._send_bytes(status, data, "application/json")
 
     def _authorize(self) -> None:
         key = self.server.api_key
@@ -286,28 +478,50 @@ class _Handler(BaseHTTPRequestHandler):
                 "owned_by": "gymlaunch-standin", "root": self.server.model, "max_model_len": MAX_MODEL_LEN}
         return {"object": "list", "data": [card]}
 
-    def _send(self, status: int, body: dict) -> None:
-        self._send_bytes(status, json.dumps(body).encode(), "application/json")
-
-    def _send_bytes(self, status: int, data: bytes, content_type: str) -> None:
+    def _send_bytes(self, status: int, data: bytes, content_type: str, length: int | None = None) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Content-Length", str(len(data) if length is None else length))
         self.end_headers()
         self.wfile.write(data)
+
+
+def start_process(
+    model: str, *args: str, host: str = "127.0.0.1", timeout_s: float = 30.0,
+) -> tuple[subprocess.Popen, int]:
+    """``python -m server.standin`` on a free port, in a process of its own (one a test can
+    SIGKILL, or one that does not share the caller's GIL); returns it and its port once it
+    listens. ``args``: more command-line flags."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server.standin", "--host", host, "--port", "0", "--model", model, *args],
+        cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    timer = threading.Timer(timeout_s, proc.kill)  # a stand-in that never prints must not hang the caller
+    timer.start()
+    try:
+        line = proc.stdout.readline()
+    finally:
+        timer.cancel()
+    found = re.search(r" at http://[^:]+:(\d+)$", line.strip())
+    if found is None:
+        proc.kill()
+        proc.wait()
+        raise RuntimeError(f"the stand-in did not start (exit code {proc.poll()}): {line!r}")
+    proc.stdout.close()  # nothing else comes: its request log goes to stderr
+    return proc, int(found.group(1))
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m server.standin", description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--port", type=int, required=True, help="0: a free one (printed)")
     parser.add_argument("--model", required=True, help="the served model name")
     parser.add_argument("--health-path", default="/health")
     parser.add_argument("--seconds-per-token", type=float, default=0.0, help="simulated decode time")
     args = parser.parse_args(argv)
-    server = StandinServer(
-        (args.host, args.port), args.model, args.health_path, os.environ.get("OPENAI_API_KEY"),
-        args.seconds_per_token,
+    server = StandIn(
+        args.model, args.host, args.port, args.health_path, os.environ.get("OPENAI_API_KEY"),
+        Faults(seconds_per_token=args.seconds_per_token), record=False, log_requests=True,
     )
 
     def stop(signum: int, frame: object) -> None:
@@ -316,7 +530,7 @@ def main(argv: list[str] | None = None) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    print(f"stand-in (no model) serving {args.model!r} at http://{args.host}:{args.port}", flush=True)
+    print(f"stand-in (no model) serving {args.model!r} at http://{args.host}:{server.port}", flush=True)
     server.serve_forever()
     server.server_close()
 

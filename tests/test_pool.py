@@ -6,9 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
@@ -17,73 +14,12 @@ import pytest
 
 import jobs.pool
 from jobs.pool import EndpointPool, NoEndpointError, ReplicaStats
+from server import standin
 from server.job import free_port
 from server.registry import Entry, Registry
-from server.standin import ApiError, StandinServer
+from tests.support import MODEL, NAMESPACE as NS, SERVICE, entry, publish
 
-MODEL = "stand-in-model"
-NS, SERVICE = "run1", "policy"
-ROOT = Path(__file__).resolve().parents[1]
 CHAT = "/chat/completions"
-
-
-class ControlledStandin(StandinServer):
-    """The stand-in plus what these tests steer: a status to answer instead of a completion
-    (503: a replica that cannot take work; 500: a real error) and a gate that holds requests in flight."""
-
-    def __init__(self, api_key: str | None = None) -> None:
-        super().__init__(("127.0.0.1", 0), MODEL, "/health", api_key)
-        self.status = 200
-        self.gate = threading.Event()
-        self.gate.set()
-        self.calls = 0
-        threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-
-    @property
-    def port(self) -> int:
-        return self.server_address[1]
-
-    def completion(self, body: dict) -> dict:
-        with self.lock:
-            self.calls += 1
-        if self.status != 200:
-            raise ApiError(self.status, f"stand-in told to answer {self.status}")
-        self.gate.wait(timeout=30)
-        return super().completion(body)
-
-    def stop(self) -> None:
-        self.gate.set()
-        self.shutdown()
-        self.server_close()
-
-
-@pytest.fixture
-def standins():
-    started: list[ControlledStandin] = []
-
-    def start(count: int, api_key: str | None = None) -> list[ControlledStandin]:
-        started.extend(ControlledStandin(api_key) for _ in range(count))
-        return started[-count:]
-
-    yield start
-    for server in started:
-        server.stop()
-
-
-def entry(replica: int, port: int, **kw) -> Entry:
-    return Entry(
-        namespace=NS, service=SERVICE, replica=replica, model=MODEL, host="127.0.0.1", port=port,
-        engine="stand-in", engine_version="0", job_id=f"test-{replica}", node="localhost", pid=os.getpid(),
-        **{"state": "ready", "heartbeat_at": time.time(), **kw},
-    )
-
-
-def publish_all(root: Path, servers: list[ControlledStandin]) -> list[Entry]:
-    registry = Registry(root)
-    entries = [entry(replica, server.port) for replica, server in enumerate(servers)]
-    for e in entries:
-        registry.publish(e)
-    return entries
 
 
 def key_homed_at(root: Path, replica: int, prefix: str = "conv") -> str:
@@ -94,14 +30,6 @@ def key_homed_at(root: Path, replica: int, prefix: str = "conv") -> str:
 
 def chat(text: str) -> dict:
     return {"model": MODEL, "messages": [{"role": "user", "content": text}], "max_tokens": 64}
-
-
-def until(condition, timeout_s: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not true after {timeout_s}s")
-        time.sleep(0.01)
 
 
 async def until_async(condition, timeout_s: float = 10.0, what: str = "condition") -> None:
@@ -116,12 +44,22 @@ def client() -> httpx.AsyncClient:
     return httpx.AsyncClient(timeout=30, trust_env=False)
 
 
+def post_once(pool: EndpointPool, key: str = "conv", headers: dict | None = None) -> tuple[Entry, httpx.Response]:
+    """One chat request through ``pool`` for session ``key``, on a client of its own."""
+
+    async def post() -> tuple[Entry, httpx.Response]:
+        async with client() as c:
+            return await pool.post(c, CHAT, chat("hi"), key, headers=headers)
+
+    return asyncio.run(post())
+
+
 # ---------------------------------------------------------------- affinity
 
 
 def test_turns_of_a_conversation_reach_one_replica(tmp_path, standins):
     servers = standins(3)
-    publish_all(tmp_path, servers)
+    publish(tmp_path, servers)
     pool = EndpointPool(SERVICE, NS, tmp_path)
 
     async def converse() -> dict[str, list[int]]:
@@ -137,12 +75,12 @@ def test_turns_of_a_conversation_reach_one_replica(tmp_path, standins):
     seen = asyncio.run(converse())
     assert all(len(set(replicas)) == 1 for replicas in seen.values())
     assert {replicas[0] for replicas in seen.values()} == {0, 1, 2}
-    assert sum(s.calls for s in servers) == 90
-    assert {r: s.requests for r, s in pool.stats().items()} == {r: server.calls for r, server in enumerate(servers)}
+    assert sum(len(s.requests) for s in servers) == 90
+    assert {r: s.requests for r, s in pool.stats().items()} == {r: len(s.requests) for r, s in enumerate(servers)}
 
 
 def test_a_replica_leaving_moves_only_its_own_conversations(tmp_path, standins):
-    publish_all(tmp_path, standins(4))
+    publish(tmp_path, standins(4))
     pool = EndpointPool(SERVICE, NS, tmp_path, refresh_s=0)
     before = {k: pool.pick(k).replica for k in (f"conv-{i}" for i in range(200))}
     Registry(tmp_path).remove(NS, SERVICE, 1)
@@ -156,7 +94,7 @@ def test_a_replica_leaving_moves_only_its_own_conversations(tmp_path, standins):
 
 def test_fallback_goes_to_the_least_busy_replica_and_stays(tmp_path, standins):
     servers = standins(3)
-    entries = publish_all(tmp_path, servers)
+    entries = publish(tmp_path, servers)
     registry = Registry(tmp_path)
     pool = EndpointPool(SERVICE, NS, tmp_path, refresh_s=0)
     key = key_homed_at(tmp_path, 0)
@@ -198,30 +136,11 @@ def test_stale_replica_is_not_picked(tmp_path, standins):
 # ---------------------------------------------------------------- failover
 
 
-def start_standin_process(seconds_per_token: float) -> tuple[subprocess.Popen, int]:
-    port = free_port("127.0.0.1")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "server.standin", "--host", "127.0.0.1", "--port", str(port), "--model", MODEL,
-         "--seconds-per-token", str(seconds_per_token)],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-
-    def healthy() -> bool:
-        assert proc.poll() is None, f"stand-in on port {port} exited with {proc.returncode}"
-        try:
-            return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1, trust_env=False).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    until(healthy, what=f"stand-in on port {port} healthy")
-    return proc, port
-
-
 def test_killed_replica_mid_collection_fails_over_and_conversations_stay_moved(tmp_path):
     procs = []
     try:
         for _ in range(2):
-            procs.append(start_standin_process(seconds_per_token=0.0005))
+            procs.append(standin.start_process(MODEL, "--seconds-per-token", "0.0005"))
         registry = Registry(tmp_path)
         for replica, (_, port) in enumerate(procs):
             registry.publish(entry(replica, port))
@@ -267,65 +186,68 @@ def test_killed_replica_mid_collection_fails_over_and_conversations_stay_moved(t
 
 def test_503_is_retried_elsewhere_and_500_is_returned(tmp_path, standins):
     servers = standins(2)
-    publish_all(tmp_path, servers)
+    publish(tmp_path, servers)
     key = key_homed_at(tmp_path, 0)
 
-    async def post(pool: EndpointPool) -> tuple[Entry, httpx.Response]:
-        async with client() as c:
-            return await pool.post(c, CHAT, chat("hi"), key)
-
-    servers[0].status = 503
+    servers[0].faults.status = 503
     pool = EndpointPool(SERVICE, NS, tmp_path, backoff_s=0.01)
-    e, r = asyncio.run(post(pool))
+    e, r = post_once(pool, key)
     assert (e.replica, r.status_code) == (1, 200)
     assert pool.stats() == {0: ReplicaStats(requests=1, failures=1), 1: ReplicaStats(requests=1, retries=1)}
     assert pool.pick(key).replica == 1  # the session moved
 
-    servers[0].status = 500
+    servers[0].faults.status = 500
     pool = EndpointPool(SERVICE, NS, tmp_path)
-    e, r = asyncio.run(post(pool))
+    e, r = post_once(pool, key)
     assert (e.replica, r.status_code) == (0, 500) and "stand-in told to answer 500" in r.text
     assert pool.stats() == {0: ReplicaStats(requests=1)}
-    assert pool.pick(key).replica == 0 and servers[1].calls == 1  # the 503 round's retry only
+    assert pool.pick(key).replica == 0 and len(servers[1].requests) == 1  # the 503 round's retry only
+
+
+def test_a_replica_dropping_the_connection_mid_answer_is_left_for_another(tmp_path, standins):
+    servers = standins(2)
+    publish(tmp_path, servers)
+    key = key_homed_at(tmp_path, 0)
+    servers[0].faults.drop_connection = True  # half an answer, then the connection closes
+    pool = EndpointPool(SERVICE, NS, tmp_path, backoff_s=0.01)
+    e, r = post_once(pool, key)
+    assert (e.replica, r.status_code) == (1, 200) and r.json()["choices"][0]["message"]["content"] == "Echo: hi"
+    assert [x.status for x in servers[0].requests] == [None]  # received, never wholly answered
+    assert pool.stats() == {0: ReplicaStats(requests=1, failures=1), 1: ReplicaStats(requests=1, retries=1)}
+    assert pool.pick(key).replica == 1
 
 
 def test_retries_are_bounded(tmp_path, standins):
     servers = standins(3)
     for server in servers:
-        server.status = 503
-    publish_all(tmp_path, servers)
+        server.faults.status = 503
+    publish(tmp_path, servers)
     pool = EndpointPool(SERVICE, NS, tmp_path, max_retries=2, backoff_s=0.01)
-
-    async def post() -> tuple[Entry, httpx.Response]:
-        async with client() as c:
-            return await pool.post(c, CHAT, chat("hi"), "conv")
-
-    _, r = asyncio.run(post())
+    _, r = post_once(pool)
     assert r.status_code == 503  # the last answer, for the caller to report
-    assert sum(s.calls for s in servers) == 3
+    assert sum(len(s.requests) for s in servers) == 3
     assert sum(s.retries for s in pool.stats().values()) == 2
 
 
 def test_ejected_replica_comes_back_with_its_next_heartbeat(tmp_path, standins):
     servers = standins(2)
-    entries = publish_all(tmp_path, servers)
+    entries = publish(tmp_path, servers)
     pool = EndpointPool(SERVICE, NS, tmp_path, refresh_s=0, backoff_s=0.01)
     key = key_homed_at(tmp_path, 0)
 
-    async def post(k: str) -> int:
-        async with client() as c:
-            e, r = await pool.post(c, CHAT, chat("hi"), k)
-            assert r.status_code == 200
-            return e.replica
+    def answered_by(k: str) -> int:
+        e, r = post_once(pool, k)
+        assert r.status_code == 200
+        return e.replica
 
-    servers[0].status = 503
-    assert asyncio.run(post(key)) == 1
-    servers[0].status = 200  # healthy again, but the pool waits for proof of life
+    servers[0].faults.status = 503
+    assert answered_by(key) == 1
+    servers[0].faults.status = 200  # healthy again, but the pool waits for proof of life
     assert [e.replica for e in pool.endpoints()] == [1]
     Registry(tmp_path).heartbeat(entries[0])
     assert [e.replica for e in pool.endpoints()] == [0, 1]
-    assert asyncio.run(post(key)) == 1  # the moved conversation stays
-    assert asyncio.run(post(key_homed_at(tmp_path, 0, prefix="new"))) == 0
+    assert answered_by(key) == 1  # the moved conversation stays
+    assert answered_by(key_homed_at(tmp_path, 0, prefix="new")) == 0
 
 
 # ---------------------------------------------------------------- an empty pool
@@ -351,17 +273,12 @@ def test_empty_pool_waits_for_a_replica(tmp_path, standins):
 
 def test_empty_pool_gives_up_after_wait_s_and_says_why(tmp_path, standins):
     (server,) = standins(1)
-    server.status = 503
-    publish_all(tmp_path, [server])
+    server.faults.status = 503
+    publish(tmp_path, [server])
     pool = EndpointPool(SERVICE, NS, tmp_path, refresh_s=0.05, wait_s=0.3, backoff_s=0.01)
-
-    async def post() -> None:
-        async with client() as c:
-            await pool.post(c, CHAT, chat("hi"), "conv")
-
     start = time.monotonic()
     with pytest.raises(NoEndpointError) as info:
-        asyncio.run(post())
+        post_once(pool)
     assert 0.3 <= time.monotonic() - start < 5
     message = str(info.value)
     assert "after waiting 0.3s" in message and "1 ejected after a failure" in message and str(tmp_path) in message
@@ -371,13 +288,8 @@ def test_empty_pool_gives_up_after_wait_s_and_says_why(tmp_path, standins):
 def test_unreachable_replica_and_nothing_else_raises_the_transport_error(tmp_path):
     Registry(tmp_path).publish(entry(0, free_port("127.0.0.1")))  # nobody listens there
     pool = EndpointPool(SERVICE, NS, tmp_path, max_retries=0)
-
-    async def post() -> None:
-        async with client() as c:
-            await pool.post(c, CHAT, chat("hi"), "conv")
-
     with pytest.raises(httpx.ConnectError):
-        asyncio.run(post())
+        post_once(pool)
     assert pool.stats() == {0: ReplicaStats(requests=1, failures=1)}
 
 
@@ -389,15 +301,10 @@ def test_the_replica_key_is_sent_and_read_once(tmp_path, standins, monkeypatch):
     (server,) = standins(1, api_key=key_file.read_text())
     Registry(tmp_path).publish(entry(0, server.port, api_key_file=str(key_file)))
     pool = EndpointPool(SERVICE, NS, tmp_path)
-
-    async def post(headers: dict | None = None) -> int:
-        async with client() as c:
-            return (await pool.post(c, CHAT, chat("hi"), "conv", headers=headers))[1].status_code
-
-    assert asyncio.run(post({"X-Trace": "1"})) == 200
+    assert post_once(pool, headers={"X-Trace": "1"})[1].status_code == 200
     key_file.write_text("rotated")  # cached: the pool does not read it per request
-    assert asyncio.run(post()) == 200
-    assert asyncio.run(post({"authorization": "Bearer wrong"})) == 401  # the caller's own header wins
+    assert post_once(pool)[1].status_code == 200
+    assert post_once(pool, headers={"authorization": "Bearer wrong"})[1].status_code == 401  # the caller's own wins
 
 
 def test_without_a_key_file_the_environment_key_is_used(tmp_path, standins, monkeypatch):
@@ -405,12 +312,7 @@ def test_without_a_key_file_the_environment_key_is_used(tmp_path, standins, monk
     Registry(tmp_path).publish(entry(0, server.port))
     monkeypatch.setenv(jobs.pool.API_KEY_ENV, "from-env")
     pool = EndpointPool(SERVICE, NS, tmp_path)
-
-    async def post() -> int:
-        async with client() as c:
-            return (await pool.post(c, CHAT, chat("hi"), "conv"))[1].status_code
-
-    assert asyncio.run(post()) == 200
+    assert post_once(pool)[1].status_code == 200
 
 
 # ---------------------------------------------------------------- refresh cost

@@ -1,18 +1,16 @@
 """The rollout collector, its tools, verifiers and endpoint pool, without vLLM.
 
-The HTTP tests run the collector against ``StandInServer``: a real HTTP server
-on 127.0.0.1 started by the test, which answers ``/v1/chat/completions`` with
-the response shapes of vLLM 0.32 (top-level ``prompt_token_ids``,
-``choices[0].token_ids``, ``choices[0].logprobs.content``, ``tool_calls``).
+The HTTP tests run the collector against the stand-in server (server/standin.py, no model) on
+127.0.0.1, which answers ``/v1/chat/completions`` in vLLM 0.32's shapes (top-level
+``prompt_token_ids``, ``choices[0].token_ids``, ``choices[0].logprobs.content``, ``tool_calls``
+read by a hermes parser); ``calculator_model`` says what its model writes.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -20,9 +18,9 @@ import pytest
 from jobs import rollouts, tools, verifiers
 from jobs.pool import API_KEY_ENV, EndpointPool, NoEndpointError
 from jobs.rollouts import CollectorConfig, SamplingParams, TaskFileError, collect, load_tasks, parse_task
-from server.registry import Entry, Registry
-
-MODEL = "stand-in-model"
+from server.registry import Registry
+from server.standin import StandIn, hermes_call
+from tests.support import MODEL, entry, publish
 
 # ---------------------------------------------------------------- tools
 
@@ -238,29 +236,12 @@ def test_demo_tasks_load():
 # ---------------------------------------------------------------- pool
 
 
-def _entry(replica: int, port: int = 9, namespace: str = "run1", service: str = "policy", **kw) -> Entry:
-    return Entry(
-        namespace=namespace,
-        service=service,
-        replica=replica,
-        model=MODEL,
-        host="127.0.0.1",
-        port=port,
-        engine="stand-in",
-        engine_version="0",
-        job_id=f"test-{replica}",
-        node="localhost",
-        pid=os.getpid(),
-        **{"state": "ready", "heartbeat_at": time.time(), **kw},
-    )
-
-
 def test_pool_pick_is_stable_and_spreads(tmp_path):
     registry = Registry(tmp_path)
     for replica in range(3):
-        registry.publish(_entry(replica))
-    registry.publish(_entry(3, state="starting"))
-    registry.publish(_entry(4, heartbeat_at=time.time() - 3600))
+        registry.publish(entry(replica))
+    registry.publish(entry(3, state="starting"))
+    registry.publish(entry(4, heartbeat_at=time.time() - 3600))
     pool = EndpointPool("policy", "run1", tmp_path)
     assert [e.replica for e in pool.endpoints()] == [0, 1, 2]
     picks = {key: pool.pick(key).replica for key in (f"task-{i}/0" for i in range(60))}
@@ -270,11 +251,11 @@ def test_pool_pick_is_stable_and_spreads(tmp_path):
 
 def test_pool_rereads_registry_only_after_refresh_interval(tmp_path):
     registry = Registry(tmp_path)
-    registry.publish(_entry(0))
+    registry.publish(entry(0))
     cached = EndpointPool("policy", "run1", tmp_path, refresh_s=3600)
     fresh = EndpointPool("policy", "run1", tmp_path, refresh_s=0)
     assert len(cached.endpoints()) == len(fresh.endpoints()) == 1
-    registry.publish(_entry(1))
+    registry.publish(entry(1))
     assert len(cached.endpoints()) == 1
     assert len(fresh.endpoints()) == 2
 
@@ -287,8 +268,8 @@ def test_pool_without_ready_replica_says_where_it_looked(tmp_path):
 
 def test_pool_refuses_a_service_in_several_namespaces(tmp_path):
     registry = Registry(tmp_path)
-    registry.publish(_entry(0, namespace="run1"))
-    registry.publish(_entry(0, namespace="run2"))
+    registry.publish(entry(0, namespace="run1"))
+    registry.publish(entry(0, namespace="run2"))
     with pytest.raises(NoEndpointError, match="several namespaces"):
         EndpointPool("policy", None, tmp_path).pick("t/0")
     assert EndpointPool("policy", "run2", tmp_path).pick("t/0").namespace == "run2"
@@ -297,163 +278,49 @@ def test_pool_refuses_a_service_in_several_namespaces(tmp_path):
 # ---------------------------------------------------------------- the conversation loop
 
 
-class StandInServer(ThreadingHTTPServer):
-    """Plays a vLLM OpenAI-compatible server; its answer depends on the last user message.
-
-    "FAIL" -> HTTP 500; "FLAKY" -> HTTP 500 while ``flaky`` is set; "LOOP" -> a tool
-    call on every turn; "GHOST" -> a call to a tool that does not exist; tools offered
-    and no tool result yet -> a calculator call with the expression after "compute";
-    otherwise text quoting the last tool result, or "The answer is 12." Once it gave
-    ``answers_left`` answers, it says 503 to everything, as an engine shutting down.
-    """
-
-    daemon_threads = True
-
-    def __init__(self, name: str = "a") -> None:
-        super().__init__(("127.0.0.1", 0), _StandInHandler)
-        self.name = name  # in its tool call ids, to tell which server made a call
-        self.requests: list[dict] = []  # {"path", "headers", "body"} in arrival order
-        self.lock = threading.Lock()
-        self.flaky = False
-        self.answers_left: int | None = None
-
-    def reply(self, body: dict) -> tuple[int, dict]:
-        messages = body["messages"]
-        prompt = next(m["content"] for m in reversed(messages) if m["role"] == "user")
-        with self.lock:
-            if self.answers_left is not None:
-                if self.answers_left <= 0:
-                    return 503, _error("stand-in shutting down", "ServiceUnavailableError", 503)
-                self.answers_left -= 1
-        if "FAIL" in prompt or ("FLAKY" in prompt and self.flaky):
-            return 500, _error("stand-in engine error", "InternalServerError", 500)
-        if body["model"] != MODEL:
-            return 404, _error(f"The model `{body['model']}` does not exist.", "NotFoundError", 404)
-        tool_done = messages[-1]["role"] == "tool"
-        if "LOOP" in prompt:
-            return 200, self.completion(body, tool_call=("calculator", {"expression": "1 + 1"}))
-        if "GHOST" in prompt and not tool_done:
-            return 200, self.completion(body, tool_call=("ghost_tool", {}))
-        if body.get("tools") and not tool_done:
-            expression = prompt.split("compute", 1)[1].strip(" .")
-            return 200, self.completion(body, tool_call=("calculator", {"expression": expression}))
-        text = f"The result is {messages[-1]['content']}." if tool_done else "The answer is 12."
-        return 200, self.completion(body, text=text)
-
-    def completion(self, body: dict, text: str | None = None, tool_call: tuple[str, dict] | None = None) -> dict:
-        with self.lock:
-            n = len(self.requests)
-        if tool_call:
-            name, arguments = tool_call
-            rendered = f'<tool_call>{{"name": "{name}", "arguments": {json.dumps(arguments)}}}</tool_call>'
-        else:
-            rendered = text
-        token_ids = [ord(c) for c in rendered]
-        k = body.get("top_logprobs") or 0
-        content = [
-            {
-                "token": c,
-                "logprob": -0.25,
-                "bytes": list(c.encode()),
-                "top_logprobs": [{"token": c, "logprob": -0.25, "bytes": list(c.encode())}][:k]
-                + [{"token": f"alt{j}", "logprob": -3.0 - j, "bytes": None} for j in range(max(k - 1, 0))],
-            }
-            for c in rendered
-        ]
-        message = {"role": "assistant", "content": text, "refusal": None, "annotations": None, "audio": None}
-        message.update(function_call=None, reasoning=None)
-        if tool_call:
-            message["tool_calls"] = [
-                {
-                    "id": f"chatcmpl-tool-{self.name}{n}",
-                    "type": "function",
-                    "function": {"name": name, "arguments": json.dumps(arguments)},
-                }
-            ]
-        prompt_ids = list(range(100, 100 + 7 * len(body["messages"])))
-        return {
-            "id": f"chatcmpl-{n}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": body["model"],
-            "choices": [
-                {
-                    "index": 0,
-                    "message": message,
-                    "logprobs": {"content": content} if body.get("logprobs") else None,
-                    "finish_reason": "tool_calls" if tool_call else "stop",
-                    "stop_reason": None,
-                    "token_ids": token_ids if body.get("return_token_ids") else None,
-                }
-            ],
-            "service_tier": None,
-            "system_fingerprint": None,
-            "usage": {
-                "prompt_tokens": len(prompt_ids),
-                "total_tokens": len(prompt_ids) + len(token_ids),
-                "completion_tokens": len(token_ids),
-                "prompt_tokens_details": None,
-            },
-            "prompt_logprobs": None,
-            "prompt_token_ids": prompt_ids if body.get("return_token_ids") else None,
-            "prompt_text": None,
-            "kv_transfer_params": None,
-        }
-
-
-def _error(message: str, kind: str, code: int) -> dict:
-    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
-
-
-class _StandInHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive, as uvicorn does
-    server: StandInServer
-
-    def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        with self.server.lock:
-            self.server.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
-        if self.path == "/v1/chat/completions":
-            status, payload = self.server.reply(body)
-        else:
-            status, payload = 404, {"detail": "Not Found"}
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, format: str, *args) -> None:
-        pass
+def calculator_model(body: dict) -> str:
+    """What the stand-in's model writes, from the last user message: "LOOP": a calculator call
+    on every turn; "GHOST": a call to a tool that does not exist; tools offered and no tool
+    result yet: a calculator call with the expression after "compute"; otherwise a text
+    quoting the last tool result, or "The answer is 12."."""
+    messages = body["messages"]
+    prompt = next(m["content"] for m in reversed(messages) if m["role"] == "user")
+    tool_done = messages[-1]["role"] == "tool"
+    if "LOOP" in prompt:
+        return hermes_call("calculator", {"expression": "1 + 1"})
+    if "GHOST" in prompt and not tool_done:
+        return hermes_call("ghost_tool", {})
+    if body.get("tools") and not tool_done:
+        return hermes_call("calculator", {"expression": prompt.split("compute", 1)[1].strip(" .")})
+    return f"The result is {messages[-1]['content']}." if tool_done else "The answer is 12."
 
 
 @pytest.fixture
-def serve(tmp_path):
-    """Starts stand-in servers as replicas 0, 1, ... of service "policy" in namespace run1."""
+def serve(tmp_path, standins):
+    """``start(count)``: stand-in servers writing ``calculator_model`` (and answering HTTP 500 to
+    a "FAIL" prompt), published as replicas 0, 1, ... of service "policy" in namespace run1."""
     root = tmp_path / "registry"
-    running: list[tuple[StandInServer, threading.Thread]] = []
 
-    def start() -> StandInServer:
-        replica = len(running)
-        server = StandInServer(name=f"r{replica}-")
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        running.append((server, thread))
-        Registry(root).publish(_entry(replica, port=server.server_address[1]))
-        return server
+    def start(count: int) -> list[StandIn]:
+        servers = standins(count, writes=calculator_model, fail_on={"FAIL": 500})
+        publish(root, servers)
+        return servers
 
-    yield start, root
-    for server, thread in running:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    return start, root
 
 
 @pytest.fixture
 def stand_in(serve):
     start, root = serve
-    return start(), root
+    return start(1)[0], root
+
+
+def tool_call_ids(server: StandIn) -> set[str]:
+    """The ids of the tool calls ``server`` answered."""
+    return {
+        call["id"] for r in server.requests if r.status == 200
+        for call in r.answer["choices"][0]["message"].get("tool_calls", [])
+    }
 
 
 def _read_jsonl(path: str) -> list[dict]:
@@ -469,17 +336,26 @@ def _number(expected: float) -> dict:
     return {"name": "number", "expected": expected}
 
 
+FORCED_CALCULATOR = {"tools": [FLAT_CALCULATOR], "tool_choice": "required"}
+
+
+def _three_tasks() -> list[dict]:
+    """A forced calculator call (right), a text answer (right) and a text answer (wrong)."""
+    return [
+        _gym_task("calc", [_user("Use the calculator to compute 17 * 23.")], _number(391), **FORCED_CALCULATOR),
+        _gym_task("text", [_user("What is 7 + 5?")], _number(12)),
+        _gym_task("wrong", "What is 2 + 2?", _number(4)),
+    ]
+
+
 def _collect_tasks(tmp_path: Path) -> Path:
-    tool_params = {"tools": [FLAT_CALCULATOR], "tool_choice": "required"}
     return _write_lines(
         tmp_path / "tasks.jsonl",
         [
-            _gym_task("calc", [_user("Use the calculator to compute 17 * 23.")], _number(391), **tool_params),
-            _gym_task("text", [_user("What is 7 + 5?")], _number(12)),
-            _gym_task("wrong", "What is 2 + 2?", _number(4)),
-            _gym_task("ghost", "GHOST", {"name": "tool_call", "tool": "calculator"}, **tool_params),
+            *_three_tasks(),
+            _gym_task("ghost", "GHOST", {"name": "tool_call", "tool": "calculator"}, **FORCED_CALCULATOR),
             _gym_task("fail", "FAIL please", _number(1)),
-            _gym_task("loop", "LOOP", _number(2), **tool_params),
+            _gym_task("loop", "LOOP", _number(2), **FORCED_CALCULATOR),
         ],
     )
 
@@ -496,7 +372,7 @@ def test_collect_against_stand_in_server(tmp_path, stand_in, monkeypatch):
         max_concurrency=3,
         max_turns=3,
         top_logprobs=2,
-        sampling=SamplingParams(temperature=0.5, max_tokens=64),
+        sampling=SamplingParams(temperature=0.5, max_tokens=128),
     )
     summary = collect(cfg)
 
@@ -519,7 +395,9 @@ def test_collect_against_stand_in_server(tmp_path, stand_in, monkeypatch):
     assert len(calc["turns"]) == 2
     first, second = calc["turns"]
     assert first["finish_reason"] == "tool_calls" and second["finish_reason"] == "stop"
-    assert first["prompt_token_ids"] == list(range(100, 107))
+    first_turn = next(r for r in server.requests if r.body["messages"] == calc["messages"][:1])
+    assert first_turn.answer["prompt_token_ids"]  # the engine's, copied into the turn
+    assert first["prompt_token_ids"] == first_turn.answer["prompt_token_ids"]
     assert second["generation_token_ids"] == [ord(c) for c in "The result is 391."]
     assert second["generation_logprobs"] == [-0.25] * len("The result is 391.")
     assert len(second["generation_top_logprobs"][0]) == 2
@@ -541,32 +419,32 @@ def test_collect_against_stand_in_server(tmp_path, stand_in, monkeypatch):
         ("loop", 0, "turn_limit"),
         ("loop", 1, "turn_limit"),
     ]
-    assert all("stand-in engine error" in f["error"] for f in failures if f["reason"] == "http_error")
+    assert all("stand-in told to answer 500" in f["error"] for f in failures if f["reason"] == "http_error")
 
     # What the collector sent.
-    calc_requests = [r["body"] for r in server.requests if "17 * 23" in r["body"]["messages"][0]["content"]]
+    calc_requests = [r.body for r in server.requests if "17 * 23" in r.body["messages"][0]["content"]]
     assert len(calc_requests) == 4  # 2 repeats x 2 turns
     first_turns = [b for b in calc_requests if len(b["messages"]) == 1]
     later_turns = [b for b in calc_requests if len(b["messages"]) > 1]
     assert [b["tool_choice"] for b in first_turns] == ["required", "required"]
     assert [b["tool_choice"] for b in later_turns] == ["auto", "auto"]
     for request in server.requests:
-        body = request["body"]
-        assert request["path"] == "/v1/chat/completions"
-        assert request["headers"]["Authorization"] == "Bearer sekrit"
+        body = request.body
+        assert request.path == "/v1/chat/completions"
+        assert request.headers["Authorization"] == "Bearer sekrit"
         assert body["model"] == MODEL
         assert body["logprobs"] is True and body["return_token_ids"] is True and body["top_logprobs"] == 2
-        assert (body["temperature"], body["top_p"], body["max_tokens"]) == (0.5, 1.0, 64)
-    text_request = next(r["body"] for r in server.requests if r["body"]["messages"][0]["content"] == "What is 7 + 5?")
+        assert (body["temperature"], body["top_p"], body["max_tokens"]) == (0.5, 1.0, 128)
+    text_request = next(r.body for r in server.requests if r.body["messages"][0]["content"] == "What is 7 + 5?")
     assert "tools" not in text_request and "tool_choice" not in text_request
-    loop_requests = [r for r in server.requests if r["body"]["messages"][0]["content"] == "LOOP"]
+    loop_requests = [r for r in server.requests if r.body["messages"][0]["content"] == "LOOP"]
     assert len(loop_requests) == 2 * cfg.max_turns
 
     assert summary.tasks == 6
     assert summary.rollouts_written == 8 and summary.failures == 4
     assert summary.mean_reward == pytest.approx(sum(r["reward"] for r in rows) / 8)
     answered = sum(len(r["turns"]) for r in rows)
-    assert answered + 2 * cfg.max_turns == sum(1 for r in server.requests) - 2  # minus the two HTTP 500s
+    assert answered + 2 * cfg.max_turns == len(server.requests) - 2  # minus the two HTTP 500s
     # Failed rollouts that got answers (turn limit) count too.
     assert summary.generated_tokens > sum(r["usage"]["completion_tokens"] for r in rows)
     assert json.loads(json.dumps(summary.to_json())) == summary.to_json()
@@ -598,8 +476,8 @@ def test_cli_prints_summary(tmp_path, stand_in, capsys, monkeypatch):
 
 def test_a_conversation_moves_off_a_replica_that_stops_answering(tmp_path, serve):
     start, root = serve
-    dying, healthy = start(), start()
-    dying.answers_left = 1  # one first turn (a tool call), then 503 to everything
+    dying, healthy = start(2)
+    dying.faults.answers_left = 1  # one first turn (a tool call), then 503 to everything
     tasks = _write_lines(
         tmp_path / "t.jsonl",
         [_gym_task("calc", [_user("Use the calculator to compute 17 * 23.")], _number(391), tools=[FLAT_CALCULATOR])],
@@ -613,24 +491,16 @@ def test_a_conversation_moves_off_a_replica_that_stops_answering(tmp_path, serve
     rows = _read_jsonl(summary.rollouts_path)
     assert (summary.rollouts_written, summary.failures) == (8, 0)
     assert {r["replica"] for r in rows} == {1}  # the replica that finished it
-    moved = [r for r in rows if r["messages"][1]["tool_calls"][0]["id"].startswith("chatcmpl-tool-r0-")]
+    begun_on_0 = tool_call_ids(dying)
+    moved = [r for r in rows if r["messages"][1]["tool_calls"][0]["id"] in begun_on_0]
     assert len(moved) == 1  # begun on replica 0, finished on replica 1
     assert moved[0]["reward"] == 1.0 and len(moved[0]["turns"]) == 2
-    assert any("chatcmpl-tool-r0-" in json.dumps(r["body"]["messages"]) for r in healthy.requests)
+    assert any(call_id in json.dumps(r.body["messages"]) for r in healthy.requests for call_id in begun_on_0)
     assert summary.replicas["0"]["failures"] >= 1 and summary.replicas["1"]["retries"] >= 1
 
 
 def _resumable(tmp_path: Path, root: Path, *extra: dict) -> CollectorConfig:
-    tool_params = {"tools": [FLAT_CALCULATOR], "tool_choice": "required"}
-    tasks = _write_lines(
-        tmp_path / "tasks.jsonl",
-        [
-            _gym_task("calc", [_user("Use the calculator to compute 17 * 23.")], _number(391), **tool_params),
-            _gym_task("text", [_user("What is 7 + 5?")], _number(12)),
-            _gym_task("wrong", "What is 2 + 2?", _number(4)),
-            *extra,
-        ],
-    )
+    tasks = _write_lines(tmp_path / "tasks.jsonl", [*_three_tasks(), *extra])
     return CollectorConfig(
         tasks=str(tasks), output_dir=str(tmp_path / "out"), namespace="run1", registry_root=str(root),
         num_repeats=2, max_concurrency=3,
@@ -718,12 +588,12 @@ def test_after_a_crash_at_any_point_a_rerun_writes_each_row_once(tmp_path, stand
 def test_failures_are_retried_by_the_next_run_and_listed_by_the_last(tmp_path, stand_in):
     server, root = stand_in
     cfg = _resumable(tmp_path, root, _gym_task("flaky", "FLAKY 1 + 1", _number(2)))
-    server.flaky = True
+    server.faults.fail_on["FLAKY"] = 500
     first = collect(cfg)
     assert (first.rollouts_written, first.failures) == (6, 2)
     assert sorted(_keys(first.failures_path)) == [("flaky", 0), ("flaky", 1)]
 
-    server.flaky = False
+    del server.faults.fail_on["FLAKY"]
     again = collect(cfg)
     assert (again.rollouts_written, again.rollouts_written_this_run, again.failures) == (8, 2, 0)
     assert sorted(_keys(again.rollouts_path)) == sorted([*ALL_SIX, ("flaky", 0), ("flaky", 1)])

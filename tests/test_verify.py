@@ -1,31 +1,27 @@
-"""server.verify against a stand-in engine: a real HTTP server on 127.0.0.1 that answers in
-vLLM 0.32's shapes and can be told to answer wrongly, one fault at a time. No model runs:
-its "tokenizer" maps each character to its code point, its "chat template" is ChatML with
-hermes-style tool calls, and what its "model" writes is fixed by the fault settings."""
+"""server.verify against the stand-in engine (server/standin.py, no model) on 127.0.0.1, told
+to answer wrongly one fault at a time: its "tokenizer" maps each byte to a token, its "chat
+template" is ChatML with hermes-style tool calls, and what its "model" writes under forced
+calls is set by the test."""
 
 from __future__ import annotations
 
-import json
 import re
 import socket
 import subprocess
 import sys
-import threading
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 
 from server import verify
+from server.standin import StandIn
 from server.verify import check_chat, readiness_checks
+from tests.support import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 MODEL = "standin"
 ALL_CHECKS = ["models", "chat", "logprobs", "tokenize", "tool_required", "tool_named", "tool_parser"]
 
-# What the stand-in's model writes when a call is forced: get_weather(city=Paris) the way each
-# model family writes it, or no call at all.
+# What a model writes when a call is forced: get_weather(city=Paris) the way each model family
+# writes it, or no call at all.
 WRITTEN = {
     "hermes": '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>',
     "qwen3_xml": (
@@ -36,175 +32,13 @@ WRITTEN = {
     "bare_json": '{"name": "get_weather", "parameters": {"city": "Paris"}}',
     "plain_text": "I think it is sunny in Paris.",
 }
-# How each tool parser reads calls back out of what the model wrote.
-PARSERS = {
-    "hermes": lambda text: [json.loads(m) for m in re.findall(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", text, re.S)],
-    "qwen3_xml": lambda text: [
-        {"name": name, "arguments": {key: value}}
-        for name, key, value in re.findall(r"<function=(\w+)>\s*<parameter=(\w+)>\s*(.*?)\s*</parameter>", text, re.S)
-    ],
-}
-
-
-@dataclass
-class Faults:
-    """What the stand-in engine gets wrong; the defaults answer like a well-configured vLLM."""
-
-    models: list[str] = field(default_factory=lambda: [MODEL])
-    api_key: str | None = None
-    token_ids: bool = True  # prompt_token_ids / choices[].token_ids when return_token_ids is asked
-    token_id_tokens: bool = True  # logprob tokens "token_id:N" when return_tokens_as_token_ids is asked
-    writes: str = "hermes"  # a WRITTEN key: what its model writes under forced calls
-    reads: str | None = "hermes"  # the format its tool parser reads; None: reads nothing
-    # Under a pinned `auto` answer, vLLM offers the parser's format next to the pinned text.
-    takes_parser_branch: bool = False
-    no_tool_parser: bool = False  # started without --enable-auto-tool-choice/--tool-call-parser
-    detokenize: bool = True
-    template_drops_calls: bool = False
-
-
-class StandInEngine(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.faults = Faults()
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}/v1"
-
-
-class _ApiError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-class _NoRoute(Exception):
-    """Answered as FastAPI answers an unknown path."""
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: StandInEngine
-
-    def log_message(self, *args) -> None:
-        pass
-
-    def do_GET(self) -> None:
-        self._answer({"/v1/models": self._models}, None)
-
-    def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self._answer({"/v1/chat/completions": self._chat, "/tokenize": self._tokenize,
-                      "/detokenize": self._detokenize}, body)
-
-    def _answer(self, routes: dict, body: dict | None) -> None:
-        try:
-            if self.path not in routes:
-                raise _NoRoute
-            status, data = 200, routes[self.path](body)
-        except _ApiError as e:
-            status, data = e.status, {"error": {"message": str(e), "type": "Error", "param": None, "code": e.status}}
-        except _NoRoute:
-            status, data = 404, {"detail": "Not Found"}
-        raw = json.dumps(data).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(raw)))
-        self.end_headers()
-        self.wfile.write(raw)
-
-    def _models(self, _body: None) -> dict:
-        return {"object": "list", "data": [{"id": m, "object": "model"} for m in self._faults(v1=True).models]}
-
-    def _faults(self, v1: bool = False) -> Faults:
-        faults = self.server.faults
-        # vLLM's --api-key guards /v1 only.
-        if v1 and faults.api_key and self.headers.get("Authorization") != f"Bearer {faults.api_key}":
-            raise _ApiError(401, "Unauthorized")
-        return faults
-
-    def _model(self, faults: Faults, body: dict) -> None:
-        if body.get("model") not in faults.models:
-            raise _ApiError(404, f"The model `{body.get('model')}` does not exist.")
-
-    def _chat(self, body: dict) -> dict:
-        faults = self._faults(v1=True)
-        self._model(faults, body)
-        tool_choice, pinned = body.get("tool_choice"), (body.get("structured_outputs") or {}).get("choice")
-        if body.get("tools") and faults.no_tool_parser:
-            raise _ApiError(
-                400, '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set')
-        if pinned and not faults.takes_parser_branch:
-            text = pinned[0]
-        elif tool_choice == "required" or isinstance(tool_choice, dict) or pinned:
-            text = WRITTEN[faults.writes]
-        else:
-            text = "Hello there, it is sunny in Paris."[: body.get("max_tokens") or None]
-        calls = PARSERS[faults.reads](text) if body.get("tools") and faults.reads else []
-        message = {"role": "assistant", "content": None if calls else text, "tool_calls": [
-            {"id": f"call-{i}", "type": "function",
-             "function": {"name": c["name"], "arguments": json.dumps(c["arguments"])}}
-            for i, c in enumerate(calls)
-        ]}
-        choice = {"index": 0, "message": message, "finish_reason": "tool_calls" if calls else "stop", "logprobs": None}
-        data = {"id": "chatcmpl-standin", "object": "chat.completion", "model": body["model"], "choices": [choice]}
-        if body.get("logprobs"):
-            as_ids = body.get("return_tokens_as_token_ids") and faults.token_id_tokens
-            name = (lambda ch: f"token_id:{ord(ch)}") if as_ids else (lambda ch: ch)
-            choice["logprobs"] = {"content": [
-                {"token": name(ch), "logprob": -0.5, "top_logprobs": [{"token": name(ch), "logprob": -0.5}]}
-                for ch in text
-            ]}
-        if body.get("return_token_ids") and faults.token_ids:
-            data["prompt_token_ids"] = _encode(_render(body["messages"], True, faults))
-            choice["token_ids"] = _encode(text)
-        return data
-
-    def _tokenize(self, body: dict) -> dict:
-        faults = self._faults()
-        self._model(faults, body)
-        tokens = _encode(_render(body["messages"], body.get("add_generation_prompt", True), faults))
-        return {"count": len(tokens), "max_model_len": 2048, "tokens": tokens, "token_strs": None}
-
-    def _detokenize(self, body: dict) -> dict:
-        if not self._faults().detokenize:
-            raise _NoRoute
-        return {"prompt": "".join(map(chr, body["tokens"]))}
-
-
-def _encode(text: str) -> list[int]:
-    return [ord(ch) for ch in text]
-
-
-def _render(messages: list[dict], add_generation_prompt: bool, faults: Faults) -> str:
-    """ChatML; assistant tool calls hermes-style, unless the fault drops them."""
-    text = "<|im_start|>system\nYou are a stand-in.<|im_end|>\n"
-    for m in messages:
-        content = m.get("content") or ""
-        if not faults.template_drops_calls:
-            for call in m.get("tool_calls") or []:
-                fn = call["function"]
-                content += f'<tool_call>\n{{"name": "{fn["name"]}", "arguments": {fn["arguments"]}}}\n</tool_call>'
-        text += f"<|im_start|>{m['role']}\n{content}<|im_end|>\n"
-    return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
-
-
-@pytest.fixture(scope="module")
-def engine_server():
-    server = StandInEngine()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
 
 
 @pytest.fixture
-def engine(engine_server) -> StandInEngine:
-    engine_server.faults = Faults()
-    return engine_server
+def engine():
+    """A stand-in without faults, as a well-configured vLLM answers."""
+    with StandIn(model=MODEL) as server:
+        yield server
 
 
 def by_name(results) -> dict:
@@ -245,7 +79,7 @@ def test_connection_refused_says_nothing_listens():
 
 
 def test_api_key(engine):
-    engine.faults.api_key = "s3cret"
+    engine.api_key = "s3cret"
     missing = readiness_checks(engine.base_url, MODEL)[0]
     assert not missing.ok and "HTTP 401" in missing.detail
     assert missing.hint.startswith("the endpoint wants an API key: pass --api-key/--api-key-file")
@@ -269,13 +103,14 @@ def test_token_id_tokens_are_required_for_gym_training(engine):
     assert not result.ok and "return_tokens_as_token_ids" in result.hint
 
 
-@pytest.mark.parametrize("family, parser", [
-    ("hermes", "hermes"), ("qwen3_xml", "qwen3_xml"), ("mistral", "mistral"),
-    ("llama3_json", "llama3_json"), ("bare_json", "llama3_json"),
+@pytest.mark.parametrize("family, engine_parser, parser", [
+    ("hermes", "qwen3_xml", "hermes"), ("qwen3_xml", "hermes", "qwen3_xml"), ("mistral", "hermes", "mistral"),
+    ("llama3_json", "hermes", "llama3_json"), ("bare_json", "hermes", "llama3_json"),
 ])
-def test_call_text_in_content_names_the_parser_that_fits(engine, family, parser):
-    """A parser without a grammar of its own lets the model write its native format, then finds nothing."""
-    engine.faults.writes, engine.faults.reads = family, None
+def test_call_text_in_content_names_the_parser_that_fits(engine, family, engine_parser, parser):
+    """The engine's parser is another family's and constrains nothing (as a parser without a grammar
+    of its own): the model writes its native format, and the parser finds no call in it."""
+    engine.faults.writes, engine.faults.tool_parser = WRITTEN[family], engine_parser
     results = by_name(readiness_checks(engine.base_url, MODEL, tools=True))
     for name in ("tool_required", "tool_named"):
         assert not results[name].ok
@@ -285,7 +120,7 @@ def test_call_text_in_content_names_the_parser_that_fits(engine, family, parser)
 
 
 def test_plain_text_answer_to_a_forced_call(engine):
-    engine.faults.writes, engine.faults.reads = "plain_text", None
+    engine.faults.writes = WRITTEN["plain_text"]
     result = by_name(readiness_checks(engine.base_url, MODEL, tools=True))["tool_required"]
     assert not result.ok
     assert result.hint.startswith("the engine answered a forced call with plain text")
@@ -295,7 +130,7 @@ def test_plain_text_answer_to_a_forced_call(engine):
 def test_wrong_parser_with_its_own_grammar(engine, takes_parser_branch):
     """vLLM 0.32 constrains forced calls to the parser's format: they pass under a parser that
     does not fit the model; only the template round trip shows it."""
-    engine.faults.writes = engine.faults.reads = "qwen3_xml"
+    engine.faults.writes, engine.faults.tool_parser = WRITTEN["qwen3_xml"], "qwen3_xml"
     engine.faults.takes_parser_branch = takes_parser_branch
     results = by_name(readiness_checks(engine.base_url, MODEL, tools=True))
     assert results["tool_required"].ok and results["tool_named"].ok
@@ -311,7 +146,7 @@ def test_wrong_parser_with_its_own_grammar(engine, takes_parser_branch):
 
 
 def test_engine_without_tool_parser(engine):
-    engine.faults.no_tool_parser = True
+    engine.faults.tool_parser = None  # started without --enable-auto-tool-choice/--tool-call-parser
     results = by_name(readiness_checks(engine.base_url, MODEL, tools=True))
     for name in ("tool_required", "tool_named", "tool_parser"):
         assert not results[name].ok and "HTTP 400" in results[name].detail
@@ -356,7 +191,7 @@ def test_cli_fails_with_the_hint(engine, capsys):
 
 
 def test_cli_reads_the_api_key_from_the_environment_or_a_file(engine, capsys, monkeypatch, tmp_path):
-    engine.faults.api_key = "s3cret"
+    engine.api_key = "s3cret"
     assert verify.main(["--base-url", engine.base_url]) == 1
     monkeypatch.setenv(verify.API_KEY_ENV, "s3cret")
     assert verify.main(["--base-url", engine.base_url]) == 0

@@ -16,47 +16,12 @@ import pytest
 
 from launcher.executors import LocalBackend, Resources
 from launcher.spec import ClusterSpec
-from server.engines import EngineSpec
 from server.job import ServerJob, run
 from server.registry import Entry, Registry
+from tests.support import ROOT, cpu_engine, queued
 
-ROOT = Path(__file__).resolve().parents[2]
 SLURM_SCRIPTS = ROOT / "tests" / "slurm"
 DEFAULT_SLURM_DIR = Path(os.environ.get("GYMLAUNCH_SLURM_DIR", "/tmp/gymlaunch-slurm"))
-CHAT_TEMPLATE = ROOT / "server" / "chat_templates" / "chatml_hermes_tools.jinja"
-SERVED_NAME = "smollm2-test"
-
-
-def cpu_engine(**overrides) -> EngineSpec:
-    """The embedded default's engine flags (conf/server/vllm_cpu.yaml)."""
-    flags = dict(
-        served_name=SERVED_NAME, max_model_len=2048, kv_cache_memory_bytes=268435456, enforce_eager=True,
-        tool_call_parser="hermes", tool_strict_level="parameter", chat_template=str(CHAT_TEMPLATE),
-    )
-    return EngineSpec(**{**flags, **overrides})
-
-
-def engine_pids() -> dict[int, str]:
-    """Every running vLLM API server on this machine, pid -> command line."""
-    found = {}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if "vllm.entrypoints.openai.api_server" in cmdline:
-            found[int(proc.name)] = cmdline
-    return found
-
-
-def auth(entry: Entry) -> dict[str, str]:
-    return {"Authorization": f"Bearer {entry.read_api_key()}"}
-
-
-def engines_on_port(port: int) -> list[int]:
-    return [pid for pid, cmd in engine_pids().items() if f"--port {port} " in cmd + " "]
 
 
 @pytest.fixture(scope="session")
@@ -127,10 +92,6 @@ def _exports(stdout: str) -> dict[str, str]:
             key, _, value = line[len("export ") :].partition("=")
             found[key] = shlex.split(value)[0] if value else ""
     return found
-
-
-def queued() -> list[str]:
-    return subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
 
 
 @pytest.fixture(scope="session")

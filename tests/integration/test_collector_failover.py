@@ -19,7 +19,7 @@ from launcher.executors import LocalBackend, Resources
 from launcher.spec import ClusterSpec
 from server.job import ServerJob, run
 from server.registry import Entry, Registry
-from tests.integration.conftest import ROOT, cpu_engine
+from tests.support import ROOT, cpu_engine
 
 NAMESPACE = "failover"  # its own: the shared policy_server of the other tests stays out of it
 NUM_REPEATS = 2

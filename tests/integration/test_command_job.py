@@ -8,7 +8,6 @@ serves until SIGINT; ng_collect_rollouts writes the output JSONL, or exits 1 wri
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -17,8 +16,7 @@ import time
 from pathlib import Path
 
 from server.registry import Registry
-from tests.integration.conftest import ROOT
-from tests.integration.test_lifecycle import FAST_HEARTBEATS, STANDIN
+from tests.support import ROOT, STANDIN_SERVER, run_launcher, start_launcher
 
 SERVED = "standin-model"
 
@@ -81,13 +79,8 @@ NG_COLLECT = textwrap.dedent("""
 
 
 def launch(run_dir: Path, registry_root: Path, *overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "launcher", "server=openai_command", f'server.command="{STANDIN}"',
-         "model.embedded=null", "model.path=standin/model", f"model.served_name={SERVED}",
-         f"hydra.run.dir='{run_dir}'", *FAST_HEARTBEATS, *overrides],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "GYMLAUNCH_REGISTRY_ROOT": str(registry_root)},
-    )
+    return run_launcher(registry_root, *STANDIN_SERVER, f"model.served_name={SERVED}", f"hydra.run.dir='{run_dir}'",
+                        *overrides)
 
 
 def test_command_gets_the_endpoints_in_env_and_argv_and_not_the_key_in_argv(tmp_path):
@@ -211,13 +204,8 @@ SLEEPER = textwrap.dedent("""
 def test_ctrl_c_on_the_launcher_stops_the_running_command(tmp_path):
     (tmp_path / "sleeper.py").write_text(SLEEPER)
     pid_file = tmp_path / "sleeper.pid"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "launcher", "server=openai_command", f'server.command="{STANDIN}"',
-         "model.embedded=null", "model.path=standin/model", f"hydra.run.dir={tmp_path / 'run'}", *FAST_HEARTBEATS,
-         "job=command", f'job.command="{{python}} {tmp_path / "sleeper.py"} {pid_file}"'],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "GYMLAUNCH_REGISTRY_ROOT": str(tmp_path / "registry")},
-    )
+    proc = start_launcher(tmp_path / "registry", *STANDIN_SERVER, f"hydra.run.dir={tmp_path / 'run'}",
+                          "job=command", f'job.command="{{python}} {tmp_path / "sleeper.py"} {pid_file}"')
     deadline = time.monotonic() + 120
     while not pid_file.exists():
         assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 
 from server.registry import Registry
-from tests.integration.conftest import ROOT, auth, engines_on_port
+from tests.support import ROOT, auth, engines_on_port
 
 
 def launcher(run_dir: Path, *overrides: str, **popen) -> subprocess.Popen:

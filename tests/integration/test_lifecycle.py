@@ -4,8 +4,6 @@ by the orphan grace period. Uses the stand-in server (server/standin.py, no mode
 
 from __future__ import annotations
 
-import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,28 +11,7 @@ import time
 from pathlib import Path
 
 from server.registry import Registry
-from tests.integration.conftest import ROOT
-
-STANDIN = "{python} -m server.standin --host {host} --port {port} --model {served_name}"
-# Fast owner heartbeats (orphans stop within seconds), but a TTL that survives a busy machine.
-FAST_HEARTBEATS = ["registry.heartbeat_s=0.5", "registry.ttl_s=20", "registry.orphan_grace_s=3"]
-
-
-def serve_standin(run_dir: Path, registry_root: Path, *overrides: str) -> tuple[subprocess.Popen, str]:
-    """A launcher serving the stand-in (job=none); returns it once it prints its URL."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "launcher", "job=none", "server=openai_command", f'server.command="{STANDIN}"',
-         "model.embedded=null", "model.path=standin/model", f"hydra.run.dir={run_dir}", *FAST_HEARTBEATS,
-         *overrides],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "GYMLAUNCH_REGISTRY_ROOT": str(registry_root)},
-    )
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith("serving policy at "):
-            return proc, line.split()[3]
-    raise AssertionError("launcher ended before serving:\n" + "".join(lines))
+from tests.support import ROOT, serve_standin, standin_pids, sweep, sweep_summaries
 
 
 def cli(module: str, *args: str, registry_root: Path) -> subprocess.CompletedProcess:
@@ -42,19 +19,6 @@ def cli(module: str, *args: str, registry_root: Path) -> subprocess.CompletedPro
         [sys.executable, "-m", module, "--root", str(registry_root), *args],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
-
-
-def standin_pids(port: str | None = None) -> list[int]:
-    """Running stand-in servers (on ``port`` only, if given)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        try:
-            cmdline = (proc / "cmdline").read_bytes().split(b"\0") if proc.name.isdigit() else []
-            if b"server.standin" in cmdline and (port is None or port.encode() in cmdline):
-                pids.append(int(proc.name))
-        except OSError:
-            continue
-    return pids
 
 
 def test_servers_stop_themselves_after_the_launcher_is_killed(tmp_path):
@@ -89,21 +53,6 @@ def test_down_from_another_shell_stops_a_running_launchers_servers(tmp_path):
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 1 and "ended while in use" in out  # the launcher saw its servers go
     assert Registry(root).namespaces() == []
-
-
-def sweep(tmp_path: Path, registry_root: Path, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    """A 2-point Hydra multirun over sampling temperature: the server config is the same."""
-    return subprocess.run(
-        [sys.executable, "-m", "launcher", "-m", "server=openai_command", f'server.command="{STANDIN}"',
-         "model.embedded=null", "model.path=standin/model", "job.sampling.temperature=0.2,0.8",
-         f"hydra.sweep.dir={tmp_path / 'sweep'}", *FAST_HEARTBEATS, *overrides],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "GYMLAUNCH_REGISTRY_ROOT": str(registry_root), **(env or {})},
-    )
-
-
-def sweep_summaries(tmp_path: Path) -> list[dict]:
-    return [json.loads((tmp_path / "sweep" / str(i) / "summary.json").read_text()) for i in (0, 1)]
 
 
 def test_a_sweep_with_one_server_config_starts_one_pool(tmp_path):

@@ -11,7 +11,7 @@ from jobs.rollouts import DEMO_TASKS, CollectorConfig, SamplingParams, collect
 from server.job import in_flight_requests
 from server.registry import Registry
 from server.verify import readiness_checks
-from tests.integration.conftest import SERVED_NAME, auth, engine_pids
+from tests.support import SERVED_NAME, auth, engine_pids
 
 
 def test_entry_carries_the_registry_contract(policy_server, registry_root):

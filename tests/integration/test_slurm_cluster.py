@@ -20,7 +20,7 @@ import cloudpickle
 import pytest
 import submitit
 
-from tests.integration.conftest import queued
+from tests.support import queued
 
 ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL"}
 

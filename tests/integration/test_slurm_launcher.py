@@ -7,14 +7,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from datetime import datetime
 from pathlib import Path
 
 from server.registry import Registry
-from tests.integration.conftest import ROOT, queued
-from tests.integration.test_lifecycle import sweep, sweep_summaries
+from tests.support import queued, start_launcher, sweep, sweep_summaries
 
 # Small requests so servers and the collector share the 8 (fake) CPUs of the test node.
 SLURM = ["cluster=slurm", "server.gpus_per_replica=1", "cluster.gpus_per_node=4", "cluster.cpus_per_task=1",
@@ -23,11 +21,7 @@ SLURM = ["cluster=slurm", "server.gpus_per_replica=1", "cluster.gpus_per_node=4"
 
 def launcher(slurm_cluster, registry_root: Path, run_dir: Path, *overrides: str) -> subprocess.Popen:
     cluster = [o for o in SLURM if not o.startswith("job.")] if "job=none" in overrides else SLURM
-    return subprocess.Popen(
-        [sys.executable, "-m", "launcher", *cluster, f"hydra.run.dir={run_dir}", *overrides],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, **slurm_cluster.env, "GYMLAUNCH_REGISTRY_ROOT": str(registry_root)},
-    )
+    return start_launcher(registry_root, *cluster, f"hydra.run.dir={run_dir}", *overrides, env=slurm_cluster.env)
 
 
 def sacct(slurm_cluster, job_id: str, fields: str) -> list[list[str]]:

@@ -15,7 +15,7 @@ import pytest
 from server.engines import build_launch
 from server.job import free_port, log_tail, stop_engine
 from server.models import prepare
-from tests.integration.conftest import ROOT, cpu_engine
+from tests.support import ROOT, cpu_engine
 
 # A parser vLLM 0.32 accepts for SmolLM2's tokenizer (llama3_json and mistral refuse to start:
 # their special tokens are missing) and that brings its own grammar (Qwen3-Coder's XML calls),
