@@ -121,7 +121,7 @@ async def compare(
     """Throughput from rounds that alternate (direct, pool), (pool, direct), ...; latency from a
     phase where every worker alternates request by request, so both sides meet the same server
     state. ``transport``: replace the network (to isolate the pool's own cost)."""
-    pool = EndpointPool(SERVICE, NAMESPACE, root, ttl_s=math.inf)  # no server job heartbeats the entry
+    pool = EndpointPool(SERVICE, NAMESPACE, Registry(root, ttl_s=math.inf))  # no server job heartbeats the entry
     key = entry.read_api_key()
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     url = f"{entry.base_url}/chat/completions"
@@ -185,8 +185,8 @@ def lookups(sizes: list[int], budget_s: float) -> list[tuple[int, float, float, 
                     port=10000 + replica, engine="bench", engine_version="0", job_id=str(replica),
                     node="localhost", pid=0, state="ready", heartbeat_at=time.time(),
                 ))
-            cached = EndpointPool(SERVICE, NAMESPACE, root)  # the default refresh_s
-            every_pick = EndpointPool(SERVICE, NAMESPACE, root, refresh_s=0)  # a stat per file per pick
+            cached = EndpointPool(SERVICE, NAMESPACE, Registry(root))  # the default refresh_s
+            every_pick = EndpointPool(SERVICE, NAMESPACE, Registry(root), refresh_s=0)  # a stat per file per pick
             rows.append((
                 size,
                 per_second(lambda i: cached.pick(f"session-{i}"), budget_s),

@@ -12,11 +12,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-import jobs.pool
+import server.registry as registry_module
 from jobs.pool import EndpointPool, NoEndpointError, ReplicaStats
 from server import standin
 from server.job import free_port
-from server.registry import Entry, Registry
+from server.registry import API_KEY_ENV, Entry, Registry
 from tests.support import MODEL, NAMESPACE as NS, SERVICE, entry, publish
 
 CHAT = "/chat/completions"
@@ -24,7 +24,7 @@ CHAT = "/chat/completions"
 
 def key_homed_at(root: Path, replica: int, prefix: str = "conv") -> str:
     """A session key whose hashed replica is ``replica`` (asked of a throwaway pool, so no move is remembered)."""
-    probe = EndpointPool(SERVICE, NS, root, refresh_s=0)
+    probe = EndpointPool(SERVICE, NS, Registry(root), refresh_s=0)
     return next(k for k in (f"{prefix}-{i}" for i in range(1000)) if probe.pick(k).replica == replica)
 
 
@@ -60,7 +60,7 @@ def post_once(pool: EndpointPool, key: str = "conv", headers: dict | None = None
 def test_turns_of_a_conversation_reach_one_replica(tmp_path, standins):
     servers = standins(3)
     publish(tmp_path, servers)
-    pool = EndpointPool(SERVICE, NS, tmp_path)
+    pool = EndpointPool(SERVICE, NS, Registry(tmp_path))
 
     async def converse() -> dict[str, list[int]]:
         seen: dict[str, list[int]] = {}
@@ -81,7 +81,7 @@ def test_turns_of_a_conversation_reach_one_replica(tmp_path, standins):
 
 def test_a_replica_leaving_moves_only_its_own_conversations(tmp_path, standins):
     publish(tmp_path, standins(4))
-    pool = EndpointPool(SERVICE, NS, tmp_path, refresh_s=0)
+    pool = EndpointPool(SERVICE, NS, Registry(tmp_path), refresh_s=0)
     before = {k: pool.pick(k).replica for k in (f"conv-{i}" for i in range(200))}
     Registry(tmp_path).remove(NS, SERVICE, 1)
     after = {k: pool.pick(k).replica for k in before}
@@ -96,7 +96,7 @@ def test_fallback_goes_to_the_least_busy_replica_and_stays(tmp_path, standins):
     servers = standins(3)
     entries = publish(tmp_path, servers)
     registry = Registry(tmp_path)
-    pool = EndpointPool(SERVICE, NS, tmp_path, refresh_s=0)
+    pool = EndpointPool(SERVICE, NS, Registry(tmp_path), refresh_s=0)
     key = key_homed_at(tmp_path, 0)
     busy_keys = [key_homed_at(tmp_path, 1, prefix=f"busy{i}") for i in range(3)]
 
@@ -128,7 +128,7 @@ def test_stale_replica_is_not_picked(tmp_path, standins):
     registry = Registry(tmp_path)
     registry.publish(entry(0, servers[0].port, heartbeat_at=time.time() - 3600))
     registry.publish(entry(1, servers[1].port))
-    pool = EndpointPool(SERVICE, NS, tmp_path)
+    pool = EndpointPool(SERVICE, NS, Registry(tmp_path))
     assert [e.replica for e in pool.endpoints()] == [1]
     assert {pool.pick(f"conv-{i}").replica for i in range(20)} == {1}
 
@@ -144,7 +144,7 @@ def test_killed_replica_mid_collection_fails_over_and_conversations_stay_moved(t
         registry = Registry(tmp_path)
         for replica, (_, port) in enumerate(procs):
             registry.publish(entry(replica, port))
-        pool = EndpointPool(SERVICE, NS, tmp_path, backoff_s=0.01)
+        pool = EndpointPool(SERVICE, NS, Registry(tmp_path), backoff_s=0.01)
         turns: dict[str, list[int]] = {}
         done, killed = 0, False
 
@@ -190,14 +190,14 @@ def test_503_is_retried_elsewhere_and_500_is_returned(tmp_path, standins):
     key = key_homed_at(tmp_path, 0)
 
     servers[0].faults.status = 503
-    pool = EndpointPool(SERVICE, NS, tmp_path, backoff_s=0.01)
+    pool = EndpointPool(SERVICE, NS, Registry(tmp_path), backoff_s=0.01)
     e, r = post_once(pool, key)
     assert (e.replica, r.status_code) == (1, 200)
     assert pool.stats() == {0: ReplicaStats(requests=1, failures=1), 1: ReplicaStats(requests=1, retries=1)}
     assert pool.pick(key).replica == 1  # the session moved
 
     servers[0].faults.status = 500
-    pool = EndpointPool(SERVICE, NS, tmp_path)
+    pool = EndpointPool(SERVICE, NS, Registry(tmp_path))
     e, r = post_once(pool, key)
     assert (e.replica, r.status_code) == (0, 500) and "stand-in told to answer 500" in r.text
     assert pool.stats() == {0: ReplicaStats(requests=1)}
@@ -209,7 +209,7 @@ def test_a_replica_dropping_the_connection_mid_answer_is_left_for_another(tmp_pa
     publish(tmp_path, servers)
     key = key_homed_at(tmp_path, 0)
     servers[0].faults.drop_connection = True  # half an answer, then the connection closes
-    pool = EndpointPool(SERVICE, NS, tmp_path, backoff_s=0.01)
+    pool = EndpointPool(SERVICE, NS, Registry(tmp_path), backoff_s=0.01)
     e, r = post_once(pool, key)
     assert (e.replica, r.status_code) == (1, 200) and r.json()["choices"][0]["message"]["content"] == "Echo: hi"
     assert [x.status for x in servers[0].requests] == [None]  # received, never wholly answered
@@ -222,7 +222,7 @@ def test_retries_are_bounded(tmp_path, standins):
     for server in servers:
         server.faults.status = 503
     publish(tmp_path, servers)
-    pool = EndpointPool(SERVICE, NS, tmp_path, max_retries=2, backoff_s=0.01)
+    pool = EndpointPool(SERVICE, NS, Registry(tmp_path), max_retries=2, backoff_s=0.01)
     _, r = post_once(pool)
     assert r.status_code == 503  # the last answer, for the caller to report
     assert sum(len(s.requests) for s in servers) == 3
@@ -232,7 +232,7 @@ def test_retries_are_bounded(tmp_path, standins):
 def test_ejected_replica_comes_back_with_its_next_heartbeat(tmp_path, standins):
     servers = standins(2)
     entries = publish(tmp_path, servers)
-    pool = EndpointPool(SERVICE, NS, tmp_path, refresh_s=0, backoff_s=0.01)
+    pool = EndpointPool(SERVICE, NS, Registry(tmp_path), refresh_s=0, backoff_s=0.01)
     key = key_homed_at(tmp_path, 0)
 
     def answered_by(k: str) -> int:
@@ -255,7 +255,7 @@ def test_ejected_replica_comes_back_with_its_next_heartbeat(tmp_path, standins):
 
 def test_empty_pool_waits_for_a_replica(tmp_path, standins):
     (server,) = standins(1)
-    pool = EndpointPool(SERVICE, NS, tmp_path, refresh_s=0.05, wait_s=30)
+    pool = EndpointPool(SERVICE, NS, Registry(tmp_path), refresh_s=0.05, wait_s=30)
     with pytest.raises(NoEndpointError):
         pool.pick("conv")
 
@@ -275,7 +275,7 @@ def test_empty_pool_gives_up_after_wait_s_and_says_why(tmp_path, standins):
     (server,) = standins(1)
     server.faults.status = 503
     publish(tmp_path, [server])
-    pool = EndpointPool(SERVICE, NS, tmp_path, refresh_s=0.05, wait_s=0.3, backoff_s=0.01)
+    pool = EndpointPool(SERVICE, NS, Registry(tmp_path), refresh_s=0.05, wait_s=0.3, backoff_s=0.01)
     start = time.monotonic()
     with pytest.raises(NoEndpointError) as info:
         post_once(pool)
@@ -287,7 +287,7 @@ def test_empty_pool_gives_up_after_wait_s_and_says_why(tmp_path, standins):
 
 def test_unreachable_replica_and_nothing_else_raises_the_transport_error(tmp_path):
     Registry(tmp_path).publish(entry(0, free_port("127.0.0.1")))  # nobody listens there
-    pool = EndpointPool(SERVICE, NS, tmp_path, max_retries=0)
+    pool = EndpointPool(SERVICE, NS, Registry(tmp_path), max_retries=0)
     with pytest.raises(httpx.ConnectError):
         post_once(pool)
     assert pool.stats() == {0: ReplicaStats(requests=1, failures=1)}
@@ -300,7 +300,7 @@ def test_the_replica_key_is_sent_and_read_once(tmp_path, standins, monkeypatch):
     key_file = Registry(tmp_path).create_api_key(NS)
     (server,) = standins(1, api_key=key_file.read_text())
     Registry(tmp_path).publish(entry(0, server.port, api_key_file=str(key_file)))
-    pool = EndpointPool(SERVICE, NS, tmp_path)
+    pool = EndpointPool(SERVICE, NS, Registry(tmp_path))
     assert post_once(pool, headers={"X-Trace": "1"})[1].status_code == 200
     key_file.write_text("rotated")  # cached: the pool does not read it per request
     assert post_once(pool)[1].status_code == 200
@@ -310,8 +310,8 @@ def test_the_replica_key_is_sent_and_read_once(tmp_path, standins, monkeypatch):
 def test_without_a_key_file_the_environment_key_is_used(tmp_path, standins, monkeypatch):
     (server,) = standins(1, api_key="from-env")
     Registry(tmp_path).publish(entry(0, server.port))
-    monkeypatch.setenv(jobs.pool.API_KEY_ENV, "from-env")
-    pool = EndpointPool(SERVICE, NS, tmp_path)
+    monkeypatch.setenv(API_KEY_ENV, "from-env")
+    pool = EndpointPool(SERVICE, NS, Registry(tmp_path))
     assert post_once(pool)[1].status_code == 200
 
 
@@ -324,9 +324,9 @@ def test_refresh_parses_only_files_that_changed(tmp_path, monkeypatch):
     for e in entries:
         registry.publish(e)
     parsed: list[Path] = []
-    real_read = jobs.pool.read_entry
-    monkeypatch.setattr(jobs.pool, "read_entry", lambda path: parsed.append(path) or real_read(path))
-    pool = EndpointPool(SERVICE, NS, tmp_path, refresh_s=0)
+    real_read = registry_module.read_entry
+    monkeypatch.setattr(registry_module, "read_entry", lambda path: parsed.append(path) or real_read(path))
+    pool = EndpointPool(SERVICE, NS, Registry(tmp_path), refresh_s=0)
 
     assert len(pool.endpoints()) == 64 and len(parsed) == 64
     parsed.clear()
@@ -346,9 +346,9 @@ def test_refresh_waits_for_refresh_s(tmp_path, monkeypatch):
     registry = Registry(tmp_path)
     registry.publish(entry(0, 9))
     scans = []
-    real_scan = EndpointPool._scan
-    monkeypatch.setattr(EndpointPool, "_scan", lambda self, *a: scans.append(1) or real_scan(self, *a))
-    pool = EndpointPool(SERVICE, NS, tmp_path, refresh_s=3600)
+    real_scan = registry.scan
+    monkeypatch.setattr(registry, "scan", lambda *a: scans.append(1) or real_scan(*a))
+    pool = EndpointPool(SERVICE, NS, registry, refresh_s=3600)
     for i in range(100):
         pool.pick(f"conv-{i}")
     assert len(scans) == 1
@@ -357,7 +357,7 @@ def test_refresh_waits_for_refresh_s(tmp_path, monkeypatch):
 def test_without_a_namespace_the_pool_keeps_the_one_it_found(tmp_path):
     registry = Registry(tmp_path)
     registry.publish(entry(0, 9))
-    pool = EndpointPool(SERVICE, None, tmp_path, refresh_s=0)
+    pool = EndpointPool(SERVICE, None, Registry(tmp_path), refresh_s=0)
     assert pool.pick("conv").namespace == NS
     registry.publish(Entry(**{**entry(0, 9).__dict__, "namespace": "run2"}))  # another run, same service
     assert [e.namespace for e in pool.endpoints()] == [NS]

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from jobs import rollouts, tools, verifiers
-from jobs.pool import API_KEY_ENV, EndpointPool, NoEndpointError
+from jobs.pool import EndpointPool, NoEndpointError
 from jobs.rollouts import CollectorConfig, SamplingParams, TaskFileError, collect, load_tasks, parse_task
-from server.registry import Registry
+from server.registry import API_KEY_ENV, Registry
 from server.standin import StandIn, hermes_call
 from tests.support import MODEL, entry, publish
 
@@ -242,18 +242,18 @@ def test_pool_pick_is_stable_and_spreads(tmp_path):
         registry.publish(entry(replica))
     registry.publish(entry(3, state="starting"))
     registry.publish(entry(4, heartbeat_at=time.time() - 3600))
-    pool = EndpointPool("policy", "run1", tmp_path)
+    pool = EndpointPool("policy", "run1", Registry(tmp_path))
     assert [e.replica for e in pool.endpoints()] == [0, 1, 2]
     picks = {key: pool.pick(key).replica for key in (f"task-{i}/0" for i in range(60))}
-    assert picks == {key: EndpointPool("policy", "run1", tmp_path).pick(key).replica for key in picks}
+    assert picks == {key: EndpointPool("policy", "run1", Registry(tmp_path)).pick(key).replica for key in picks}
     assert set(picks.values()) == {0, 1, 2}
 
 
 def test_pool_rereads_registry_only_after_refresh_interval(tmp_path):
     registry = Registry(tmp_path)
     registry.publish(entry(0))
-    cached = EndpointPool("policy", "run1", tmp_path, refresh_s=3600)
-    fresh = EndpointPool("policy", "run1", tmp_path, refresh_s=0)
+    cached = EndpointPool("policy", "run1", Registry(tmp_path), refresh_s=3600)
+    fresh = EndpointPool("policy", "run1", Registry(tmp_path), refresh_s=0)
     assert len(cached.endpoints()) == len(fresh.endpoints()) == 1
     registry.publish(entry(1))
     assert len(cached.endpoints()) == 1
@@ -262,7 +262,7 @@ def test_pool_rereads_registry_only_after_refresh_interval(tmp_path):
 
 def test_pool_without_ready_replica_says_where_it_looked(tmp_path):
     with pytest.raises(NoEndpointError) as info:
-        EndpointPool("policy", "run1", tmp_path).pick("t/0")
+        EndpointPool("policy", "run1", Registry(tmp_path)).pick("t/0")
     assert "'policy'" in str(info.value) and str(tmp_path) in str(info.value)
 
 
@@ -271,8 +271,8 @@ def test_pool_refuses_a_service_in_several_namespaces(tmp_path):
     registry.publish(entry(0, namespace="run1"))
     registry.publish(entry(0, namespace="run2"))
     with pytest.raises(NoEndpointError, match="several namespaces"):
-        EndpointPool("policy", None, tmp_path).pick("t/0")
-    assert EndpointPool("policy", "run2", tmp_path).pick("t/0").namespace == "run2"
+        EndpointPool("policy", None, Registry(tmp_path)).pick("t/0")
+    assert EndpointPool("policy", "run2", Registry(tmp_path)).pick("t/0").namespace == "run2"
 
 
 # ---------------------------------------------------------------- the conversation loop
@@ -367,7 +367,7 @@ def test_collect_against_stand_in_server(tmp_path, stand_in, monkeypatch):
         tasks=str(_collect_tasks(tmp_path)),
         output_dir=str(tmp_path / "out"),
         namespace="run1",
-        registry_root=str(root),
+        registry=Registry(root),
         num_repeats=2,
         max_concurrency=3,
         max_turns=3,
@@ -451,7 +451,7 @@ def test_collect_against_stand_in_server(tmp_path, stand_in, monkeypatch):
 
 
 def test_collect_without_replica_fails_before_writing(tmp_path):
-    cfg = CollectorConfig(output_dir=str(tmp_path / "out"), registry_root=str(tmp_path / "empty"))
+    cfg = CollectorConfig(output_dir=str(tmp_path / "out"), registry=Registry(tmp_path / "empty"))
     with pytest.raises(NoEndpointError, match="no usable replica of service 'policy'"):
         collect(cfg)
     assert not (tmp_path / "out").exists()
@@ -483,7 +483,7 @@ def test_a_conversation_moves_off_a_replica_that_stops_answering(tmp_path, serve
         [_gym_task("calc", [_user("Use the calculator to compute 17 * 23.")], _number(391), tools=[FLAT_CALCULATOR])],
     )
     cfg = CollectorConfig(
-        tasks=str(tasks), output_dir=str(tmp_path / "out"), namespace="run1", registry_root=str(root),
+        tasks=str(tasks), output_dir=str(tmp_path / "out"), namespace="run1", registry=Registry(root),
         num_repeats=8, max_concurrency=1,
     )
     summary = collect(cfg)
@@ -502,7 +502,7 @@ def test_a_conversation_moves_off_a_replica_that_stops_answering(tmp_path, serve
 def _resumable(tmp_path: Path, root: Path, *extra: dict) -> CollectorConfig:
     tasks = _write_lines(tmp_path / "tasks.jsonl", [*_three_tasks(), *extra])
     return CollectorConfig(
-        tasks=str(tasks), output_dir=str(tmp_path / "out"), namespace="run1", registry_root=str(root),
+        tasks=str(tasks), output_dir=str(tmp_path / "out"), namespace="run1", registry=Registry(root),
         num_repeats=2, max_concurrency=3,
     )
 

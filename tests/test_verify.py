@@ -13,6 +13,7 @@ import sys
 import pytest
 
 from server import verify
+from server.registry import API_KEY_ENV
 from server.standin import StandIn
 from server.verify import check_chat, readiness_checks
 from tests.support import ROOT
@@ -193,11 +194,11 @@ def test_cli_fails_with_the_hint(engine, capsys):
 def test_cli_reads_the_api_key_from_the_environment_or_a_file(engine, capsys, monkeypatch, tmp_path):
     engine.api_key = "s3cret"
     assert verify.main(["--base-url", engine.base_url]) == 1
-    monkeypatch.setenv(verify.API_KEY_ENV, "s3cret")
+    monkeypatch.setenv(API_KEY_ENV, "s3cret")
     assert verify.main(["--base-url", engine.base_url]) == 0
     key_file = tmp_path / "key"
     key_file.write_text("s3cret\n")
-    monkeypatch.setenv(verify.API_KEY_ENV, "stale")
+    monkeypatch.setenv(API_KEY_ENV, "stale")
     assert verify.main(["--base-url", engine.base_url, "--api-key-file", str(key_file)]) == 0
     with pytest.raises(SystemExit) as exit_info:
         verify.main(["--base-url", engine.base_url, "--api-key-file", str(tmp_path / "missing")])

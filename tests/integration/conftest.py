@@ -37,8 +37,9 @@ def policy_server(tmp_path_factory, registry_root) -> Entry:
     folder = tmp_path_factory.mktemp("policy-server")
     key_file = Registry(registry_root).create_api_key("itest")  # as every launcher run does by default
     job_spec = ServerJob(
-        namespace="itest", service="policy", replica=0, engine=cpu_engine(), registry_root=str(registry_root),
-        log_dir=str(folder / "logs"), embedded_model="smollm2_135m", heartbeat_s=1.0, startup_timeout_s=600,
+        namespace="itest", service="policy", replica=0, engine=cpu_engine(),
+        registry=Registry(registry_root, heartbeat_s=1.0, orphan_grace_s=None),
+        log_dir=str(folder / "logs"), embedded_model="smollm2_135m", startup_timeout_s=600,
         api_key_file=str(key_file),
     )
     backend = LocalBackend(ClusterSpec(kind="local"), folder / "submitit")

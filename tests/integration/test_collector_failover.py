@@ -35,8 +35,9 @@ def replicas(tmp_path_factory, registry_root) -> list[Entry]:
     key_file = Registry(registry_root).create_api_key(NAMESPACE)
     specs = [
         ServerJob(
-            namespace=NAMESPACE, service="policy", replica=i, engine=cpu_engine(), registry_root=str(registry_root),
-            log_dir=str(folder / "logs"), embedded_model="smollm2_135m", heartbeat_s=1.0, startup_timeout_s=600,
+            namespace=NAMESPACE, service="policy", replica=i, engine=cpu_engine(),
+            registry=Registry(registry_root, heartbeat_s=1.0, orphan_grace_s=None),
+            log_dir=str(folder / "logs"), embedded_model="smollm2_135m", startup_timeout_s=600,
             api_key_file=str(key_file),
         )
         for i in range(2)
@@ -131,7 +132,8 @@ def test_b_replica_killed_mid_collection(replicas, registry_root, tmp_path):
     registry = Registry(registry_root, ttl_s=10)
     assert len(registry.ready("policy", NAMESPACE)) == 2
     cfg = CollectorConfig(
-        service="policy", output_dir=str(tmp_path / "out"), namespace=NAMESPACE, registry_root=str(registry_root),
+        service="policy", output_dir=str(tmp_path / "out"), namespace=NAMESPACE, 
+            registry=Registry(registry_root, heartbeat_s=1.0, orphan_grace_s=None),
         num_repeats=NUM_REPEATS, max_concurrency=MAX_CONCURRENCY, sampling=SamplingParams(max_tokens=MAX_TOKENS),
     )
     result: dict[str, CollectSummary | BaseException] = {}

@@ -18,7 +18,8 @@ import httpx
 import pytest
 
 from server.engines import EngineSpec
-from server.job import ServerJob, in_flight_requests, log_tail, run
+from server.job import ServerJob, in_flight_requests, run
+from server.process import log_tail
 from server.registry import Entry, Registry
 from server.verify import readiness_checks
 
@@ -49,10 +50,11 @@ def server_job(
         key_file.write_text(api_key)
         key_file.chmod(0o600)
     job = ServerJob(
-        namespace=NAMESPACE, service=SERVICE, replica=0, registry_root=str(tmp_path / "registry"),
+        namespace=NAMESPACE, service=SERVICE, replica=0,
+        registry=Registry(tmp_path / "registry", heartbeat_s=0.3, orphan_grace_s=None),
         engine=EngineSpec(served_name=SERVED_NAME, engine="openai_command", command=command, health_path="/healthz"),
         log_dir=str(tmp_path / "logs"), model_path="/models/unused by the stand-in", advertise_host="127.0.0.1",
-        heartbeat_s=0.3, startup_timeout_s=60, stop_grace_s=5, api_key_file=str(key_file) if key_file else None,
+        startup_timeout_s=60, stop_grace_s=5, api_key_file=str(key_file) if key_file else None,
     )
     job = dataclasses.replace(job, **overrides)
     # spawn, not fork: a fresh interpreter whose main thread is the job's, as under submitit.
@@ -69,7 +71,7 @@ def server_job(
 
 
 def wait_ready(process: multiprocessing.Process, job: ServerJob) -> Entry:
-    registry = Registry(job.registry_root, ttl_s=10)
+    registry = Registry(job.registry.root, ttl_s=10)
     deadline = time.monotonic() + 60
     while not (ready := registry.ready(SERVICE, NAMESPACE)):
         if not process.is_alive():

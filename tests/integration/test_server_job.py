@@ -71,7 +71,7 @@ def test_collector_runs_text_and_tool_tasks_against_real_vllm(policy_server, reg
     tasks.write_text("\n".join(picked) + "\n")
     cfg = CollectorConfig(
         service="policy", tasks=str(tasks), output_dir=str(tmp_path / "out"), namespace="itest",
-        registry_root=str(registry_root), num_repeats=2, max_concurrency=4,
+        registry=Registry(registry_root), num_repeats=2, max_concurrency=4,
         sampling=SamplingParams(temperature=0.7, max_tokens=64),
     )
     summary = collect(cfg)

@@ -13,7 +13,8 @@ import httpx
 import pytest
 
 from server.engines import build_launch
-from server.job import free_port, log_tail, stop_engine
+from server.job import free_port
+from server.process import log_tail, stop
 from server.models import prepare
 from tests.support import ROOT, cpu_engine
 
@@ -46,7 +47,7 @@ def wrong_parser_server(tmp_path_factory):
     launch = build_launch(cpu_engine(tool_call_parser=WRONG_PARSER), str(prepare("smollm2_135m")), "127.0.0.1", port)
     log = tmp_path_factory.mktemp("wrong-parser") / "engine.log"
     with open(log, "wb") as out:
-        # Own session, so stop_engine reaches vLLM's workers through the process group.
+        # Own session, so stop reaches vLLM's workers through the process group.
         proc = subprocess.Popen(launch.argv, env={**os.environ, **launch.env}, stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -62,7 +63,7 @@ def wrong_parser_server(tmp_path_factory):
             time.sleep(0.5)
         yield f"http://127.0.0.1:{port}/v1"
     finally:
-        stop_engine(proc, grace_s=15)
+        stop(proc, grace_s=15)
 
 
 def test_cli_passes_every_check_on_the_policy_server(policy_server):
