@@ -1,3 +1,4 @@
+import copy
 import subprocess
 import sys
 from pathlib import Path
@@ -6,15 +7,22 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from jobs.command import CommandConfig, GymConfig
-from launcher.spec import CommandJob, NoJob, RolloutsJob, SpecError, load_spec
+from jobs.rollouts import CollectorConfig, SamplingParams
+from launcher.spec import CommandJob, NoJob, RolloutsJob, SpecError, load_spec, normalise, typed_spec
+from server.checks import Checks, ConfigError, check
+from server.engines import EngineSpec
 
 CONF = str(Path(__file__).resolve().parent.parent / "conf")
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def spec_for(*overrides):
+def config_for(*overrides):
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return load_spec(compose("config", overrides=list(overrides)))
+        return compose("config", overrides=list(overrides))
+
+
+def spec_for(*overrides):
+    return load_spec(config_for(*overrides))
 
 
 def test_default_composes_to_the_embedded_demo():
@@ -242,3 +250,66 @@ def test_cli_refuses_a_bad_config_before_submitting_anything(tmp_path):
     assert out.returncode == 2
     assert "server.replicas" in out.stdout
     assert not (tmp_path / "run" / "submitit").exists()
+
+
+# ---------------------------------------------------------------- checks beside their configs
+
+
+@pytest.mark.parametrize("cfg,prefix,message", [
+    (CollectorConfig(num_repeats=0), "", "num_repeats: must be >= 1, got 0"),
+    (CollectorConfig(top_logprobs=21), "job", "job.top_logprobs: must be in 0..20, got 21"),
+    (CollectorConfig(sampling=SamplingParams(top_p=2)), "job", "job.sampling.top_p: must be in (0, 1], got 2"),
+    (SamplingParams(max_tokens=0), "", "max_tokens: must be >= 1, got 0"),
+    (EngineSpec(served_name="m", max_model_len=0), "server", "server.max_model_len: must be > 0, got 0"),
+    (EngineSpec(served_name="m", tool_call_parser=None), "engine",
+     "engine.enable_auto_tool_choice: needs engine.tool_call_parser"),
+    (EngineSpec(served_name="m", tensor_parallel_size=0), "",
+     "tensor_parallel_size/pipeline_parallel_size: must be >= 1, got 0/1"),
+])
+def test_each_config_dataclass_checks_itself_under_the_key_it_is_given(cfg, prefix, message):
+    with pytest.raises(ConfigError) as info:
+        check(cfg, prefix)
+    assert message in str(info.value)
+    check(type(cfg)(**{**vars(cfg), **_valid_fields(cfg)}), prefix)  # the same dataclass, valid: no error
+
+
+def _valid_fields(cfg):
+    if isinstance(cfg, CollectorConfig):
+        return {"num_repeats": 1, "top_logprobs": 0, "sampling": SamplingParams()}
+    if isinstance(cfg, SamplingParams):
+        return {"max_tokens": 1}
+    return {"max_model_len": None, "tool_call_parser": "hermes", "tensor_parallel_size": 1}
+
+
+def test_the_checks_of_a_section_share_one_list_and_name_full_keys():
+    checks = Checks()
+    checks.at("job").at("sampling").require(False, "top_p", "x")
+    checks.at("model").require(False, "", "y")
+    assert checks.errors == ["job.sampling.top_p: x", "model: y"]
+    assert checks.at("server").key("tool_call_parser") == "server.tool_call_parser"
+
+
+def test_normalising_is_a_step_of_its_own_and_validation_only_reads(tmp_path):
+    cfg = config_for(*COMMAND)
+    typed = typed_spec(cfg)
+    assert typed.server.chat_template == "chatml_hermes_tools" and typed.job.process.cwd is None
+    checks = Checks()
+    normalise(typed, checks)
+    assert not checks.errors
+    assert Path(typed.server.chat_template).is_file() and typed.job.process.cwd == str(Path.cwd())
+    before = copy.deepcopy(typed)
+    typed.validate(checks)
+    assert not checks.errors and typed == before
+
+    rollouts = typed_spec(config_for("+policy=nemo_rl_gym", "server.tool_call_parser=null"))
+    assert rollouts.server.tool_call_parser is None and rollouts.job.num_tasks == 0
+    normalise(rollouts, Checks())
+    assert rollouts.server.tool_call_parser == "hermes"  # the policy block fills what server.* leaves unset
+    assert rollouts.job.num_tasks > 0 and Path(rollouts.job.collector.tasks).is_file()
+
+
+def test_a_value_normalising_cannot_resolve_is_reported_with_the_other_errors():
+    with pytest.raises(SpecError) as info:
+        spec_for("server.chat_template=nonexistent_template", "job.tasks=/no/such.jsonl", "server.replicas=0")
+    for key in ("server.chat_template", "job.tasks", "server.replicas"):
+        assert key in str(info.value)
