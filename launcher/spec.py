@@ -14,6 +14,10 @@ submitted, and every error names the config key that is wrong.
 3. validate: ``RunSpec.validate``, which only reads. Each config dataclass checks its own
    fields in its ``validate(checks)`` method, beside its definition (``server.checks``
    collects the errors); this module adds the checks that span sections.
+
+The schemas are stored in Hydra's ConfigStore (``schema/...``) and each option of conf/ starts
+from its schema, so ``python -m launcher --cfg job`` shows every key. The stored schemas are plain
+dicts: typing is step 1's, so that every refusal is this module's, exit code 2, naming the key.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -450,3 +455,30 @@ def _looks_local(path: str) -> bool:
 
 def _first_line(e: Exception) -> str:
     return str(e).strip().splitlines()[0]
+
+
+# ---------------------------------------------------------------- schemas in Hydra's ConfigStore
+
+
+def _schema_node(*schemas: type, drop: tuple[str, ...] = (), **fixed: Any) -> dict:
+    """The keys of ``schemas`` with their defaults in code ("???" where conf/ gives the value), as a
+    plain dict: composing it types nothing."""
+    node: dict = dict(fixed)
+    for schema in schemas:
+        node.update(OmegaConf.to_container(OmegaConf.structured(schema)))
+    return {key: value for key, value in node.items() if key not in drop}
+
+
+def store_schemas() -> None:
+    """Each option of conf/<group>/ starts from ``schema/<group>`` (job options: ``schema/job/<kind>``)
+    in its defaults list, e.g. ``- /schema/server@_here_``."""
+    cs = ConfigStore.instance()
+    for name, schema in (("cluster", ClusterSpec), ("model", ModelSpec), ("server", ServerSpec)):
+        cs.store(group="schema", name=name, node=_schema_node(schema), provider="gymlaunch")
+    cs.store(group="schema/job", name="none", node={"kind": "none"}, provider="gymlaunch")
+    for kind, settings in _JOB_SETTINGS.items():
+        node = _schema_node(_JobSubmission, settings, drop=_LAUNCHER_OWNED[kind], kind=kind)
+        cs.store(group="schema/job", name=kind, node=node, provider="gymlaunch")
+
+
+store_schemas()

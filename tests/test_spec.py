@@ -4,7 +4,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
 
 from jobs.command import CommandConfig, GymConfig
 from jobs.rollouts import CollectorConfig, SamplingParams
@@ -313,3 +315,33 @@ def test_a_value_normalising_cannot_resolve_is_reported_with_the_other_errors():
         spec_for("server.chat_template=nonexistent_template", "job.tasks=/no/such.jsonl", "server.replicas=0")
     for key in ("server.chat_template", "job.tasks", "server.replicas"):
         assert key in str(info.value)
+
+
+# ---------------------------------------------------------------- schemas and defaults
+
+
+def test_the_composed_config_shows_every_key_with_the_defaults_kept_in_code():
+    cfg = config_for()
+    assert cfg.job.num_repeats == CollectorConfig.num_repeats and cfg.job.sampling.top_p == SamplingParams.top_p
+    assert cfg.server.dtype == EngineSpec.dtype and cfg.cluster.signal_delay_s == 120
+    assert "output_dir" not in cfg.job  # the launcher's, not a setting
+    gym = config_for("job=gym").job
+    assert gym.kind == "gym" and gym.startup_timeout_s == 900 and "run_dir" not in gym
+
+
+def _schemas():
+    repo = ConfigStore.instance().repo["schema"]
+    nodes = {name.removesuffix(".yaml"): node.node for name, node in repo.items() if name.endswith(".yaml")}
+    nodes.update({f"job/{name.removesuffix('.yaml')}": node.node for name, node in repo["job"].items()})
+    return nodes
+
+
+OPTIONS = sorted(p.relative_to(Path(CONF)) for group in ("cluster", "model", "server", "job")
+                 for p in (Path(CONF) / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("option", OPTIONS, ids=str)
+def test_every_option_starts_from_its_schema(option):
+    defaults = (yaml.safe_load((Path(CONF) / option).read_text()) or {}).get("defaults", [])
+    own = f"/schema/{option.with_suffix('') if option.parts[0] == 'job' else option.parts[0]}@_here_"
+    assert own in defaults or any(not str(d).startswith(("/", "_")) for d in defaults)  # or extends an option
