@@ -33,7 +33,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from server.checks import Checks
@@ -102,11 +102,12 @@ class Endpoints:
 class ProcessConfig:
     """What every program the job runs shares: where, with what environment, how it is stopped."""
 
-    service: str = "policy"
-    env: dict[str, str] = field(default_factory=dict)  # added to the job's environment
-    cwd: str | None = None  # None: where the launcher was started
-    setup: list[str] = field(default_factory=list)  # bash lines before the program (venv activation, module load)
-    stop_grace_s: float = 15.0  # SIGTERM (SIGINT for ng_run) to SIGKILL
+    # Built from the launcher's config only (conf/job/command.yaml, gym.yaml): the defaults are there.
+    service: str
+    env: dict[str, str]  # added to the job's environment
+    cwd: str | None  # None: where the launcher was started
+    setup: list[str]  # bash lines before the program (venv activation, module load)
+    stop_grace_s: float  # SIGTERM (SIGINT for ng_run) to SIGKILL
     # Filled in by the launcher for each run.
     run_dir: str = ""
     endpoints: Endpoints | None = None
@@ -131,7 +132,7 @@ class ProcessConfig:
 class CommandConfig(ProcessConfig):
     """``job=command``: one program, its argv a template with ``PLACEHOLDERS``."""
 
-    command: str | None = None
+    command: str | None
 
     def validate(self, checks: Checks) -> None:
         super().validate(checks)
@@ -143,15 +144,15 @@ class CommandConfig(ProcessConfig):
 class GymConfig(ProcessConfig):
     """``job=gym``: ``ng_run`` + ``ng_collect_rollouts`` against the service."""
 
-    config_paths: list[str] = field(default_factory=list)  # Gym's +config_paths (resources server, model, agent)
-    agent_name: str | None = None
-    input_jsonl: str | None = None
-    limit: int | None = None
-    num_samples_in_parallel: int | None = None
-    gym_bin: str | None = None  # folder with ng_run and ng_collect_rollouts; None: found on PATH
-    startup_timeout_s: float = 900.0  # ng_run started to all its servers ready
-    ng_run_args: list[str] = field(default_factory=list)  # more ng_run overrides
-    collect_args: list[str] = field(default_factory=list)  # more ng_collect_rollouts overrides
+    config_paths: list[str]  # Gym's +config_paths (resources server, model, agent)
+    agent_name: str | None
+    input_jsonl: str | None
+    limit: int | None
+    num_samples_in_parallel: int | None
+    gym_bin: str | None  # folder with ng_run and ng_collect_rollouts; None: found on PATH
+    startup_timeout_s: float  # ng_run started to all its servers ready
+    ng_run_args: list[str]  # more ng_run overrides
+    collect_args: list[str]  # more ng_collect_rollouts overrides
 
     def validate(self, checks: Checks) -> None:
         super().validate(checks)

@@ -15,9 +15,13 @@ submitted, and every error names the config key that is wrong.
    fields in its ``validate(checks)`` method, beside its definition (``server.checks``
    collects the errors); this module adds the checks that span sections.
 
-The schemas are stored in Hydra's ConfigStore (``schema/...``) and each option of conf/ starts
-from its schema, so ``python -m launcher --cfg job`` shows every key. The stored schemas are plain
-dicts: typing is step 1's, so that every refusal is this module's, exit code 2, naming the key.
+Defaults: a dataclass that is also built without Hydra (``EngineSpec``, ``CollectorConfig``,
+``ClusterSpec``) keeps its defaults in code, and conf/ does not restate them; one that is built
+from the composed config only (``ModelSpec``, ``ServerSpec``'s own keys, the job submission keys,
+``CommandConfig``/``GymConfig``) has no defaults: they are in conf/. The schemas are stored in
+Hydra's ConfigStore (``schema/...``) and each option of conf/ starts from its schema, so
+``python -m launcher --cfg job`` shows every key. The stored schemas are plain dicts: typing is
+step 1's, so that every refusal is this module's, exit code 2, naming the key.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from jobs.command import CommandConfig, GymConfig
 from jobs.rollouts import CollectorConfig, Task, TaskFileError, load_tasks
@@ -51,30 +55,35 @@ class SpecError(ConfigError):
     """A config value that cannot work; the message names the key."""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RunInfo:
-    name: str = "demo"
+    name: str  # conf/config.yaml
 
 
 @dataclass
 class ClusterSpec:
-    kind: str = "local"
-    bind_host: str = "127.0.0.1"
-    advertise_host: str | None = None
-    timeout_min: int = 240
+    """``cluster.*``; backends and tests build it too, so its defaults are here and conf/cluster/
+    sets what each option changes."""
+
+    kind: str  # local: this machine, through submitit's local executor; slurm: a Slurm cluster
+    bind_host: str = "127.0.0.1"  # where servers listen
+    advertise_host: str | None = None  # host written into registry URLs; None: the node's hostname
+    timeout_min: int = 240  # time limit of each server job
     # Slurm (ignored by kind=local)
-    partition: str | None = None
+    partition: str | None = None  # where server jobs run; the other job's partition is job.partition
     account: str | None = None
     qos: str | None = None
-    gpus_per_node: int | None = None  # what a node has: a replica must fit on one
+    gpus_per_node: int | None = None  # what a node has: a replica that cannot fit is refused before submission
     cpus_per_task: int | None = None
-    mem_gb: float | None = None
-    constraint: str | None = None
+    mem_gb: float | None = None  # per job
+    constraint: str | None = None  # e.g. "a100|h100"
     exclusive: bool = False
-    setup: list[str] = field(default_factory=list)  # shell lines before the job (module load, venv)
+    # shell lines before each job, e.g. ["module load cuda/12.4", "source ~/venvs/gym/bin/activate"]
+    setup: list[str] = field(default_factory=list)
     srun_args: list[str] = field(default_factory=list)
-    additional_parameters: dict[str, Any] = field(default_factory=dict)  # more sbatch options
-    signal_delay_s: int = 120  # USR2 this long before the time limit: servers drain
+    # any other sbatch option, e.g. {reservation: rl, mail_type: FAIL}
+    additional_parameters: dict[str, Any] = field(default_factory=dict)
+    signal_delay_s: int = 120  # USR2 this long before the time limit: servers drain in-flight requests
 
     def validate(self, checks: Checks) -> None:
         checks.require(self.kind in CLUSTER_KINDS, "kind",
@@ -85,16 +94,18 @@ class ClusterSpec:
             checks.above(self, "mem_gb", 0, or_null=True)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ModelSpec:
-    name: str = ""
-    path: str | None = None
-    embedded: str | None = None
-    cache_dir: str | None = None
-    served_name: str = ""
-    chat_template: str | None = None
-    tool_call_parser: str | None = None
-    tool_strict_level: str | None = None
+    """``model.*``, built from the composed config only: the values are conf/model/*.yaml's."""
+
+    name: str
+    path: str | None  # a local folder or a hub id
+    embedded: str | None  # an embedded model (server.models), prepared on the node
+    cache_dir: str | None
+    served_name: str  # the model name clients send
+    chat_template: str | None
+    tool_call_parser: str | None
+    tool_strict_level: str | None
 
     def validate(self, checks: Checks) -> None:
         checks.require((self.path is None) != (self.embedded is None), "",
@@ -110,20 +121,20 @@ class ModelSpec:
 GENERATE_KEY = "generate"
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ServerSpec(EngineSpec):
-    """Engine flags (``EngineSpec``) plus how many replicas, where, and how long to wait."""
+    """Engine flags (``EngineSpec``, whose defaults are in code) plus how many replicas, where, and how
+    long to wait (built from the composed config only: their values are conf/server/vllm.yaml's)."""
 
-    served_name: str = ""
-    service: str = "policy"
-    replicas: int = 1
-    gpus_per_replica: int = 1
-    port: int | None = None
-    startup_timeout_s: float = 900.0
-    stop_grace_s: float = 15.0
-    drain_grace_s: float = 60.0
+    service: str
+    replicas: int
+    gpus_per_replica: int
+    port: int | None
+    startup_timeout_s: float
+    stop_grace_s: float
+    drain_grace_s: float
     # "generate": a fresh key per run; null: no key; else a file (mode 0600) holding the key.
-    api_key: str | None = GENERATE_KEY
+    api_key: str | None
 
     def engine_spec(self) -> EngineSpec:
         return EngineSpec(**{f.name: getattr(self, f.name) for f in dataclasses.fields(EngineSpec)})
@@ -169,14 +180,15 @@ class RegistrySpec:
     orphan_grace_s: float = 120.0
 
 
-@dataclass
+@dataclass(kw_only=True)
 class _JobSubmission:
-    """The keys of a job config that say how to submit it, not what it does."""
+    """The keys of a job config that say how to submit it, not what it does; their values are
+    conf/job/*.yaml's (they differ by kind)."""
 
-    timeout_min: int = 60
-    partition: Optional[str] = None
-    cpus_per_task: Optional[int] = None
-    mem_gb: Optional[float] = None
+    timeout_min: int
+    partition: Optional[str]
+    cpus_per_task: Optional[int]
+    mem_gb: Optional[float]
 
     def validate(self, checks: Checks) -> None:
         checks.at_least(self, "timeout_min", 1)
@@ -219,7 +231,7 @@ class CommandJob(_JobSubmission):
     """``job=command`` / ``job=gym``: a program run as the job (``jobs.command.run``) with the
     service's endpoints in its environment; ``process`` is a ``CommandConfig`` or ``GymConfig``."""
 
-    process: Any = None
+    process: Any
     kind: str = "command"
 
     def validate(self, checks: Checks) -> None:
@@ -243,10 +255,10 @@ _JOB_SETTINGS = {"rollouts": CollectorConfig, **PROCESS_CONFIGS}
 
 @dataclass
 class RunSpec:
-    run: RunInfo = field(default_factory=RunInfo)
-    cluster: ClusterSpec = field(default_factory=ClusterSpec)
-    model: ModelSpec = field(default_factory=ModelSpec)
-    server: ServerSpec = field(default_factory=ServerSpec)
+    run: RunInfo
+    cluster: ClusterSpec
+    model: ModelSpec
+    server: ServerSpec
     registry: RegistrySpec = field(default_factory=RegistrySpec)
     policy: Optional[Policy] = None  # a NeMo RL policy block, translated into server.*
     job: Any = None  # RolloutsJob | CommandJob | NoJob, chosen by job.kind
@@ -320,6 +332,10 @@ def _typed(schema: type, data: Any, prefix: str) -> Any:
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or ""
         where = f"{prefix}{key}" if key else prefix.rstrip(".") or "config"
+        if isinstance(e, MissingMandatoryValue):
+            group = where.split(".")[0]
+            raise SpecError(f"{where}: missing; every option in conf/{group}/ sets it: set it too, or start from "
+                            "one of them (defaults: [<option>, _self_])") from None
         raise SpecError(f"{where}: {_first_line(e)}") from None
 
 

@@ -254,6 +254,14 @@ def test_cli_refuses_a_bad_config_before_submitting_anything(tmp_path):
     assert not (tmp_path / "run" / "submitit").exists()
 
 
+def test_a_missing_key_names_it_and_where_its_value_comes_from(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "mine.yaml").write_text("name: mine\npath: org/mine\nserved_name: mine\n")
+    with pytest.raises(SpecError) as info:
+        spec_for(f"hydra.searchpath=[file://{tmp_path}]", "model=mine")
+    assert "model.embedded: missing; every option in conf/model/ sets it" in str(info.value)
+
+
 # ---------------------------------------------------------------- checks beside their configs
 
 
@@ -338,6 +346,16 @@ def _schemas():
 
 OPTIONS = sorted(p.relative_to(Path(CONF)) for group in ("cluster", "model", "server", "job")
                  for p in (Path(CONF) / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("option", OPTIONS, ids=str)
+def test_no_option_restates_a_default_kept_in_code(option):
+    """One default per setting: a key whose default is in code is set in conf/ only to change it."""
+    data = yaml.safe_load((Path(CONF) / option).read_text()) or {}
+    schema = _schemas()[str(option.with_suffix("")) if option.parts[0] == "job" else option.parts[0]]
+    for key, value in data.items():
+        if key != "defaults" and key in schema and schema[key] != "???":
+            assert value != schema[key], f"{option}: {key}: {value!r} is the default in code; drop it"
 
 
 @pytest.mark.parametrize("option", OPTIONS, ids=str)
