@@ -32,10 +32,11 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from server import process
+from server.checks import Checks
 from server.registry import NAMESPACE_ENV, ROOT_ENV, Registry
 from server.templates import fill_command
 
@@ -99,14 +100,22 @@ class Endpoints:
 class ProcessConfig:
     """What every program the job runs shares: where, with what environment, how it is stopped."""
 
-    service: str = "policy"
-    env: dict[str, str] = field(default_factory=dict)  # added to the job's environment
-    cwd: str | None = None  # None: where the launcher was started
-    setup: list[str] = field(default_factory=list)  # bash lines before the program (venv activation, module load)
-    stop_grace_s: float = 15.0  # SIGTERM (SIGINT for ng_run) to SIGKILL
+    # Built from the launcher's config only (conf/job/command.yaml, gym.yaml): the defaults are there.
+    service: str
+    env: dict[str, str]  # added to the job's environment
+    cwd: str | None  # None: where the launcher was started
+    setup: list[str]  # bash lines before the program (venv activation, module load)
+    stop_grace_s: float  # SIGTERM (SIGINT for ng_run) to SIGKILL
     # Filled in by the launcher for each run.
     run_dir: str = ""
     endpoints: Endpoints | None = None
+
+    def validate(self, checks: Checks) -> None:
+        checks.at_least(self, "stop_grace_s", 0)
+        checks.require(self.cwd is None or Path(self.cwd).is_dir(), "cwd", f"folder {self.cwd!r} does not exist")
+        for key in self.env:
+            checks.require(key not in ENDPOINT_ENV, f"env.{key}",
+                           f"set by the launcher for each run; remove it from {checks.key('env')}")
 
     @property
     def log_dir(self) -> Path:
@@ -121,22 +130,56 @@ class ProcessConfig:
 class CommandConfig(ProcessConfig):
     """``job=command``: one program, its argv a template with ``PLACEHOLDERS``."""
 
-    command: str | None = None
+    command: str | None
+
+    def validate(self, checks: Checks) -> None:
+        super().validate(checks)
+        with checks.reporting(ValueError):  # a dry run with stand-in values: a bad placeholder costs nothing here
+            command_argv(self.command, dict.fromkeys(PLACEHOLDERS, "x"))  # its message names job.command
 
 
 @dataclass(kw_only=True)
 class GymConfig(ProcessConfig):
     """``job=gym``: ``ng_run`` + ``ng_collect_rollouts`` against the service."""
 
-    config_paths: list[str] = field(default_factory=list)  # Gym's +config_paths (resources server, model, agent)
-    agent_name: str | None = None
-    input_jsonl: str | None = None
-    limit: int | None = None
-    num_samples_in_parallel: int | None = None
-    gym_bin: str | None = None  # folder with ng_run and ng_collect_rollouts; None: found on PATH
-    startup_timeout_s: float = 900.0  # ng_run started to all its servers ready
-    ng_run_args: list[str] = field(default_factory=list)  # more ng_run overrides
-    collect_args: list[str] = field(default_factory=list)  # more ng_collect_rollouts overrides
+    config_paths: list[str]  # Gym's +config_paths (resources server, model, agent)
+    agent_name: str | None
+    input_jsonl: str | None
+    limit: int | None
+    num_samples_in_parallel: int | None
+    gym_bin: str | None  # folder with ng_run and ng_collect_rollouts; None: found on PATH
+    startup_timeout_s: float  # ng_run started to all its servers ready
+    ng_run_args: list[str]  # more ng_run overrides
+    collect_args: list[str]  # more ng_collect_rollouts overrides
+
+    def validate(self, checks: Checks) -> None:
+        super().validate(checks)
+        checks.require(
+            bool(self.config_paths), "config_paths",
+            f"NeMo Gym needs its configs (resources server, model, agent), e.g. {checks.key('config_paths')}="
+            "[resources_servers/.../configs/x.yaml,responses_api_models/vllm_model/configs/vllm_model.yaml]",
+        )
+        checks.require(bool(self.agent_name), "agent_name",
+                       "required; the agent of your config_paths that runs the rollouts")
+        checks.require(bool(self.input_jsonl), "input_jsonl", "required; the tasks, as NeMo Gym JSONL")
+        if self.input_jsonl:
+            checks.require(
+                (Path(self.cwd or ".") / self.input_jsonl).is_file(), "input_jsonl",
+                f"no file {self.input_jsonl!r} (a relative path is read from {checks.key('cwd')}, {self.cwd})",
+            )
+        for name in ("limit", "num_samples_in_parallel"):
+            checks.at_least(self, name, 1, or_null=True)
+        checks.above(self, "startup_timeout_s", 0)
+        for program in ("ng_run", "ng_collect_rollouts") if self.gym_bin is not None else ():
+            checks.require(os.access(Path(self.gym_bin) / program, os.X_OK), "gym_bin",
+                           f"no executable {program} in {self.gym_bin!r}; point it at the bin folder of the venv NeMo "
+                           f"Gym is installed in, or null to find it on PATH (after {checks.key('setup')})")
+        owned_by = f"{checks.key('config_paths')}/agent_name/input_jsonl/limit/num_samples_in_parallel"
+        for name in ("ng_run_args", "collect_args"):
+            for arg in getattr(self, name):
+                checks.require(arg.split("=", 1)[0].lstrip("+~") not in GYM_OWNED_OVERRIDES, name,
+                               f"{arg!r} is written by the gym job itself (from the service's endpoints and "
+                               f"{owned_by}); remove it")
 
     @property
     def output(self) -> Path:

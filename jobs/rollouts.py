@@ -37,6 +37,7 @@ import httpx
 
 from jobs import tools, verifiers
 from jobs.pool import EndpointPool, NoEndpointError
+from server.checks import Checks
 from server.registry import NAMESPACE_ENV, ROOT_ENV, Entry, Registry
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,11 @@ class SamplingParams:
     temperature: float = 0.7
     top_p: float = 1.0
     max_tokens: int = 256
+
+    def validate(self, checks: Checks) -> None:
+        checks.at_least(self, "temperature", 0)
+        checks.must(self, "top_p", "in (0, 1]", lambda v: 0 < v <= 1)
+        checks.at_least(self, "max_tokens", 1)
 
 
 @dataclass
@@ -64,6 +70,12 @@ class CollectorConfig:
     top_logprobs: int = 0
     request_timeout_s: float = 120.0
     sampling: SamplingParams = field(default_factory=SamplingParams)
+
+    def validate(self, checks: Checks) -> None:
+        for name in ("num_repeats", "max_concurrency", "max_turns"):
+            checks.at_least(self, name, 1)
+        checks.must(self, "top_logprobs", "in 0..20", lambda v: 0 <= v <= 20)
+        self.sampling.validate(checks.at("sampling"))
 
 
 @dataclass

@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 
 from launcher.orchestrate import Run
-from launcher.spec import SpecError, load_spec
+from launcher.spec import SpecError, load_spec  # importing it stores the schemas conf/ starts from (ConfigStore)
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 

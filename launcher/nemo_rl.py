@@ -14,17 +14,31 @@ Users bring a block like this from their NeMo RL configs::
             tool_call_parser: hermes
 
 Only the keys that shape the HTTP endpoint are read. A key that is also a
-``server.*`` key must agree with it: two sources of truth that disagree are
-refused rather than silently resolved.
+``server.*`` key fills that key when the config leaves it unset
+(``apply_policy``, while normalising) and must otherwise agree with it: two
+sources of truth that disagree are refused rather than silently resolved
+(``launcher.spec``, which sees both sections).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, NamedTuple
 
-_VLLM_CFG = "policy.generation.vllm_cfg"
-_CHAT_KWARGS = f"{_VLLM_CFG}.http_server_serving_chat_kwargs"
+from server.checks import Checks
+
+_CHAT_KWARGS = "generation.vllm_cfg.http_server_serving_chat_kwargs"
+
+# policy key (below policy.) -> the server key (attribute of launcher.spec.ServerSpec) it sets
+_SERVER_FLAGS = {
+    f"{_CHAT_KWARGS}.enable_auto_tool_choice": "enable_auto_tool_choice",
+    f"{_CHAT_KWARGS}.tool_call_parser": "tool_call_parser",
+    "generation.vllm_cfg.tensor_parallel_size": "tensor_parallel_size",
+    "generation.vllm_cfg.pipeline_parallel_size": "pipeline_parallel_size",
+    "generation.vllm_cfg.gpu_memory_utilization": "gpu_memory_utilization",
+    "generation.vllm_cfg.max_model_len": "max_model_len",
+}
 
 
 @dataclass
@@ -43,6 +57,13 @@ class VllmCfg:
     gpu_memory_utilization: float | None = None
     max_model_len: int | None = None
 
+    def validate(self, checks: Checks) -> None:
+        """Refuse what cannot give Gym an endpoint."""
+        checks.require(self.expose_http_server is not False, "expose_http_server",
+                       "false starts no HTTP server, and Gym can only reach the policy over HTTP; set it to true")
+        checks.require(self.async_engine is not False, "async_engine",
+                       "false; the OpenAI-compatible HTTP server needs vLLM's async engine: set it to true")
+
 
 @dataclass
 class Generation:
@@ -50,68 +71,41 @@ class Generation:
     stop_token_ids: list[int] | None = None
     vllm_cfg: VllmCfg = field(default_factory=VllmCfg)
 
+    def validate(self, checks: Checks) -> None:
+        for name in ("stop_strings", "stop_token_ids"):
+            value = getattr(self, name)
+            checks.require(value is None, name, f"{value!r}; Gym decides when a turn stops: set it to null")
+        self.vllm_cfg.validate(checks.at("vllm_cfg"))
+
+
+class ServerFlag(NamedTuple):
+    """A policy key that is also a server key, as the block sets it."""
+
+    key: str  # below policy., e.g. generation.vllm_cfg.max_model_len
+    server_key: str  # below server., e.g. max_model_len
+    value: Any
+
 
 @dataclass
 class Policy:
+    # Every key defaults to None, "not in the block": the block is the user's, as NeMo RL writes it.
     generation: Generation = field(default_factory=Generation)
 
+    def validate(self, checks: Checks) -> None:
+        self.generation.validate(checks.at("generation"))
 
-# policy key -> the server key it sets (server attribute name)
-_SHARED_KEYS = {
-    f"{_CHAT_KWARGS}.enable_auto_tool_choice": "enable_auto_tool_choice",
-    f"{_CHAT_KWARGS}.tool_call_parser": "tool_call_parser",
-    f"{_VLLM_CFG}.tensor_parallel_size": "tensor_parallel_size",
-    f"{_VLLM_CFG}.pipeline_parallel_size": "pipeline_parallel_size",
-    f"{_VLLM_CFG}.gpu_memory_utilization": "gpu_memory_utilization",
-    f"{_VLLM_CFG}.max_model_len": "max_model_len",
-}
+    def server_flags(self) -> list[ServerFlag]:
+        """The keys of the block that set server keys, where the block sets them."""
+        flags = [ServerFlag(key, attr, _get(self, key)) for key, attr in _SERVER_FLAGS.items()]
+        return [flag for flag in flags if flag.value is not None]
 
 
-def policy_values(policy: Policy) -> dict[str, object]:
-    """The block's values by full key, for the keys gymlaunch reads."""
-    vllm = policy.generation.vllm_cfg
-    chat = vllm.http_server_serving_chat_kwargs
-    return {
-        f"{_CHAT_KWARGS}.enable_auto_tool_choice": chat.enable_auto_tool_choice,
-        f"{_CHAT_KWARGS}.tool_call_parser": chat.tool_call_parser,
-        f"{_VLLM_CFG}.tensor_parallel_size": vllm.tensor_parallel_size,
-        f"{_VLLM_CFG}.pipeline_parallel_size": vllm.pipeline_parallel_size,
-        f"{_VLLM_CFG}.gpu_memory_utilization": vllm.gpu_memory_utilization,
-        f"{_VLLM_CFG}.max_model_len": vllm.max_model_len,
-    }
+def apply_policy(policy: Policy, server: object) -> None:
+    """Normalising: the server keys the config leaves unset (null) take the block's values."""
+    for flag in policy.server_flags():
+        if getattr(server, flag.server_key) is None:
+            setattr(server, flag.server_key, flag.value)
 
 
-def apply_policy(policy: Policy, server: object, need: Callable[[bool, str], None]) -> None:
-    """Refuse what cannot give Gym an endpoint; fill unset server flags; refuse disagreements."""
-    gen, vllm = policy.generation, policy.generation.vllm_cfg
-    need(
-        vllm.expose_http_server is not False,
-        f"{_VLLM_CFG}.expose_http_server: false starts no HTTP server, and Gym can only reach the policy "
-        "over HTTP; set it to true",
-    )
-    need(
-        vllm.async_engine is not False,
-        f"{_VLLM_CFG}.async_engine: false; the OpenAI-compatible HTTP server needs vLLM's async engine: "
-        "set it to true",
-    )
-    need(
-        gen.stop_strings is None,
-        f"policy.generation.stop_strings: {gen.stop_strings!r}; Gym decides when a turn stops: set it to null",
-    )
-    need(
-        gen.stop_token_ids is None,
-        f"policy.generation.stop_token_ids: {gen.stop_token_ids!r}; Gym decides when a turn stops: set it to null",
-    )
-    for key, value in policy_values(policy).items():
-        if value is None:
-            continue
-        attr = _SHARED_KEYS[key]
-        current = getattr(server, attr)
-        if current is None:
-            setattr(server, attr, value)
-        else:
-            need(
-                current == value,
-                f"{key}: {value!r} disagrees with server.{attr}={current!r}; keep one source of truth "
-                f"(drop the key from the policy block, or set server.{attr}={value})",
-            )
+def _get(obj: object, dotted: str) -> Any:
+    return functools.reduce(getattr, dotted.split("."), obj)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
+from server.checks import Checks
 from server.templates import fill_command
 
 # The OpenAI server's module rather than the ``vllm serve`` console script: the
@@ -43,6 +44,18 @@ class EngineSpec:
     # {host}, {port}, {model}, {served_name} and {python} placeholders, and its health route.
     command: str | None = None
     health_path: str = "/health"
+
+    def validate(self, checks: Checks) -> None:
+        """The flags' own limits; what a particular engine cannot honour is its builder's to refuse."""
+        checks.require(self.engine in BUILDERS, "engine", f"{self.engine!r} is not one of {sorted(BUILDERS)}")
+        checks.must(self, "max_model_len", "> 0", lambda v: v is None or v > 0)
+        checks.above(self, "kv_cache_memory_bytes", 0, or_null=True)
+        checks.must(self, "gpu_memory_utilization", "in (0, 1] or null", lambda v: v is None or 0 < v <= 1)
+        tp, pp = self.tensor_parallel_size, self.pipeline_parallel_size
+        checks.require(tp >= 1 and pp >= 1, "tensor_parallel_size/pipeline_parallel_size",
+                       f"must be >= 1, got {tp}/{pp}")
+        checks.require(not self.enable_auto_tool_choice or bool(self.tool_call_parser), "enable_auto_tool_choice",
+                       f"needs {checks.key('tool_call_parser')} (e.g. hermes for Qwen3)")
 
 
 @dataclass

@@ -42,7 +42,7 @@ _IN_FLIGHT_METRICS = (
 )
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ServerSettings:
     """How a replica is started, stopped and drained: ``server.*`` keys beside ``EngineSpec``'s."""
 

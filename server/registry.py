@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
+from server.checks import Checks
 from server.cli import options_anywhere
 
 log = logging.getLogger(__name__)
@@ -149,18 +150,12 @@ class Registry:
     def __post_init__(self) -> None:
         self.root = Path(self.root).expanduser() if self.root else default_root()
 
-    def validate(self, errors: list[str]) -> None:
-        """Append what cannot work to ``errors``, naming the ``registry.*`` key."""
-        if self.heartbeat_s <= 0:
-            errors.append(f"registry.heartbeat_s: must be > 0, got {self.heartbeat_s}")
-        elif self.ttl_s < 2 * self.heartbeat_s:
-            errors.append(
-                f"registry.ttl_s: must be at least twice registry.heartbeat_s ({self.heartbeat_s}), got {self.ttl_s}"
-            )
-        if self.orphan_grace_s is not None and self.orphan_grace_s < 2 * self.heartbeat_s:
-            errors.append(
-                f"registry.orphan_grace_s: must be at least twice registry.heartbeat_s, got {self.orphan_grace_s}"
-            )
+    def validate(self, checks: Checks) -> None:
+        if not checks.above(self, "heartbeat_s", 0):
+            return
+        twice = f"at least twice {checks.key('heartbeat_s')} ({self.heartbeat_s})"
+        checks.must(self, "ttl_s", twice, lambda v: v >= 2 * self.heartbeat_s)
+        checks.must(self, "orphan_grace_s", twice + " or null", lambda v: v is None or v >= 2 * self.heartbeat_s)
 
     # ------------------------------------------------------------ entries
 

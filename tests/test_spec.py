@@ -1,20 +1,30 @@
+import copy
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
 
 from jobs.command import CommandConfig, GymConfig
-from launcher.spec import CommandJob, NoJob, RolloutsJob, SpecError, load_spec
+from jobs.rollouts import CollectorConfig, SamplingParams
+from launcher.spec import CommandJob, NoJob, RolloutsJob, SpecError, load_spec, normalise, typed_spec
+from server.checks import Checks, ConfigError, check
+from server.engines import EngineSpec
 
 CONF = str(Path(__file__).resolve().parent.parent / "conf")
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def spec_for(*overrides):
+def config_for(*overrides):
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return load_spec(compose("config", overrides=list(overrides)))
+        return compose("config", overrides=list(overrides))
+
+
+def spec_for(*overrides):
+    return load_spec(config_for(*overrides))
 
 
 def test_default_composes_to_the_embedded_demo():
@@ -242,3 +252,110 @@ def test_cli_refuses_a_bad_config_before_submitting_anything(tmp_path):
     assert out.returncode == 2
     assert "server.replicas" in out.stdout
     assert not (tmp_path / "run" / "submitit").exists()
+
+
+def test_a_missing_key_names_it_and_where_its_value_comes_from(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "mine.yaml").write_text("name: mine\npath: org/mine\nserved_name: mine\n")
+    with pytest.raises(SpecError) as info:
+        spec_for(f"hydra.searchpath=[file://{tmp_path}]", "model=mine")
+    assert "model.embedded: missing; every option in conf/model/ sets it" in str(info.value)
+
+
+# ---------------------------------------------------------------- checks beside their configs
+
+
+@pytest.mark.parametrize("cfg,prefix,message", [
+    (CollectorConfig(num_repeats=0), "", "num_repeats: must be >= 1, got 0"),
+    (CollectorConfig(top_logprobs=21), "job", "job.top_logprobs: must be in 0..20, got 21"),
+    (CollectorConfig(sampling=SamplingParams(top_p=2)), "job", "job.sampling.top_p: must be in (0, 1], got 2"),
+    (SamplingParams(max_tokens=0), "", "max_tokens: must be >= 1, got 0"),
+    (EngineSpec(served_name="m", max_model_len=0), "server", "server.max_model_len: must be > 0, got 0"),
+    (EngineSpec(served_name="m", tool_call_parser=None), "engine",
+     "engine.enable_auto_tool_choice: needs engine.tool_call_parser"),
+    (EngineSpec(served_name="m", tensor_parallel_size=0), "",
+     "tensor_parallel_size/pipeline_parallel_size: must be >= 1, got 0/1"),
+])
+def test_each_config_dataclass_checks_itself_under_the_key_it_is_given(cfg, prefix, message):
+    with pytest.raises(ConfigError) as info:
+        check(cfg, prefix)
+    assert message in str(info.value)
+
+
+def test_the_defaults_kept_in_code_pass_their_own_checks():
+    for cfg in (CollectorConfig(), SamplingParams(), EngineSpec(served_name="m", tool_call_parser="hermes")):
+        check(cfg)
+
+
+def test_the_checks_of_a_section_share_one_list_and_name_full_keys():
+    checks = Checks()
+    checks.at("job").at("sampling").require(False, "top_p", "x")
+    checks.at("model").require(False, "", "y")
+    assert checks.errors == ["job.sampling.top_p: x", "model: y"]
+    assert checks.at("server").key("tool_call_parser") == "server.tool_call_parser"
+
+
+def test_normalising_is_a_step_of_its_own_and_validation_only_reads(tmp_path):
+    cfg = config_for(*COMMAND)
+    typed = typed_spec(cfg)
+    assert typed.server.chat_template == "chatml_hermes_tools" and typed.job.process.cwd is None
+    checks = Checks()
+    normalise(typed, checks)
+    assert not checks.errors
+    assert Path(typed.server.chat_template).is_file() and typed.job.process.cwd == str(Path.cwd())
+    before = copy.deepcopy(typed)
+    typed.validate(checks)
+    assert not checks.errors and typed == before
+
+    rollouts = typed_spec(config_for("+policy=nemo_rl_gym", "server.tool_call_parser=null"))
+    assert rollouts.server.tool_call_parser is None and rollouts.job.num_tasks == 0
+    normalise(rollouts, Checks())
+    assert rollouts.server.tool_call_parser == "hermes"  # the policy block fills what server.* leaves unset
+    assert rollouts.job.num_tasks > 0 and Path(rollouts.job.collector.tasks).is_file()
+
+
+def test_a_value_normalising_cannot_resolve_is_reported_with_the_other_errors():
+    with pytest.raises(SpecError) as info:
+        spec_for("server.chat_template=nonexistent_template", "job.tasks=/no/such.jsonl", "server.replicas=0")
+    for key in ("server.chat_template", "job.tasks", "server.replicas"):
+        assert key in str(info.value)
+
+
+# ---------------------------------------------------------------- schemas and defaults
+
+
+def test_the_composed_config_shows_every_key_with_the_defaults_kept_in_code():
+    cfg = config_for()
+    assert cfg.job.num_repeats == CollectorConfig.num_repeats and cfg.job.sampling.top_p == SamplingParams.top_p
+    assert cfg.server.dtype == EngineSpec.dtype and cfg.cluster.signal_delay_s == 120
+    assert "output_dir" not in cfg.job  # the launcher's, not a setting
+    gym = config_for("job=gym").job
+    assert gym.kind == "gym" and gym.startup_timeout_s == 900 and "run_dir" not in gym
+
+
+def _schemas():
+    repo = ConfigStore.instance().repo["schema"]
+    nodes = {name.removesuffix(".yaml"): node.node for name, node in repo.items() if name.endswith(".yaml")}
+    nodes.update({f"job/{name.removesuffix('.yaml')}": node.node for name, node in repo["job"].items()})
+    return nodes
+
+
+OPTIONS = sorted(p.relative_to(Path(CONF)) for group in ("cluster", "model", "server", "job")
+                 for p in (Path(CONF) / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("option", OPTIONS, ids=str)
+def test_no_option_restates_a_default_kept_in_code(option):
+    """One default per setting: a key whose default is in code is set in conf/ only to change it."""
+    data = yaml.safe_load((Path(CONF) / option).read_text()) or {}
+    schema = _schemas()[str(option.with_suffix("")) if option.parts[0] == "job" else option.parts[0]]
+    for key, value in data.items():
+        if key != "defaults" and key in schema and schema[key] != "???":
+            assert value != schema[key], f"{option}: {key}: {value!r} is the default in code; drop it"
+
+
+@pytest.mark.parametrize("option", OPTIONS, ids=str)
+def test_every_option_starts_from_its_schema(option):
+    defaults = (yaml.safe_load((Path(CONF) / option).read_text()) or {}).get("defaults", [])
+    own = f"/schema/{option.with_suffix('') if option.parts[0] == 'job' else option.parts[0]}@_here_"
+    assert own in defaults or any(not str(d).startswith(("/", "_")) for d in defaults)  # or extends an option
