@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -38,7 +39,7 @@ def rollout_progress(console: Console) -> Progress:
 
 
 def summary_table(summary: dict) -> Table:
-    table = Table(title=f"run {summary['namespace']}: {summary['status']}", title_justify="left", show_header=False)
+    table = Table(title=f"run {summary['run_id']}: {summary['status']}", title_justify="left", show_header=False)
     table.add_column("what", style="bold")
     table.add_column("value")
     collection = summary.get("collection") or {}
@@ -48,7 +49,10 @@ def summary_table(summary: dict) -> Table:
         ("failures", collection.get("failures")),
         ("mean reward", _fmt(collection.get("mean_reward"))),
         ("generated tokens/s", _fmt(collection.get("generated_tokens_per_s"))),
+        ("requests per replica", _per_replica(collection.get("replicas"))),
     ]
+    if summary["namespace"] != summary["run_id"]:
+        rows.append(("servers (shared)", summary["namespace"]))
     rows += [(f"time: {phase}", f"{seconds:.1f}s") for phase, seconds in summary["phases"].items()]
     rows += [
         ("rollouts", collection.get("rollouts_path")),
@@ -57,10 +61,21 @@ def summary_table(summary: dict) -> Table:
     ]
     for what, value in rows:
         if value is not None:
-            table.add_row(what, str(value))
+            table.add_row(what, escape(str(value)))
     if summary.get("error"):
-        table.add_row("error", f"[red]{summary['error'].splitlines()[0]}[/]")
+        table.add_row("error", f"[red]{escape(summary['error'].splitlines()[0])}[/]")
     return table
+
+
+def _per_replica(replicas: dict | None) -> str | None:
+    """``0: 12 (1 failed), 1: 14 (2 retried)``: how the collector's requests spread over the replicas."""
+    if not replicas:
+        return None
+    parts = []
+    for replica, stats in sorted(replicas.items(), key=lambda kv: int(kv[0])):
+        extra = [f"{stats[k]} {word}" for k, word in (("failures", "failed"), ("retries", "retried")) if stats.get(k)]
+        parts.append(f"{replica}: {stats['requests']}" + (f" ({', '.join(extra)})" if extra else ""))
+    return ", ".join(parts)
 
 
 def _fmt(value: float | None) -> str | None:

@@ -12,6 +12,8 @@ signal an unrelated process.
 from __future__ import annotations
 
 import argparse
+import os
+import socket
 import sys
 import time
 from collections import defaultdict
@@ -31,18 +33,27 @@ def down_namespace(registry: Registry, namespace: str, wait_s: float) -> list[st
     record = registry.recorded_jobs(namespace)
     if record:
         by_kind[record.kind].update(record.job_ids)
+    # First, so that the runs using it say they were stopped, rather than that their servers died.
+    registry.request_stop(namespace, _who())
     return _cancel_and_wait(by_kind, wait_s, after=lambda: registry.remove_namespace(namespace))
 
 
 def down_service(registry: Registry, service: str, wait_s: float) -> list[str]:
     """Cancel the jobs of ``service``'s replicas in every namespace and remove their entries."""
     entries = registry.entries(service=service)
+    by_kind = _jobs_by_kind(entries)
+    for namespace in sorted({e.namespace for e in entries}):
+        registry.request_stop(namespace, _who())
 
     def remove() -> None:
         for e in entries:
             registry.remove(e.namespace, e.service, e.replica)
 
-    return _cancel_and_wait(_jobs_by_kind(entries), wait_s, after=remove)
+    return _cancel_and_wait(by_kind, wait_s, after=remove)
+
+
+def _who() -> str:
+    return f"launcher.down on {socket.gethostname()} (pid {os.getpid()})"
 
 
 def _jobs_by_kind(entries: list[Entry]) -> defaultdict[str, set[str]]:

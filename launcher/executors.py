@@ -54,15 +54,27 @@ class Backend:
         raise NotImplementedError
 
     def submit(self, fn: Callable, arg: Any, res: Resources) -> submitit.Job:
-        with _terminal_interrupts_ignored(), _outer_job_env_hidden():
-            return self._executor(res).submit(fn, arg)
+        try:
+            with _terminal_interrupts_ignored(), _outer_job_env_hidden():
+                return self._executor(res).submit(fn, arg)
+        finally:
+            self._drop_template_folder()
 
     def submit_many(self, fn: Callable, args: Sequence[Any], res: Resources) -> list[submitit.Job]:
         """One submission for all ``args``: a job array on Slurm (one sbatch call)."""
         executor = self._executor(res)
-        with _terminal_interrupts_ignored(), _outer_job_env_hidden(), executor.batch():
-            jobs = [executor.submit(fn, a) for a in args]
-        return jobs
+        try:
+            with _terminal_interrupts_ignored(), _outer_job_env_hidden(), executor.batch():
+                return [executor.submit(fn, a) for a in args]
+        finally:
+            self._drop_template_folder()
+
+    def _drop_template_folder(self) -> None:
+        """submitit creates the ``%j`` folder of its path template itself; each job has its own."""
+        try:
+            (self.folder / "%j").rmdir()
+        except OSError:  # not empty (a job's files went there) or not there
+            pass
 
     def jobs_from_ids(self, job_ids: Sequence[str]) -> list[submitit.Job]:
         """Handles on jobs another process submitted (a run joining a shared pool)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import secrets
 import signal
 import time
@@ -13,6 +14,8 @@ from typing import Iterator
 
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
+from rich.text import Text
 
 from jobs.command import Endpoints, GymConfig, run as run_command
 from jobs.rollouts import collect
@@ -27,11 +30,17 @@ from server.process import log_tail
 from server.registry import Entry, JobRecord, OwnerHeartbeat
 from server.verify import CheckResult, readiness_checks
 
+log = logging.getLogger(__name__)
+
 _POLL_S = 0.5
 
 
 class Interrupted(Exception):
-    """Ctrl-C or SIGTERM reached the launcher."""
+    """Ctrl-C or SIGTERM reached the launcher, or ``launcher.down`` stopped its run from another shell."""
+
+    def __init__(self, why: str, from_another_shell: bool = False) -> None:
+        super().__init__(why)
+        self.from_another_shell = from_another_shell
 
 
 class JobFailed(RuntimeError):
@@ -67,7 +76,7 @@ class Run:
 
     def execute(self) -> int:
         """Run every phase; always tear down. Returns the process exit code."""
-        status, error = "succeeded", None
+        status, error, interrupted_by_down = "succeeded", None, False
         try:
             with _signals_raise_interrupted():
                 with self._phase("servers start"):
@@ -83,20 +92,25 @@ class Run:
                         self._run_command(job)
                 else:
                     self._serve_until_interrupted()
-        except Interrupted:
+        except Interrupted as e:
             # For job=none an interrupt is the normal way to end the run.
-            status = "stopped" if isinstance(self.spec.job, NoJob) else "interrupted"
-            self.console.print(f"[yellow]{status}: tearing down[/]")
+            status = "stopped" if isinstance(self.spec.job, NoJob) or e.from_another_shell else "interrupted"
+            error = str(e) if e.from_another_shell else None
+            self._say(f"{status}" + (f" from another shell ({escape(str(e))})" if e.from_another_shell else "")
+                      + ": tearing down", "yellow")
+            interrupted_by_down = e.from_another_shell
         except (ServerFailed, JobFailed) as e:
             status, error = "failed", str(e)
-            self.console.print(f"[red bold]failed:[/] {e}")
+            self._say(f"[red bold]failed:[/] {escape(str(e))}")
         finally:
             with _signals_ignored(), self._phase("teardown"):
                 self._teardown(status)
         summary = self._write_summary(status, error)
         self.console.print(views.summary_table(summary))
-        self.console.print(f"run folder: {self.run_dir}")
-        return 0 if status in ("succeeded", "stopped") else 1
+        self._say(f"run folder: {escape(str(self.run_dir))}")
+        if status == "succeeded" or (status == "stopped" and not interrupted_by_down):
+            return 0
+        return 130 if status in ("stopped", "interrupted") else 1
 
     def _start_servers(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -108,7 +122,7 @@ class Run:
         self.replicas = [ReplicaStatus(replica=i, job=j) for i, j in enumerate(self.pool.jobs)]
         verb = "joined" if self.joined else "submitted"
         for r in self.replicas:
-            self.console.print(f"{verb} {self.spec.server.service}/{r.replica}: job {r.job.job_id}")
+            self._say(f"{verb} {self.spec.server.service}/{r.replica}: job {r.job.job_id}")
 
     def _join_pool(self) -> bool:
         """Use the sweep's live pool for this server configuration, if there is one."""
@@ -126,7 +140,8 @@ class Run:
         return True
 
     def _pool(self, jobs: list, heartbeat: OwnerHeartbeat) -> ServerPool:
-        return ServerPool(self.namespace, self.registry, self.backend, jobs, heartbeat, self.spec.server.stop_grace_s)
+        return ServerPool(self.namespace, self.registry, self.backend, jobs, heartbeat, self.spec.server.stop_grace_s,
+                          shared=self.sweep_dir is not None)
 
     def _owner_heartbeat(self) -> OwnerHeartbeat:
         return self.registry.owner_heartbeat(self.namespace, self.run_id).start()
@@ -144,7 +159,13 @@ class Run:
             name=f"{spec.run.name}-{spec.server.service}", timeout_min=spec.cluster.timeout_min,
             gpus=spec.server.gpus_per_replica,
         )
-        submitted = self.backend.submit_many(run_server, jobs, res)
+        try:
+            submitted = self.backend.submit_many(run_server, jobs, res)
+        except BaseException:
+            # Nothing was submitted: leave nothing behind either (key, owner file, the folder).
+            heartbeat.stop()
+            self.registry.remove_namespace(self.namespace)
+            raise
         self.registry.record_jobs(self.namespace, JobRecord(
             kind=self.backend.kind, job_ids=[str(j.job_id) for j in submitted], server_hash=spec.server_hash(),
         ))
@@ -163,12 +184,18 @@ class Run:
     def _wait_ready(self) -> None:
         service = self.spec.server.service
         with Live(views.servers_table(service, self.replicas), console=self.console, transient=True) as live:
+            def on_update() -> None:
+                self._check_stop_request()
+                live.update(views.servers_table(service, self.replicas))
+
             wait_ready(
                 self.backend, self.replicas, self.registry, self.namespace, service,
                 timeout_s=self.spec.server.startup_timeout_s, checks=self._checks, engine_log=self._engine_log,
-                on_update=lambda: live.update(views.servers_table(service, self.replicas)),
+                on_update=on_update,
             )
         self.console.print(views.servers_table(service, self.replicas))
+        for r in self.replicas:
+            log.info("replica %s/%d ready at %s after %.1fs", service, r.replica, r.entry.base_url, r.ready_after_s)
 
     def _checks(self, entry: Entry) -> list[CheckResult]:
         """The gate follows the job: tool calling if its tasks offer tools, token ids/logprobs if it
@@ -185,7 +212,7 @@ class Run:
         )
         total = job.num_rollouts
         submitted = self._submit(collect, collector, job, "rollouts")
-        self.console.print(f"submitted rollouts: job {submitted.job_id}, {total} rollouts")
+        self._say(f"submitted rollouts: job {submitted.job_id}, {total} rollouts")
         rollouts, failures = self.run_dir / "rollouts.jsonl", self.run_dir / "failures.jsonl"
         progress = views.rollout_progress(self.console)
         with progress:
@@ -213,7 +240,7 @@ class Run:
         )
         process = dataclasses.replace(job.process, run_dir=str(self.run_dir), endpoints=endpoints)
         submitted = self._submit(run_command, process, job, job.kind)
-        self.console.print(f"submitted {job.kind}: job {submitted.job_id}, logs in {process.log_dir}")
+        self._say(f"submitted {job.kind}: job {submitted.job_id}, logs in {escape(str(process.log_dir))}")
         with self.console.status(f"{job.kind} running") as status:
             while not self.backend.finished(submitted):
                 self._check_servers_alive()
@@ -248,23 +275,37 @@ class Run:
 
     def _serve_until_interrupted(self) -> None:
         urls = ",".join(r.entry.base_url for r in self.replicas if r.entry)
-        self.console.print(f"serving {self.spec.server.service} at {urls}  (Ctrl-C to stop)")
-        self.console.print(f"  python -m server.registry --namespace {self.namespace} urls {self.spec.server.service}")
+        service = self.spec.server.service
+        self._say(f"serving {service} at {urls}  (Ctrl-C to stop)")
+        self._say(f"  python -m server.registry --namespace {self.namespace} urls {service}")
+        first = next(r.entry for r in self.replicas if r.entry)
+        auth = f'-H "Authorization: Bearer $(cat {first.api_key_file})" ' if first.api_key_file else ""
+        if first.api_key_file:
+            self._say(f"  API key: {escape(first.api_key_file)} (send it as Authorization: Bearer <key>)")
+        self._say(f"  curl {escape(auth)}{first.base_url}/models")
         while True:
             self._check_servers_alive()
             time.sleep(_POLL_S)
 
     def _check_servers_alive(self) -> None:
+        self._check_stop_request()
         for r in self.replicas:
             if self.backend.finished(r.job):
+                # launcher.down asks before it cancels: a server it stopped is a stop, not a death.
+                self._check_stop_request()
                 state = self.backend.state(r.job)
                 raise ServerFailed(death_report(self.backend, r, state, self._engine_log, "while in use"))
+
+    def _check_stop_request(self) -> None:
+        by = self.registry.stop_request(self.namespace)
+        if by is not None:
+            raise Interrupted(f"stopped by {by}", from_another_shell=True)
 
     # ------------------------------------------------------------ teardown
 
     def _teardown(self, status: str) -> None:
         """Stop this run's own jobs; let go of its servers (a sweep keeps them for its next points)."""
-        say = lambda text: self.console.print(f"[yellow]{text}[/]")  # noqa: E731
+        say = lambda text: self._say(escape(text), "yellow")  # noqa: E731
         job = self.spec.job
         # A program job stops its own programs first (job.stop_grace_s): do not kill it before that.
         grace_s = max(self.spec.server.stop_grace_s, job.process.stop_grace_s if isinstance(job, CommandJob) else 0)
@@ -275,11 +316,16 @@ class Run:
         if self.sweep_dir is not None and status == "succeeded":
             if pools.kept(self.namespace) is None:
                 pools.keep(self.pool)
-            self.console.print(f"servers of {self.namespace} kept for the sweep's next points")
+            self._say(f"servers of {self.namespace} kept for the sweep's next points (stopped when the sweep ends)")
         else:
             pools.release(self.pool, say)
 
     # ------------------------------------------------------------ helpers
+
+    def _say(self, markup: str, style: str | None = None) -> None:
+        """Print to the terminal and log the same words (the run folder's launcher log)."""
+        self.console.print(markup, style=style)
+        log.info(Text.from_markup(markup).plain)
 
     @contextmanager
     def _phase(self, name: str) -> Iterator[None]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import atexit
 import hashlib
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -45,10 +46,11 @@ class ServerPool:
     jobs: list[submitit.Job]
     heartbeat: OwnerHeartbeat
     stop_grace_s: float
+    shared: bool = False  # a sweep's pool: other runs may join it, so letting go takes the pool lock
 
     def release(self, say: Callable[[str], None] = print) -> bool:
         """Let go of the pool; stop it if no other run uses it. Returns True if it was stopped."""
-        with self.registry.pool_lock(self.namespace):
+        with self.registry.pool_lock(self.namespace) if self.shared else nullcontext():
             self.heartbeat.stop()
             others = self.registry.live_owners(self.namespace)
             if others:
@@ -62,6 +64,8 @@ class ServerPool:
                 if entry.engine_pid:
                     kill_when_alive(entry.engine_pid, group=True)
             self.registry.remove_namespace(self.namespace)
+            if self.shared:
+                say(f"servers of {self.namespace} stopped: no run of the sweep uses them any more")
             return True
 
 

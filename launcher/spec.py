@@ -286,7 +286,7 @@ def load_spec(cfg: DictConfig) -> RunSpec:
 def typed_spec(cfg: DictConfig) -> RunSpec:
     """The composed config as dataclasses; a wrong type or an unknown key raises ``SpecError``."""
     raw = OmegaConf.to_container(cfg, resolve=False)
-    job_cfg = raw.pop("job", None) or {}
+    job_cfg = raw.get("job") or {}  # kept in raw too: run.name may read job.kind
     raw.pop("hydra", None)
     spec = _typed(RunSpec, raw, prefix="")
     spec.job = _typed_job(cfg.job if "job" in cfg else OmegaConf.create(job_cfg))

@@ -3,11 +3,13 @@
 ::
 
     <root>/                           registry.root ($GYMLAUNCH_REGISTRY_ROOT, ~/.gymlaunch/registry)
-      .<namespace>.lock               launch-or-join / let-go lock of a shared server pool
+      .<namespace>.lock               launch-or-join / let-go lock of a pool shared by a sweep's
+                                      points; it lives exactly as long as the namespace
       <namespace>/                    one run, or one pool shared by a sweep's points (mode 0700)
         .api_key                      the namespace's API key (0600)
         .jobs.json                    the cluster kind and the job ids serving it
         .owners/<run id>              one file per launcher run using it, touched as its heartbeat
+        .stop                         written by ``launcher.down``: the runs using it stop
         <service>/<replica>.json      one entry per replica (0600), what clients read
 
 Writers replace a file atomically (temp file + fsync + ``os.replace``), so a
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fcntl
 import json
 import logging
 import os
@@ -37,6 +40,7 @@ import shutil
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -55,6 +59,7 @@ API_KEY_ENV = "GYMLAUNCH_API_KEY"
 _API_KEY_FILE = ".api_key"
 _JOBS_FILE = ".jobs.json"
 _OWNERS = ".owners"
+_STOP_FILE = ".stop"
 
 
 def default_root() -> Path:
@@ -276,12 +281,45 @@ class Registry:
         except (FileNotFoundError, ValueError, TypeError):
             return None
 
-    def pool_lock(self, namespace: str):
-        """The lock that makes launch-or-join and let-go of a shared pool one step each."""
-        from filelock import FileLock  # only launchers lock; Gym jobs importing this module need not have it
+    @contextmanager
+    def pool_lock(self, namespace: str) -> Iterator[None]:
+        """Makes launch-or-join and let-go of a shared pool one step each.
 
+        The lock file is removed, still locked, when the namespace is gone at the end (the pool
+        stopped, or its launch failed), so no lock file outlives its pool. A process that was
+        waiting on the removed file then holds a lock nobody else can see: it notices that the
+        path no longer names the file it locked, and locks again. (filelock cannot tell, hence
+        fcntl here.)
+        """
+        path = self.root / f".{namespace}.lock"
         _private_dirs(self.root)
-        return FileLock(str(self.root / f".{namespace}.lock"))
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        try:
+            yield
+        finally:
+            if not (self.root / namespace).is_dir():
+                path.unlink(missing_ok=True)
+            os.close(fd)  # releases the lock
+
+    def request_stop(self, namespace: str, by: str) -> None:
+        """Ask every run using ``namespace`` to stop (``launcher.down``); ``by`` says who asked."""
+        if (self.root / namespace).is_dir():
+            _write_atomic(self.root / namespace / _STOP_FILE, by.encode())
+
+    def stop_request(self, namespace: str) -> str | None:
+        """Who asked the runs of ``namespace`` to stop, if anyone did (or removed the namespace)."""
+        try:
+            return (self.root / namespace / _STOP_FILE).read_text() or "launcher.down"
+        except FileNotFoundError:
+            return None if (self.root / namespace).is_dir() else f"its registry namespace {namespace} was removed"
 
     # ------------------------------------------------------------ owners
 

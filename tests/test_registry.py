@@ -4,6 +4,7 @@ import os
 import stat
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -159,3 +160,48 @@ def test_folders_are_private_and_api_keys_are_removed_with_the_namespace(tmp_pat
     assert [e.replica for e in reg.entries("ns")] == [0]  # the key file is not taken for a service
     assert reg.remove_namespace("ns") == 1
     assert not (tmp_path / "root" / "ns").exists()
+
+
+def test_the_pool_lock_file_lives_as_long_as_its_namespace(tmp_path):
+    reg = Registry(tmp_path)
+    lock_file = tmp_path / ".pool-a.lock"
+    with reg.pool_lock("pool-a"):
+        reg.create_api_key("pool-a")  # a pool launched under the lock
+    assert lock_file.exists()
+    with reg.pool_lock("pool-a"):
+        reg.remove_namespace("pool-a")  # the last run stopped it
+    assert not lock_file.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_a_run_waiting_on_a_removed_pool_lock_locks_again(tmp_path):
+    reg = Registry(tmp_path)
+    reg.create_api_key("pool-b")
+    order: list[str] = []
+    holding = threading.Event()
+
+    def last_run_stops_the_pool() -> None:
+        with reg.pool_lock("pool-b"):
+            holding.set()
+            time.sleep(0.3)  # the other run is now blocked on this lock file
+            reg.remove_namespace("pool-b")
+            order.append("stopped")
+
+    stopper = threading.Thread(target=last_run_stops_the_pool)
+    stopper.start()
+    holding.wait(5)
+    def third_run() -> None:
+        with reg.pool_lock("pool-b"):
+            order.append("third")
+
+    with reg.pool_lock("pool-b"):
+        order.append("joined")
+        reg.create_api_key("pool-b")  # it launches a new pool
+        # It holds the lock of the file now at the path, not of the removed one: a third run waits.
+        third = threading.Thread(target=third_run)
+        third.start()
+        third.join(0.5)
+        assert third.is_alive()
+    third.join(5)
+    stopper.join()
+    assert order == ["stopped", "joined", "third"]
+    assert (tmp_path / ".pool-b.lock").exists()  # its new pool lives: so does its lock

@@ -23,6 +23,7 @@ def launcher(run_dir: Path, *overrides: str, **popen) -> subprocess.Popen:
 def assert_nothing_left(registry_root: Path, summary: dict) -> None:
     assert Registry(registry_root).entries(summary["namespace"]) == []
     assert not (registry_root / summary["namespace"]).exists()  # nor its API key
+    assert not (registry_root / f".{summary['namespace']}.lock").exists()  # nor a lock file
     for server in summary["servers"]:
         if server["base_url"]:
             port = int(server["base_url"].rsplit(":", 1)[1].split("/")[0])
@@ -47,6 +48,10 @@ def test_demo_end_to_end(registry_root, tmp_path):
             assert turn["generation_token_ids"] and len(turn["generation_logprobs"]) == len(turn["generation_token_ids"])
     assert any(row["tool_calls"] for row in rows), "the demo's tool loop never ran"
     assert (run_dir / "logs" / "policy-0.engine.log").stat().st_size > 0
+    # The launcher's own log has the run's events; submitit's template folder is not left empty.
+    launcher_log = (run_dir / "launcher.log").read_text()
+    assert "submitted policy/0" in launcher_log and "ready at http" in launcher_log, launcher_log
+    assert not (run_dir / "submitit" / "%j").exists()
     assert_nothing_left(registry_root, summary)
 
 

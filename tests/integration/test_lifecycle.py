@@ -4,6 +4,7 @@ by the orphan grace period. Uses the stand-in server (server/standin.py, no mode
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -44,15 +45,19 @@ def test_servers_stop_themselves_after_the_launcher_is_killed(tmp_path):
     assert Registry(root).namespaces() == []
 
 
-def test_down_from_another_shell_stops_a_running_launchers_servers(tmp_path):
+def test_down_from_another_shell_stops_a_running_launcher(tmp_path):
     root = tmp_path / "registry"
     proc, _ = serve_standin(tmp_path / "run", root, "run.name=downme")
     down = cli("launcher.down", "downme", registry_root=root)
     assert down.returncode == 0, down.stderr
     assert Registry(root).entries() == []
     out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 1 and "ended while in use" in out  # the launcher saw its servers go
-    assert Registry(root).namespaces() == []
+    # A stop, not a crash: the interrupt code, and no death report of the servers it stopped.
+    assert proc.returncode == 130, out
+    assert "stopped from another shell (stopped by launcher.down on" in out and "ended while in use" not in out
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "stopped" and "launcher.down" in summary["error"]
+    assert Registry(root).namespaces() == [] and list(root.iterdir()) == []
 
 
 def test_a_sweep_with_one_server_config_starts_one_pool(tmp_path):
@@ -68,3 +73,5 @@ def test_a_sweep_with_one_server_config_starts_one_pool(tmp_path):
     # Torn down once the sweep ended (other tests' stand-ins may come and go meanwhile: look at ours).
     port = first["servers"][0]["base_url"].rsplit(":", 1)[1].split("/")[0]
     assert Registry(root).namespaces() == [] and not standin_pids(port)
+    assert list(root.iterdir()) == []  # no lock file either
+    assert "stopped: no run of the sweep uses them any more" in out.stdout
