@@ -485,6 +485,12 @@ def urls(registry: Registry, service: str, namespace: str | None) -> list[str]:
     return [e.base_url for e in registry.ready(service, resolve_namespace(registry, service, namespace))]
 
 
+def key_file(registry: Registry, service: str, namespace: str | None) -> str | None:
+    """The file holding the API key the replicas of ``service`` take; None when they take none."""
+    return next((e.api_key_file for e in registry.entries(resolve_namespace(registry, service, namespace), service)
+                 if e.api_key_file), None)
+
+
 # ---------------------------------------------------------------- CLI
 
 
@@ -502,6 +508,7 @@ def main(argv: list[str] | None = None) -> int:
     wait.add_argument("service")
     wait.add_argument("--count", type=int, default=1)
     wait.add_argument("--timeout", type=float, default=600.0)
+    sub.add_parser("key-file", help="the file holding the API key of a service's replicas").add_argument("service")
     options_anywhere(parser, sub)
     args = parser.parse_args(argv)
 
@@ -510,6 +517,13 @@ def main(argv: list[str] | None = None) -> int:
         _print_table(registry.entries(args.namespace), registry.ttl_s)
         return 0
     try:
+        if args.command == "key-file":
+            path = key_file(registry, args.service, args.namespace)
+            if path is None:
+                print(f"no replica of service {args.service!r} in {registry.root} takes a key", file=sys.stderr)
+                return 1
+            print(path)
+            return 0
         if args.command == "urls":
             found = urls(registry, args.service, args.namespace)
             if not found:

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -147,3 +148,64 @@ def auth(entry: Entry) -> dict[str, str]:
 def queued() -> list[str]:
     """The Slurm job ids in the queue."""
     return subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
+
+
+# ---------------------------------------------------------------- NeMo Gym stand-ins
+
+# Stand-ins for ng_run and ng_collect_rollouts, behaving like them where the launcher relies on it:
+# ng_run prints "All N / N servers ready" and serves until SIGINT (Gym's own shutdown);
+# ng_collect_rollouts writes the output JSONL, or exits 1 writing nothing. Both record what they got
+# in $STANDIN_RECORD_DIR.
+NG_RUN = textwrap.dedent("""
+    import json, os, sys, time, httpx
+    record = os.path.join(os.environ["STANDIN_RECORD_DIR"], "ng_run")
+    key_override = [a for a in sys.argv if a.startswith("+policy_api_key=")][0]
+    # What Gym's OmegaConf does with ${oc.env:POLICY_API_KEY}: read it from the environment.
+    assert key_override == "+policy_api_key=${oc.env:POLICY_API_KEY}", key_override
+    url = [a for a in sys.argv if a.startswith("+policy_base_url=")][0].split("=", 1)[1].strip("[]").split(",")[0]
+    status = httpx.get(url + "/models", headers={"Authorization": "Bearer " + os.environ["POLICY_API_KEY"]}).status_code
+    with open(record + ".json", "w") as f:
+        json.dump({"argv": sys.argv, "models_status": status, "path": os.environ["PATH"],
+                   "uv_python_downloads": os.environ.get("UV_PYTHON_DOWNLOADS")}, f)
+    print("Waiting for servers to spin up")  # no flush, as Gym: the job makes the output unbuffered
+    time.sleep(0.5)
+    print("All 2 / 2 servers ready! Polling every 60s")
+    try:
+        while True:
+            time.sleep(0.1)
+    except KeyboardInterrupt:  # Gym's shutdown path: only SIGINT stops it in order
+        open(record + ".stopped", "w").close()
+        print("NeMo Gym finished!")
+""")
+
+NG_COLLECT = textwrap.dedent("""
+    import json, os, sys
+    record = os.path.join(os.environ["STANDIN_RECORD_DIR"], "ng_collect_rollouts.json")
+    args = dict(a.lstrip("+").split("=", 1) for a in sys.argv[1:])
+    with open(record, "w") as f:
+        json.dump({"argv": sys.argv, "ng_run_up": os.path.exists(os.path.join(os.environ["STANDIN_RECORD_DIR"], "ng_run.json"))}, f)
+    if os.environ.get("STANDIN_COLLECT_FAIL"):
+        print("one rollout failed: nothing written", file=sys.stderr)
+        sys.exit(1)
+    rows = [json.loads(line) for line in open(args["input_jsonl_fpath"]) if line.strip()][: int(args.get("limit", 10**9))]
+    with open(args["output_jsonl_fpath"], "w") as f:
+        for row in rows:
+            f.write(json.dumps({**row, "response": {"output": []}, "reward": 1.0}) + "\\n")
+""")
+
+
+def gym_standins(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """A bin folder with ng_run / ng_collect_rollouts stand-ins, a record folder, a task file."""
+    bin_dir, records = tmp_path / "gym venv" / "bin", tmp_path / "records"
+    bin_dir.mkdir(parents=True)
+    records.mkdir()
+    for name, source in (("ng_run", NG_RUN), ("ng_collect_rollouts", NG_COLLECT)):
+        program = bin_dir / name
+        program.write_text(f"#!{sys.executable}\n{source}")
+        program.chmod(0o755)
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text("".join(
+        json.dumps({"responses_create_params": {"input": [{"role": "user", "content": f"q{i}"}]}}) + "\n"
+        for i in range(5)
+    ))
+    return bin_dir, records, tasks

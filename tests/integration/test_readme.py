@@ -1,0 +1,124 @@
+"""The README's commands, run as written: every block marked
+``<!-- tests/integration/test_readme.py runs this block as written -->`` is run here through bash,
+word for word, in a fresh folder with the project's venv on PATH (as after `. .venv/bin/activate`).
+Only what cannot be here is a stand-in: NeMo Gym (``ng_run``/``ng_collect_rollouts``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from server.models import default_cache_dir
+from server.registry import Registry
+from tests.support import ROOT, gym_standins
+
+MARK = "<!-- tests/integration/test_readme.py runs this block as written -->"
+
+
+def readme_blocks() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    blocks = []
+    for part in text.split(MARK)[1:]:
+        found = re.match(r"\s*```\w*\n(.*?)```", part, re.S)
+        assert found, f"a {MARK} line not followed by a fenced block"
+        blocks.append(found.group(1))
+    return blocks
+
+
+def block_with(fragment: str) -> str:
+    (block,) = [b for b in readme_blocks() if fragment in b]
+    return block
+
+
+@pytest.fixture
+def shell(tmp_path):
+    """A user's shell: the venv active, a home of its own (the model cache kept), a registry root."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "HOME": str(home),
+        "GYMLAUNCH_CACHE": str(default_cache_dir().parent),  # the embedded model, converted once
+        "GYMLAUNCH_REGISTRY_ROOT": str(tmp_path / "registry"),
+    }
+    env.pop("GYMLAUNCH_NAMESPACE", None)
+    return home, work, env
+
+
+def bash(block: str, cwd: Path, env: dict, timeout_s: float) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout_s)
+
+
+def test_every_marked_block_is_one_this_module_runs():
+    blocks = readme_blocks()
+    assert len(blocks) == 2, blocks
+    assert block_with("job=gym") and block_with("key-file policy")
+
+
+def test_the_gym_recipe_as_written(shell):
+    home, work, env = shell
+    # NeMo Gym where the recipe says it is: a checkout in ~/gym, its venv in ~/gym/.venv (stand-ins).
+    bin_dir, records, _ = gym_standins(home / "gym")
+    bin_dir.parent.rename(home / "gym" / ".venv")
+    data = home / "gym" / "resources_servers" / "example_single_tool_call" / "data"
+    data.mkdir(parents=True)
+    (data / "example.jsonl").write_text("".join(
+        json.dumps({"responses_create_params": {"input": [{"role": "user", "content": f"weather {i}?"}]}}) + "\n"
+        for i in range(8)
+    ))
+    env["STANDIN_RECORD_DIR"] = str(records)
+
+    done = bash(block_with("job=gym"), work, env, timeout_s=900)
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    (run_dir,) = (work / "outputs" / "gym").iterdir()
+    rows = (run_dir / "gym_rollouts.jsonl").read_text().splitlines()
+    assert len(rows) == 5  # job.limit=5
+    ng_run = json.loads((records / "ng_run.json").read_text())
+    assert ng_run["argv"][1] == (
+        "+config_paths=[resources_servers/example_single_tool_call/configs/example_single_tool_call.yaml,"
+        "responses_api_models/vllm_model/configs/vllm_model_for_training.yaml]"
+    )
+    assert ng_run["models_status"] == 200 and ng_run["path"].startswith(f"{home}/gym/.venv/bin:")
+    assert Registry(env["GYMLAUNCH_REGISTRY_ROOT"]).namespaces() == []
+
+
+def test_serve_only_then_the_curl_block_from_another_shell(shell):
+    home, work, env = shell
+    launcher = subprocess.Popen(["bash", "-c", "exec python -m launcher job=none"], cwd=work, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines, deadline = [], time.monotonic() + 600
+        for line in launcher.stdout:
+            lines.append(line)
+            if line.strip().startswith("curl "):  # the last of the "serving" lines
+                break
+            assert time.monotonic() < deadline, "".join(lines)
+        printed = "".join(lines)
+        assert "serving policy at http://" in printed and "API key: " in printed, printed
+
+        # The curl line the launcher printed works as printed, and the README's block from another shell.
+        printed_curl = bash(lines[-1].strip() + " --fail -s", work, env, timeout_s=60)
+        assert printed_curl.returncode == 0 and "smollm2-135m-instruct" in printed_curl.stdout, printed_curl
+        done = bash(block_with("key-file policy"), work, env, timeout_s=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+        answer = json.loads(done.stdout)
+        assert isinstance(answer["choices"][0]["message"]["content"], str)
+        assert answer["prompt_token_ids"] and answer["choices"][0]["token_ids"]
+        assert answer["choices"][0]["logprobs"]["content"]
+    finally:
+        launcher.send_signal(signal.SIGINT)
+        out, _ = launcher.communicate(timeout=120)
+    assert launcher.returncode == 0, out  # a serve-only run ends with Ctrl-C
+    assert Registry(env["GYMLAUNCH_REGISTRY_ROOT"]).namespaces() == []
