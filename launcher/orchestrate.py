@@ -17,6 +17,7 @@ from rich.live import Live
 from jobs.command import Endpoints, GymConfig, run as run_command
 from jobs.rollouts import collect
 from launcher import console as views
+from launcher import exit_codes
 from launcher import pools
 from launcher.executors import Resources, make_backend
 from launcher.pools import ServerPool, pool_namespace
@@ -96,7 +97,7 @@ class Run:
         summary = self._write_summary(status, error)
         self.console.print(views.summary_table(summary))
         self.console.print(f"run folder: {self.run_dir}")
-        return 0 if status in ("succeeded", "stopped") else 1
+        return exit_codes.for_status(status)
 
     def _start_servers(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
