@@ -59,7 +59,11 @@ class SpecError(ConfigError):
 
 @dataclass(kw_only=True)
 class RunInfo:
-    name: str  # conf/config.yaml
+    """``run.*``, conf/config.yaml's."""
+
+    name: str
+    # Look for the programs a run starts (job.command's, NeMo Gym's, server.command's) before submitting.
+    check_programs: bool
 
 
 @dataclass
@@ -397,6 +401,8 @@ def _absolute(path: str) -> str:
 
 def _check_across(spec: RunSpec, checks: Checks) -> None:
     c, m, s = spec.cluster, spec.model, spec.server
+    if spec.run.check_programs:
+        _check_programs(spec, checks)
     if c.kind == "slurm":
         checks.require(
             c.gpus_per_node is None or s.gpus_per_replica <= c.gpus_per_node, "server.gpus_per_replica",
@@ -419,6 +425,19 @@ def _check_across(spec: RunSpec, checks: Checks) -> None:
         max_tokens = job.collector.sampling.max_tokens
         checks.require(max_tokens < s.max_model_len, "job.sampling.max_tokens",
                        f"{max_tokens} leaves no room for the prompt in server.max_model_len={s.max_model_len}")
+
+
+def _check_programs(spec: RunSpec, checks: Checks) -> None:
+    """The programs the jobs start exist where the jobs will look for them, as far as this machine can
+    tell: on Slurm the jobs run the cluster's setup lines first, and the compute nodes may have what
+    this one lacks."""
+    slurm = spec.cluster.kind == "slurm"
+    setup = list(spec.cluster.setup) if slurm else []
+    key = "cluster.setup" if slurm else ""
+    hint = "; if it is there only on the compute nodes, set run.check_programs=false" if slurm else ""
+    spec.server.check_programs(checks.at("server"), setup, key, hint)
+    if isinstance(spec.job, CommandJob):
+        spec.job.process.check_programs(checks.at("job"), setup, key, hint)
 
 
 def _check_policy_agrees(policy: Policy, server: ServerSpec, checks: Checks) -> None:
