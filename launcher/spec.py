@@ -33,11 +33,11 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
 from jobs.command import CommandConfig, GymConfig
 from jobs.rollouts import CollectorConfig, Task, TaskFileError, load_tasks
@@ -320,13 +320,20 @@ def normalise(spec: RunSpec, checks: Checks) -> None:
 # ---------------------------------------------------------------- typing
 
 
-def _typed(schema: type, data: Any, prefix: str) -> Any:
+def _typed(schema: type, data: Any, prefix: str, also: tuple[str, ...] = ()) -> Any:
+    """``data`` typed into ``schema``; ``also``: more keys the section has (typed elsewhere), for the
+    "did you mean" of an unknown key."""
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), data)
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or ""
         where = f"{prefix}{key}" if key else prefix.rstrip(".") or "config"
+        parent = getattr(e, "parent_node", None)
+        if isinstance(e, ConfigKeyError) and isinstance(parent, DictConfig) and key and e.key not in parent:
+            section = f"{prefix}{key}".rpartition(".")[0]
+            options = [*parent.keys(), *(also if "." not in key else ())]
+            raise SpecError(unknown_key(section, str(e.key), options)) from None
         if isinstance(e, MissingMandatoryValue):
             group = where.split(".")[0]
             raise SpecError(f"{where}: missing; every option in conf/{group}/ sets it: set it too, or start from "
@@ -350,7 +357,7 @@ def _typed_job(job_cfg: DictConfig) -> JobSpec:
         if key in data:
             raise SpecError(f"job.{key}: set by the launcher for each run; remove it from the config")
     submission = _typed(_JobSubmission, {k: data.pop(k) for k in _SUBMISSION_KEYS if k in data}, prefix="job.")
-    settings = _typed(_JOB_SETTINGS[kind], data, prefix="job.")
+    settings = _typed(_JOB_SETTINGS[kind], data, prefix="job.", also=("kind", *_SUBMISSION_KEYS))
     if kind in PROCESS_CONFIGS:
         return CommandJob(process=settings, kind=kind, **dataclasses.asdict(submission))
     return RolloutsJob(collector=settings, **dataclasses.asdict(submission))
@@ -463,6 +470,18 @@ def _check_parser(spec: RunSpec, checks: Checks) -> None:
     hint = f"; did you mean {' or '.join(close)}?" if close else f"; known: {sorted(known)}"
     checks.require(parser in known, (from_policy or ["server.tool_call_parser"])[0],
                    f"{parser!r} is not a tool parser of {spec.server.engine}{hint}")
+
+
+def unknown_key(section: str, name: str, options: Iterable[str], rest: str = "") -> str:
+    """The message for ``<section>.<name>[.<rest>]``, where ``section`` has no key ``name`` but
+    ``options``: the close ones as "did you mean", else all of them."""
+    full = lambda key: ".".join(part for part in (section, key, rest) if part)  # noqa: E731
+    options = sorted({str(o) for o in options} - {"hydra"})
+    close = difflib.get_close_matches(name, options, n=3, cutoff=0.6)
+    if close:
+        return f"{full(name)}: no such key; did you mean {' or '.join(full(c) for c in close)}?"
+    where = f"{section}'s keys" if section else "the top-level keys"
+    return f"{full(name)}: no such key; {where}: {', '.join(options)}"
 
 
 def _looks_local(path: str) -> bool:
