@@ -45,7 +45,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
-from launcher.spec import SpecError, load_spec, unknown_key
+from launcher.spec import HOME_PATH_KEYS, SpecError, load_spec, unknown_key
 
 MAX_SWEEP_POINTS = 100
 SWEEP_CHECK_S = 15.0
@@ -62,13 +62,18 @@ class Refused(Exception):
 
 # key=~value, where the value has nothing Hydra's grammar gives a meaning (sweeps, lists, quotes,
 # interpolations, escapes): quoting it changes nothing but the ~, which Hydra's lexer refuses bare.
-_TILDE_VALUE = re.compile(r"^(\+{0,2}[A-Za-z_][\w.@/-]*)=(~[^\s,'\"\[\]{}()$\\]*)$")
+_TILDE_VALUE = re.compile(r"^(\+{0,2})([A-Za-z_][\w.@/-]*)=(~[^\s,'\"\[\]{}()$\\]*)$")
 
 
 def quote_tilde_values(argv: list[str]) -> list[str]:
-    """``job.gym_bin=~/gym/.venv/bin`` -> ``job.gym_bin='~/gym/.venv/bin'`` (``~`` is expanded where
-    the value is used as a path); every other argument as it is."""
-    return [f"{m[1]}='{m[2]}'" if (m := _TILDE_VALUE.match(arg)) else arg for arg in argv]
+    """``job.gym_bin=~/gym/.venv/bin`` -> ``job.gym_bin='~/gym/.venv/bin'``, for the keys the launcher
+    expands ``~`` in (``spec.HOME_PATH_KEYS``); every other argument as it is (elsewhere a quoted ``~``
+    would stay a literal ``~``, e.g. a folder named ``~``)."""
+    quoted = []
+    for arg in argv:
+        m = _TILDE_VALUE.match(arg)
+        quoted.append(f"{m[1]}{m[2]}='{m[3]}'" if m and m[2] in HOME_PATH_KEYS else arg)
+    return quoted
 
 
 def _tilde_hint(override: str) -> str:
@@ -79,8 +84,11 @@ def _tilde_hint(override: str) -> str:
     home = f"{key}={value.replace('~/', '$HOME/')}"
     if re.search(r"[\[\]*?{}]", value):
         home = f'"{home}"'  # the shell expands $HOME in double quotes, and globs nothing
-    return (f"\nHydra takes ~ in a value only inside quotes: write '{key}={quoted}' (the outer quotes are for the "
-            f"shell), or let the shell spell it: {home}")
+    if key.lstrip("+") in HOME_PATH_KEYS:
+        return (f"\nHydra takes ~ in a value only inside quotes: write '{key}={quoted}' (the outer quotes are for "
+                f"the shell; gymlaunch expands ~ in {key.lstrip('+')}), or let the shell spell it: {home}")
+    return (f"\nHydra takes ~ in a value only inside quotes, and {key.lstrip('+')} would keep it as written (a "
+            f"folder named ~): let the shell spell your home instead: {home}")
 
 
 # ---------------------------------------------------------------- the check

@@ -297,11 +297,21 @@ def typed_spec(cfg: DictConfig) -> RunSpec:
     return spec
 
 
+# Keys whose value is a path on this machine, where a leading ~ is the user's home: each is expanded
+# before it is used (launcher.cli quotes such a value for Hydra, whose grammar refuses a bare ~).
+HOME_PATH_KEYS = (
+    "model.path", "model.cache_dir", "server.chat_template", "server.api_key", "registry.root",
+    "job.tasks", "job.cwd", "job.gym_bin", "job.input_jsonl",
+)
+
+
 def normalise(spec: RunSpec, checks: Checks) -> None:
     """Work out what the config leaves to be worked out; a step that fails is reported in ``checks``
     (its value stays as written) and the others go on."""
     if spec.policy is not None:
         apply_policy(spec.policy, spec.server)
+    # The engine takes the path as written; ~ means nothing to it (a hub id has no ~).
+    spec.model.path = _home(spec.model.path)
     with checks.reporting(SpecError):
         spec.server.chat_template = resolve_chat_template(spec.server.chat_template)
     job = spec.job
@@ -315,6 +325,10 @@ def normalise(spec: RunSpec, checks: Checks) -> None:
         job.process.cwd = _absolute(job.process.cwd or os.getcwd())
         if isinstance(job.process, GymConfig) and job.process.gym_bin:
             job.process.gym_bin = _absolute(job.process.gym_bin)
+        if isinstance(job.process, GymConfig):
+            job.process.input_jsonl = _home(job.process.input_jsonl)  # Gym reads it as written
+
+
 
 
 # ---------------------------------------------------------------- typing
@@ -401,6 +415,11 @@ def _load_tasks(path: str) -> list[Task]:
 
 def _absolute(path: str) -> str:
     return str(Path(path).expanduser().resolve())
+
+
+def _home(path: str | None) -> str | None:
+    """``~/x`` -> ``/home/me/x``; any other value as it is."""
+    return str(Path(path).expanduser()) if path and path.startswith("~") else path
 
 
 # ---------------------------------------------------------------- checks that span sections

@@ -120,10 +120,14 @@ def test_a_value_starting_with_tilde_is_taken(tmp_path):
     out = launcher(tmp_path, "job=gym", "job.gym_bin=~/no-such-gym/bin", "job.config_paths=[a.yaml]",
                    "job.agent_name=x", f"job.input_jsonl={DEMO_TASKS}")
     assert_refused(out, tmp_path, f"job.gym_bin: no executable ng_run in {Path.home()}/no-such-gym/bin")
-    # Where quoting would change the meaning (a list, a sweep), the message says how to write it.
-    out = launcher(tmp_path, "job=gym", "job.config_paths=[~/a.yaml]")
-    assert_refused(out, tmp_path, "LexerNoViableAltException", """write 'job.config_paths=["~/a.yaml"]'""",
-                   '"job.config_paths=[$HOME/a.yaml]"')
+    # Where quoting would change the meaning (a sweep) the message says how to write it; where the
+    # value would stay a literal ~ (a key the launcher does not expand), it says to let the shell spell it.
+    out = launcher(tmp_path, "-m", "job=gym", "job.gym_bin=~/a,~/b")
+    assert_refused(out, tmp_path, "LexerNoViableAltException", """write 'job.gym_bin="~/a","~/b"'""",
+                   "job.gym_bin=$HOME/a,$HOME/b")
+    out = launcher(tmp_path, "-m", "hydra.sweep.dir=~/sweeps")
+    assert_refused(out, tmp_path, "hydra.sweep.dir would keep it as written (a folder named ~): let the shell "
+                   "spell your home instead: hydra.sweep.dir=$HOME/sweeps")
 
 
 def test_commands_that_run_nothing_work_as_before(tmp_path):
@@ -160,8 +164,10 @@ def test_the_gymlaunch_console_script(tmp_path):
 def test_tilde_values_are_quoted_only_where_quoting_changes_nothing_else():
     assert quote_tilde_values(["job.gym_bin=~/gym/.venv/bin", "+job.cwd=~", "-m", "server.replicas=2"]) == [
         "job.gym_bin='~/gym/.venv/bin'", "+job.cwd='~'", "-m", "server.replicas=2"]
-    untouched = ["job.gym_bin=~/a,~/b", "job.config_paths=[~/a]", "~job.gym_bin", "job.x='~/a'",
-                 "job.x=~/${oc.env:USER}", "--config-dir=~/conf", "job.x=a~b"]
+    untouched = ["job.gym_bin=~/a,~/b", "job.config_paths=[~/a]", "~job.gym_bin", "job.cwd='~/a'",
+                 "job.cwd=~/${oc.env:USER}", "--config-dir=~/conf", "job.cwd=a~b",
+                 # keys that would keep a literal ~: Hydra's own folders, a program's environment
+                 "hydra.run.dir=~/runs", "+job.env.HF_HOME=~/hf"]
     assert quote_tilde_values(untouched) == untouched
 
 

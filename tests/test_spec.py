@@ -438,3 +438,34 @@ def test_on_slurm_the_cluster_setup_runs_first_and_the_check_can_be_turned_off(m
     assert "are not on PATH after cluster.setup and job.setup" in message
     assert spec_for(*slurm, *GYM_ON_PATH, "run.check_programs=false").run.check_programs is False
     spec_for(*GYM_ON_PATH, "run.check_programs=false")
+
+
+def test_a_leading_tilde_is_the_home_folder_in_every_path_key(tmp_path, monkeypatch):
+    from launcher.spec import HOME_PATH_KEYS
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for folder in ("model", "gym"):
+        (tmp_path / folder).mkdir()
+    for name in ("tasks.jsonl", "gym.jsonl"):
+        (tmp_path / name).write_text(TASK % "a" + "\n")
+    (tmp_path / "template.jinja").write_text("{{ messages }}")
+    (tmp_path / "key").write_text("k")
+    (tmp_path / "key").chmod(0o600)
+    for program in ("ng_run", "ng_collect_rollouts"):
+        (tmp_path / "gym" / program).symlink_to(GYM_BIN / program)
+    # As launcher.cli.quote_tilde_values passes them to Hydra.
+    values = {
+        "model.path": "~/model", "model.cache_dir": "~/cache", "server.chat_template": "~/template.jinja",
+        "server.api_key": "~/key", "registry.root": "~/registry", "job.tasks": "~/tasks.jsonl",
+    }
+    gym = {"job.cwd": "~", "job.gym_bin": "~/gym", "job.input_jsonl": "~/gym.jsonl"}
+    assert set(values) | set(gym) == set(HOME_PATH_KEYS)
+    spec = spec_for("model.embedded=null", *(f"{k}='{v}'" for k, v in values.items()))
+    assert spec.model.path == str(tmp_path / "model")
+    assert spec.server.chat_template == str(tmp_path / "template.jinja")
+    assert spec.job.collector.tasks == str(tmp_path / "tasks.jsonl") and spec.registry.root == tmp_path / "registry"
+    assert Path(spec.server.api_key).expanduser() == tmp_path / "key"  # checked there; read there by the run
+    assert Path(spec.model.cache_dir).expanduser() == tmp_path / "cache"  # server.models expands it
+    process = spec_for(*GYM, *(f"{k}='{v}'" for k, v in gym.items())).job.process
+    assert (process.cwd, process.gym_bin, process.input_jsonl) == (
+        str(tmp_path), str(tmp_path / "gym"), str(tmp_path / "gym.jsonl"))
