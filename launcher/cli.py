@@ -164,7 +164,13 @@ def _check_sweep(hydra: Any, config_name: str, overrides: list[str]) -> None:
     for num, point in enumerate(points[:MAX_SWEEP_POINTS]):
         if time.monotonic() > deadline or sum(map(len, refusals.values())) >= MAX_REFUSED_POINTS:
             break
-        cfg = hydra.config_loader.load_sweep_config(master, list(point))
+        try:
+            cfg = hydra.config_loader.load_sweep_config(master, list(point))
+        except MissingConfigException as e:  # a swept group option that does not exist
+            raise Refused(_missing_option(e, list(point))) from None
+        except ConfigCompositionException as e:  # a swept key the config does not have
+            unknown = _COULD_NOT_OVERRIDE.search(str(e))
+            raise Refused(_unknown_override(master, unknown[1]) if unknown else _hydra_message(e)) from None
         with open_dict(cfg):
             cfg.hydra.job.id = cfg.hydra.job.num = num
         try:
@@ -260,6 +266,8 @@ def _missing_option(e: MissingConfigException, overrides: list[str]) -> str:
 def _hydra_message(e: Exception) -> str:
     if isinstance(e, Refused):
         return str(e)
+    if isinstance(e, MissingConfigException) and e.options is not None:
+        return _missing_option(e, [])
     if isinstance(e, OverrideParseException):
         return f"{e.message.strip()}{_tilde_hint(e.override)}"
     if isinstance(e, SearchPathException):

@@ -111,6 +111,8 @@ def test_a_sweep_with_one_bad_point_is_refused_before_anything_runs(tmp_path):
     assert_refused(out, tmp_path, "sweep point #1 of 3 (job.sampling.temperature=-1): invalid config:",
                    "job.sampling.temperature: must be >= 0, got -1.0")
     assert "#0" not in out.stderr and "#2" not in out.stderr
+    out = launcher(tmp_path, "-m", "server.replica=1,2", f"hydra.sweep.dir={tmp_path}/sweep")
+    assert_refused(out, tmp_path, "server.replica: no such key; did you mean server.replicas")
 
 
 def test_a_value_starting_with_tilde_is_taken(tmp_path):
