@@ -127,7 +127,9 @@ class ProcessConfig:
         """A folder to put first on the programs' PATH."""
         return None
 
-    def check_programs(self, checks: Checks, outer_setup: Sequence[str] = (), outer_key: str = "", hint: str = "") -> None:
+    def check_programs(
+        self, checks: Checks, outer_setup: Sequence[str] = (), outer_key: str = "", hint: str = ""
+    ) -> None:
         """The programs the job starts exist where it will look for them; ``outer_setup`` (named
         ``outer_key``) runs before the job's own ``setup`` (a cluster's setup lines), ``hint`` ends
         each message. Looks (and may run the setup lines, bounded): call it only before submitting."""
@@ -155,7 +157,9 @@ class CommandConfig(ProcessConfig):
         with checks.reporting(ValueError):  # a dry run with stand-in values: a bad placeholder costs nothing here
             command_argv(self.command, dict.fromkeys(PLACEHOLDERS, "x"))  # its message names job.command
 
-    def check_programs(self, checks: Checks, outer_setup: Sequence[str] = (), outer_key: str = "", hint: str = "") -> None:
+    def check_programs(
+        self, checks: Checks, outer_setup: Sequence[str] = (), outer_key: str = "", hint: str = ""
+    ) -> None:
         unknown = "\0"  # a placeholder only the run fills in
         try:
             argv = command_argv(self.command, {**dict.fromkeys(PLACEHOLDERS, unknown), "python": sys.executable})
@@ -172,7 +176,8 @@ class CommandConfig(ProcessConfig):
         if "/" in program:
             fix = "fix the path, chmod +x it, or start a script with its interpreter ({python} path/to/script.py)"
         else:
-            fix = f"give its full path, or add {checks.key('setup')} lines that put it on PATH (e.g. activating its venv)"
+            fix = (f"give its full path, or add {checks.key('setup')} lines that put it on PATH "
+                   "(e.g. activating its venv)")
         checks.fail("command", f"{reason}; {fix}{hint}")
 
 
@@ -215,7 +220,9 @@ class GymConfig(ProcessConfig):
                                f"{arg!r} is written by the gym job itself (from the service's endpoints and "
                                f"{owned_by}); remove it")
 
-    def check_programs(self, checks: Checks, outer_setup: Sequence[str] = (), outer_key: str = "", hint: str = "") -> None:
+    def check_programs(
+        self, checks: Checks, outer_setup: Sequence[str] = (), outer_key: str = "", hint: str = ""
+    ) -> None:
         if self.gym_bin is not None:
             for program in GYM_PROGRAMS:
                 checks.require(

@@ -59,7 +59,9 @@ class EngineSpec:
         checks.require(not self.enable_auto_tool_choice or bool(self.tool_call_parser), "enable_auto_tool_choice",
                        f"needs {checks.key('tool_call_parser')} (e.g. hermes for Qwen3)")
 
-    def check_programs(self, checks: Checks, outer_setup: Sequence[str] = (), outer_key: str = "", hint: str = "") -> None:
+    def check_programs(
+        self, checks: Checks, outer_setup: Sequence[str] = (), outer_key: str = "", hint: str = ""
+    ) -> None:
         """engine=openai_command: the program of ``command`` exists where the server job will look for it
         (this environment plus ``env``, after ``outer_setup``, the cluster's setup lines named ``outer_key``);
         ``hint`` ends the message. The other engines are modules of this interpreter."""
