@@ -34,8 +34,9 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
-from server import process
+from server import process, programs
 from server.checks import Checks
 from server.registry import NAMESPACE_ENV, ROOT_ENV, Registry
 from server.templates import fill_command
@@ -57,6 +58,7 @@ PLACEHOLDERS = {
 }
 
 GYM_OUTPUT = "gym_rollouts.jsonl"
+GYM_PROGRAMS = ("ng_run", "ng_collect_rollouts")
 # ng_run prints this once every Gym server answers (nemo_gym/cli.py, RunHelper.wait_for_spinup).
 GYM_READY = re.compile(r"All \d+ / \d+ servers ready")
 # Gym resolves OmegaConf interpolations in its overrides: the key is read from ng_run's environment,
@@ -125,6 +127,24 @@ class ProcessConfig:
         """A folder to put first on the programs' PATH."""
         return None
 
+    def check_programs(
+        self, checks: Checks, outer_setup: Sequence[str] = (), outer_key: str = "", hint: str = ""
+    ) -> None:
+        """The programs the job starts exist where it will look for them; ``outer_setup`` (named
+        ``outer_key``) runs before the job's own ``setup`` (a cluster's setup lines), ``hint`` ends
+        each message. Looks (and may run the setup lines, bounded): call it only before submitting."""
+
+    def find_program(self, program: str, outer_setup: Sequence[str] = ()) -> programs.Found:
+        """``program`` looked up as ``_Runner`` will start it: this environment plus ``env``,
+        ``bin_dir()`` first on PATH, in ``cwd``, after the setup lines."""
+        return programs.find(program, env=self.env, cwd=self.cwd, setup=self.setup, shell_setup=outer_setup,
+                             path_first=self.bin_dir())
+
+    def _setup_key(self, checks: Checks, outer_setup: Sequence[str], outer_key: str) -> str | None:
+        keys = [outer_key] if outer_setup else []
+        keys += [checks.key("setup")] if self.setup else []
+        return " and ".join(keys) or None
+
 
 @dataclass(kw_only=True)
 class CommandConfig(ProcessConfig):
@@ -136,6 +156,29 @@ class CommandConfig(ProcessConfig):
         super().validate(checks)
         with checks.reporting(ValueError):  # a dry run with stand-in values: a bad placeholder costs nothing here
             command_argv(self.command, dict.fromkeys(PLACEHOLDERS, "x"))  # its message names job.command
+
+    def check_programs(
+        self, checks: Checks, outer_setup: Sequence[str] = (), outer_key: str = "", hint: str = ""
+    ) -> None:
+        unknown = "\0"  # a placeholder only the run fills in
+        try:
+            argv = command_argv(self.command, {**dict.fromkeys(PLACEHOLDERS, unknown), "python": sys.executable})
+        except ValueError:
+            return  # validate says why
+        program = argv[0]
+        if unknown in program:
+            return
+        found = self.find_program(program, outer_setup)
+        if found.path:
+            return
+        reason = programs.why_not(program, found, cwd=self.cwd, cwd_key=checks.key("cwd"),
+                                  setup_key=self._setup_key(checks, outer_setup, outer_key))
+        if "/" in program:
+            fix = "fix the path, chmod +x it, or start a script with its interpreter ({python} path/to/script.py)"
+        else:
+            fix = (f"give its full path, or add {checks.key('setup')} lines that put it on PATH "
+                   "(e.g. activating its venv)")
+        checks.fail("command", f"{reason}; {fix}{hint}")
 
 
 @dataclass(kw_only=True)
@@ -170,16 +213,40 @@ class GymConfig(ProcessConfig):
         for name in ("limit", "num_samples_in_parallel"):
             checks.at_least(self, name, 1, or_null=True)
         checks.above(self, "startup_timeout_s", 0)
-        for program in ("ng_run", "ng_collect_rollouts") if self.gym_bin is not None else ():
-            checks.require(os.access(Path(self.gym_bin) / program, os.X_OK), "gym_bin",
-                           f"no executable {program} in {self.gym_bin!r}; point it at the bin folder of the venv NeMo "
-                           f"Gym is installed in, or null to find it on PATH (after {checks.key('setup')})")
         owned_by = f"{checks.key('config_paths')}/agent_name/input_jsonl/limit/num_samples_in_parallel"
         for name in ("ng_run_args", "collect_args"):
             for arg in getattr(self, name):
                 checks.require(arg.split("=", 1)[0].lstrip("+~") not in GYM_OWNED_OVERRIDES, name,
                                f"{arg!r} is written by the gym job itself (from the service's endpoints and "
                                f"{owned_by}); remove it")
+
+    def check_programs(
+        self, checks: Checks, outer_setup: Sequence[str] = (), outer_key: str = "", hint: str = ""
+    ) -> None:
+        if self.gym_bin is not None:
+            for program in GYM_PROGRAMS:
+                checks.require(
+                    os.access(Path(self.gym_bin) / program, os.X_OK), "gym_bin",
+                    f"no executable {program} in {self.gym_bin}; point it at the bin folder of the venv NeMo Gym is "
+                    f"installed in, or null to find it on PATH (after {checks.key('setup')}){hint}",
+                )
+            return
+        found: dict[str, programs.Found] = {}
+        for program in GYM_PROGRAMS:
+            found[program] = self.find_program(program, outer_setup)
+            if found[program].problem:  # the setup lines failed or hang: no use running them again
+                break
+        missing = [program for program, where in found.items() if where.path is None]
+        if not missing:
+            return
+        setup_key = self._setup_key(checks, outer_setup, outer_key)
+        after = f" after {setup_key}" if setup_key else ""
+        problem = found[missing[0]].problem
+        reason = (f"cannot tell whether NeMo Gym is on PATH{after}: {problem}" if problem else
+                  f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not on PATH{after} "
+                  f"({checks.key('gym_bin')} is null, so NeMo Gym's programs are looked for there)")
+        checks.fail("gym_bin", f"{reason}; install NeMo Gym in a venv (Python >= 3.12) and set "
+                               f"{checks.key('gym_bin')}=/path/to/venv/bin, the folder holding ng_run{hint}")
 
     @property
     def output(self) -> Path:

@@ -20,6 +20,7 @@ from rich.text import Text
 from jobs.command import Endpoints, GymConfig, run as run_command
 from jobs.rollouts import collect
 from launcher import console as views
+from launcher import exit_codes
 from launcher import pools
 from launcher.executors import Resources, make_backend
 from launcher.pools import ServerPool, pool_namespace
@@ -108,9 +109,8 @@ class Run:
         summary = self._write_summary(status, error)
         self.console.print(views.summary_table(summary))
         self._say(f"run folder: {escape(str(self.run_dir))}")
-        if status == "succeeded" or (status == "stopped" and not interrupted_by_down):
-            return 0
-        return 130 if status in ("stopped", "interrupted") else 1
+        # Stopped from another shell is an interrupt, whatever the job; a serve-only run's Ctrl-C is its normal end.
+        return exit_codes.INTERRUPTED if interrupted_by_down else exit_codes.for_status(status)
 
     def _start_servers(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)

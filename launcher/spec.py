@@ -33,11 +33,11 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
 from jobs.command import CommandConfig, GymConfig
 from jobs.rollouts import CollectorConfig, Task, TaskFileError, load_tasks
@@ -59,7 +59,11 @@ class SpecError(ConfigError):
 
 @dataclass(kw_only=True)
 class RunInfo:
-    name: str  # conf/config.yaml
+    """``run.*``, conf/config.yaml's."""
+
+    name: str
+    # Look for the programs a run starts (job.command's, NeMo Gym's, server.command's) before submitting.
+    check_programs: bool
 
 
 @dataclass
@@ -293,11 +297,21 @@ def typed_spec(cfg: DictConfig) -> RunSpec:
     return spec
 
 
+# Keys whose value is a path on this machine, where a leading ~ is the user's home: each is expanded
+# before it is used (launcher.cli quotes such a value for Hydra, whose grammar refuses a bare ~).
+HOME_PATH_KEYS = (
+    "model.path", "model.cache_dir", "server.chat_template", "server.api_key", "registry.root",
+    "job.tasks", "job.cwd", "job.gym_bin", "job.input_jsonl",
+)
+
+
 def normalise(spec: RunSpec, checks: Checks) -> None:
     """Work out what the config leaves to be worked out; a step that fails is reported in ``checks``
     (its value stays as written) and the others go on."""
     if spec.policy is not None:
         apply_policy(spec.policy, spec.server)
+    # The engine takes the path as written; ~ means nothing to it (a hub id has no ~).
+    spec.model.path = _home(spec.model.path)
     with checks.reporting(SpecError):
         spec.server.chat_template = resolve_chat_template(spec.server.chat_template)
     job = spec.job
@@ -311,18 +325,29 @@ def normalise(spec: RunSpec, checks: Checks) -> None:
         job.process.cwd = _absolute(job.process.cwd or os.getcwd())
         if isinstance(job.process, GymConfig) and job.process.gym_bin:
             job.process.gym_bin = _absolute(job.process.gym_bin)
+        if isinstance(job.process, GymConfig):
+            job.process.input_jsonl = _home(job.process.input_jsonl)  # Gym reads it as written
+
+
 
 
 # ---------------------------------------------------------------- typing
 
 
-def _typed(schema: type, data: Any, prefix: str) -> Any:
+def _typed(schema: type, data: Any, prefix: str, also: tuple[str, ...] = ()) -> Any:
+    """``data`` typed into ``schema``; ``also``: more keys the section has (typed elsewhere), for the
+    "did you mean" of an unknown key."""
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), data)
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or ""
         where = f"{prefix}{key}" if key else prefix.rstrip(".") or "config"
+        parent = getattr(e, "parent_node", None)
+        if isinstance(e, ConfigKeyError) and isinstance(parent, DictConfig) and key and e.key not in parent:
+            section = f"{prefix}{key}".rpartition(".")[0]
+            options = [*parent.keys(), *(also if "." not in key else ())]
+            raise SpecError(unknown_key(section, str(e.key), options)) from None
         if isinstance(e, MissingMandatoryValue):
             group = where.split(".")[0]
             raise SpecError(f"{where}: missing; every option in conf/{group}/ sets it: set it too, or start from "
@@ -346,7 +371,7 @@ def _typed_job(job_cfg: DictConfig) -> JobSpec:
         if key in data:
             raise SpecError(f"job.{key}: set by the launcher for each run; remove it from the config")
     submission = _typed(_JobSubmission, {k: data.pop(k) for k in _SUBMISSION_KEYS if k in data}, prefix="job.")
-    settings = _typed(_JOB_SETTINGS[kind], data, prefix="job.")
+    settings = _typed(_JOB_SETTINGS[kind], data, prefix="job.", also=("kind", *_SUBMISSION_KEYS))
     if kind in PROCESS_CONFIGS:
         return CommandJob(process=settings, kind=kind, **dataclasses.asdict(submission))
     return RolloutsJob(collector=settings, **dataclasses.asdict(submission))
@@ -392,11 +417,18 @@ def _absolute(path: str) -> str:
     return str(Path(path).expanduser().resolve())
 
 
+def _home(path: str | None) -> str | None:
+    """``~/x`` -> ``/home/me/x``; any other value as it is."""
+    return str(Path(path).expanduser()) if path and path.startswith("~") else path
+
+
 # ---------------------------------------------------------------- checks that span sections
 
 
 def _check_across(spec: RunSpec, checks: Checks) -> None:
     c, m, s = spec.cluster, spec.model, spec.server
+    if spec.run.check_programs:
+        _check_programs(spec, checks)
     if c.kind == "slurm":
         checks.require(
             c.gpus_per_node is None or s.gpus_per_replica <= c.gpus_per_node, "server.gpus_per_replica",
@@ -419,6 +451,19 @@ def _check_across(spec: RunSpec, checks: Checks) -> None:
         max_tokens = job.collector.sampling.max_tokens
         checks.require(max_tokens < s.max_model_len, "job.sampling.max_tokens",
                        f"{max_tokens} leaves no room for the prompt in server.max_model_len={s.max_model_len}")
+
+
+def _check_programs(spec: RunSpec, checks: Checks) -> None:
+    """The programs the jobs start exist where the jobs will look for them, as far as this machine can
+    tell: on Slurm the jobs run the cluster's setup lines first, and the compute nodes may have what
+    this one lacks."""
+    slurm = spec.cluster.kind == "slurm"
+    setup = list(spec.cluster.setup) if slurm else []
+    key = "cluster.setup" if slurm else ""
+    hint = "; if it is there only on the compute nodes, set run.check_programs=false" if slurm else ""
+    spec.server.check_programs(checks.at("server"), setup, key, hint)
+    if isinstance(spec.job, CommandJob):
+        spec.job.process.check_programs(checks.at("job"), setup, key, hint)
 
 
 def _check_policy_agrees(policy: Policy, server: ServerSpec, checks: Checks) -> None:
@@ -444,6 +489,18 @@ def _check_parser(spec: RunSpec, checks: Checks) -> None:
     hint = f"; did you mean {' or '.join(close)}?" if close else f"; known: {sorted(known)}"
     checks.require(parser in known, (from_policy or ["server.tool_call_parser"])[0],
                    f"{parser!r} is not a tool parser of {spec.server.engine}{hint}")
+
+
+def unknown_key(section: str, name: str, options: Iterable[str], rest: str = "") -> str:
+    """The message for ``<section>.<name>[.<rest>]``, where ``section`` has no key ``name`` but
+    ``options``: the close ones as "did you mean", else all of them."""
+    full = lambda key: ".".join(part for part in (section, key, rest) if part)  # noqa: E731
+    options = sorted({str(o) for o in options} - {"hydra"})
+    close = difflib.get_close_matches(name, options, n=3, cutoff=0.6)
+    if close:
+        return f"{full(name)}: no such key; did you mean {' or '.join(full(c) for c in close)}?"
+    where = f"{section}'s keys" if section else "the top-level keys"
+    return f"{full(name)}: no such key; {where}: {', '.join(options)}"
 
 
 def _looks_local(path: str) -> bool:

@@ -9,7 +9,9 @@ import sys
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
+from typing import Sequence
 
+from server import programs
 from server.checks import Checks
 from server.templates import fill_command
 
@@ -56,6 +58,31 @@ class EngineSpec:
                        f"must be >= 1, got {tp}/{pp}")
         checks.require(not self.enable_auto_tool_choice or bool(self.tool_call_parser), "enable_auto_tool_choice",
                        f"needs {checks.key('tool_call_parser')} (e.g. hermes for Qwen3)")
+
+    def check_programs(
+        self, checks: Checks, outer_setup: Sequence[str] = (), outer_key: str = "", hint: str = ""
+    ) -> None:
+        """engine=openai_command: the program of ``command`` exists where the server job will look for it
+        (this environment plus ``env``, after ``outer_setup``, the cluster's setup lines named ``outer_key``);
+        ``hint`` ends the message. The other engines are modules of this interpreter."""
+        if self.engine != "openai_command" or not self.command:
+            return
+        unknown = "\0"  # a placeholder only the server job fills in
+        values = {**dict.fromkeys(("host", "port", "model", "served_name"), unknown), "python": sys.executable}
+        try:
+            program = fill_command(self.command, values, checks.key("command"))[0]
+        except (ValueError, IndexError):
+            return  # the builder's dry run says why
+        if unknown in program:
+            return
+        found = programs.find(program, env=self.env, shell_setup=outer_setup)
+        if found.path:
+            return
+        reason = programs.why_not(program, found, cwd=None, cwd_key="the launcher's folder",
+                                  setup_key=outer_key if outer_setup else None)
+        fix = ("fix the path, or chmod +x it" if "/" in program else
+               "give its full path, or put its folder on PATH" + (f" (e.g. in {outer_key})" if outer_key else ""))
+        checks.fail("command", f"{reason}; {fix}{hint}")
 
 
 @dataclass

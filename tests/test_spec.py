@@ -1,6 +1,4 @@
 import copy
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +9,7 @@ from hydra.core.config_store import ConfigStore
 from jobs.command import CommandConfig, GymConfig
 from jobs.rollouts import CollectorConfig, SamplingParams
 from launcher.spec import CommandJob, NoJob, RolloutsJob, SpecError, load_spec, normalise, typed_spec
+from server import programs
 from server.checks import Checks, ConfigError, check
 from server.engines import EngineSpec
 
@@ -77,9 +76,11 @@ def test_server_hash_depends_on_server_config_only():
 
 
 COMMAND = ["job=command", 'job.command="{python} eval.py --base-url {base_url} --out {run_dir}/x.json"']
+# Executables named ng_run and ng_collect_rollouts: what the program check looks for.
+GYM_BIN = ROOT / "tests" / "data" / "gym_bin"
 GYM = [
     "job=gym", "job.config_paths=[resources_servers/x/configs/x.yaml]", "job.agent_name=x_agent",
-    f"job.input_jsonl={ROOT / 'jobs' / 'tasks' / 'demo.jsonl'}",
+    f"job.input_jsonl={ROOT / 'jobs' / 'tasks' / 'demo.jsonl'}", f"job.gym_bin={GYM_BIN}",
 ]
 
 BAD = [
@@ -144,6 +145,10 @@ BAD = [
     (["job.timeout_min=0"], "job.timeout_min"),
     (["+job.output_dir=/tmp/x"], "job.output_dir"),
     (["+job.unknown_knob=1"], "job.unknown_knob"),
+    (["+server.replica=2"], "server.replica: no such key; did you mean server.replicas"),
+    (["+job.sampling.temprature=0.5"], "job.sampling.temprature: no such key; did you mean job.sampling.temperature?"),
+    (["+job.tmeout_min=5"], "job.tmeout_min: no such key; did you mean job.timeout_min?"),
+    (["+sever=1"], "sever: no such key; did you mean server?"),
     (["job.kind=train"], "job.kind"),
     (["server.tool_call_parser=llama3json"], "server.tool_call_parser"),
     (["server=vllm", "server.tensor_parallel_size=2"], "server.gpus_per_replica"),
@@ -190,7 +195,7 @@ def test_command_and_gym_jobs_compose(tmp_path):
 
     gym = spec_for(*GYM, "job.limit=5").job
     assert gym.kind == "gym" and isinstance(gym.process, GymConfig) and gym.process.limit == 5
-    assert gym.process.env["UV_PYTHON_DOWNLOADS"] == "never" and gym.process.gym_bin is None
+    assert gym.process.env["UV_PYTHON_DOWNLOADS"] == "never" and gym.process.gym_bin == str(GYM_BIN)
 
 
 @pytest.mark.parametrize("overrides,key", BAD, ids=[" ".join(o) for o, _ in BAD])
@@ -242,16 +247,6 @@ def test_several_errors_are_reported_together():
     with pytest.raises(SpecError) as info:
         spec_for("server.replicas=0", "job.max_turns=0")
     assert "server.replicas" in str(info.value) and "job.max_turns" in str(info.value)
-
-
-def test_cli_refuses_a_bad_config_before_submitting_anything(tmp_path):
-    out = subprocess.run(
-        [sys.executable, "-m", "launcher", "server.replicas=0", f"hydra.run.dir={tmp_path}/run"],
-        capture_output=True, text=True, cwd=ROOT, timeout=120,
-    )
-    assert out.returncode == 2
-    assert "server.replicas" in out.stdout
-    assert not (tmp_path / "run" / "submitit").exists()
 
 
 def test_a_missing_key_names_it_and_where_its_value_comes_from(tmp_path):
@@ -359,3 +354,118 @@ def test_every_option_starts_from_its_schema(option):
     defaults = (yaml.safe_load((Path(CONF) / option).read_text()) or {}).get("defaults", [])
     own = f"/schema/{option.with_suffix('') if option.parts[0] == 'job' else option.parts[0]}@_here_"
     assert own in defaults or any(not str(d).startswith(("/", "_")) for d in defaults)  # or extends an option
+
+
+# ---------------------------------------------------------------- the programs a run starts
+
+
+def _refusal(*overrides) -> str:
+    with pytest.raises(SpecError) as info:
+        spec_for(*overrides)
+    return str(info.value)
+
+
+GYM_ON_PATH = [o for o in GYM if not o.startswith("job.gym_bin=")]
+
+
+def test_gym_programs_are_looked_for_on_path_when_gym_bin_is_null(monkeypatch):
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    message = _refusal(*GYM_ON_PATH)
+    assert ("job.gym_bin: ng_run and ng_collect_rollouts are not on PATH (job.gym_bin is null, so NeMo Gym's "
+            "programs are looked for there); install NeMo Gym in a venv (Python >= 3.12) and set "
+            "job.gym_bin=/path/to/venv/bin, the folder holding ng_run") in message
+    monkeypatch.setenv("PATH", f"{GYM_BIN}:/usr/bin:/bin")
+    assert spec_for(*GYM_ON_PATH).job.process.gym_bin is None
+
+
+def test_gym_programs_are_looked_for_after_the_setup_lines(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    # As a venv's activate does: the job's bash runs the lines, then starts ng_run.
+    activate = tmp_path / "activate"
+    activate.write_text(f"export PATH={GYM_BIN}:$PATH\n")
+    assert spec_for(*GYM_ON_PATH, f"job.setup=['source {activate}']").job.process.setup
+    message = _refusal(*GYM_ON_PATH, "job.setup=['export X=1']")
+    assert "ng_run and ng_collect_rollouts are not on PATH after job.setup" in message
+    message = _refusal(*GYM_ON_PATH, f"job.setup=['source {tmp_path}/no-such-activate']")
+    assert "job.gym_bin: cannot tell whether NeMo Gym is on PATH after job.setup: the setup lines failed here (exit 1" in message
+    assert "no-such-activate: No such file or directory" in message
+
+
+def test_slow_setup_lines_are_bounded(monkeypatch):
+    monkeypatch.setattr(programs, "SETUP_TIMEOUT_S", 0.5)
+    message = _refusal(*GYM_ON_PATH, "job.setup=['sleep 30']")
+    assert "the setup lines did not finish within 0.5s here" in message
+
+
+def test_gym_bin_must_hold_both_programs(tmp_path):
+    (tmp_path / "ng_run").symlink_to(GYM_BIN / "ng_run")
+    message = _refusal(*GYM, f"job.gym_bin={tmp_path}")
+    assert f"job.gym_bin: no executable ng_collect_rollouts in {tmp_path}" in message and "ng_run in" not in message
+
+
+def test_a_command_job_needs_its_program(tmp_path, monkeypatch):
+    assert "job.command: no-such-eval is not on PATH; give its full path, or add job.setup lines" in _refusal(
+        "job=command", 'job.command="no-such-eval --base-url {base_url}"')
+    message = _refusal("job=command", 'job.command="./eval.sh {base_url}"', f"job.cwd={tmp_path}")
+    assert f"job.command: no file {tmp_path}/eval.sh (relative to job.cwd, {tmp_path})" in message
+    (tmp_path / "eval.sh").write_text("#!/bin/sh\n")
+    message = _refusal("job=command", 'job.command="./eval.sh {base_url}"', f"job.cwd={tmp_path}")
+    assert f"{tmp_path}/eval.sh (relative to job.cwd, {tmp_path}) is not executable" in message
+    assert "({python} path/to/script.py)" in message
+    (tmp_path / "eval.sh").chmod(0o755)
+    spec_for("job=command", 'job.command="./eval.sh {base_url}"', f"job.cwd={tmp_path}")
+    spec_for(*COMMAND)  # {python}: the job's interpreter
+    spec_for("job=command", 'job.command="{run_dir}/built-by-an-earlier-step"')  # only the run knows
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    (tmp_path / "my-eval").symlink_to(tmp_path / "eval.sh")
+    spec_for("job=command", 'job.command="my-eval {base_url}"')
+
+
+def test_an_openai_command_server_needs_its_program():
+    message = _refusal("server=openai_command", 'server.command="no-such-server --port {port}"')
+    assert "server.command: no-such-server is not on PATH; give its full path, or put its folder on PATH" in message
+    spec_for("server=openai_command", 'server.command="{python} -m server.standin --port {port}"')
+
+
+def test_on_slurm_the_cluster_setup_runs_first_and_the_check_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    slurm = ["cluster=slurm", "job.partition=cpu"]
+    message = _refusal(*slurm, *GYM_ON_PATH)
+    assert "not on PATH after cluster.setup" not in message  # no setup lines: plain PATH
+    assert "; if it is there only on the compute nodes, set run.check_programs=false" in message
+    spec_for(*slurm, *GYM_ON_PATH, f"cluster.setup=['export PATH={GYM_BIN}:$PATH']")
+    message = _refusal(*slurm, *GYM_ON_PATH, "cluster.setup=['export X=1']", "job.setup=['export Y=1']")
+    assert "are not on PATH after cluster.setup and job.setup" in message
+    assert spec_for(*slurm, *GYM_ON_PATH, "run.check_programs=false").run.check_programs is False
+    spec_for(*GYM_ON_PATH, "run.check_programs=false")
+
+
+def test_a_leading_tilde_is_the_home_folder_in_every_path_key(tmp_path, monkeypatch):
+    from launcher.spec import HOME_PATH_KEYS
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for folder in ("model", "gym"):
+        (tmp_path / folder).mkdir()
+    for name in ("tasks.jsonl", "gym.jsonl"):
+        (tmp_path / name).write_text(TASK % "a" + "\n")
+    (tmp_path / "template.jinja").write_text("{{ messages }}")
+    (tmp_path / "key").write_text("k")
+    (tmp_path / "key").chmod(0o600)
+    for program in ("ng_run", "ng_collect_rollouts"):
+        (tmp_path / "gym" / program).symlink_to(GYM_BIN / program)
+    # As launcher.cli.quote_tilde_values passes them to Hydra.
+    values = {
+        "model.path": "~/model", "model.cache_dir": "~/cache", "server.chat_template": "~/template.jinja",
+        "server.api_key": "~/key", "registry.root": "~/registry", "job.tasks": "~/tasks.jsonl",
+    }
+    gym = {"job.cwd": "~", "job.gym_bin": "~/gym", "job.input_jsonl": "~/gym.jsonl"}
+    assert set(values) | set(gym) == set(HOME_PATH_KEYS)
+    spec = spec_for("model.embedded=null", *(f"{k}='{v}'" for k, v in values.items()))
+    assert spec.model.path == str(tmp_path / "model")
+    assert spec.server.chat_template == str(tmp_path / "template.jinja")
+    assert spec.job.collector.tasks == str(tmp_path / "tasks.jsonl") and spec.registry.root == tmp_path / "registry"
+    assert Path(spec.server.api_key).expanduser() == tmp_path / "key"  # checked there; read there by the run
+    assert Path(spec.model.cache_dir).expanduser() == tmp_path / "cache"  # server.models expands it
+    process = spec_for(*GYM, *(f"{k}='{v}'" for k, v in gym.items())).job.process
+    assert (process.cwd, process.gym_bin, process.input_jsonl) == (
+        str(tmp_path), str(tmp_path / "gym"), str(tmp_path / "gym.jsonl"))

@@ -155,6 +155,6 @@ def test_ctrl_c_on_the_launcher_stops_the_running_command(tmp_path):
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "interrupted" in out, out  # the interrupt code
+    assert proc.returncode == 130 and "interrupted" in out, out  # launcher.exit_codes.INTERRUPTED
     assert (tmp_path / "sleeper.pid.stopped").read_text() == "SIGTERM"
     assert not Path(f"/proc/{pid_file.read_text()}").exists()
