@@ -11,19 +11,19 @@ from launcher.readiness import ReplicaStatus
 
 
 def servers_table(service: str, replicas: list[ReplicaStatus]) -> Table:
-    table = Table(title=f"service {service}", title_justify="left")
+    table = Table(title=escape(f"service {service}"), title_justify="left")
     for column in ("replica", "job", "state", "url", "ready after"):
         table.add_column(column)
     for r in replicas:
         url = r.entry.base_url if r.entry else ""
         ready = f"{r.ready_after_s:.1f}s" if r.ready_after_s is not None else ""
-        table.add_row(str(r.replica), str(r.job.job_id), _styled_state(r.state), url, ready)
+        table.add_row(str(r.replica), escape(str(r.job.job_id)), _styled_state(r.state), escape(url), ready)
     return table
 
 
 def _styled_state(state: str) -> str:
     color = {"ready": "green", "starting": "yellow", "draining": "magenta"}.get(state, "cyan")
-    return f"[{color}]{state}[/]"
+    return f"[{color}]{escape(state)}[/]"
 
 
 def rollout_progress(console: Console) -> Progress:
@@ -32,14 +32,15 @@ def rollout_progress(console: Console) -> Progress:
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("[red]{task.fields[failures]} failed"),
-        TextColumn("[cyan]{task.fields[state]}"),
+        TextColumn("{task.fields[state]}", style="cyan", markup=False),  # Slurm's words, not our markup
         TimeElapsedColumn(),
         console=console,
     )
 
 
 def summary_table(summary: dict) -> Table:
-    table = Table(title=f"run {summary['run_id']}: {summary['status']}", title_justify="left", show_header=False)
+    table = Table(title=escape(f"run {summary['run_id']}: {summary['status']}"), title_justify="left",
+                  show_header=False)
     table.add_column("what", style="bold")
     table.add_column("value")
     collection = summary.get("collection") or {}

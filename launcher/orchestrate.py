@@ -122,7 +122,7 @@ class Run:
         self.replicas = [ReplicaStatus(replica=i, job=j) for i, j in enumerate(self.pool.jobs)]
         verb = "joined" if self.joined else "submitted"
         for r in self.replicas:
-            self._say(f"{verb} {self.spec.server.service}/{r.replica}: job {r.job.job_id}")
+            self._say(escape(f"{verb} {self.spec.server.service}/{r.replica}: job {r.job.job_id}"))
 
     def _join_pool(self) -> bool:
         """Use the sweep's live pool for this server configuration, if there is one."""
@@ -244,7 +244,7 @@ class Run:
         with self.console.status(f"{job.kind} running") as status:
             while not self.backend.finished(submitted):
                 self._check_servers_alive()
-                status.update(f"{job.kind} running {self._job_state(submitted)}")
+                status.update(escape(f"{job.kind} running {self._job_state(submitted)}"))
                 time.sleep(_POLL_S)
         try:
             result = submitted.result()
@@ -276,13 +276,13 @@ class Run:
     def _serve_until_interrupted(self) -> None:
         urls = ",".join(r.entry.base_url for r in self.replicas if r.entry)
         service = self.spec.server.service
-        self._say(f"serving {service} at {urls}  (Ctrl-C to stop)")
-        self._say(f"  python -m server.registry --namespace {self.namespace} urls {service}")
+        self._say(escape(f"serving {service} at {urls}  (Ctrl-C to stop)"))
+        self._say(escape(f"  python -m server.registry --namespace {self.namespace} urls {service}"))
         first = next(r.entry for r in self.replicas if r.entry)
         auth = f'-H "Authorization: Bearer $(cat {first.api_key_file})" ' if first.api_key_file else ""
         if first.api_key_file:
             self._say(f"  API key: {escape(first.api_key_file)} (send it as Authorization: Bearer <key>)")
-        self._say(f"  curl {escape(auth)}{first.base_url}/models")
+        self._say(escape(f"  curl {auth}{first.base_url}/models"))
         while True:
             self._check_servers_alive()
             time.sleep(_POLL_S)
@@ -316,7 +316,7 @@ class Run:
         if self.sweep_dir is not None and status == "succeeded":
             if pools.kept(self.namespace) is None:
                 pools.keep(self.pool)
-            self._say(f"servers of {self.namespace} kept for the sweep's next points (stopped when the sweep ends)")
+            self._say(escape(f"servers of {self.namespace} kept for the sweep's next points (stopped when the sweep ends)"))
         else:
             pools.release(self.pool, say)
 

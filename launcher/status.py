@@ -11,6 +11,7 @@ import sys
 import time
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from launcher.executors import backend_class
@@ -32,8 +33,9 @@ def status_table(registry: Registry) -> Table:
             table.add_row(namespace, runs, jobs, "", "", "(no replica registered)", "", "", "")
         for e in entries:
             state = e.state if e.is_fresh(registry.ttl_s, now) else f"{e.state} (stale)"
-            table.add_row(namespace, runs, jobs, e.service, str(e.replica), state, e.base_url, e.job_id,
-                          f"{now - e.heartbeat_at:.0f}s")
+            cells = (namespace, runs, jobs, e.service, str(e.replica), state, e.base_url, e.job_id,
+                     f"{now - e.heartbeat_at:.0f}s")
+            table.add_row(*map(escape, cells))  # registry text, never markup ([::1] in a URL)
     return table
 
 
