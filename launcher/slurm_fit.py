@@ -553,6 +553,10 @@ def _sum(servers: Ask, other: Ask | None, r: str) -> str:
     return str(servers.count * value(servers) + (value(other) if other else 0))
 
 
+def _and(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
 def _have_short(value: float, r: str) -> str:
     return gb(value) if r == "mem" else f"{int(value)} {'CPUs' if r == 'cpus' else 'GPUs'}"
 
@@ -797,20 +801,19 @@ def _resources(job, code, queue, own, ask, view, config, servers, others) -> Ver
         jobs = h["jobs"]
         holding.append(f"on {n.name}, job{'s' if len(jobs) > 1 else ''} {', '.join(jobs)} "
                        f"hold{'' if len(jobs) > 1 else 's'} {' and '.join(short)}")
-    wants = ", ".join([f"{job.cpus} CPUs"] + ([gb(job.mem_mb)] if count_mem else []) +
-                      ([_n(job.gpus, "GPU")] if job.gpus else []))
+    wants = _and([f"{job.cpus} CPUs"] + ([gb(job.mem_mb)] if count_mem else []) +
+                 ([_n(job.gpus, "GPU")] if job.gpus else []))
     text = (f"{_label(job, ask)} is PENDING ({job.reason}) and can never start: it needs {wants} on a node of "
             f"partition {job.partition}, and this run's own jobs hold them ({'; '.join(holding) or 'every node'}). "
             f"They run until it ends, so it would wait forever.")
     fix = ""
-    if servers is not None:
-        for other in others or [ask]:
-            if other is not None and other is not servers:
-                why = together(view, servers, other, conf)
-                if why:
-                    fix = "\n" + why
-                    break
-    if not fix:
-        fix = "\nAsk for less, so that the run's jobs fit its nodes together (" + \
-              ", ".join(dict.fromkeys(ask.lever_key(k) for k in _RESOURCE_KEYS)) + ")." if ask else ""
+    if servers is not None:  # the servers alone first: a replica may wait for its own siblings
+        for other in [None, *others]:
+            why = together(view, servers, other, conf)
+            if why:
+                fix = "\n" + why
+                break
+    if not fix and ask is not None:
+        fix = ("\nAsk for less, so that the run's jobs fit its nodes together ("
+               + ", ".join(dict.fromkeys(ask.lever_key(k) for k in _RESOURCE_KEYS)) + ").")
     return Verdict(code, "never starts: this run's own jobs hold what it needs", True, text + fix)
