@@ -18,7 +18,7 @@ from jobs.command import Endpoints, GymConfig, run as run_command
 from jobs.rollouts import collect
 from launcher import console as views
 from launcher import pools
-from launcher.executors import Resources, make_backend
+from launcher.executors import ClusterRefused, Resources, SubmissionRefused, make_backend
 from launcher.pools import ServerPool, pool_namespace
 from launcher.readiness import ReplicaStatus, ServerFailed, death_report, wait_ready
 from launcher.spec import GENERATE_KEY, CommandJob, NoJob, RolloutsJob, RunSpec
@@ -69,6 +69,12 @@ class Run:
         """Run every phase; always tear down. Returns the process exit code."""
         status, error = "succeeded", None
         try:
+            self._preflight()
+        except ClusterRefused as e:
+            # Nothing exists yet (no job, no registry namespace): refused like a config error.
+            self.console.print(f"[red bold]refused:[/] {e}")
+            return 2
+        try:
             with _signals_raise_interrupted():
                 with self._phase("servers start"):
                     self._start_servers()
@@ -87,7 +93,7 @@ class Run:
             # For job=none an interrupt is the normal way to end the run.
             status = "stopped" if isinstance(self.spec.job, NoJob) else "interrupted"
             self.console.print(f"[yellow]{status}: tearing down[/]")
-        except (ServerFailed, JobFailed) as e:
+        except (ServerFailed, JobFailed, SubmissionRefused) as e:
             status, error = "failed", str(e)
             self.console.print(f"[red bold]failed:[/] {e}")
         finally:
@@ -140,11 +146,12 @@ class Run:
         # Heartbeat first: server jobs that find no live owner stop themselves.
         heartbeat = self._owner_heartbeat()
         jobs = [self._server_job(i) for i in range(spec.server.replicas)]
-        res = Resources(
-            name=f"{spec.run.name}-{spec.server.service}", timeout_min=spec.cluster.timeout_min,
-            gpus=spec.server.gpus_per_replica,
-        )
-        submitted = self.backend.submit_many(run_server, jobs, res)
+        try:
+            submitted = self.backend.submit_many(run_server, jobs, self._server_resources())
+        except SubmissionRefused:
+            heartbeat.stop()  # nothing was queued: leave no namespace behind
+            self.registry.remove_namespace(self.namespace)
+            raise
         self.registry.record_jobs(self.namespace, JobRecord(
             kind=self.backend.kind, job_ids=[str(j.job_id) for j in submitted], server_hash=spec.server_hash(),
         ))
@@ -230,11 +237,7 @@ class Run:
             self.collection = {"rollouts_written": _count_lines(output), "rollouts_path": str(output)}
 
     def _submit(self, fn, arg, job: RolloutsJob | CommandJob, label: str):
-        res = Resources(
-            name=f"{self.spec.run.name}-{label}", timeout_min=job.timeout_min, partition=job.partition,
-            cpus_per_task=job.cpus_per_task, mem_gb=job.mem_gb,
-        )
-        submitted = self.backend.submit(fn, arg, res)
+        submitted = self.backend.submit(fn, arg, self._job_resources(job, label))
         self.other_jobs = [submitted]
         return submitted
 
@@ -243,6 +246,8 @@ class Run:
         state = self.backend.state(job)
         if state == "RUNNING":
             return ""
+        if state == "PENDING" and (why := self.backend.never_starts(job)):
+            raise JobFailed(why)
         reason = self.backend.pending_reason(job) if state == "PENDING" else None
         return f"job {state} ({reason})" if reason else f"job {state}"
 
@@ -259,6 +264,33 @@ class Run:
             if self.backend.finished(r.job):
                 state = self.backend.state(r.job)
                 raise ServerFailed(death_report(self.backend, r, state, self._engine_log, "while in use"))
+
+    # ------------------------------------------------------------ what the jobs ask of the cluster
+
+    def _preflight(self) -> None:
+        """Before anything is submitted: the backend refuses (``ClusterRefused``) what its cluster
+        can never run, the run's jobs side by side included."""
+        job = self.spec.job
+        asks = [self._server_resources()]
+        if isinstance(job, (RolloutsJob, CommandJob)):
+            asks.append(self._job_resources(job, "rollouts" if isinstance(job, RolloutsJob) else job.kind))
+        with self._phase("cluster check"):
+            self.backend.preflight(asks)
+
+    def _server_resources(self) -> Resources:
+        s, c = self.spec.server, self.spec.cluster
+        return Resources(
+            name=f"{self.spec.run.name}-{s.service}", timeout_min=c.timeout_min, gpus=s.gpus_per_replica,
+            count=s.replicas, what=f"{s.service} server replica",
+            keys={"gpus": "server.gpus_per_replica", "timeout_min": "cluster.timeout_min", "count": "server.replicas"},
+        )
+
+    def _job_resources(self, job: RolloutsJob | CommandJob, label: str) -> Resources:
+        return Resources(
+            name=f"{self.spec.run.name}-{label}", timeout_min=job.timeout_min, partition=job.partition,
+            cpus_per_task=job.cpus_per_task, mem_gb=job.mem_gb, what=f"{label} job",
+            keys={k: f"job.{k}" for k in ("timeout_min", "partition", "cpus_per_task", "mem_gb")},
+        )
 
     # ------------------------------------------------------------ teardown
 
