@@ -76,9 +76,11 @@ class Backend:
     def _executor(self, res: Resources) -> submitit.Executor:
         raise NotImplementedError
 
-    def preflight(self, jobs: Sequence[Resources]) -> None:
+    def preflight(self, jobs: Sequence[Resources]) -> bool:
         """Before anything is submitted: raise ``ClusterRefused`` for what the cluster can never run.
-        ``jobs[0]`` are the servers (``count`` replicas); the others must run beside them."""
+        ``jobs[0]`` are the servers (``count`` replicas); the others must run beside them. Returns
+        whether anything was checked."""
+        return False
 
     def submit(self, fn: Callable, arg: Any, res: Resources) -> submitit.Job:
         with self._refusals(res, 1), _terminal_interrupts_ignored(), _outer_job_env_hidden():
@@ -281,23 +283,24 @@ class SlurmBackend(Backend):
             gpus=res.gpus, time_min=res.timeout_min, exclusive=c.exclusive, source=source, lever=lever,
         )
 
-    def preflight(self, jobs: Sequence[Resources]) -> None:
+    def preflight(self, jobs: Sequence[Resources]) -> bool:
         """Refuse what the cluster can never run (``slurm_fit.refusals``); skipped with
         ``cluster.fit_check: false``. A cluster that does not answer is left to sbatch."""
         self._asks = [self._ask(r) for r in jobs]
         if not self.cluster.fit_check:
-            return
+            return False
         try:
             view = self._cluster_view(max_age_s=0)
         except (OSError, subprocess.SubprocessError) as e:
             log.warning("cluster check skipped: %s", e)
-            return
+            return False
         c = self.cluster
         problems = slurm_fit.refusals(view, self._asks, self._cluster_config, account=c.account, qos=c.qos,
                                       associations=self._associations)
         if problems:
             raise ClusterRefused("the cluster can never run this configuration (nothing was submitted):\n"
                                  + "\n".join("  " + p.replace("\n", "\n  ") for p in problems))
+        return True
 
     def _cluster_view(self, max_age_s: float) -> slurm_fit.ClusterView:
         if self._view is None or time.monotonic() - self._view[0] > max_age_s:
