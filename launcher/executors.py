@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 import time
 from contextlib import contextmanager, redirect_stderr
 from dataclasses import dataclass, field
@@ -104,9 +105,11 @@ class Backend:
     def _refusals(self, res: Resources, count: int) -> Iterator[None]:
         """A refused submission as ``SubmissionRefused`` with the scheduler's message, not a traceback
         (submitit raises with the submit command's stderr, and prints it too: that copy is dropped)."""
+        captured = io.StringIO()
         try:
-            with redirect_stderr(io.StringIO()):
+            with redirect_stderr(captured):
                 yield
+            sys.stderr.write(captured.getvalue())  # a submission that went through loses nothing
         except FailedJobError as e:  # the submit command ran and said no
             raise SubmissionRefused(self._refusal_text(str(e).strip(), res, count)) from None
         except OSError as e:  # it could not run (not installed, no folder)
@@ -372,7 +375,7 @@ class SlurmBackend(Backend):
         """This user's queue, at most one squeue call per ``_SQUEUE_EVERY_S`` for all jobs."""
         if time.monotonic() - self._queue[0] >= _SQUEUE_EVERY_S:
             try:
-                out = _run(["squeue", "-h", "-r", "--me", "-o", slurm_fit.QUEUE_FORMAT])
+                out = _run(["squeue", "-h", "-r", "-u", getpass.getuser(), "-o", slurm_fit.QUEUE_FORMAT])
             except (OSError, subprocess.SubprocessError):
                 out = ""
             self._queue = (time.monotonic(), slurm_fit.parse_queue(out))

@@ -691,7 +691,7 @@ def judge(job: QueuedJob, queue: dict[str, QueuedJob], own: dict[str, Ask | None
           group_running: Callable[[str, str], list[str]] | None = None) -> Verdict | None:
     """Why ``job`` (pending, one of ``own``: this run's jobs) waits, and whether it never starts.
 
-    ``queue`` is one ``squeue --me`` snapshot (this user's jobs); ``view`` the cluster's nodes;
+    ``queue`` is one ``squeue -u <user>`` snapshot (this user's jobs); ``view`` the cluster's nodes;
     ``servers``/``others`` the run's asks (for the fix to suggest); ``group_running(kind, name)``
     lists the running job ids of a QOS (kind "qos") or account ("account"), asked only for a
     group limit."""
