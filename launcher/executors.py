@@ -324,7 +324,7 @@ class SlurmBackend(Backend):
     def _associations() -> list[tuple[str, str, str]]:
         """This user's (account, partition, qos list) associations, as far as sacctmgr shows them."""
         try:
-            out = _run(["sacctmgr", "-n", "-P", "show", "assoc", f"where user={getpass.getuser()}",
+            out = _run(["sacctmgr", "-n", "-P", "show", "assoc", "where", f"user={getpass.getuser()}",
                         "format=account,partition,qos"])
         except (OSError, subprocess.SubprocessError):
             return []

@@ -379,18 +379,21 @@ def _access(view: ClusterView, asks: Sequence[Ask], account: str | None, qos: st
     assocs = associations()
     if not assocs:  # nothing visible (or no accounting): sbatch decides
         return out
-    enforce = config().enforce.lower()
     accounts = sorted({a for a, _, _ in assocs})
-    if account and account.lower() not in {a.lower() for a in accounts} and "associations" in enforce:
+    unknown_account = bool(account) and account.lower() not in {a.lower() for a in accounts}
+    allowed_qos = {q.lower() for a, _, qs in assocs if not account or a.lower() == account.lower()
+                   for q in qs.split(",") if q}
+    unknown_qos = bool(qos) and bool(allowed_qos) and qos.lower() not in allowed_qos
+    if not (unknown_account or unknown_qos):
+        return out
+    enforce = config().enforce.lower()  # read only now: Slurm may not care (AccountingStorageEnforce=none)
+    if unknown_account and "associations" in enforce:
         out.append(f"cluster.account: {account!r} is not one of your accounts on this cluster "
                    f"(sacctmgr lists {', '.join(accounts)}): set cluster.account to one of them")
-    if qos and ("qos" in enforce or "associations" in enforce):
-        allowed = {q.lower() for a, _, qs in assocs if not account or a.lower() == account.lower()
-                   for q in qs.split(",") if q}
-        if allowed and qos.lower() not in allowed:
-            out.append(f"cluster.qos: {qos!r} is not a QOS your association"
-                       f"{' with account ' + account if account else ''} may use (sacctmgr lists "
-                       f"{', '.join(sorted(allowed))}): set cluster.qos to one of them")
+    if unknown_qos and ("qos" in enforce or "associations" in enforce):
+        out.append(f"cluster.qos: {qos!r} is not a QOS your association"
+                   f"{' with account ' + account if account else ''} may use (sacctmgr lists "
+                   f"{', '.join(sorted(allowed_qos))}): set cluster.qos to one of them")
     return out
 
 

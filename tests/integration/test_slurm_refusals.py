@@ -178,3 +178,13 @@ def test_replicas_starved_by_their_own_siblings_fail_the_run_fast(slurm_cluster,
     env = {**os.environ, **slurm_cluster.env}
     assert name not in subprocess.run(["squeue", "-h", "-o", "%j"], env=env, capture_output=True, text=True).stdout
     assert Registry(root).namespaces() == []
+
+
+def test_an_account_slurm_does_not_enforce_is_not_refused(slurm_cluster, tmp_path):
+    """The test cluster has AccountingStorageEnforce=none: sbatch takes any account, so the check
+    (sacctmgr, then the config) must not refuse one."""
+    backend = SlurmBackend(ClusterSpec(kind="slurm", account="no_such_account", mem_gb=4), tmp_path)
+    t0 = time.perf_counter()
+    assert backend.preflight([Resources(name="s", timeout_min=60, gpus=1, what="server replica")])
+    print(f"preflight with cluster.account: {(time.perf_counter() - t0) * 1000:.0f} ms (+ sacctmgr, scontrol show config)")
+    assert backend._config is not None and backend._config.enforce == "none"
