@@ -45,6 +45,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
+from launcher.orchestrate import check_cluster
 from launcher.spec import HOME_PATH_KEYS, SpecError, load_spec, unknown_key
 
 MAX_SWEEP_POINTS = 100
@@ -144,8 +145,8 @@ def _check(cfg: DictConfig, dir_key: str, subdir_key: str | None) -> None:
         cfg.hydra.runtime.output_dir = os.path.abspath(output_dir)
     HydraConfig.instance().set_config(cfg)
     try:
-        load_spec(cfg)
-    except SpecError as e:
+        check_cluster(load_spec(cfg))
+    except SpecError as e:  # ClusterRefused too: what the cluster can never run
         raise Refused(str(e)) from None
 
 

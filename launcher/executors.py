@@ -10,28 +10,47 @@ backend of the kind that recorded the ids (``backend_class``), never guess.
 
 from __future__ import annotations
 
+import getpass
+import io
+import logging
 import os
 import signal
 import subprocess
+import sys
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import contextmanager, redirect_stderr
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import submitit
+from submitit.core.utils import FailedJobError
 
-from launcher.spec import ClusterSpec
+from launcher import slurm_fit
+from launcher.spec import ClusterSpec, SpecError
 from server.process import log_tail
+
+log = logging.getLogger(__name__)
 
 # Slurm states in which a job may still run; anything else is an end.
 _SLURM_ALIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED", "UNKNOWN"}
 _SACCT_EVERY_S = 2.0  # one sacct call serves every job; more often only loads slurmdbd
+_SQUEUE_EVERY_S = 1.0  # one squeue call (all of this user's jobs) serves every pending reason
+_NEVER_CONFIRM_S = 3.0  # a "never starts" verdict must hold this long, over two squeue snapshots
+_VIEW_MAX_AGE_S = 30.0  # the nodes' states, for judging a pending job
+
+
+class ClusterRefused(SpecError):
+    """The cluster can never run what the run asks; found before anything was submitted (exit 2)."""
+
+
+class SubmissionRefused(RuntimeError):
+    """The scheduler refused a submission; its message is in ours, nothing of it was queued."""
 
 
 @dataclass
 class Resources:
-    """What one job asks of the cluster, beyond the cluster-wide settings."""
+    """What one job (or ``count`` alike, one array) asks of the cluster, beyond the cluster-wide settings."""
 
     name: str
     timeout_min: int
@@ -39,6 +58,11 @@ class Resources:
     partition: str | None = None  # None: the cluster's
     cpus_per_task: int | None = None
     mem_gb: float | None = None
+    count: int = 1
+    what: str = ""  # for people: "policy server replica", "rollouts job"
+    # The config key behind each value (partition, cpus_per_task, mem_gb, gpus, timeout_min, count),
+    # named in refusals; a value left None falls back to cluster.<field>.
+    keys: dict[str, str] = field(default_factory=dict)
 
 
 class Backend:
@@ -53,21 +77,32 @@ class Backend:
     def _executor(self, res: Resources) -> submitit.Executor:
         raise NotImplementedError
 
+    def preflight(self, jobs: Sequence[Resources]) -> bool:
+        """Before anything is submitted: raise ``ClusterRefused`` for what the cluster can never run.
+        ``jobs[0]`` are the servers (``count`` replicas); the others must run beside them. Returns
+        whether anything was checked."""
+        return False
+
     def submit(self, fn: Callable, arg: Any, res: Resources) -> submitit.Job:
         try:
-            with _terminal_interrupts_ignored(), _outer_job_env_hidden():
-                return self._executor(res).submit(fn, arg)
+            with self._refusals(res, 1), _terminal_interrupts_ignored(), _outer_job_env_hidden():
+                job = self._executor(res).submit(fn, arg)
         finally:
             self._drop_template_folder()
+        self._submitted([job], res)
+        return job
 
     def submit_many(self, fn: Callable, args: Sequence[Any], res: Resources) -> list[submitit.Job]:
         """One submission for all ``args``: a job array on Slurm (one sbatch call)."""
         executor = self._executor(res)
         try:
-            with _terminal_interrupts_ignored(), _outer_job_env_hidden(), executor.batch():
-                return [executor.submit(fn, a) for a in args]
+            with self._refusals(res, len(args)), _terminal_interrupts_ignored(), _outer_job_env_hidden():
+                with executor.batch():
+                    jobs = [executor.submit(fn, a) for a in args]
         finally:
             self._drop_template_folder()
+        self._submitted(jobs, res)
+        return jobs
 
     def _drop_template_folder(self) -> None:
         """submitit creates the ``%j`` folder of its path template itself; each job has its own."""
@@ -75,6 +110,26 @@ class Backend:
             (self.folder / "%j").rmdir()
         except OSError:  # not empty (a job's files went there) or not there
             pass
+
+    def _submitted(self, jobs: Sequence[submitit.Job], res: Resources) -> None:
+        """Hook: the backend's own record of what it submitted."""
+
+    @contextmanager
+    def _refusals(self, res: Resources, count: int) -> Iterator[None]:
+        """A refused submission as ``SubmissionRefused`` with the scheduler's message, not a traceback
+        (submitit raises with the submit command's stderr, and prints it too: that copy is dropped)."""
+        captured = io.StringIO()
+        try:
+            with redirect_stderr(captured):
+                yield
+            sys.stderr.write(captured.getvalue())  # a submission that went through loses nothing
+        except FailedJobError as e:  # the submit command ran and said no
+            raise SubmissionRefused(self._refusal_text(str(e).strip(), res, count)) from None
+        except OSError as e:  # it could not run (not installed, no folder)
+            raise SubmissionRefused(f"could not submit {_jobs_label(res, count)}: {e}") from None
+
+    def _refusal_text(self, message: str, res: Resources, count: int) -> str:
+        return f"submitting {_jobs_label(res, count)} failed: {message}"
 
     def jobs_from_ids(self, job_ids: Sequence[str]) -> list[submitit.Job]:
         """Handles on jobs another process submitted (a run joining a shared pool)."""
@@ -87,6 +142,11 @@ class Backend:
         return job.done()
 
     def pending_reason(self, job: submitit.Job) -> str | None:
+        return None
+
+    def never_starts(self, job: submitit.Job) -> str | None:
+        """Why a pending ``job`` can never start as things stand (e.g. the run's own jobs hold what
+        it waits for), once that is certain; None while it may still start."""
         return None
 
     @classmethod
@@ -175,15 +235,27 @@ class LocalBackend(Backend):
 
 
 class SlurmBackend(Backend):
+    """sbatch through submitit. Before submission it checks the run's requests against what the
+    cluster reports (``preflight``: ``scontrol show partition`` and ``show node``, two calls; the
+    config and sacctmgr only when they decide); while jobs pend, one ``squeue`` call a second
+    serves every job's reason and the verdict whether it can ever start (``launcher.slurm_fit``)."""
+
     kind = "slurm"
 
     def __init__(self, cluster: ClusterSpec, folder: Path) -> None:
         super().__init__(cluster, folder)
         self._last_sacct = 0.0
+        self._asks: list[slurm_fit.Ask] = []  # the run's requests (preflight), servers first
+        self._own: dict[str, slurm_fit.Ask | None] = {}  # job id -> its request: this run's jobs
+        self._view: tuple[float, slurm_fit.ClusterView] | None = None
+        self._config: slurm_fit.ClusterConfig | None = None
+        self._queue: tuple[float, dict[str, slurm_fit.QueuedJob]] = (-1e9, {})
+        self._verdicts: dict[str, slurm_fit.Verdict | None] = {}  # for the current queue snapshot
+        self._never_since: dict[str, tuple[float, float]] = {}  # job id -> (first seen, its snapshot)
+        self._groups: dict[tuple[str, str], tuple[float, list[str]]] = {}  # (qos|account, name) -> running ids
 
-    def _executor(self, res: Resources) -> submitit.Executor:
+    def _params(self, res: Resources) -> dict[str, Any]:
         c = self.cluster
-        executor = submitit.SlurmExecutor(folder=self.folder / "%j", max_num_timeout=0)
         params: dict[str, Any] = dict(
             job_name=res.name, time=res.timeout_min, nodes=1, ntasks_per_node=1,
             partition=res.partition or c.partition, account=c.account, qos=c.qos, constraint=c.constraint,
@@ -199,10 +271,103 @@ class SlurmBackend(Backend):
             params["mem"] = f"{int(mem_gb * 1024)}M"
         if c.exclusive:
             params["exclusive"] = True
-        executor.update_parameters(**{k: v for k, v in params.items() if v is not None})
+        return {k: v for k, v in params.items() if v is not None}
+
+    def _executor(self, res: Resources) -> submitit.Executor:
+        executor = submitit.SlurmExecutor(folder=self.folder / "%j", max_num_timeout=0)
+        executor.update_parameters(**self._params(res))
         return executor
 
+    # ------------------------------------------------------------ before submission
+
+    def _ask(self, res: Resources) -> slurm_fit.Ask:
+        """``res`` as sbatch will get it, with the key behind each value (``slurm_fit.Ask``)."""
+        c = self.cluster
+        source, lever = {}, {}
+        for name, attr in (("partition", "partition"), ("cpus", "cpus_per_task"), ("mem", "mem_gb")):
+            lever[name] = res.keys.get(attr, f"cluster.{attr}")
+            source[name] = lever[name] if getattr(res, attr) is not None else f"cluster.{attr}"
+        for name, attr, default in (("gpus", "gpus", "server.gpus_per_replica"),
+                                    ("time", "timeout_min", "cluster.timeout_min")):
+            source[name] = lever[name] = res.keys.get(attr, default)
+        if "count" in res.keys:
+            source["count"] = lever["count"] = res.keys["count"]
+        mem_gb = res.mem_gb or c.mem_gb
+        return slurm_fit.Ask(
+            what=res.what or res.name, count=res.count, partition=res.partition or c.partition,
+            cpus=res.cpus_per_task or c.cpus_per_task or 1, mem_mb=int(mem_gb * 1024) if mem_gb else None,
+            gpus=res.gpus, time_min=res.timeout_min, exclusive=c.exclusive, source=source, lever=lever,
+        )
+
+    def preflight(self, jobs: Sequence[Resources]) -> bool:
+        """Refuse what the cluster can never run (``slurm_fit.refusals``); skipped with
+        ``cluster.fit_check: false``. A cluster that does not answer is left to sbatch."""
+        self._asks = [self._ask(r) for r in jobs]
+        if not self.cluster.fit_check:
+            return False
+        try:
+            view = self._cluster_view(max_age_s=0)
+        except (OSError, subprocess.SubprocessError) as e:
+            log.warning("cluster check skipped: %s", e)
+            return False
+        c = self.cluster
+        problems = slurm_fit.refusals(view, self._asks, self._cluster_config, account=c.account, qos=c.qos,
+                                      associations=self._associations)
+        if problems:
+            raise ClusterRefused("the cluster can never run this configuration (nothing was submitted):\n"
+                                 + "\n".join("  " + p.replace("\n", "\n  ") for p in problems))
+        return True
+
+    def _cluster_view(self, max_age_s: float) -> slurm_fit.ClusterView:
+        if self._view is None or time.monotonic() - self._view[0] > max_age_s:
+            partitions = _run(["scontrol", "show", "partition", "-o"])
+            nodes = _run(["scontrol", "show", "node", "-o"])
+            self._view = (time.monotonic(), slurm_fit.ClusterView.parse(partitions, nodes))
+        return self._view[1]
+
+    def _cluster_config(self) -> slurm_fit.ClusterConfig:
+        if self._config is None:
+            try:
+                self._config = slurm_fit.ClusterConfig.parse(_run(["scontrol", "show", "config"]))
+            except (OSError, subprocess.SubprocessError):
+                self._config = slurm_fit.ClusterConfig()
+        return self._config
+
+    @staticmethod
+    def _associations() -> list[tuple[str, str, str]]:
+        """This user's (account, partition, qos list) associations, as far as sacctmgr shows them."""
+        try:
+            out = _run(["sacctmgr", "-n", "-P", "show", "assoc", "where", f"user={getpass.getuser()}",
+                        "format=account,partition,qos"])
+        except (OSError, subprocess.SubprocessError):
+            return []
+        return [tuple(line.split("|")[:3]) for line in out.splitlines() if line.count("|") >= 2]
+
+    def _refusal_text(self, message: str, res: Resources, count: int) -> str:
+        """sbatch's own words, then each option it got with the key that set it."""
+        ask = self._ask(res)
+        params = self._params(res)
+        keys = {"partition": ask.said("partition"), "cpus_per_task": ask.said("cpus"), "mem": ask.said("mem"),
+                "gpus_per_node": ask.said("gpus"), "time": ask.said("time"), "account": "cluster.account",
+                "qos": "cluster.qos", "constraint": "cluster.constraint", "exclusive": "cluster.exclusive"}
+        asked = [f"--{k.replace('_', '-')}={params[k]} ({key})" for k, key in keys.items() if k in params]
+        asked += [f"--{k.replace('_', '-')}={v} (cluster.additional_parameters.{k})"
+                  for k, v in params.get("additional_parameters", {}).items()]
+        lines = message.splitlines() or ["(no message)"]
+        return (f"sbatch refused {_jobs_label(res, count)}:\n" + "\n".join(f"  {line}" for line in lines) +
+                "\n  it asked for: " + ", ".join(asked) + "\n  nothing was queued; change the key behind the "
+                "option sbatch names")
+
+    # ------------------------------------------------------------ after submission
+
+    def _submitted(self, jobs: Sequence[submitit.Job], res: Resources) -> None:
+        ask = self._ask(res)
+        for job in jobs:
+            self._own[str(job.job_id)] = ask
+
     def jobs_from_ids(self, job_ids: Sequence[str]) -> list[submitit.Job]:
+        for job_id in job_ids:  # a joined pool's servers: this run waits on them like on its own
+            self._own[str(job_id)] = self._asks[0] if self._asks else None
         return [submitit.SlurmJob(self.folder / "%j", job_id) for job_id in job_ids]
 
     def state(self, job: submitit.Job) -> str:
@@ -210,16 +375,75 @@ class SlurmBackend(Backend):
         mode = "force" if time.monotonic() - self._last_sacct >= _SACCT_EVERY_S else "cache"
         if mode == "force":
             self._last_sacct = time.monotonic()
-        return job.watcher.get_state(job.job_id, mode=mode)
+        state = job.watcher.get_state(job.job_id, mode=mode)
+        if state == "UNKNOWN":  # accounting lags a few seconds behind a submission; the queue does not
+            row = self._snapshot()[1].get(str(job.job_id))
+            state = row.state if row is not None else state
+        return state
 
     def finished(self, job: submitit.Job) -> bool:
         return self.state(job) not in _SLURM_ALIVE
 
+    def _snapshot(self) -> tuple[float, dict[str, slurm_fit.QueuedJob]]:
+        """This user's queue, at most one squeue call per ``_SQUEUE_EVERY_S`` for all jobs."""
+        if time.monotonic() - self._queue[0] >= _SQUEUE_EVERY_S:
+            try:
+                out = _run(["squeue", "-h", "-r", "-u", getpass.getuser(), "-o", slurm_fit.QUEUE_FORMAT])
+            except (OSError, subprocess.SubprocessError):
+                out = ""
+            self._queue = (time.monotonic(), slurm_fit.parse_queue(out))
+            self._verdicts = {}
+        return self._queue
+
+    def _verdict(self, job_id: str) -> slurm_fit.Verdict | None:
+        queue = self._snapshot()[1]
+        row = queue.get(job_id)
+        if row is None or row.state != "PENDING":
+            return None
+        if job_id not in self._verdicts:
+            try:
+                view = self._cluster_view(max_age_s=_VIEW_MAX_AGE_S)
+            except (OSError, subprocess.SubprocessError):
+                view = None
+            self._verdicts[job_id] = slurm_fit.judge(
+                row, queue, self._own, view, self._cluster_config, servers=self._asks[0] if self._asks else None,
+                others=self._asks[1:], group_running=self._group_running,
+            )
+        return self._verdicts[job_id]
+
+    def _group_running(self, kind: str, name: str) -> list[str]:
+        """Running job ids of a QOS or account (every user's): who holds a group limit; asked at
+        most every ``_VIEW_MAX_AGE_S``, and only while a job of the run waits on such a limit."""
+        taken, ids = self._groups.get((kind, name), (-1e9, []))
+        if time.monotonic() - taken > _VIEW_MAX_AGE_S:
+            try:
+                ids = _run(["squeue", "-h", "-r", "-t", "RUNNING", "-q" if kind == "qos" else "-A", name,
+                            "-o", "%i"]).split()
+            except (OSError, subprocess.SubprocessError):
+                ids = []
+            self._groups[(kind, name)] = (time.monotonic(), ids)
+        return ids
+
     def pending_reason(self, job: submitit.Job) -> str | None:
-        out = subprocess.run(
-            ["squeue", "-h", "-j", str(job.job_id), "-o", "%T %r"], capture_output=True, text=True
-        ).stdout.split()
-        return out[1] if len(out) == 2 and out[0] == "PENDING" else None
+        """Slurm's reason, with what to do when it will not resolve by itself."""
+        job_id = str(job.job_id)
+        verdict = self._verdict(job_id)
+        if verdict is not None:
+            return verdict.short()
+        row = self._queue[1].get(job_id)
+        return row.reason if row is not None and row.state == "PENDING" else None
+
+    def never_starts(self, job: submitit.Job) -> str | None:
+        job_id = str(job.job_id)
+        verdict = self._verdict(job_id)
+        if verdict is None or not verdict.never:
+            self._never_since.pop(job_id, None)
+            return None
+        taken = self._queue[0]
+        first_seen, first_snapshot = self._never_since.setdefault(job_id, (time.monotonic(), taken))
+        if time.monotonic() - first_seen >= _NEVER_CONFIRM_S and taken > first_snapshot:
+            return verdict.explanation
+        return None
 
     @classmethod
     def cancel_ids(cls, job_ids: Sequence[str], force: bool = False) -> None:
@@ -252,6 +476,16 @@ def backend_class(kind: str) -> type[Backend]:
         return BACKENDS[kind]
     except KeyError:
         raise ValueError(f"unknown cluster kind {kind!r} (known: {sorted(BACKENDS)})") from None
+
+
+def _run(argv: list[str]) -> str:
+    """A Slurm client's output; raises on failure (``CalledProcessError``, ``TimeoutExpired``, ``OSError``)."""
+    return subprocess.run(argv, capture_output=True, text=True, timeout=30, check=True).stdout
+
+
+def _jobs_label(res: Resources, count: int) -> str:
+    what = res.what or res.name
+    return f"the {what}" if count == 1 else f"the {count} {what}s (one array)"
 
 
 def _pids(job_ids: Sequence[str]) -> list[int]:

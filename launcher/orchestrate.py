@@ -22,7 +22,7 @@ from jobs.rollouts import collect
 from launcher import console as views
 from launcher import exit_codes
 from launcher import pools
-from launcher.executors import Resources, make_backend
+from launcher.executors import ClusterRefused, Resources, SubmissionRefused, make_backend
 from launcher.pools import ServerPool, pool_namespace
 from launcher.readiness import ReplicaStatus, ServerFailed, death_report, wait_ready
 from launcher.spec import GENERATE_KEY, CommandJob, NoJob, RolloutsJob, RunSpec
@@ -79,6 +79,12 @@ class Run:
         """Run every phase; always tear down. Returns the process exit code."""
         status, error, interrupted_by_down = "succeeded", None, False
         try:
+            self._preflight()
+        except ClusterRefused as e:
+            # Nothing exists yet (no job, no registry namespace): refused like a config error.
+            self.console.print(f"[red bold]refused:[/] {escape(str(e))}")
+            return exit_codes.REFUSED
+        try:
             with _signals_raise_interrupted():
                 with self._phase("servers start"):
                     self._start_servers()
@@ -100,7 +106,7 @@ class Run:
             self._say(f"{status}" + (f" from another shell ({escape(str(e))})" if e.from_another_shell else "")
                       + ": tearing down", "yellow")
             interrupted_by_down = e.from_another_shell
-        except (ServerFailed, JobFailed) as e:
+        except (ServerFailed, JobFailed, SubmissionRefused) as e:
             status, error = "failed", str(e)
             self._say(f"[red bold]failed:[/] {escape(str(e))}")
         finally:
@@ -155,14 +161,10 @@ class Run:
         # Heartbeat first: server jobs that find no live owner stop themselves.
         heartbeat = self._owner_heartbeat()
         jobs = [self._server_job(i) for i in range(spec.server.replicas)]
-        res = Resources(
-            name=f"{spec.run.name}-{spec.server.service}", timeout_min=spec.cluster.timeout_min,
-            gpus=spec.server.gpus_per_replica,
-        )
         try:
-            submitted = self.backend.submit_many(run_server, jobs, res)
+            submitted = self.backend.submit_many(run_server, jobs, server_resources(self.spec))
         except BaseException:
-            # Nothing was submitted: leave nothing behind either (key, owner file, the folder).
+            # Nothing was queued: leave nothing behind either (key, owner file, the folder).
             heartbeat.stop()
             self.registry.remove_namespace(self.namespace)
             raise
@@ -257,11 +259,7 @@ class Run:
             self.collection = {"rollouts_written": _count_lines(output), "rollouts_path": str(output)}
 
     def _submit(self, fn, arg, job: RolloutsJob | CommandJob, label: str):
-        res = Resources(
-            name=f"{self.spec.run.name}-{label}", timeout_min=job.timeout_min, partition=job.partition,
-            cpus_per_task=job.cpus_per_task, mem_gb=job.mem_gb,
-        )
-        submitted = self.backend.submit(fn, arg, res)
+        submitted = self.backend.submit(fn, arg, job_resources(self.spec, job, label))
         self.other_jobs = [submitted]
         return submitted
 
@@ -270,6 +268,8 @@ class Run:
         state = self.backend.state(job)
         if state == "RUNNING":
             return ""
+        if state == "PENDING" and (why := self.backend.never_starts(job)):
+            raise JobFailed(why)
         reason = self.backend.pending_reason(job) if state == "PENDING" else None
         return f"job {state} ({reason})" if reason else f"job {state}"
 
@@ -300,6 +300,15 @@ class Run:
         by = self.registry.stop_request(self.namespace)
         if by is not None:
             raise Interrupted(f"stopped by {by}", from_another_shell=True)
+
+    # ------------------------------------------------------------ what the jobs ask of the cluster
+
+    def _preflight(self) -> None:
+        """The backend refuses (``ClusterRefused``) what its cluster can never run, and keeps what
+        the run's jobs ask, to judge later whether a pending one is starved by its siblings."""
+        t0 = time.monotonic()
+        if self.backend.preflight(cluster_asks(self.spec)):  # a backend that checks nothing adds no phase
+            self.phases["cluster check"] = time.monotonic() - t0
 
     # ------------------------------------------------------------ teardown
 
@@ -367,6 +376,38 @@ class Run:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(summary, indent=2) + "\n")
         return summary
+
+
+def check_cluster(spec: RunSpec) -> None:
+    """Before Hydra creates anything: ``ClusterRefused`` (a ``SpecError``) when the cluster can
+    never run the run's jobs, each alone or side by side. Costs two ``scontrol`` calls on Slurm."""
+    make_backend(spec.cluster, Path("submitit")).preflight(cluster_asks(spec))
+
+
+def cluster_asks(spec: RunSpec) -> list[Resources]:
+    """What the run's jobs ask of the cluster: the server replicas, and the job that uses them."""
+    job = spec.job
+    asks = [server_resources(spec)]
+    if isinstance(job, (RolloutsJob, CommandJob)):
+        asks.append(job_resources(spec, job, "rollouts" if isinstance(job, RolloutsJob) else job.kind))
+    return asks
+
+
+def server_resources(spec: RunSpec) -> Resources:
+    s, c = spec.server, spec.cluster
+    return Resources(
+        name=f"{spec.run.name}-{s.service}", timeout_min=c.timeout_min, gpus=s.gpus_per_replica,
+        count=s.replicas, what=f"{s.service} server replica",
+        keys={"gpus": "server.gpus_per_replica", "timeout_min": "cluster.timeout_min", "count": "server.replicas"},
+    )
+
+
+def job_resources(spec: RunSpec, job: RolloutsJob | CommandJob, label: str) -> Resources:
+    return Resources(
+        name=f"{spec.run.name}-{label}", timeout_min=job.timeout_min, partition=job.partition,
+        cpus_per_task=job.cpus_per_task, mem_gb=job.mem_gb, what=f"{label} job",
+        keys={k: f"job.{k}" for k in ("timeout_min", "partition", "cpus_per_task", "mem_gb")},
+    )
 
 
 def _job_error(e: Exception) -> str:

@@ -54,6 +54,8 @@ def wait_ready(
                 status.running_since = time.monotonic()
             entry = registry.entry(namespace, service, status.replica)
             status.entry = entry or status.entry
+            if job_state == "PENDING" and (why := backend.never_starts(status.job)):
+                raise ServerFailed(why)
             reason = backend.pending_reason(status.job) if job_state == "PENDING" else None
             status.state = entry.state if entry else (f"PENDING ({reason})" if reason else job_state)
             if entry is not None and entry.state == "ready":

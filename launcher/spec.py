@@ -90,6 +90,9 @@ class ClusterSpec:
     # any other sbatch option, e.g. {reservation: rl, mail_type: FAIL}
     additional_parameters: dict[str, Any] = field(default_factory=dict)
     signal_delay_s: int = 120  # USR2 this long before the time limit: servers drain in-flight requests
+    # Before submitting, compare the run's requests with what the partitions' nodes have (scontrol) and
+    # refuse what can never run; false: submit as asked (the pending-job checks still apply)
+    fit_check: bool = True
 
     def validate(self, checks: Checks) -> None:
         checks.require(self.kind in CLUSTER_KINDS, "kind",
