@@ -15,6 +15,7 @@ from server.engines import EngineSpec
 from server.registry import Entry, Registry
 
 ROOT = Path(__file__).resolve().parents[1]
+SLURM_SCRIPTS = ROOT / "tests" / "slurm"  # start.sh / stop.sh of the Slurm test cluster
 
 # Stand-in replicas of one service, as the unit tests publish them.
 MODEL = "stand-in-model"

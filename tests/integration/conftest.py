@@ -18,9 +18,8 @@ from launcher.executors import LocalBackend, Resources
 from launcher.spec import ClusterSpec
 from server.job import ServerJob, run
 from server.registry import Entry, Registry
-from tests.support import ROOT, cpu_engine, queued
+from tests.support import SLURM_SCRIPTS, cpu_engine, queued
 
-SLURM_SCRIPTS = ROOT / "tests" / "slurm"
 DEFAULT_SLURM_DIR = Path(os.environ.get("GYMLAUNCH_SLURM_DIR", "/tmp/gymlaunch-slurm"))
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import pytest
 
 from server.models import default_cache_dir
 from server.registry import Registry
-from tests.support import ROOT, gym_standins
+from tests.support import ROOT, SLURM_SCRIPTS, gym_standins
 
 MARK = "<!-- tests/integration/test_readme.py runs this block as written -->"
 
@@ -62,8 +63,8 @@ def bash(block: str, cwd: Path, env: dict, timeout_s: float) -> subprocess.Compl
 
 def test_every_marked_block_is_one_this_module_runs():
     blocks = readme_blocks()
-    assert len(blocks) == 2, blocks
-    assert block_with("job=gym") and block_with("key-file policy")
+    assert len(blocks) == 3, blocks
+    assert block_with("job=gym") and block_with("key-file policy") and block_with("cluster=slurm_testcluster")
 
 
 def test_the_gym_recipe_as_written(shell):
@@ -122,3 +123,27 @@ def test_serve_only_then_the_curl_block_from_another_shell(shell):
         out, _ = launcher.communicate(timeout=120)
     assert launcher.returncode == 0, out  # a serve-only run ends with Ctrl-C
     assert Registry(env["GYMLAUNCH_REGISTRY_ROOT"]).namespaces() == []
+
+
+def test_the_slurm_test_cluster_recipe_as_written(slurm_cluster, shell):
+    """Start (here: already running, so <1 s), run the embedded default on it, look, stop; then the
+    cluster is started again for the tests after this one."""
+    _, _, env = shell
+    try:
+        done = bash(block_with("cluster=slurm_testcluster"), ROOT, env, timeout_s=1200)
+    finally:
+        again = subprocess.run([str(SLURM_SCRIPTS / "start.sh")], capture_output=True, text=True, timeout=900)
+        assert again.returncode == 0, again.stderr
+    assert done.returncode == 0, done.stdout + done.stderr
+    run_dir = Path(done.stdout.split("run folder: ")[1].split()[0])
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["status"] == "succeeded" and summary["collection"]["rollouts_written"] >= 16
+        server_job = summary["servers"][0]["job_id"]
+        # squeue; sacct -X printed the finished jobs: the server ran on partition gpu and completed.
+        assert any(line.split()[:1] == [server_job] and "gpu" in line and "COMPLETED" in line
+                   for line in done.stdout.splitlines()), done.stdout
+        assert Registry(env["GYMLAUNCH_REGISTRY_ROOT"]).namespaces() == []
+        print(f"phases {summary['phases']}")
+    finally:
+        shutil.rmtree(run_dir)  # it ran where the README says: in the clone's outputs/

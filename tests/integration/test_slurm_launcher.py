@@ -137,21 +137,3 @@ def test_a_sweep_handed_to_slurm_shares_one_server_pool(slurm_cluster, tmp_path)
         slurm_cluster, tmp_path, "hydra/launcher=submitit_slurm", "hydra.launcher.partition=cpu",
         "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=2", "hydra.launcher.timeout_min=30",
     )
-
-
-def test_the_test_cluster_config_runs_the_embedded_default(slurm_cluster, tmp_path):
-    """The README's recipe, as written: `python -m launcher cluster=slurm_testcluster` on the cluster
-    tests/slurm/start.sh runs (here with its own run folder and registry root)."""
-    root, run_dir = tmp_path / "registry", tmp_path / "run"
-    proc = start_launcher(root, "cluster=slurm_testcluster", f"hydra.run.dir={run_dir}", env=slurm_cluster.env)
-    out, _ = proc.communicate(timeout=900)
-    summary = json.loads((run_dir / "summary.json").read_text())
-    ids = [s["job_id"] for s in summary["servers"]]
-    slurm_cluster.job_ids.update(i.split("_")[0] for i in ids)
-    assert proc.returncode == 0, out
-    assert summary["collection"]["rollouts_written"] >= 16
-    (partition,) = sacct(slurm_cluster, ids[0], "Partition")[0]
-    assert partition == "gpu"
-    print(f"cluster check took {summary['phases']['cluster check']}s; phases {summary['phases']}")
-    assert Registry(root).namespaces() == []
-    assert not set(queued()) & set(ids)
