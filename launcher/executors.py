@@ -84,28 +84,23 @@ class Backend:
         return False
 
     def submit(self, fn: Callable, arg: Any, res: Resources) -> submitit.Job:
-        try:
-            with self._refusals(res, 1), _terminal_interrupts_ignored(), _outer_job_env_hidden():
-                job = self._executor(res).submit(fn, arg)
-        finally:
-            self._drop_template_folder()
+        with self._refusals(res, 1), _terminal_interrupts_ignored(), _outer_job_env_hidden():
+            job = self._executor(res).submit(fn, arg)
         self._submitted([job], res)
         return job
 
     def submit_many(self, fn: Callable, args: Sequence[Any], res: Resources) -> list[submitit.Job]:
         """One submission for all ``args``: a job array on Slurm (one sbatch call)."""
         executor = self._executor(res)
-        try:
-            with self._refusals(res, len(args)), _terminal_interrupts_ignored(), _outer_job_env_hidden():
-                with executor.batch():
-                    jobs = [executor.submit(fn, a) for a in args]
-        finally:
-            self._drop_template_folder()
+        with self._refusals(res, len(args)), _terminal_interrupts_ignored(), _outer_job_env_hidden():
+            with executor.batch():
+                jobs = [executor.submit(fn, a) for a in args]
         self._submitted(jobs, res)
         return jobs
 
-    def _drop_template_folder(self) -> None:
-        """submitit creates the ``%j`` folder of its path template itself; each job has its own."""
+    def tidy(self) -> None:
+        """Once the run's jobs are gone: submitit (and each job, as it starts) makes the ``%j`` folder of
+        the path template itself, and leaves it empty; each job has a folder of its own."""
         try:
             (self.folder / "%j").rmdir()
         except OSError:  # not empty (a job's files went there) or not there

@@ -112,6 +112,7 @@ class Run:
         finally:
             with _signals_ignored(), self._phase("teardown"):
                 self._teardown(status)
+            self.backend.tidy()
         summary = self._write_summary(status, error)
         self.console.print(views.summary_table(summary))
         self._say(f"run folder: {escape(str(self.run_dir))}")
