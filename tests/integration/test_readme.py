@@ -140,9 +140,9 @@ def test_the_slurm_test_cluster_recipe_as_written(slurm_cluster, shell):
         summary = json.loads((run_dir / "summary.json").read_text())
         assert summary["status"] == "succeeded" and summary["collection"]["rollouts_written"] >= 16
         server_job = summary["servers"][0]["job_id"]
-        # squeue; sacct -X printed the finished jobs: the server ran on partition gpu and completed.
-        assert any(line.split()[:1] == [server_job] and "gpu" in line and "COMPLETED" in line
-                   for line in done.stdout.splitlines()), done.stdout
+        # sacct -X printed the run's jobs: the server on partition gpu (cancelled by the teardown).
+        accounted = {line.split()[0]: line.split() for line in done.stdout.splitlines() if line.split()}
+        assert accounted[server_job][2] == "gpu" and accounted[server_job][5].startswith("CANCELLED"), done.stdout
         assert Registry(env["GYMLAUNCH_REGISTRY_ROOT"]).namespaces() == []
         print(f"phases {summary['phases']}")
     finally:
