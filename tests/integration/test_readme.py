@@ -147,3 +147,6 @@ def test_the_slurm_test_cluster_recipe_as_written(slurm_cluster, shell):
         print(f"phases {summary['phases']}")
     finally:
         shutil.rmtree(run_dir)  # it ran where the README says: in the clone's outputs/
+        for folder in (run_dir.parent, run_dir.parent.parent):  # outputs/rollouts, outputs: if nothing else
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
