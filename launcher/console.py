@@ -12,12 +12,13 @@ from launcher.readiness import ReplicaStatus
 
 def servers_table(service: str, replicas: list[ReplicaStatus]) -> Table:
     table = Table(title=escape(f"service {service}"), title_justify="left")
-    for column in ("replica", "job", "state", "url", "ready after"):
+    for column in ("replica", "job", "state", "url", "ready after", "restarts"):
         table.add_column(column)
     for r in replicas:
         url = r.entry.base_url if r.entry else ""
         ready = f"{r.ready_after_s:.1f}s" if r.ready_after_s is not None else ""
-        table.add_row(str(r.replica), escape(str(r.job.job_id)), _styled_state(r.state), escape(url), ready)
+        restarts = f"{r.restarts} ({escape(r.deaths[-1]['reason'])})" if r.deaths else str(r.restarts)
+        table.add_row(str(r.replica), escape(str(r.job.job_id)), _styled_state(r.state), escape(url), ready, restarts)
     return table
 
 

@@ -24,7 +24,8 @@ from launcher import exit_codes
 from launcher import pools
 from launcher.executors import ClusterRefused, Resources, SubmissionRefused, make_backend
 from launcher.pools import ServerPool, pool_namespace
-from launcher.readiness import ReplicaStatus, ServerFailed, death_report, wait_ready
+from launcher.fleet import Fleet, FleetSettings
+from launcher.readiness import ReplicaStatus, ServerFailed
 from launcher.spec import GENERATE_KEY, CommandJob, NoJob, RolloutsJob, RunSpec
 from server.job import ServerJob, ServerSettings, run as run_server
 from server.process import log_tail
@@ -64,6 +65,7 @@ class Run:
         self.registry = spec.registry
         self.backend = make_backend(spec.cluster, self.run_dir / "submitit")
         self.pool: ServerPool | None = None
+        self.fleet: Fleet | None = None
         self.joined = False
         self.log_dir = self.run_dir / "logs"
         self.replicas: list[ReplicaStatus] = []
@@ -126,7 +128,16 @@ class Run:
         else:
             with self.registry.pool_lock(self.namespace):
                 self._join_pool() or self._launch_pool()
-        self.replicas = [ReplicaStatus(replica=i, job=j) for i, j in enumerate(self.pool.jobs)]
+        s = self.spec.server
+        self.fleet = Fleet(
+            FleetSettings(service=s.service, namespace=self.namespace, startup_timeout_s=s.startup_timeout_s,
+                          max_restarts=s.max_restarts, no_replica_grace_s=s.no_replica_grace_s,
+                          replaces=not self.joined),
+            self.backend, self.registry, self.pool.jobs, self._server_job, server_resources(self.spec),
+            self._checks, self._engine_log, say=lambda text: self._say(escape(text), "yellow"),
+            before_death=self._check_stop_request,
+        )
+        self.replicas = self.fleet.replicas
         verb = "joined" if self.joined else "submitted"
         for r in self.replicas:
             self._say(escape(f"{verb} {self.spec.server.service}/{r.replica}: job {r.job.job_id}"))
@@ -191,11 +202,7 @@ class Run:
                 self._check_stop_request()
                 live.update(views.servers_table(service, self.replicas))
 
-            wait_ready(
-                self.backend, self.replicas, self.registry, self.namespace, service,
-                timeout_s=self.spec.server.startup_timeout_s, checks=self._checks, engine_log=self._engine_log,
-                on_update=on_update,
-            )
+            self.fleet.wait_ready(on_update)
         self.console.print(views.servers_table(service, self.replicas))
         for r in self.replicas:
             log.info("replica %s/%d ready at %s after %.1fs", service, r.replica, r.entry.base_url, r.ready_after_s)
@@ -289,13 +296,9 @@ class Run:
             time.sleep(_POLL_S)
 
     def _check_servers_alive(self) -> None:
+        """One look at the service while it is in use: a dead replica is replaced (launcher/fleet.py)."""
         self._check_stop_request()
-        for r in self.replicas:
-            if self.backend.finished(r.job):
-                # launcher.down asks before it cancels: a server it stopped is a stop, not a death.
-                self._check_stop_request()
-                state = self.backend.state(r.job)
-                raise ServerFailed(death_report(self.backend, r, state, self._engine_log, "while in use"))
+        self.fleet.watch()
 
     def _check_stop_request(self) -> None:
         by = self.registry.stop_request(self.namespace)
@@ -323,6 +326,8 @@ class Run:
         self.other_jobs = []
         if self.pool is None:
             return
+        if self.fleet is not None:  # replacements included: every job that serves the pool now
+            self.pool.jobs = self.fleet.jobs
         if self.sweep_dir is not None and status == "succeeded":
             if pools.kept(self.namespace) is None:
                 pools.keep(self.pool)
@@ -368,6 +373,10 @@ class Run:
                     "base_url": r.entry.base_url if r.entry else None,
                     "ready_after_s": None if r.ready_after_s is None else round(r.ready_after_s, 2),
                     "readiness_gate_s": None if r.gate_s is None else round(r.gate_s, 2),
+                    # Replacements (launcher/fleet.py): how often, why each job before died, time not ready.
+                    "restarts": r.restarts,
+                    "deaths": r.deaths,
+                    "down_s": round(r.down_s, 2),
                 }
                 for r in self.replicas
             ],

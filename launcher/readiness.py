@@ -12,7 +12,6 @@ from launcher.executors import Backend
 from server.registry import Entry, Registry
 from server.verify import CheckResult
 
-_POLL_S = 0.5
 
 
 class ServerFailed(RuntimeError):
@@ -30,55 +29,53 @@ class ReplicaStatus:
     gate_s: float | None = None  # from the engine answering /health (entry `ready`) to passing the checks
     entry: Entry | None = None
     checks: list[CheckResult] = field(default_factory=list)
+    # Kept across replacements of this replica (launcher/fleet.py).
+    restarts: int = 0
+    deaths: list[dict] = field(default_factory=list)  # job_id, reason, when (starting | in use), at
+    down_s: float = 0.0  # time this replica was not ready after a death
 
 
-def wait_ready(
+def step(
     backend: Backend,
-    replicas: list[ReplicaStatus],
+    status: ReplicaStatus,
     registry: Registry,
     namespace: str,
     service: str,
     timeout_s: float,
     checks: Callable[[Entry], list[CheckResult]],
     engine_log: Callable[[int], str],
-    on_update: Callable[[], None] = lambda: None,
-) -> None:
-    """Return once every replica passes ``checks``; raise ``ServerFailed`` at the first that cannot."""
-    pending = list(replicas)
-    while pending:
-        for status in list(pending):
-            job_state = backend.state(status.job)
-            if backend.finished(status.job):
-                raise ServerFailed(death_report(backend, status, job_state, engine_log, "while starting"))
-            if status.running_since is None and job_state == "RUNNING":
-                status.running_since = time.monotonic()
-            entry = registry.entry(namespace, service, status.replica)
-            status.entry = entry or status.entry
-            if job_state == "PENDING" and (why := backend.never_starts(status.job)):
-                raise ServerFailed(why)
-            reason = backend.pending_reason(status.job) if job_state == "PENDING" else None
-            status.state = entry.state if entry else (f"PENDING ({reason})" if reason else job_state)
-            if entry is not None and entry.state == "ready":
-                status.checks = checks(entry)
-                if all(c.ok for c in status.checks):
-                    status.ready_after_s = time.monotonic() - status.submitted_at
-                    # The entry turned `ready` (and got this heartbeat) when /health first answered.
-                    status.gate_s = time.time() - entry.heartbeat_at
-                    status.state = "ready"
-                    pending.remove(status)
-                    continue
-            # The clock starts when the job runs: time queued is not the server's fault.
-            if status.running_since is not None and time.monotonic() - status.running_since > timeout_s:
-                failed = [c for c in status.checks if not c.ok]
-                why = f"; last check: {failed[-1].detail}" if failed else ""
-                raise ServerFailed(
-                    f"replica {service}/{status.replica} (job {status.job.job_id}) not ready after "
-                    f"{timeout_s:g}s of running (server.startup_timeout_s){why}\n"
-                    f"engine log:\n{engine_log(status.replica)}"
-                )
-        on_update()
-        if pending:
-            time.sleep(_POLL_S)
+) -> str:
+    """One look at a starting replica: ``"ready"`` (it passed ``checks``), ``"ended"`` (its job is
+    over) or ``"waiting"``; ``ServerFailed`` when it can never get ready (never starts, or not in time)."""
+    job_state = backend.state(status.job)
+    if backend.finished(status.job):
+        return "ended"
+    if status.running_since is None and job_state == "RUNNING":
+        status.running_since = time.monotonic()
+    entry = registry.entry(namespace, service, status.replica)
+    status.entry = entry or status.entry
+    if job_state == "PENDING" and (why := backend.never_starts(status.job)):
+        raise ServerFailed(why)
+    reason = backend.pending_reason(status.job) if job_state == "PENDING" else None
+    status.state = entry.state if entry else (f"PENDING ({reason})" if reason else job_state)
+    if entry is not None and entry.state == "ready":
+        status.checks = checks(entry)
+        if all(c.ok for c in status.checks):
+            status.ready_after_s = time.monotonic() - status.submitted_at
+            # The entry turned `ready` (and got this heartbeat) when /health first answered.
+            status.gate_s = time.time() - entry.heartbeat_at
+            status.state = "ready"
+            return "ready"
+    # The clock starts when the job runs: time queued is not the server's fault.
+    if status.running_since is not None and time.monotonic() - status.running_since > timeout_s:
+        failed = [c for c in status.checks if not c.ok]
+        why = f"; last check: {failed[-1].detail}" if failed else ""
+        raise ServerFailed(
+            f"replica {service}/{status.replica} (job {status.job.job_id}) not ready after "
+            f"{timeout_s:g}s of running (server.startup_timeout_s){why}\n"
+            f"engine log:\n{engine_log(status.replica)}"
+        )
+    return "waiting"
 
 
 def death_report(

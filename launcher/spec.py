@@ -139,6 +139,8 @@ class ServerSpec(EngineSpec, ServerSettings):
     service: str
     replicas: int
     gpus_per_replica: int
+    max_restarts: int  # replacements per replica when its job dies (launcher/fleet.py)
+    no_replica_grace_s: float  # the run fails when no replica has been ready for this long
     # "generate": a fresh key per run; null: no key; else a file (mode 0600) holding the key.
     api_key: str | None
 
@@ -150,6 +152,8 @@ class ServerSpec(EngineSpec, ServerSettings):
         checks.require(bool(self.service) and "/" not in self.service, "service",
                        f"{self.service!r} must be a non-empty name without '/'")
         checks.at_least(self, "replicas", 1)
+        checks.at_least(self, "max_restarts", 0)
+        checks.above(self, "no_replica_grace_s", 0)
         checks.at_least(self, "gpus_per_replica", 0)
         checks.must(self, "port", "in 1..65535 or null", lambda v: v is None or 1 <= v <= 65535)
         checks.require(self.port is None or self.replicas == 1, "port",

@@ -80,7 +80,12 @@ class ServerJob(ServerSettings):
 
 
 class EngineFailed(RuntimeError):
-    """The engine exited or never became healthy; the message carries its log tail."""
+    """The engine exited or never became healthy; the message carries its log tail, ``reason`` the why
+    in a few words (``killed by signal 9 (SIGKILL)``)."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def run(job: ServerJob) -> None:
@@ -113,6 +118,10 @@ def run(job: ServerJob) -> None:
         registry.heartbeat(entry, state="ready")
         log.info("replica %s/%d ready at %s", job.service, job.replica, entry.base_url)
         _serve(job, engine, entry, registry, signals)
+    except EngineFailed as e:
+        # Said where the launcher's fleet looks, so the replacement's report says why.
+        registry.record_death(job.namespace, job.service, job.replica, _job_id(), e.reason)
+        raise
     finally:
         registry.remove(job.namespace, job.service, job.replica)
         if engine is not None:
@@ -134,7 +143,7 @@ def _serve(job: ServerJob, engine: subprocess.Popen, entry: Entry, registry: Reg
     drain_deadline = None
     while not signals.stop.wait(_DRAIN_POLL_S if drain_deadline else registry.heartbeat_s):
         if engine.poll() is not None:
-            raise EngineFailed(_died_message(job, engine))
+            raise _died(job, engine)
         if job.orphaned():
             log.warning("no run using %s heartbeated for %.0fs: stopping", job.namespace, registry.orphan_grace_s)
             return
@@ -227,7 +236,7 @@ def _wait_healthy(
     with httpx.Client(timeout=5.0) as client:
         while not stop.is_set():
             if engine.poll() is not None:
-                raise EngineFailed(_died_message(job, engine))
+                raise _died(job, engine)
             try:
                 if client.get(health).status_code == 200:
                     return
@@ -236,7 +245,8 @@ def _wait_healthy(
             if time.monotonic() > deadline:
                 raise EngineFailed(
                     f"engine not healthy after {job.startup_timeout_s:g}s (server.startup_timeout_s); "
-                    f"log {job.engine_log}:\n{process.log_tail(job.engine_log)}"
+                    f"log {job.engine_log}:\n{process.log_tail(job.engine_log)}",
+                    reason=f"not healthy after {job.startup_timeout_s:g}s",
                 )
             # Starting can take minutes (weights, compilation): keep the entry fresh meanwhile.
             if time.monotonic() - last_beat >= registry.heartbeat_s:
@@ -253,8 +263,9 @@ def _connect_host(bind_host: str) -> str:
     return "127.0.0.1" if bind_host in ("0.0.0.0", "") else bind_host
 
 
-def _died_message(job: ServerJob, engine: subprocess.Popen) -> str:
-    return (
-        f"engine of {job.service}/{job.replica} {process.exit_description(engine.returncode)}; "
-        f"log {job.engine_log}:\n{process.log_tail(job.engine_log)}"
+def _died(job: ServerJob, engine: subprocess.Popen) -> EngineFailed:
+    reason = process.exit_description(engine.returncode)
+    return EngineFailed(
+        f"engine of {job.service}/{job.replica} {reason}; log {job.engine_log}:\n{process.log_tail(job.engine_log)}",
+        reason=reason,
     )

@@ -10,6 +10,7 @@
         .jobs.json                    the cluster kind and the job ids serving it
         .owners/<run id>              one file per launcher run using it, touched as its heartbeat
         .stop                         written by ``launcher.down``: the runs using it stop
+        .deaths/<service>-<replica>-<job id>   why that replica's engine died (its server job writes it)
         <service>/<replica>.json      one entry per replica (0600), what clients read
 
 Writers replace a file atomically (temp file + fsync + ``os.replace``), so a
@@ -60,6 +61,7 @@ _API_KEY_FILE = ".api_key"
 _JOBS_FILE = ".jobs.json"
 _OWNERS = ".owners"
 _STOP_FILE = ".stop"
+_DEATHS = ".deaths"
 
 
 def default_root() -> Path:
@@ -308,6 +310,16 @@ class Registry:
             if not (self.root / namespace).is_dir():
                 path.unlink(missing_ok=True)
             os.close(fd)  # releases the lock
+
+    def record_death(self, namespace: str, service: str, replica: int, job_id: str, reason: str) -> None:
+        """Why a replica's engine died (``killed by signal 9 (SIGKILL)``), for whoever replaces it."""
+        _write_atomic(self.root / namespace / _DEATHS / f"{service}-{replica}-{job_id}", reason.encode())
+
+    def death_note(self, namespace: str, service: str, replica: int, job_id: str) -> str | None:
+        try:
+            return (self.root / namespace / _DEATHS / f"{service}-{replica}-{job_id}").read_text()
+        except FileNotFoundError:
+            return None
 
     def request_stop(self, namespace: str, by: str) -> None:
         """Ask every run using ``namespace`` to stop (``launcher.down``); ``by`` says who asked."""
