@@ -10,7 +10,7 @@ import signal
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from rich.console import Console
 from rich.live import Live
@@ -227,13 +227,9 @@ class Run:
         progress = views.rollout_progress(self.console)
         with progress:
             bar = progress.add_task("rollouts", total=total, failures=0, state="")
-            while not self.backend.finished(submitted):
-                self._check_servers_alive()
-                progress.update(
-                    bar, completed=_count_lines(rollouts), failures=_count_lines(failures),
-                    state=self._job_state(submitted),
-                )
-                time.sleep(_POLL_S)
+            self._watch(submitted, lambda state: progress.update(
+                bar, completed=_count_lines(rollouts), failures=_count_lines(failures), state=state,
+            ))
             progress.update(bar, completed=_count_lines(rollouts), failures=_count_lines(failures), state="")
         try:
             self.collection = submitted.result().to_json()
@@ -252,10 +248,7 @@ class Run:
         submitted = self._submit(run_command, process, job, job.kind)
         self._say(f"submitted {job.kind}: job {submitted.job_id}, logs in {escape(str(process.log_dir))}")
         with self.console.status(f"{job.kind} running") as status:
-            while not self.backend.finished(submitted):
-                self._check_servers_alive()
-                status.update(escape(f"{job.kind} running {self._job_state(submitted)}"))
-                time.sleep(_POLL_S)
+            self._watch(submitted, lambda state: status.update(escape(f"{job.kind} running {state}")))
         try:
             result = submitted.result()
         except Exception as e:  # submitit's message is the job's traceback: its last exception is ours
@@ -265,6 +258,14 @@ class Run:
         if isinstance(process, GymConfig):
             output = Path(result.output)
             self.collection = {"rollouts_written": _count_lines(output), "rollouts_path": str(output)}
+
+    def _watch(self, submitted, show: Callable[[str], None]) -> None:
+        """Until the job that uses the service ends: the service watched (and healed) every poll, the
+        job's state shown (blank while it runs)."""
+        while not self.backend.finished(submitted):
+            self._check_servers_alive()
+            show(self._job_state(submitted))
+            time.sleep(_POLL_S)
 
     def _submit(self, fn, arg, job: RolloutsJob | CommandJob, label: str):
         submitted = self.backend.submit(fn, arg, job_resources(self.spec, job, label))
