@@ -69,6 +69,8 @@ class Backend:
     """Submits functions as jobs and reports on them; one subclass per cluster kind."""
 
     kind = ""
+    # How often ``stop`` looks whether the jobs ended: a teardown waits for each stop up to this long.
+    stop_poll_s = 0.5
 
     def __init__(self, cluster: ClusterSpec, folder: Path) -> None:
         self.cluster = cluster
@@ -167,7 +169,7 @@ class Backend:
                 self.cancel(job)
         deadline = time.monotonic() + grace_s + 15
         while any(not self.finished(j) for j in jobs) and time.monotonic() < deadline:
-            time.sleep(0.5)
+            time.sleep(self.stop_poll_s)
         for job in jobs:
             if not self.finished(job):
                 say(f"job {job.job_id} did not stop in time; killing it")
@@ -184,6 +186,7 @@ class Backend:
 
 class LocalBackend(Backend):
     kind = "local"
+    stop_poll_s = 0.05  # a poll() of the controller process: cheap
 
     def _executor(self, res: Resources) -> submitit.Executor:
         # A fresh executor per submission: submitit's update_parameters cannot unset a value.
