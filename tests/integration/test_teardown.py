@@ -154,3 +154,42 @@ def test_a_cancelled_collector_job_stops_at_once_and_a_rerun_completes_each_once
         assert again.rollouts_written_this_run == 32 - len(first)
     finally:
         server.stop()
+
+
+def _ignores_sigterm(pid_file: str) -> None:
+    """A job that will not stop when asked."""
+    import os
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    Path(pid_file).write_text(str(os.getpid()))
+    time.sleep(600)
+
+
+def test_a_forced_cancel_kills_the_local_job_not_only_its_controller(tmp_path):
+    """Killing submitit's local controller alone left its job running, orphaned (a collector that
+    ignored SIGTERM went on for a minute after the launcher had exited)."""
+    backend = LocalBackend(ClusterSpec(kind="local"), tmp_path / "submitit")
+    pid_file = tmp_path / "pid"
+    job = backend.submit(_ignores_sigterm, str(pid_file), Resources(name="stubborn", timeout_min=10))
+    deadline = time.monotonic() + 60
+    while not pid_file.exists() or not pid_file.read_text():
+        assert not backend.finished(job), backend.log_tail(job)
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    task = int(pid_file.read_text())
+    backend.cancel(job)  # SIGTERM, forwarded and ignored
+    time.sleep(0.5)
+    assert not backend.finished(job) and Path(f"/proc/{task}").exists()
+    backend.force_cancel(job)
+    deadline = time.monotonic() + 5
+    while _running(task) or not backend.finished(job):
+        assert time.monotonic() < deadline, "the job outlived its controller"
+        time.sleep(0.02)
+
+
+def _running(pid: int) -> bool:
+    """``pid`` exists and is no zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
