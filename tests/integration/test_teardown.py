@@ -44,19 +44,27 @@ def rows(path: Path) -> list[tuple[str, int]]:
     return [(r["task_id"], r["repeat"]) for r in map(json.loads, data.splitlines())]
 
 
-def interrupt_mid_collection(run_dir: Path, registry_root: Path, *overrides: str) -> tuple[float, float, str]:
-    """``python -m launcher`` until its collector has written 2 rows, then SIGINT (a Ctrl-C); returns
-    the seconds until the launcher exited, until nothing of the run was left, and its output."""
+def interrupt_mid_collection(run_dir: Path, registry_root: Path, *overrides: str,
+                             started: Path | None = None) -> tuple[float, float, str]:
+    """``python -m launcher`` until its collector has written 2 rows (or until ``started`` exists),
+    then SIGINT (a Ctrl-C); returns the seconds until the launcher exited, until nothing of the run
+    was left, and its output."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "launcher", f"hydra.run.dir={run_dir}", *overrides], cwd=ROOT,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=launcher_env(registry_root),
     )
+    written = run_dir / ROLLOUTS_FILE
+
+    def under_way() -> bool:
+        if started is not None:
+            return started.exists()
+        return written.exists() and written.read_bytes().count(b"\n") >= 2
+
     try:
         deadline = time.monotonic() + 600
-        written = run_dir / ROLLOUTS_FILE
-        while not (written.exists() and written.read_bytes().count(b"\n") >= 2):
+        while not under_way():
             assert proc.poll() is None, proc.stdout.read()
-            assert time.monotonic() < deadline, "no rollout written in 600 s"
+            assert time.monotonic() < deadline, "the job did not get under way in 600 s"
             time.sleep(0.05)
         interrupted = time.monotonic()
         proc.send_signal(signal.SIGINT)
@@ -107,6 +115,20 @@ def test_ctrl_c_mid_collection_with_vllm(tmp_path):
     root, run_dir = tmp_path / "registry", tmp_path / "run"
     exited, gone, out = interrupt_mid_collection(run_dir, root)
     print(f"\n[teardown] vLLM: launcher exited {exited:.2f} s after SIGINT, every job process and "
+          f"registry entry gone after {gone:.2f} s")
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted", out
+    assert "did not stop in time" not in out, out
+    assert gone <= TEARDOWN_TARGET_S, out
+
+
+def test_ctrl_c_on_a_command_job_tears_down_within_5_s(tmp_path):
+    root, run_dir, started = tmp_path / "registry", tmp_path / "run", tmp_path / "started"
+    program = tmp_path / "busy.py"
+    program.write_text(f"import time\nopen({str(started)!r}, 'w').close()\ntime.sleep(600)\n")
+    exited, gone, out = interrupt_mid_collection(
+        run_dir, root, *STANDIN_SERVER, "job=command", f'job.command="{{python}} {program}"', started=started,
+    )
+    print(f"\n[teardown] job=command: launcher exited {exited:.2f} s after SIGINT, every job process and "
           f"registry entry gone after {gone:.2f} s")
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted", out
     assert "did not stop in time" not in out, out
