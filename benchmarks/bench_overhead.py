@@ -30,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,9 +57,13 @@ class Round:
     gate_s: float | None = None
     collector_wall_s: float | None = None
     launcher_rollouts: int | None = None
+    launcher_tokens: int | None = None
+    launcher_cpu_s: float | None = None  # the launcher process's own CPU time (its jobs not included)
     engine_s: float = 0.0
     collection_s: float = 0.0
     hand_rollouts: int | None = None
+    hand_tokens: int | None = None
+    hand_wall_s: float | None = None  # the collection's own wall time, as collect() reports it
     engine_stop_s: float = 0.0
 
     @property
@@ -84,18 +89,47 @@ def run_launcher(overrides: list[str], work: Path, i: int, r: Round) -> None:
     run_dir, registry_root = work / f"launcher-{i}", work / f"registry-launcher-{i}"
     env = {**os.environ, "GYMLAUNCH_REGISTRY_ROOT": str(registry_root)}
     t0 = time.monotonic()
-    done = subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, "-m", "launcher", f"hydra.run.dir={run_dir}", *overrides], cwd=ROOT,
-        capture_output=True, text=True, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )
+    cpu = CpuWatch(proc.pid)
+    out, _ = proc.communicate()
     r.launcher_s = time.monotonic() - t0
-    if done.returncode:
-        sys.exit(f"the launcher failed ({done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
+    r.launcher_cpu_s = cpu.stop()
+    if proc.returncode:
+        sys.exit(f"the launcher failed ({proc.returncode}):\n{out[-6000:]}")
     summary = json.loads((run_dir / "summary.json").read_text())
     r.phases = summary["phases"]
     r.gate_s = summary["servers"][0]["readiness_gate_s"]
     r.collector_wall_s = summary["collection"]["wall_s"]
     r.launcher_rollouts = summary["collection"]["rollouts_written"]
+    r.launcher_tokens = summary["collection"]["generated_tokens"]
+
+
+class CpuWatch:
+    """A process's own user+system CPU seconds, sampled from /proc until it ends (the last sample)."""
+
+    def __init__(self, pid: int) -> None:
+        self.path, self.last, self.done = Path(f"/proc/{pid}/stat"), 0.0, threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+
+    def _watch(self) -> None:
+        tick = os.sysconf("SC_CLK_TCK")
+        while not self.done.wait(0.1):
+            try:
+                fields = self.path.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                return
+            if fields[0] == "Z":
+                return
+            self.last = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+
+    def stop(self) -> float:
+        self.done.set()
+        self.thread.join()
+        return self.last
 
 
 def run_by_hand(spec: RunSpec, work: Path, i: int, r: Round) -> None:
@@ -150,7 +184,9 @@ def run_by_hand(spec: RunSpec, work: Path, i: int, r: Round) -> None:
         r.collection_s = time.monotonic() - t1
         if done.returncode:
             sys.exit(f"python -m jobs.rollouts failed ({done.returncode}):\n{done.stderr[-4000:]}")
-        r.hand_rollouts = json.loads(done.stdout)["rollouts_written"]
+        collected = json.loads(done.stdout)
+        r.hand_rollouts, r.hand_tokens, r.hand_wall_s = (
+            collected["rollouts_written"], collected["generated_tokens"], collected["wall_s"])
     finally:
         t2 = time.monotonic()
         process.stop(proc, spec.server.stop_grace_s)
@@ -187,12 +223,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"round {i + 1} ({'launcher first' if i % 2 == 0 else 'by hand first'}): "
                 f"launcher {r.launcher_s:.1f}s | engine {r.engine_s:.1f}s + collection {r.collection_s:.1f}s "
                 f"= {r.by_hand_s:.1f}s | ratio {r.ratio:.2f}, overhead {r.launcher_s - r.by_hand_s:+.1f}s "
-                f"| rollouts {r.launcher_rollouts} vs {r.hand_rollouts}"
             )
             print("  launcher phases: " + ", ".join(f"{k} {v:.2f}s" for k, v in r.phases.items())
-                  + f"; readiness gate {r.gate_s}s; collector's own wall {r.collector_wall_s}s; "
-                  f"outside the phases {r.launcher_s - sum(r.phases.values()):.2f}s")
-            print(f"  by hand: engine stop {r.engine_stop_s:.2f}s (not counted)", flush=True)
+                  + f"; readiness gate {r.gate_s}s; outside the phases {r.launcher_s - sum(r.phases.values()):.2f}s; "
+                  f"the launcher process's own CPU {r.launcher_cpu_s:.1f}s")
+            print(f"  collection: {r.launcher_rollouts} vs {r.hand_rollouts} rollouts, {r.launcher_tokens} vs "
+                  f"{r.hand_tokens} tokens generated, collect()'s own wall {r.collector_wall_s}s vs {r.hand_wall_s}s "
+                  f"(launcher vs by hand); by hand the engine stopped in {r.engine_stop_s:.2f}s (not counted)",
+                  flush=True)
 
     med = statistics.median
     ready, rollouts, teardown = (med(r.phases.get(k, 0.0) for r in rounds)
@@ -205,8 +243,11 @@ def main(argv: list[str] | None = None) -> int:
     print("where the launcher's extra time goes (medians):")
     print(f"  servers ready {ready:.2f}s vs engine by hand {engine_s:.2f}s: {ready - engine_s:+.2f}s "
           f"(job start, health poll, readiness gate {med(r.gate_s or 0 for r in rounds):.2f}s)")
-    print(f"  rollouts {rollouts:.2f}s vs collection by hand {collection_s:.2f}s: {rollouts - collection_s:+.2f}s "
-          f"(collector job start and end; its own wall {med(r.collector_wall_s or 0 for r in rounds):.2f}s)")
+    own = med(r.collector_wall_s or 0 for r in rounds)
+    print(f"  rollouts {rollouts:.2f}s vs collection by hand {collection_s:.2f}s: {rollouts - collection_s:+.2f}s, "
+          f"of which collect()'s own wall {own:.2f}s vs {med(r.hand_wall_s or 0 for r in rounds):.2f}s by hand "
+          f"(sampling: {med(r.launcher_tokens or 0 for r in rounds):.0f} vs {med(r.hand_tokens or 0 for r in rounds):.0f} "
+          f"tokens) and the collector job's start and end {rollouts - own:.2f}s")
     print(f"  teardown {teardown:.2f}s; servers start {med(r.phases.get('servers start', 0.0) for r in rounds):.2f}s; "
           f"outside the phases (interpreter, Hydra, config checks, summary) {outside:.2f}s")
     return 0
