@@ -15,7 +15,11 @@ it does only the (task, repeat) pairs that ``rollouts.jsonl`` lacks, each row
 written exactly once even if a run was killed at any point.
 
 ``collect`` is synchronous and takes one picklable config, so that it can be
-submitted as a submitit job; the concurrency lives inside it.
+submitted as a submitit job; the concurrency lives inside it. SIGTERM (a
+cancel: submitit's job wrapper would only log it) or SIGINT stops it within a
+moment: no conversation starts any more, those in flight are cancelled (a row
+is one write, so none is torn), and ``collect`` raises ``CollectionStopped``;
+a re-run on the same output folder does the rest, each (task, repeat) once.
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,6 +113,15 @@ class Task:
 
 class TaskFileError(ValueError):
     """A task file line that cannot be used."""
+
+
+class CollectionStopped(RuntimeError):
+    """SIGTERM or SIGINT stopped the collection; the rows written so far stay, and a re-run on the
+    same output_dir does the rest. The message starts with "stopped", like a cancelled command job's."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
 
 
 class RolloutError(Exception):
@@ -257,10 +272,18 @@ def collect(cfg: CollectorConfig) -> CollectSummary:
     earlier = read_rollouts(rollouts_path, {t.id for t in tasks})
     todo = [_Attempt(t, r) for t in tasks for r in range(cfg.num_repeats) if (t.id, r) not in earlier]
     start = time.monotonic()
-    with _JsonlAppender(rollouts_path) as ok, _JsonlAppender(failures_path, truncate=True) as failed:
+    with _StopSignals() as stop, _JsonlAppender(rollouts_path) as ok, \
+            _JsonlAppender(failures_path, truncate=True) as failed:
         run = _Run(cfg, pool, model, ok, failed)
-        asyncio.run(run.all(todo))
+        finished = asyncio.run(run.all(todo, stop))
     wall_s = time.monotonic() - start
+    if not finished:
+        name = signal.Signals(stop.signum).name
+        raise CollectionStopped(
+            f"stopped by {name} after {wall_s:.1f}s: {len(run.rewards)} rollouts and {run.failed} failures "
+            f"written this run, {len(todo) - len(run.rewards) - run.failed} left undone; a re-run on "
+            f"{out} does the rest", stop.signum,
+        )
     rewards = [*earlier.values(), *run.rewards]
     return CollectSummary(
         tasks=len(tasks),
@@ -358,6 +381,54 @@ class _JsonlAppender:
             os.close(self.fd)
 
 
+class _StopSignals:
+    """SIGTERM/SIGINT while ``collect`` runs: remembered, and the event loop is told to stop.
+
+    The handlers only take note (a handler that raised, or logged, could land between a row's
+    bytes or inside a lock); the loop sees ``wait()`` return and cancels the conversations. Installed only in the main thread (where
+    Python runs signal handlers; a submitit job and the CLI call ``collect`` there), and the
+    previous handlers are put back at the end: submitit's, in a job.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._event: asyncio.Event | None = None
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def __enter__(self) -> "_StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._loop = self._event = None
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.signum is None:
+            self.signum = signum
+        if self._loop is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._event.set)
+            except RuntimeError:  # the loop has closed: nothing left to stop
+                pass
+
+    async def wait(self) -> None:
+        self._loop, self._event = asyncio.get_running_loop(), asyncio.Event()
+        if self.requested:  # it came before the loop ran
+            self._event.set()
+        await self._event.wait()
+
+
 @dataclass
 class _Attempt:
     """One (task, repeat) conversation; ``entry`` is the replica that answered its last request."""
@@ -383,11 +454,16 @@ class _Run:
         self.model = model
         self.rollouts = rollouts
         self.failures_file = failures
+        self.stop = _StopSignals()  # all() gets the one collect() installed
+        self.not_started = 0  # conversations skipped because a stop was requested
         self.rewards: list[float] = []
         self.failed = 0
         self.generated_tokens = 0
 
-    async def all(self, attempts: list[_Attempt]) -> None:
+    async def all(self, attempts: list[_Attempt], stop: _StopSignals) -> bool:
+        """Every attempt, unless ``stop`` fires first: then those in flight are cancelled (a row is
+        one synchronous write, so a cancelled conversation has written all of it or nothing) and
+        the rest never start. Returns whether every attempt ran to its end."""
         limits = httpx.Limits(
             max_connections=self.cfg.max_concurrency, max_keepalive_connections=self.cfg.max_concurrency
         )
@@ -396,10 +472,33 @@ class _Run:
             timeout=self.cfg.request_timeout_s, limits=limits, trust_env=False
         ) as client:
             semaphore = asyncio.Semaphore(self.cfg.max_concurrency)
-            await asyncio.gather(*(self.one(client, semaphore, a) for a in attempts))
+            self.stop = stop
+            work = asyncio.gather(*(self.one(client, semaphore, a) for a in attempts))
+            stopped = asyncio.ensure_future(stop.wait())
+            cut_short = True
+            try:
+                await asyncio.wait({work, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                cut_short = not work.done() or self.not_started > 0
+            finally:
+                stopped.cancel()
+                if not work.done():
+                    if stop.requested:
+                        log.warning("%s: stopping the collection", signal.Signals(stop.signum).name)
+                    work.cancel()  # gather cancels each conversation, and ends once they all have
+                    try:
+                        await work
+                    except asyncio.CancelledError:
+                        pass
+            if cut_short:
+                return False
+            work.result()  # what no conversation caught (a BaseException) ends the collection
+            return True
 
     async def one(self, client: httpx.AsyncClient, semaphore: asyncio.Semaphore, attempt: _Attempt) -> None:
         async with semaphore:
+            if self.stop.requested:  # the cancel is on its way: start nothing meanwhile
+                self.not_started += 1
+                return
             try:
                 row = await self.converse(client, attempt)
                 row["reward"] = verifiers.score(attempt.task.raw, row["output"], row["tool_calls"])
@@ -569,6 +668,9 @@ def main(argv: list[str] | None = None) -> int:
     except (TaskFileError, OutputError, NoEndpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except CollectionStopped as e:
+        print(e, file=sys.stderr)
+        return 128 + e.signum
     print(json.dumps(summary.to_json(), indent=1))
     return 1 if summary.failures and not summary.rollouts_written_this_run else 0
 

@@ -69,6 +69,8 @@ class Backend:
     """Submits functions as jobs and reports on them; one subclass per cluster kind."""
 
     kind = ""
+    # How often ``stop`` looks whether the jobs ended: a teardown waits for each stop up to this long.
+    stop_poll_s = 0.5
 
     def __init__(self, cluster: ClusterSpec, folder: Path) -> None:
         self.cluster = cluster
@@ -167,7 +169,7 @@ class Backend:
                 self.cancel(job)
         deadline = time.monotonic() + grace_s + 15
         while any(not self.finished(j) for j in jobs) and time.monotonic() < deadline:
-            time.sleep(0.5)
+            time.sleep(self.stop_poll_s)
         for job in jobs:
             if not self.finished(job):
                 say(f"job {job.job_id} did not stop in time; killing it")
@@ -184,6 +186,7 @@ class Backend:
 
 class LocalBackend(Backend):
     kind = "local"
+    stop_poll_s = 0.05  # a poll() of the controller process: cheap
 
     def _executor(self, res: Resources) -> submitit.Executor:
         # A fresh executor per submission: submitit's update_parameters cannot unset a value.
@@ -209,13 +212,16 @@ class LocalBackend(Backend):
         Not submitit's local ``cancel``: it sends SIGINT to the controller, which
         SIGKILLs the job one second later, too soon for a server to stop its
         engine in order. SIGTERM is forwarded to the job by the controller,
-        which then waits for it to exit.
+        which then waits for it to exit. Forced, the controller's children (the
+        job's tasks) are killed with it: they would outlive it, orphaned, and
+        the programs they started get their parent-death signal.
         """
         for pid in _pids(job_ids):
-            try:
-                os.kill(pid, signal.SIGKILL if force else signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+            for target in ([*_children(pid), pid] if force else [pid]):
+                try:
+                    os.kill(target, signal.SIGKILL if force else signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
 
     @classmethod
     def alive_ids(cls, job_ids: Sequence[str]) -> list[str]:
@@ -486,6 +492,20 @@ def _jobs_label(res: Resources, count: int) -> str:
 def _pids(job_ids: Sequence[str]) -> list[int]:
     """Local job ids as pids; anything else is not a local job and is never signalled."""
     return [int(j) for j in job_ids if j.isdigit() and int(j) > 1]
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc; none where there is no /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # "pid (comm) state ppid ...": comm may hold spaces and parentheses, the last ")" ends it.
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[1:2] == [str(pid)]:
+            found.append(int(stat.parent.name))
+    return found
 
 
 @contextmanager

@@ -80,15 +80,36 @@ def kill_when_alive(pid: int, group: bool, wait_s: float = 10.0) -> None:
     kill = os.killpg if group else os.kill
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
-        try:
-            kill(pid, 0)
-        except (ProcessLookupError, PermissionError):
+        if not _alive(pid, group):
             return
         time.sleep(0.2)
     try:
         kill(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def _alive(pid: int, group: bool) -> bool:
+    """Whether the process (or a process of the group) ``pid`` still runs. A zombie does not: it has
+    exited and waits for its parent, often init, to reap it (the engine's workers, orphaned when the
+    engine exits; some inits reap only every second or so), and no signal changes that."""
+    try:
+        (os.killpg if group else os.kill)(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    try:
+        stats = Path("/proc").glob("[0-9]*/stat") if group else [Path(f"/proc/{pid}/stat")]
+        for stat in stats:
+            try:
+                # "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses.
+                state, _, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
+            except (OSError, ValueError):
+                continue
+            if state != "Z" and (not group or pgrp == str(pid)):
+                return True
+        return False
+    except OSError:  # no /proc: what kill(0) said
+        return True
 
 
 def exit_description(returncode: int) -> str:
