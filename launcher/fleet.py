@@ -29,7 +29,7 @@ from server.job import ServerJob, run as run_server
 from server.registry import Entry, JobRecord, Registry
 from server.verify import CheckResult
 
-_POLL_S = 0.5
+_POLL_S = 0.2
 _MAX_BACKOFF_S = 30.0
 # Slurm states that say why a job ended better than any log line.
 _SCHEDULER_ENDS = {"CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}

@@ -34,7 +34,7 @@ from server.verify import CheckResult, readiness_checks
 
 log = logging.getLogger(__name__)
 
-_POLL_S = 0.5
+_POLL_S = 0.2  # the job loop's look at the service and the job: cheap (cached sacct, a few stats)
 
 
 class Interrupted(Exception):
@@ -234,7 +234,9 @@ class Run:
         try:
             self.collection = submitted.result().to_json()
         except Exception as e:  # submitit re-raises the job's failure with its traceback
-            raise JobFailed(f"rollout job {submitted.job_id} failed: {e}") from None
+            if "CollectionStopped: " in str(e):  # its SIGTERM came from outside the run (scancel, preemption)
+                raise Interrupted(f"rollout job {submitted.job_id} {_job_error(e)}", from_another_shell=True) from None
+            raise JobFailed(f"rollout job {submitted.job_id} failed: {_job_error(e)}") from None
         self.other_jobs = []
 
     def _run_command(self, job: CommandJob) -> None:
@@ -422,11 +424,13 @@ def job_resources(spec: RunSpec, job: RolloutsJob | CommandJob, label: str) -> R
 
 
 def _job_error(e: Exception) -> str:
-    """A ``CommandFailed`` message (exit code, log tail) without submitit's traceback and footer around it."""
+    """A job's own message (``CommandFailed``: exit code and log tail; ``CollectionStopped``) without
+    submitit's traceback and footer around it."""
     text = str(e)
-    if "CommandFailed: " not in text:
-        return text
-    return text.rsplit("CommandFailed: ", 1)[1].split("\n----------------------")[0].strip()
+    for marker in ("CommandFailed: ", "CollectionStopped: "):
+        if marker in text:
+            return text.rsplit(marker, 1)[1].split("\n----------------------")[0].strip()
+    return text
 
 
 def _count_lines(path: Path) -> int:
