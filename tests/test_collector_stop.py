@@ -73,20 +73,23 @@ def _signal_when(condition, sig: int, timeout_s: float = 20.0) -> dict:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_a_signal_stops_the_collection_at_once_and_a_rerun_finishes_it(setup, sig):
+def test_a_signal_stops_the_collection_at_once_and_a_rerun_finishes_it(setup, sig, monkeypatch):
     server, cfg = setup
     out = Path(cfg.output_dir)
     before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
 
-    # Two rows written, then every answer is held: conversations are in flight, none can end.
-    def held_in_flight() -> bool:
-        path = out / rollouts.ROLLOUTS_FILE
-        if path.exists() and path.read_bytes().count(b"\n") >= 2:
-            server.gate.clear()
-            return server.running >= 1
-        return False
+    # Two rows written, then every answer is held (closed by the collector's own writer, so no
+    # third answer can slip through): conversations are in flight, none can end.
+    write, written = rollouts._JsonlAppender.write, []
 
-    sent = _signal_when(held_in_flight, sig)
+    def write_then_hold(self, row: dict) -> None:
+        write(self, row)
+        written.append(row)
+        if len(written) == 2:
+            server.gate.clear()
+
+    monkeypatch.setattr(rollouts._JsonlAppender, "write", write_then_hold)
+    sent = _signal_when(lambda: len(written) >= 2 and server.running >= 1, sig)
     with pytest.raises(CollectionStopped, match=rf"stopped by {sig.name} .* a re-run on .* does the rest") as stopped:
         collect(cfg)
     took = time.monotonic() - sent["at"]
