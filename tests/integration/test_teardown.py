@@ -79,19 +79,21 @@ def interrupt_mid_collection(run_dir: Path, registry_root: Path, *overrides: str
             proc.kill()
 
 
+def assert_torn_down_in_time(label: str, run_dir: Path, exited: float, gone: float, out: str) -> None:
+    print(f"\n[teardown] {label}: launcher exited {exited:.2f} s after SIGINT, every job process and "
+          f"registry entry gone after {gone:.2f} s")
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted", out
+    assert "did not stop in time" not in out, out  # nothing had to be killed
+    assert gone <= TEARDOWN_TARGET_S, out
+
+
 def test_ctrl_c_mid_collection_tears_down_within_5_s_and_a_rerun_resumes(tmp_path):
     root, run_dir = tmp_path / "registry", tmp_path / "run"
     # Slow answers (0.05 s a token: a conversation takes seconds) and 96 rollouts: still collecting.
     slow = [o for o in STANDIN_SERVER if not o.startswith("server.command=")]
-    exited, gone, out = interrupt_mid_collection(
+    assert_torn_down_in_time("stand-in", run_dir, *interrupt_mid_collection(
         run_dir, root, *slow, f'server.command="{STANDIN} --seconds-per-token 0.05"', "job.num_repeats=4",
-    )
-    print(f"\n[teardown] stand-in: launcher exited {exited:.2f} s after SIGINT, every job process and "
-          f"registry entry gone after {gone:.2f} s")
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["status"] == "interrupted", out
-    assert "did not stop in time" not in out, out  # nothing had to be killed
-    assert gone <= TEARDOWN_TARGET_S, out
+    ))
     assert list(root.iterdir()) == []
     collector_log = next(p for p in (run_dir / "submitit").glob("*/*_log.err") if "CollectionStopped" in p.read_text())
     assert "stopped by SIGTERM" in collector_log.read_text()
@@ -113,26 +115,16 @@ def test_ctrl_c_mid_collection_tears_down_within_5_s_and_a_rerun_resumes(tmp_pat
 def test_ctrl_c_mid_collection_with_vllm(tmp_path):
     """The embedded default (real vLLM, CPU): the same measure; vLLM itself takes ~2 s to stop."""
     root, run_dir = tmp_path / "registry", tmp_path / "run"
-    exited, gone, out = interrupt_mid_collection(run_dir, root)
-    print(f"\n[teardown] vLLM: launcher exited {exited:.2f} s after SIGINT, every job process and "
-          f"registry entry gone after {gone:.2f} s")
-    assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted", out
-    assert "did not stop in time" not in out, out
-    assert gone <= TEARDOWN_TARGET_S, out
+    assert_torn_down_in_time("vLLM", run_dir, *interrupt_mid_collection(run_dir, root))
 
 
 def test_ctrl_c_on_a_command_job_tears_down_within_5_s(tmp_path):
     root, run_dir, started = tmp_path / "registry", tmp_path / "run", tmp_path / "started"
     program = tmp_path / "busy.py"
     program.write_text(f"import time\nopen({str(started)!r}, 'w').close()\ntime.sleep(600)\n")
-    exited, gone, out = interrupt_mid_collection(
+    assert_torn_down_in_time("job=command", run_dir, *interrupt_mid_collection(
         run_dir, root, *STANDIN_SERVER, "job=command", f'job.command="{{python}} {program}"', started=started,
-    )
-    print(f"\n[teardown] job=command: launcher exited {exited:.2f} s after SIGINT, every job process and "
-          f"registry entry gone after {gone:.2f} s")
-    assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted", out
-    assert "did not stop in time" not in out, out
-    assert gone <= TEARDOWN_TARGET_S, out
+    ))
 
 
 def test_a_cancelled_collector_job_stops_at_once_and_a_rerun_completes_each_once(tmp_path):
