@@ -95,6 +95,7 @@ class Run:
                     with self._phase("take over"):
                         self._take_over()
                 self._record()
+                log.info("should this launcher die without a word, resume with: %s", resume.command(self.run_dir))
                 with self._phase("servers start"):
                     self._start_servers()
                 with self._phase("servers ready"):
