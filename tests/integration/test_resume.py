@@ -13,11 +13,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 from jobs.rollouts import ROLLOUTS_FILE
 from server.registry import Registry
 from tests.support import (
-    FAST_HEARTBEATS, ROOT, STANDIN, STANDIN_SERVER, launcher_env, processes_of, rows, run_launcher, standin_pids,
+    FAST_HEARTBEATS, ROOT, STANDIN, STANDIN_SERVER, launcher_env, processes_of, queued, rows, run_launcher,
+    standin_pids,
 )
 
 TOTAL = 96  # 24 demo tasks x 4 repeats
@@ -27,13 +29,14 @@ SLOW = [*(o for o in STANDIN_SERVER if not o.startswith(("server.command=", "reg
 ORPHAN_GRACE = next(o for o in FAST_HEARTBEATS if o.startswith("registry.orphan_grace_s="))
 
 
-def start_and_wait_for_rows(run_dir: Path, root: Path, *overrides: str) -> tuple[subprocess.Popen, Path]:
+def start_and_wait_for_rows(run_dir: Path, root: Path, *overrides: str,
+                            env: dict[str, str] | None = None) -> tuple[subprocess.Popen, Path]:
     """The launcher, its output in a file (the jobs it starts inherit its stdout: a pipe would stay open
     after a SIGKILL), once its collector has written 2 rows."""
     output = run_dir.with_name(f"{run_dir.name}.out")
     with open(output, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "launcher", *SLOW, f"hydra.run.dir={run_dir}", *overrides],
-                                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, text=True, env=launcher_env(root))
+                                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, text=True, env=launcher_env(root, env))
     written, deadline = run_dir / ROLLOUTS_FILE, time.monotonic() + 300
     while not (written.exists() and written.read_bytes().count(b"\n") >= 2):
         assert proc.poll() is None, output.read_text()
@@ -60,10 +63,11 @@ def assert_finished_exactly_once(run_dir: Path, resumed: subprocess.CompletedPro
     return summary
 
 
-def assert_nothing_left(root: Path) -> None:
+def assert_nothing_left(root: Path, job_ids: Sequence[str] = ()) -> None:
+    """No process of the run (local jobs), none of ``job_ids`` queued (Slurm), no registry namespace."""
     deadline = time.monotonic() + 10  # an orphaned job's zombie is reaped by init a moment after it exits
-    while processes_of(root) or Registry(root).namespaces():
-        assert time.monotonic() < deadline, (processes_of(root), Registry(root).namespaces())
+    while processes_of(root) or Registry(root).namespaces() or set(job_ids) & set(queued() if job_ids else ()):
+        assert time.monotonic() < deadline, (processes_of(root), Registry(root).namespaces(), queued())
         time.sleep(0.05)
 
 
@@ -133,3 +137,23 @@ def test_ctrl_c_prints_the_resume_command_as_its_last_line_and_that_command_fini
     assert_finished_exactly_once(run_dir, resumed, old)
     assert "to resume:" not in resumed.stdout  # a run that succeeded has nothing to resume
     assert_nothing_left(root)
+
+
+def test_on_slurm_sigkill_then_resume_joins_the_server_jobs_and_cancels_the_old_collector(slurm_cluster, tmp_path):
+    root, run_dir = tmp_path / "registry", tmp_path / "run"
+    slurm = ["cluster=slurm_testcluster", "server.gpus_per_replica=1", "cluster.cpus_per_task=1", "cluster.mem_gb=2",
+             "job.partition=cpu", "job.cpus_per_task=1", "job.mem_gb=2"]
+    proc, output = start_and_wait_for_rows(run_dir, root, *slurm, "registry.orphan_grace_s=60", env=slurm_cluster.env)
+    proc.kill()
+    proc.wait(timeout=30)
+    first = output.read_text()
+    old = json.loads((run_dir / ".run.json").read_text())
+    launched = server_jobs(first, "submitted")
+    assert len(launched) == 1 and set(old["job_ids"]) <= set(queued()), first  # the collector runs on
+
+    resumed = run_launcher(root, f"run.resume={run_dir}", env=slurm_cluster.env, timeout_s=600)
+    summary = assert_finished_exactly_once(run_dir, resumed, old["run_id"])
+    assert f"stopping the interrupted run's job writing into this folder (jobs {old['job_ids'][0]})" in resumed.stdout
+    assert server_jobs(resumed.stdout, "joined") == launched and summary["namespace"] == old["run_id"], resumed.stdout
+    new = json.loads((run_dir / ".run.json").read_text())["job_ids"]
+    assert_nothing_left(root, [*launched, *old["job_ids"], *new])
