@@ -48,6 +48,7 @@ from omegaconf.errors import OmegaConfBaseException
 from launcher import resume
 from launcher.orchestrate import check_cluster
 from launcher.spec import HOME_PATH_KEYS, SpecError, load_spec, unknown_key
+from server.registry import Registry
 
 MAX_SWEEP_POINTS = 100
 SWEEP_CHECK_S = 15.0
@@ -125,8 +126,8 @@ def check_before_hydra(argv: list[str], task_function: Callable, config_path: st
         try:
             if mode == RunMode.RUN:
                 cfg = _compose(hydra, config_name, overrides, RunMode.RUN)
-                _check_resume(cfg)
                 _check(cfg, "hydra.run.dir", None)
+                _check_resume(cfg)
             else:
                 _check_sweep(hydra, config_name, overrides)
         except (HydraException, OmegaConfBaseException) as e:
@@ -162,6 +163,7 @@ def _check_resume(cfg: DictConfig) -> None:
                       "where it brings the saved config and folder; a config file cannot")
     try:
         resume.check_unchanged(cfg)
+        resume.check_interrupted(folder, Registry(**OmegaConf.to_container(cfg.registry, resolve=True)))
     except resume.ResumeRefused as e:
         raise Refused(str(e)) from None
 

@@ -326,7 +326,7 @@ class Run:
     def _record(self) -> None:
         resume.write_record(self.run_dir, resume.RunRecord(
             run_id=self.run_id, namespace=self.namespace, cluster=self.backend.kind,
-            job_ids=[str(j.job_id) for j in self.other_jobs],
+            job_ids=[str(j.job_id) for j in self.other_jobs], **resume.this_launcher(),
         ))
 
     def _take_over(self) -> None:

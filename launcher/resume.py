@@ -26,6 +26,7 @@ import json
 import os
 import re
 import shlex
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,6 +172,13 @@ class RunRecord:
     namespace: str
     cluster: str  # the cluster kind that knows ``job_ids``
     job_ids: list[str]  # the job that writes into the run folder (collector or program), once submitted
+    host: str = ""  # where its launcher runs, and as which process
+    pid: int = 0
+
+
+def this_launcher() -> dict:
+    """``host`` and ``pid`` of a ``RunRecord`` written by this process."""
+    return {"host": socket.gethostname(), "pid": os.getpid()}
 
 
 def write_record(run_dir: Path, record: RunRecord) -> None:
@@ -186,6 +194,32 @@ def read_record(run_dir: Path) -> RunRecord | None:
         return RunRecord(**json.loads((Path(run_dir) / RECORD_FILE).read_text()))
     except (FileNotFoundError, ValueError, TypeError):
         return None
+
+
+def check_interrupted(folder: Path, registry: Registry) -> None:
+    """``ResumeRefused`` when the run in ``folder`` may still be going: its launcher's process is alive
+    on this host, or (launched elsewhere) it heartbeated as its servers' owner within 3 heartbeats."""
+    record = read_record(folder)
+    if record is None:
+        return
+    stop = f"stop it first (Ctrl-C there, or python -m launcher.down {record.namespace})"
+    if record.host == socket.gethostname():
+        if _is_launcher(record.pid):
+            raise ResumeRefused(f"{KEY}: the run in {folder} is still going (its launcher is pid {record.pid}); {stop}")
+        return
+    age = registry.owner_age(record.namespace, record.run_id)
+    if age is not None and age < 3 * registry.heartbeat_s:
+        raise ResumeRefused(f"{KEY}: the run in {folder} may still be going: its launcher on {record.host} "
+                            f"heartbeated {age:.0f}s ago; {stop}, or wait {3 * registry.heartbeat_s:g}s")
+
+
+def _is_launcher(pid: int) -> bool:
+    """``pid`` runs ``python -m launcher`` or ``gymlaunch`` (not a zombie, not a reused pid)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return b"launcher" in argv or any(arg.endswith(b"gymlaunch") for arg in argv)
 
 
 # ---------------------------------------------------------------- the take-over

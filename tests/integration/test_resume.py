@@ -19,7 +19,7 @@ from jobs.rollouts import ROLLOUTS_FILE
 from server.registry import Registry
 from tests.support import (
     FAST_HEARTBEATS, ROOT, STANDIN, STANDIN_SERVER, launcher_env, processes_of, queued, rows, run_launcher,
-    standin_pids,
+    serve_standin, standin_pids,
 )
 
 TOTAL = 96  # 24 demo tasks x 4 repeats
@@ -157,3 +157,17 @@ def test_on_slurm_sigkill_then_resume_joins_the_server_jobs_and_cancels_the_old_
     assert server_jobs(resumed.stdout, "joined") == launched and summary["namespace"] == old["run_id"], resumed.stdout
     new = json.loads((run_dir / ".run.json").read_text())["job_ids"]
     assert_nothing_left(root, [*launched, *old["job_ids"], *new])
+
+
+def test_a_run_still_going_is_not_resumed(tmp_path):
+    root, run_dir = tmp_path / "registry", tmp_path / "run"
+    proc, _ = serve_standin(run_dir, root)
+    try:
+        refused = run_launcher(root, f"run.resume={run_dir}")
+        assert refused.returncode == 2, refused.stdout + refused.stderr
+        assert f"run.resume: the run in {run_dir} is still going (its launcher is pid {proc.pid})" in refused.stderr
+        assert Registry(root).namespaces() and proc.poll() is None  # untouched
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)
+    assert_nothing_left(root)
