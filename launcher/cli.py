@@ -20,6 +20,7 @@ import difflib
 import os
 import re
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
@@ -126,8 +127,8 @@ def check_before_hydra(argv: list[str], task_function: Callable, config_path: st
         try:
             if mode == RunMode.RUN:
                 cfg = _compose(hydra, config_name, overrides, RunMode.RUN)
-                _check(cfg, "hydra.run.dir", None)
                 _check_resume(cfg)
+                _check(cfg, "hydra.run.dir", None)
             else:
                 _check_sweep(hydra, config_name, overrides)
         except (HydraException, OmegaConfBaseException) as e:
@@ -162,8 +163,8 @@ def _check_resume(cfg: DictConfig) -> None:
         raise Refused(f"{resume.KEY}: give it on the command line (python -m launcher {resume.KEY}=<run folder>), "
                       "where it brings the saved config and folder; a config file cannot")
     try:
-        resume.check_unchanged(cfg)
-        resume.check_interrupted(folder, Registry(**OmegaConf.to_container(cfg.registry, resolve=True)))
+        resume.check_unchanged(cfg)  # first: a changed key's own refusal would hide that it may not change
+        resume.check_interrupted(Path(folder), Registry(**OmegaConf.to_container(cfg.registry, resolve=True)))
     except resume.ResumeRefused as e:
         raise Refused(str(e)) from None
 
