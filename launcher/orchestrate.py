@@ -126,10 +126,11 @@ class Run:
         summary = self._write_summary(status, error)
         self.console.print(views.summary_table(summary))
         self._say(f"run folder: {escape(str(self.run_dir))}")
-        if status in ("failed", "interrupted") and not isinstance(self.spec.job, NoJob):
-            self._say(f"to resume: {escape(resume.command(self.run_dir))}")
         # Stopped from another shell is an interrupt, whatever the job; a serve-only run's Ctrl-C is its normal end.
-        return exit_codes.INTERRUPTED if interrupted_by_down else exit_codes.for_status(status)
+        code = exit_codes.INTERRUPTED if interrupted_by_down else exit_codes.for_status(status)
+        if code in (exit_codes.FAILED, exit_codes.INTERRUPTED) and not isinstance(self.spec.job, NoJob):
+            self._say(f"to resume: {escape(resume.command(self.run_dir))}")
+        return code
 
     def _start_servers(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
