@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 from jobs.rollouts import ROLLOUTS_FILE
+from launcher.executors import LocalBackend
 from server.registry import Registry
 from tests.support import (
     FAST_HEARTBEATS, ROOT, STANDIN, STANDIN_SERVER, launcher_env, processes_of, queued, rows, run_launcher,
@@ -99,12 +100,16 @@ def test_sigkill_mid_collection_then_resume_joins_the_live_servers(tmp_path):
 
 
 def test_sigkill_then_resume_after_the_servers_stopped_starts_new_ones(tmp_path):
+    """The collector SIGKILLed too, mid-write: the torn last line it leaves is cut off and redone."""
     root, run_dir = tmp_path / "registry", tmp_path / "run"
     proc, output = start_and_wait_for_rows(run_dir, root, ORPHAN_GRACE)  # orphans stop within 3 s
     proc.kill()
     proc.wait(timeout=30)
     first = output.read_text()
     old = killed_run_id(run_dir)
+    LocalBackend.cancel_ids(json.loads((run_dir / ".run.json").read_text())["job_ids"], force=True)
+    with open(run_dir / ROLLOUTS_FILE, "ab") as f:  # what a write cut short leaves: part of a row
+        f.write(b'{"task_id": "arith-1", "repeat": 3, "messages": [{"role": "us')
     deadline = time.monotonic() + 60
     while set(standin_pids()) & set(processes_of(root)):  # the orphaned servers stop by themselves
         assert time.monotonic() < deadline, "orphaned servers still up after 60 s"
