@@ -162,7 +162,7 @@ class Fleet:
             self.registry.record_jobs(self.settings.namespace, JobRecord(
                 kind=record.kind, job_ids=[*record.job_ids, str(job.job_id)], server_hash=record.server_hash))
         r.job, r.restarts, r.state, r.entry, r.checks = job, r.restarts + 1, "SUBMITTED", None, []
-        r.submitted_at, r.running_since, r.ready_after_s, r.gate_s = time.monotonic(), None, None, None
+        r.submitted_at, r.running_since, r.healthy_at, r.ready_after_s, r.gate_s = time.monotonic(), None, None, None, None
         self._say(f"replica {self.settings.service}/{r.replica}: replacement job {job.job_id} submitted")
 
     def _reason(self, r: ReplicaStatus, state: str) -> str:

@@ -26,7 +26,8 @@ class ReplicaStatus:
     submitted_at: float = field(default_factory=time.monotonic)
     running_since: float | None = None
     ready_after_s: float | None = None  # from submission to passing the checks
-    gate_s: float | None = None  # from the engine answering /health (entry `ready`) to passing the checks
+    gate_s: float | None = None  # from the engine answering /health (entry `healthy`) to passing the checks
+    healthy_at: float | None = None  # when the launcher first saw the entry `healthy`
     entry: Entry | None = None
     checks: list[CheckResult] = field(default_factory=list)
     # Kept across replacements of this replica (launcher/fleet.py).
@@ -58,12 +59,14 @@ def step(
         raise ServerFailed(why)
     reason = backend.pending_reason(status.job) if job_state == "PENDING" else None
     status.state = entry.state if entry else (f"PENDING ({reason})" if reason else job_state)
-    if entry is not None and entry.state == "ready":
+    if entry is not None and entry.state in ("healthy", "ready"):
+        status.healthy_at = status.healthy_at or time.monotonic()
         status.checks = checks(entry)
         if all(c.ok for c in status.checks):
+            # Only now may clients use it: its server job turns the entry `ready` (server/job.py).
+            registry.admit(namespace, service, status.replica, entry.job_id)
             status.ready_after_s = time.monotonic() - status.submitted_at
-            # The entry turned `ready` (and got this heartbeat) when /health first answered.
-            status.gate_s = time.time() - entry.heartbeat_at
+            status.gate_s = time.monotonic() - status.healthy_at
             status.state = "ready"
             return "ready"
     # The clock starts when the job runs: time queued is not the server's fault.
