@@ -331,6 +331,7 @@ class Run:
         if self.pool is None:
             return
         if self.fleet is not None:  # replacements included: every job that serves the pool now
+            self.fleet.close()
             self.pool.jobs = self.fleet.jobs
         if self.sweep_dir is not None and status == "succeeded":
             if pools.kept(self.namespace) is None:
