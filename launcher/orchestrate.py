@@ -206,6 +206,7 @@ class Run:
             registry=self.registry, log_dir=str(self.log_dir), cluster=self.backend.kind, model_path=m.path,
             embedded_model=m.embedded, model_cache_dir=m.cache_dir, bind_host=c.bind_host,
             advertise_host=c.advertise_host, api_key_file=self.api_key_file, config_hash=self.spec.server_hash(),
+            gated=True,  # clients see a replica (a replacement too) only once the readiness gate passed it
         )
 
     def _wait_ready(self) -> None:
@@ -384,6 +385,7 @@ class Run:
         if self.pool is None:
             return
         if self.fleet is not None:  # replacements included: every job that serves the pool now
+            self.fleet.close()
             self.pool.jobs = self.fleet.jobs
         if self.sweep_dir is not None and status == "succeeded":
             if pools.kept(self.namespace) is None:

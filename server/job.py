@@ -2,7 +2,9 @@
 
 It reserves a port, starts the engine as its own child (never detached, so the
 cluster's process tracking and our signals reach it), waits for its health
-route, publishes the replica in the registry and heartbeats. SIGTERM/SIGINT or
+route, publishes the replica in the registry and heartbeats. A job the launcher
+gates stays ``healthy`` (clients do not use it) until the launcher's readiness
+checks admit it, and only then turns ``ready``. SIGTERM/SIGINT or
 an engine crash remove the entry and stop the engine's whole process group.
 SIGUSR2 (Slurm's warning before the time limit, as submitit asks for it) drains
 first: the entry turns ``draining`` so clients start no new sessions on it, and
@@ -24,6 +26,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import httpx
 
@@ -70,6 +73,8 @@ class ServerJob(ServerSettings):
     advertise_host: str | None = None  # None: this node's hostname
     api_key_file: str | None = None  # None: the endpoint takes requests without a key
     config_hash: str = ""
+    # The launcher sets it: the entry stays ``healthy`` until its readiness gate admits the job.
+    gated: bool = False
 
     def orphaned(self) -> bool:
         return self.registry.orphaned(self.namespace)
@@ -113,6 +118,8 @@ def run(job: ServerJob) -> None:
                 if not retry or attempt == _PORT_ATTEMPTS - 1:
                     raise
                 log.warning("port %d was taken before the engine bound it; retrying on another", port)
+        if job.gated and not signals.stop.is_set():
+            _wait_admitted(job, engine, entry, signals.stop, registry)
         if signals.stop.is_set():
             return
         registry.heartbeat(entry, state="ready")
@@ -232,14 +239,11 @@ def _wait_healthy(
 ) -> None:
     deadline = time.monotonic() + job.startup_timeout_s
     health = f"http://{_connect_host(job.bind_host)}:{entry.port}{health_path}"
-    last_beat = time.monotonic()
     with httpx.Client(timeout=5.0) as client:
-        while not stop.is_set():
-            if engine.poll() is not None:
-                raise _died(job, engine)
+        def healthy() -> bool:
             try:
                 if client.get(health).status_code == 200:
-                    return
+                    return True
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
@@ -248,15 +252,40 @@ def _wait_healthy(
                     f"log {job.engine_log}:\n{process.log_tail(job.engine_log)}",
                     reason=f"not healthy after {job.startup_timeout_s:g}s",
                 )
-            # Starting can take minutes (weights, compilation): keep the entry fresh meanwhile.
-            if time.monotonic() - last_beat >= registry.heartbeat_s:
-                if job.orphaned():
-                    log.warning("no run using %s heartbeated while starting: stopping", job.namespace)
-                    stop.set()
-                    return
-                registry.heartbeat(entry)
-                last_beat = time.monotonic()
-            stop.wait(0.2)  # /health is cheap: the sooner seen, the sooner the gate runs
+            return False
+
+        # /health is cheap: the sooner seen, the sooner the gate runs.
+        _wait_until(healthy, 0.2, job, engine, entry, stop, registry)
+
+
+def _wait_admitted(job: ServerJob, engine: subprocess.Popen, entry: Entry, stop: threading.Event,
+                   registry: Registry) -> None:
+    """``healthy`` until the launcher's readiness gate admits this job (a replacement is handed out
+    only after the same checks as the first replicas). The launcher bounds how long that takes."""
+    registry.heartbeat(entry, state="healthy")
+    job_id = entry.job_id
+    _wait_until(lambda: registry.admitted(job.namespace, job.service, job.replica, job_id), 0.1,
+                job, engine, entry, stop, registry)
+
+
+def _wait_until(done: Callable[[], bool], poll_s: float, job: ServerJob, engine: subprocess.Popen, entry: Entry,
+                stop: threading.Event, registry: Registry) -> None:
+    """Poll ``done`` until it holds or ``stop`` is set, watching the engine; starting can take minutes
+    (weights, compilation), so the entry keeps heartbeating, and an orphaned job stops itself."""
+    last_beat = time.monotonic()
+    while not stop.is_set():
+        if engine.poll() is not None:
+            raise _died(job, engine)
+        if done():
+            return
+        if time.monotonic() - last_beat >= registry.heartbeat_s:
+            if job.orphaned():
+                log.warning("no run using %s heartbeated while starting: stopping", job.namespace)
+                stop.set()
+                return
+            registry.heartbeat(entry)
+            last_beat = time.monotonic()
+        stop.wait(poll_s)
 
 
 def _connect_host(bind_host: str) -> str:
