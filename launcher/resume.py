@@ -78,6 +78,9 @@ def resume_argv(argv: list[str]) -> list[str]:
         raise ResumeRefused(f"{KEY}: given {len(given)} times; resume one run folder")
     if {"-m", "--multirun"} & set(argv):
         raise ResumeRefused(f"{KEY}: resumes one run folder (a sweep's point folder too), not a multirun: drop -m")
+    placed = [a for a in argv if _key(a).startswith(_PLACEMENT)]
+    if placed:
+        raise ResumeRefused(f"{KEY}: runs in the folder it resumes; drop {' '.join(placed)}")
     folder = saved_folder(given[0].split("=", 1)[1])
     hydra_cfg = OmegaConf.load(folder / ".hydra" / "hydra.yaml").hydra
     extra = [a for a in argv if a != given[0]]

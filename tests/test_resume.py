@@ -87,8 +87,11 @@ def test_the_saved_config_comes_back_with_the_resume_overrides_on_top(run_folder
     check_before_hydra(argv, run, CONF_DIR, CONFIG_NAME)
 
 
-def test_a_multirun_resume_is_refused(tmp_path, run_folder):
+def test_a_multirun_or_another_folder_is_refused(tmp_path, run_folder):
     assert_refused(launcher(tmp_path, "-m", f"run.resume={run_folder}"), "run.resume: resumes one run folder")
+    assert_refused(launcher(tmp_path, f"run.resume={run_folder}", "hydra.run.dir=elsewhere"),
+                   "run.resume: runs in the folder it resumes; drop hydra.run.dir=elsewhere")
+    assert not (tmp_path / "elsewhere").exists()
 
 
 def test_the_resume_command_survives_the_shell():
