@@ -339,8 +339,8 @@ class Run:
         old = resume.read_record(self.run_dir)
         if old is not None:
             grace_s = self.spec.job.process.stop_grace_s if isinstance(self.spec.job, CommandJob) else 0
-            resume.stop_jobs(old.cluster, old.job_ids, max(grace_s, self.spec.server.stop_grace_s), say,
-                             "job writing into this folder")
+            resume.stop_jobs(old.cluster, old.job_ids, self.backend.folder,
+                             max(grace_s, self.spec.server.stop_grace_s), say, "job writing into this folder")
         self.resumed_from = {"run_id": old.run_id if old else None,
                              "rollouts_before": _count_lines(self.run_dir / "rollouts.jsonl")}
         self._say(escape(f"resuming {self.run_dir} (run {self.resumed_from['run_id'] or 'unrecorded'}): "
@@ -350,7 +350,7 @@ class Run:
                                           s.service, s.replicas)
         if not ids:
             if old is not None:
-                resume.clear_namespace(self.registry, old, s.stop_grace_s, say)
+                resume.clear_namespace(self.registry, old, self.backend.folder, s.stop_grace_s, say)
             self._say("starting new servers")
             return
         self.namespace = old.namespace

@@ -228,11 +228,13 @@ def _is_launcher(pid: int) -> bool:
 # ---------------------------------------------------------------- the take-over
 
 
-def stop_jobs(kind: str, job_ids: Sequence[str], grace_s: float, say: Callable[[str], None], what: str) -> None:
-    """Stop the jobs of ``job_ids`` still alive (through the backend of ``kind``), and wait until they
-    ended: cancelled, then killed after ``grace_s`` (+15 s, as a teardown)."""
+def stop_jobs(kind: str, job_ids: Sequence[str], folder: Path, grace_s: float, say: Callable[[str], None],
+              what: str) -> None:
+    """Stop the jobs of ``job_ids`` submitted from ``folder`` (a submitit folder) still alive, through the
+    backend of ``kind``, and wait until they ended: cancelled, then killed after ``grace_s`` (+15 s, as
+    a teardown)."""
     backend = backend_class(kind)
-    alive = backend.alive_ids(list(job_ids))
+    alive = backend.alive_ids(backend.submitted_from(job_ids, folder))
     if not alive:
         return
     say(f"stopping the interrupted run's {what} (jobs {', '.join(alive)}), still running")
@@ -263,9 +265,10 @@ def live_servers(registry: Registry, record: RunRecord, kind: str, server_hash: 
     return ids if len(backend_class(kind).alive_ids(ids)) == replicas else None
 
 
-def clear_namespace(registry: Registry, record: RunRecord, stop_grace_s: float, say: Callable[[str], None]) -> None:
-    """What is left of the interrupted run's namespace: its server jobs stopped, the namespace removed;
-    left alone while other runs (a sweep's points) use it."""
+def clear_namespace(registry: Registry, record: RunRecord, folder: Path, stop_grace_s: float,
+                    say: Callable[[str], None]) -> None:
+    """What is left of the interrupted run's namespace: its server jobs (submitted from ``folder``)
+    stopped, the namespace removed; left alone while other runs (a sweep's points) use it."""
     ns = record.namespace
     if not (registry.root / ns).is_dir() and registry.recorded_jobs(ns) is None:
         return
@@ -275,5 +278,5 @@ def clear_namespace(registry: Registry, record: RunRecord, stop_grace_s: float, 
         return
     jobs = registry.recorded_jobs(ns)
     if jobs is not None:
-        stop_jobs(jobs.kind, jobs.job_ids, stop_grace_s, say, "servers")
+        stop_jobs(jobs.kind, jobs.job_ids, folder, stop_grace_s, say, "servers")
     registry.remove_namespace(ns)

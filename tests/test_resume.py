@@ -9,6 +9,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,9 @@ from jobs.rollouts import CollectorConfig, OutputBusy, collect
 from launcher import exit_codes
 from launcher.__main__ import CONF_DIR, CONFIG_NAME, run
 from launcher.cli import check_before_hydra
+from launcher.executors import LocalBackend, Resources
 from launcher.resume import command, resume_argv
+from launcher.spec import ClusterSpec
 from server.registry import Registry
 from tests.support import ROOT, publish
 
@@ -121,3 +124,19 @@ def test_a_second_collector_on_one_output_folder_is_refused_naming_the_holder(tm
     # The holder gone (its lock with it), the folder is free again.
     summary = collect(CollectorConfig(output_dir=str(out), namespace="run1", registry=Registry(tmp_path / "registry")))
     assert summary.rollouts_written == summary.tasks
+
+
+def test_a_recorded_local_job_id_is_stopped_only_while_it_still_names_that_runs_job(tmp_path):
+    """A local job id is a pid, which the system reuses once the job ended: a resume days later must
+    not signal whatever process has that pid now."""
+    backend = LocalBackend(ClusterSpec(kind="local"), tmp_path / "submitit")
+    job = backend.submit(time.sleep, 60, Resources(name="sleeper", timeout_min=5))
+    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        ids = [str(job.job_id), str(stranger.pid)]
+        assert LocalBackend.submitted_from(ids, tmp_path / "submitit") == [str(job.job_id)]
+        assert LocalBackend.submitted_from(ids, tmp_path / "elsewhere") == []
+    finally:
+        stranger.kill()
+        backend.force_cancel(job)
+        stranger.wait(timeout=10)
