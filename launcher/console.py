@@ -53,8 +53,12 @@ def summary_table(summary: dict) -> Table:
         ("generated tokens/s", _fmt(collection.get("generated_tokens_per_s"))),
         ("requests per replica", _per_replica(collection.get("replicas"))),
     ]
+    resumed = summary.get("resumed_from")
+    if resumed:  # run.resume: the rows above count the interrupted run's too
+        rows.append(("resumed from", f"run {resumed['run_id'] or '(unrecorded)'}, {resumed['rollouts_before']} "
+                                     "rollouts written before"))
     if summary["namespace"] != summary["run_id"]:
-        rows.append(("servers (shared)", summary["namespace"]))
+        rows.append(("servers (joined)" if resumed else "servers (shared)", summary["namespace"]))
     rows += [(f"time: {phase}", f"{seconds:.1f}s") for phase, seconds in summary["phases"].items()]
     rows += [
         ("rollouts", collection.get("rollouts_path")),

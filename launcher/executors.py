@@ -156,6 +156,13 @@ class Backend:
         """The ids of ``job_ids`` that may still run."""
         raise NotImplementedError
 
+    @classmethod
+    def submitted_from(cls, job_ids: Sequence[str], folder: Path) -> list[str]:
+        """The ids of ``job_ids`` that still name jobs submitted with ``folder`` as their submitit folder
+        (a resume stops what its run folder's record names, maybe long after): all of them where ids
+        are not reused."""
+        return list(job_ids)
+
     def cancel(self, job: submitit.Job) -> None:
         self.cancel_ids([str(job.job_id)])
 
@@ -233,6 +240,21 @@ class LocalBackend(Backend):
             except ProcessLookupError:
                 pass
         return alive
+
+    @classmethod
+    def submitted_from(cls, job_ids: Sequence[str], folder: Path) -> list[str]:
+        """A pid is reused once its process ended: only those whose command line is submitit's local
+        controller for a job folder under ``folder``."""
+        spellings = {str(Path(folder).absolute()).encode(), str(Path(folder).resolve()).encode()}
+        ours = []
+        for pid in _pids(job_ids):
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"submitit.local._local" in argv and any(s in argv for s in spellings):
+                ours.append(str(pid))
+        return ours
 
 
 class SlurmBackend(Backend):

@@ -22,6 +22,7 @@ from jobs.rollouts import collect
 from launcher import console as views
 from launcher import exit_codes
 from launcher import pools
+from launcher import resume
 from launcher.executors import ClusterRefused, Resources, SubmissionRefused, make_backend
 from launcher.pools import ServerPool, pool_namespace
 from launcher.fleet import Fleet, FleetSettings
@@ -67,6 +68,8 @@ class Run:
         self.pool: ServerPool | None = None
         self.fleet: Fleet | None = None
         self.joined = False
+        self.took_over = False  # joined the servers of the run this one resumes: they are this run's now
+        self.resumed_from: dict | None = None  # run.resume: the interrupted run's id and the rows it left
         self.log_dir = self.run_dir / "logs"
         self.replicas: list[ReplicaStatus] = []
         self.phases: dict[str, float] = {}
@@ -88,6 +91,11 @@ class Run:
             return exit_codes.REFUSED
         try:
             with _signals_raise_interrupted():
+                if self.spec.run.resume is not None:
+                    with self._phase("take over"):
+                        self._take_over()
+                self._record()
+                log.info("should this launcher die without a word, resume with: %s", resume.command(self.run_dir))
                 with self._phase("servers start"):
                     self._start_servers()
                 with self._phase("servers ready"):
@@ -119,11 +127,16 @@ class Run:
         self.console.print(views.summary_table(summary))
         self._say(f"run folder: {escape(str(self.run_dir))}")
         # Stopped from another shell is an interrupt, whatever the job; a serve-only run's Ctrl-C is its normal end.
-        return exit_codes.INTERRUPTED if interrupted_by_down else exit_codes.for_status(status)
+        code = exit_codes.INTERRUPTED if interrupted_by_down else exit_codes.for_status(status)
+        if code in (exit_codes.FAILED, exit_codes.INTERRUPTED) and not isinstance(self.spec.job, NoJob):
+            self._say(f"to resume: {escape(resume.command(self.run_dir))}")
+        return code
 
     def _start_servers(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        if self.sweep_dir is None:
+        if self.took_over:
+            pass  # the interrupted run's pool, joined by _take_over
+        elif self.sweep_dir is None:
             self._launch_pool()
         else:
             with self.registry.pool_lock(self.namespace):
@@ -132,7 +145,7 @@ class Run:
         self.fleet = Fleet(
             FleetSettings(service=s.service, namespace=self.namespace, startup_timeout_s=s.startup_timeout_s,
                           max_restarts=s.max_restarts, no_replica_grace_s=s.no_replica_grace_s,
-                          replaces=not self.joined),
+                          replaces=self.took_over or not self.joined),
             self.backend, self.registry, self.pool.jobs, self._server_job, server_resources(self.spec),
             self._checks, self._engine_log, say=lambda text: self._say(escape(text), "yellow"),
             before_death=self._check_stop_request,
@@ -273,6 +286,7 @@ class Run:
     def _submit(self, fn, arg, job: RolloutsJob | CommandJob, label: str):
         submitted = self.backend.submit(fn, arg, job_resources(self.spec, job, label))
         self.other_jobs = [submitted]
+        self._record()  # a resume stops it first, should this launcher die without a word
         return submitted
 
     def _job_state(self, job) -> str:
@@ -308,6 +322,46 @@ class Run:
         by = self.registry.stop_request(self.namespace)
         if by is not None:
             raise Interrupted(f"stopped by {by}", from_another_shell=True)
+
+    # ------------------------------------------------------------ resume (launcher/resume.py)
+
+    def _record(self) -> None:
+        resume.write_record(self.run_dir, resume.RunRecord(
+            run_id=self.run_id, namespace=self.namespace, cluster=self.backend.kind,
+            job_ids=[str(j.job_id) for j in self.other_jobs], **resume.this_launcher(),
+        ))
+
+    def _take_over(self) -> None:
+        """``run.resume``: the interrupted run's job that writes into this folder is stopped first (two
+        collectors must never append to one file); its servers are joined when all are alive, and this
+        run owns them from then on (its heartbeat, its replacements); else what is left of them goes."""
+        say = lambda text: self._say(escape(text), "yellow")  # noqa: E731
+        old = resume.read_record(self.run_dir)
+        if old is not None:
+            grace_s = self.spec.job.process.stop_grace_s if isinstance(self.spec.job, CommandJob) else 0
+            resume.stop_jobs(old.cluster, old.job_ids, self.backend.folder,
+                             max(grace_s, self.spec.server.stop_grace_s), say, "job writing into this folder")
+        self.resumed_from = {"run_id": old.run_id if old else None,
+                             "rollouts_before": _count_lines(self.run_dir / "rollouts.jsonl")}
+        self._say(escape(f"resuming {self.run_dir} (run {self.resumed_from['run_id'] or 'unrecorded'}): "
+                         f"{self.resumed_from['rollouts_before']} rollouts already written"))
+        s = self.spec.server
+        ids = old and resume.live_servers(self.registry, old, self.backend.kind, self.spec.server_hash(),
+                                          s.service, s.replicas)
+        if not ids:
+            if old is not None:
+                resume.clear_namespace(self.registry, old, self.backend.folder, s.stop_grace_s, say)
+            self._say("starting new servers")
+            return
+        self.namespace = old.namespace
+        heartbeat = self._owner_heartbeat()
+        self.registry.remove_owner(old.namespace, old.run_id)  # it left no one else to let go of them
+        entries = self.registry.entries(old.namespace, s.service)
+        self.api_key_file = entries[0].api_key_file if entries else None  # for replacements
+        self.pool = self._pool(self.backend.jobs_from_ids(ids), heartbeat)
+        self.joined = self.took_over = True
+        replicas = "0" if s.replicas == 1 else f"0-{s.replicas - 1}"
+        self._say(escape(f"joined the interrupted run's servers {s.service}/{replicas} (jobs {', '.join(ids)})"))
 
     # ------------------------------------------------------------ what the jobs ask of the cluster
 
@@ -365,6 +419,7 @@ class Run:
             "namespace": self.namespace,
             "run_id": self.run_id,
             "joined_servers": self.joined,
+            "resumed_from": self.resumed_from,
             "status": status,
             "error": error,
             "run_dir": str(self.run_dir),
@@ -429,7 +484,7 @@ def _job_error(e: Exception) -> str:
     """A job's own message (``CommandFailed``: exit code and log tail; ``CollectionStopped``) without
     submitit's traceback and footer around it."""
     text = str(e)
-    for marker in ("CommandFailed: ", "CollectionStopped: "):
+    for marker in ("CommandFailed: ", "CollectionStopped: ", "OutputBusy: "):
         if marker in text:
             return text.rsplit(marker, 1)[1].split("\n----------------------")[0].strip()
     return text

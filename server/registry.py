@@ -371,6 +371,13 @@ class Registry:
             return []
         return sorted(alive)
 
+    def owner_age(self, namespace: str, run_id: str) -> float | None:
+        """Seconds since ``run_id`` last heartbeated as an owner of ``namespace``; None if it is no owner."""
+        try:
+            return time.time() - (self.root / namespace / _OWNERS / run_id).stat().st_mtime
+        except FileNotFoundError:
+            return None
+
     def orphaned(self, namespace: str) -> bool:
         """No run has used ``namespace`` for ``orphan_grace_s``: its servers should stop."""
         return self.orphan_grace_s is not None and not self.live_owners(namespace)
