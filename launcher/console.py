@@ -23,7 +23,7 @@ def servers_table(service: str, replicas: list[ReplicaStatus]) -> Table:
 
 
 def _styled_state(state: str) -> str:
-    color = {"ready": "green", "starting": "yellow", "draining": "magenta"}.get(state, "cyan")
+    color = {"ready": "green", "starting": "yellow", "checking": "yellow", "draining": "magenta"}.get(state, "cyan")
     return f"[{color}]{escape(state)}[/]"
 
 

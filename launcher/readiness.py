@@ -27,6 +27,7 @@ class ReplicaStatus:
     running_since: float | None = None
     ready_after_s: float | None = None  # from submission to passing the checks
     gate_s: float | None = None  # from the engine answering /health (entry `ready`) to passing the checks
+    healthy_at: float | None = None  # when the engine first answered /health (the entry's `ready` heartbeat)
     entry: Entry | None = None
     checks: list[CheckResult] = field(default_factory=list)
     # Kept across replacements of this replica (launcher/fleet.py).
@@ -42,7 +43,7 @@ def step(
     namespace: str,
     service: str,
     timeout_s: float,
-    checks: Callable[[Entry], list[CheckResult]],
+    checks: Callable[[Entry], list[CheckResult] | None],
     engine_log: Callable[[int], str],
 ) -> str:
     """One look at a starting replica: ``"ready"`` (it passed ``checks``), ``"ended"`` (its job is
@@ -57,13 +58,20 @@ def step(
     if job_state == "PENDING" and (why := backend.never_starts(status.job)):
         raise ServerFailed(why)
     reason = backend.pending_reason(status.job) if job_state == "PENDING" else None
+    first_seen_serving = status.state != "checking"
     status.state = entry.state if entry else (f"PENDING ({reason})" if reason else job_state)
     if entry is not None and entry.state == "ready":
-        status.checks = checks(entry)
-        if all(c.ok for c in status.checks):
+        # Serving, but not handed out before it passed the gate: until then it is "checking" (not
+        # "ready", which the fleet takes for passed). ``checks`` may answer None: the gate still runs.
+        if first_seen_serving:  # its heartbeat is when /health first answered
+            status.healthy_at = entry.heartbeat_at
+        status.state = "checking"
+        results = checks(entry)
+        if results is not None:
+            status.checks = results
+        if results is not None and all(c.ok for c in results):
             status.ready_after_s = time.monotonic() - status.submitted_at
-            # The entry turned `ready` (and got this heartbeat) when /health first answered.
-            status.gate_s = time.time() - entry.heartbeat_at
+            status.gate_s = time.time() - status.healthy_at
             status.state = "ready"
             return "ready"
     # The clock starts when the job runs: time queued is not the server's fault.
