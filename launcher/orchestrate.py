@@ -197,10 +197,11 @@ class Run:
 
     def _wait_ready(self) -> None:
         service = self.spec.server.service
-        with Live(views.servers_table(service, self.replicas), console=self.console, transient=True) as live:
+        with Live(views.servers_table(service, self.replicas, live=True), console=self.console,
+                  transient=True) as live:
             def on_update() -> None:
                 self._check_stop_request()
-                live.update(views.servers_table(service, self.replicas))
+                live.update(views.servers_table(service, self.replicas, live=True))
 
             self.fleet.wait_ready(on_update)
         self.console.print(views.servers_table(service, self.replicas))
