@@ -32,7 +32,7 @@ from server.verify import CheckResult
 
 _POLL_S = 0.2
 _MAX_BACKOFF_S = 30.0
-_GATES_AT_ONCE = 32  # readiness gates running side by side (each a few requests to its own replica)
+_GATES_AT_ONCE = 64  # gates side by side: each a few requests (~6 sockets) waiting on its own replica
 # Slurm states that say why a job ended better than any log line.
 _SCHEDULER_ENDS = {"CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
