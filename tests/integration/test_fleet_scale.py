@@ -10,7 +10,7 @@ to a log and exec'ing the real Slurm client.
 
 The kills are seeded (GYMLAUNCH_CHAOS_SEED replays a run; the seed is printed): which replicas,
 when (each at a random point of the first 40% of the rollouts), and how (scancel of the replica's
-job, or SIGKILL of its engine). About 2.5 min on the 2-core VM; it holds the whole test cluster
+job, or SIGKILL of its engine). About 80 s on the 2-core VM; it holds the whole test cluster
 (all 8 cores, shared) meanwhile.
 """
 
