@@ -171,16 +171,15 @@ class Backend:
 
     def stop(self, jobs: Sequence[submitit.Job], grace_s: float, say: Callable[[str], None]) -> None:
         """Ask ``jobs`` to stop, wait up to ``grace_s`` (+15 s), then kill what is left."""
-        for job in jobs:
-            if not self.finished(job):
-                self.cancel(job)
+        # One cancel call for all of them: a fleet of 64 replicas was 64 scancel calls.
+        self.cancel_ids([str(j.job_id) for j in jobs if not self.finished(j)])
         deadline = time.monotonic() + grace_s + 15
         while any(not self.finished(j) for j in jobs) and time.monotonic() < deadline:
             time.sleep(self.stop_poll_s)
-        for job in jobs:
-            if not self.finished(job):
-                say(f"job {job.job_id} did not stop in time; killing it")
-                self.force_cancel(job)
+        left = [j for j in jobs if not self.finished(j)]
+        for job in left:
+            say(f"job {job.job_id} did not stop in time; killing it")
+        self.cancel_ids([str(j.job_id) for j in left], force=True)
 
     @staticmethod
     def log_tail(job: submitit.Job, lines: int = 30) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import secrets
 import signal
 import time
@@ -211,10 +212,11 @@ class Run:
 
     def _wait_ready(self) -> None:
         service = self.spec.server.service
-        with Live(views.servers_table(service, self.replicas), console=self.console, transient=True) as live:
+        with Live(views.servers_table(service, self.replicas, live=True), console=self.console,
+                  transient=True) as live:
             def on_update() -> None:
                 self._check_stop_request()
-                live.update(views.servers_table(service, self.replicas))
+                live.update(views.servers_table(service, self.replicas, live=True))
 
             self.fleet.wait_ready(on_update)
         self.console.print(views.servers_table(service, self.replicas))
@@ -237,14 +239,14 @@ class Run:
         total = job.num_rollouts
         submitted = self._submit(collect, collector, job, "rollouts")
         self._say(f"submitted rollouts: job {submitted.job_id}, {total} rollouts")
-        rollouts, failures = self.run_dir / "rollouts.jsonl", self.run_dir / "failures.jsonl"
+        rollouts, failures = GrowingLines(self.run_dir / "rollouts.jsonl"), GrowingLines(self.run_dir / "failures.jsonl")
         progress = views.rollout_progress(self.console)
         with progress:
             bar = progress.add_task("rollouts", total=total, failures=0, state="")
             self._watch(submitted, lambda state: progress.update(
-                bar, completed=_count_lines(rollouts), failures=_count_lines(failures), state=state,
+                bar, completed=rollouts(), failures=failures(), state=state,
             ))
-            progress.update(bar, completed=_count_lines(rollouts), failures=_count_lines(failures), state="")
+            progress.update(bar, completed=rollouts(), failures=failures(), state="")
         try:
             self.collection = submitted.result().to_json()
         except Exception as e:  # submitit re-raises the job's failure with its traceback
@@ -273,7 +275,7 @@ class Run:
         self.job_result = result.to_json()
         if isinstance(process, GymConfig):
             output = Path(result.output)
-            self.collection = {"rollouts_written": _count_lines(output), "rollouts_path": str(output)}
+            self.collection = {"rollouts_written": GrowingLines(output)(), "rollouts_path": str(output)}
 
     def _watch(self, submitted, show: Callable[[str], None]) -> None:
         """Until the job that uses the service ends: the service watched (and healed) every poll, the
@@ -490,12 +492,27 @@ def _job_error(e: Exception) -> str:
     return text
 
 
-def _count_lines(path: Path) -> int:
-    try:
-        with open(path, "rb") as f:
-            return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 16), b""))
-    except FileNotFoundError:
-        return 0
+class GrowingLines:
+    """The lines of a file that grows, counted on from where the last look ended: the job loop looks
+    five times a second, and re-reading the whole file each time cost more as it grew (3600 stand-in
+    rollouts are ~20 MB; a long collection, gigabytes). A file that shrank (rewritten, a torn last
+    line cut off) is counted afresh."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self._offset, self._count = path, 0, 0
+
+    def __call__(self) -> int:
+        try:
+            with open(self.path, "rb") as f:
+                if os.fstat(f.fileno()).st_size < self._offset:
+                    self._offset = self._count = 0
+                f.seek(self._offset)
+                for chunk in iter(lambda: f.read(1 << 16), b""):
+                    self._offset += len(chunk)
+                    self._count += chunk.count(b"\n")
+        except FileNotFoundError:
+            self._offset = self._count = 0
+        return self._count
 
 
 @contextmanager

@@ -17,11 +17,14 @@ Imports nothing from launcher/.
 
 from __future__ import annotations
 
+import fcntl
+import json
 import logging
 import os
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -37,6 +40,10 @@ from server.registry import Entry, Registry
 log = logging.getLogger(__name__)
 
 _PORT_ATTEMPTS = 3
+# free_port: picks remembered this long per node (longer than any engine takes to bind its port).
+_PICKED_PORTS = Path(tempfile.gettempdir()) / f"gymlaunch-picked-ports-{os.getuid()}.json"
+_PICK_WINDOW_S = 1800.0
+_PICK_ATTEMPTS = 50
 _DRAIN_POLL_S = 0.5
 # Prometheus gauges of requests an engine still owes an answer (SGLang's need --enable-metrics;
 # without them draining waits the whole grace period).
@@ -181,9 +188,35 @@ def in_flight_requests(entry: Entry, bind_host: str) -> float | None:
 
 
 def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A port nothing is bound to, and that no other job of this user on this node picked in the
+    last ``_PICK_WINDOW_S``.
+
+    The engine binds the port later (vLLM after loading its weights: minutes), and once our probe
+    socket is closed the kernel may hand the same port to the next job that asks: with 64 replicas
+    starting at once on one node, two picked the same port, the second engine failed to bind and
+    its job took the first one's /health answer for its own. A node-local record (flock'ed file in
+    the temp folder) keeps picks apart.
+    """
+    with open(_PICKED_PORTS, "a+") as record:
+        fcntl.flock(record, fcntl.LOCK_EX)  # released when the file closes
+        record.seek(0)
+        try:
+            picked = {int(p): t for p, t in json.loads(record.read() or "{}").items()}
+        except (ValueError, AttributeError):  # torn or foreign content: start afresh
+            picked = {}
+        now = time.time()
+        picked = {p: t for p, t in picked.items() if now - t < _PICK_WINDOW_S}
+        for _ in range(_PICK_ATTEMPTS):
+            with socket.socket() as s:
+                s.bind((host, 0))
+                port = s.getsockname()[1]
+            if port not in picked:
+                break
+        picked[port] = now
+        record.seek(0)
+        record.truncate()
+        json.dump(picked, record)
+    return port
 
 
 def _resolve_model(job: ServerJob) -> str:
