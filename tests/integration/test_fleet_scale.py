@@ -62,7 +62,8 @@ def scheduler_call_log(folder: Path) -> tuple[Path, Path]:
 
 class Watcher(threading.Thread):
     """Every 0.2 s: each registry entry (by job id) when its engine started and when it first
-    answered /health (the entry's first `ready` heartbeat), with the rollouts written by then."""
+    answered /health (the heartbeat of its first `healthy` entry, before the gate), with the rollouts
+    written by then."""
 
     def __init__(self, root: Path, rollouts: Path) -> None:
         super().__init__(daemon=True)
@@ -76,7 +77,7 @@ class Watcher(threading.Thread):
             self.written = written = self.lines()
             for e in self.registry.entries():
                 s = self.seen.setdefault(e.job_id, {"replica": e.replica, "started_at": e.started_at, "entry": e})
-                if e.state == "ready" and "healthy_at" not in s:
+                if e.state in ("healthy", "ready") and "healthy_at" not in s:
                     s.update(healthy_at=e.heartbeat_at, rows_then=written)
 
 
