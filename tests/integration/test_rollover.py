@@ -92,6 +92,7 @@ def test_a_replica_drained_by_slurms_warning_is_replaced_without_a_restart(slurm
     summary = json.loads((run_dir / "summary.json").read_text())
     _every_rollout_once(run_dir, repeats=6)
     assert summary["collection"]["failures"] == 0
+    assert sum(s["failures"] for s in summary["collection"]["replicas"].values()) == 0  # the pool waited
     ended = [r for s in summary["servers"] for r in s["rollovers"]]
     assert ended and all(r["why"] == "ended at its time limit" for r in ended), summary["servers"]
     assert all(s["restarts"] == 0 and s["deaths"] == [] for s in summary["servers"]), summary["servers"]
@@ -99,17 +100,19 @@ def test_a_replica_drained_by_slurms_warning_is_replaced_without_a_restart(slurm
     assert Registry(root).namespaces() == []
 
 
-def _collector_requeued(run_dir: Path, *overrides: str, env: dict | None = None) -> tuple[str, dict]:
-    """A collection that outlives the collector job's 1-minute limit: its warning comes 20 s before it."""
+def _collector_requeued(run_dir: Path, timeout_min: int, repeats: int, *overrides: str,
+                        env: dict | None = None) -> tuple[str, dict]:
+    """A collection that outlives the collector job's limit: its warning comes 20 s before it (on
+    Slurm up to 30 s earlier still)."""
     root = run_dir.parent / "registry"
     result = run_launcher(
-        root, *STANDIN_SERVER, SLOW_STANDIN, f"hydra.run.dir={run_dir}", "job.timeout_min=1",
-        "cluster.signal_delay_s=20", "job.num_repeats=4", "job.max_concurrency=2", "job.sampling.max_tokens=32",
-        *overrides, env=env, timeout_s=900,
+        root, *STANDIN_SERVER, SLOW_STANDIN, f"hydra.run.dir={run_dir}", f"job.timeout_min={timeout_min}",
+        "cluster.signal_delay_s=20", f"job.num_repeats={repeats}", "job.max_concurrency=2",
+        "job.sampling.max_tokens=32", *overrides, env=env, timeout_s=900,
     )
     print(result.stdout)
     assert result.returncode == 0, result.stdout
-    _every_rollout_once(run_dir, repeats=4)
+    _every_rollout_once(run_dir, repeats=repeats)
     job_logs = "".join(p.read_text() for p in (run_dir / "submitit").glob("*/*_log.*"))
     assert "Requeued job" in job_logs  # submitit's own requeue, after the collector stopped cleanly
     assert Registry(root).namespaces() == []
@@ -117,16 +120,19 @@ def _collector_requeued(run_dir: Path, *overrides: str, env: dict | None = None)
 
 
 def test_the_collector_job_is_requeued_at_its_time_limit_and_resumes_locally(tmp_path):
-    """Locally submitit's controller starts the job again at once (the launcher sees it run on)."""
-    _, summary = _collector_requeued(tmp_path / "run")
+    """Locally submitit's controller starts the job again at once (the launcher sees it run on): a
+    1-minute limit, about 80 s of work."""
+    _, summary = _collector_requeued(tmp_path / "run", timeout_min=1, repeats=4)
     print(f"[requeue local] collection {summary['phases']['rollouts']:.1f}s against a 60 s job limit")
 
 
 def test_the_collector_job_is_requeued_at_its_time_limit_on_slurm(slurm_cluster, tmp_path):
-    """On Slurm the same job id is requeued (pending for Slurm's requeue delay) and the launcher follows it."""
+    """On Slurm the same job id is requeued (pending for Slurm's requeue delay, about 2.5 minutes)
+    and the launcher follows it: a 2-minute limit (whose warning comes 50 to 20 s before its end),
+    about 120 s of work, so one requeue."""
     run_dir = tmp_path / "run"
-    out, summary = _collector_requeued(run_dir, *SLURM, env=slurm_cluster.env)
+    out, summary = _collector_requeued(run_dir, 2, 6, *SLURM, env=slurm_cluster.env)
     slurm_cluster.job_ids.update(_run_job_ids(run_dir))
     assert "requeued near its time limit" in out
     assert not _queued(slurm_cluster.env) & _run_job_ids(run_dir)
-    print(f"[requeue slurm] collection {summary['phases']['rollouts']:.1f}s against a 60 s job limit")
+    print(f"[requeue slurm] collection {summary['phases']['rollouts']:.1f}s against a 120 s job limit")
