@@ -437,10 +437,11 @@ def job_resources(spec: RunSpec, job: RolloutsJob | CommandJob, label: str) -> R
 
 
 def _job_error(e: Exception) -> str:
-    """A job's own message (``CommandFailed``: exit code and log tail; ``CollectionStopped``) without
+    """A job's own message (``CommandFailed``: exit code and log tail; ``CollectionStopped``;
+    ``NotRequeued``: stopped at its time limit with its requeues used up) without
     submitit's traceback and footer around it."""
     text = str(e)
-    for marker in ("CommandFailed: ", "CollectionStopped: "):
+    for marker in ("CommandFailed: ", "CollectionStopped: ", "NotRequeued: "):
         if marker in text:
             return text.rsplit(marker, 1)[1].split("\n----------------------")[0].strip()
     return text

@@ -136,3 +136,22 @@ def test_the_collector_job_is_requeued_at_its_time_limit_on_slurm(slurm_cluster,
     assert "requeued near its time limit" in out
     assert not _queued(slurm_cluster.env) & _run_job_ids(run_dir)
     print(f"[requeue slurm] collection {summary['phases']['rollouts']:.1f}s against a 120 s job limit")
+
+
+def test_a_command_job_is_requeued_at_its_time_limit_and_runs_again_locally(tmp_path):
+    """job=command: stopped at its warning (SIGUSR2 reaches the job, not the program: the job stops it
+    in order), requeued, the command run again; this one resumes from its own output, a line a second."""
+    script, out = tmp_path / "count.sh", tmp_path / "count.txt"
+    script.write_text('while [ "$(wc -l < "$1" 2>/dev/null || echo 0)" -lt 60 ]; do echo x >> "$1"; sleep 1; done\n')
+    run_dir = tmp_path / "run"
+    result = run_launcher(
+        tmp_path / "registry", *STANDIN_SERVER, f"hydra.run.dir={run_dir}", "job=command",
+        f'job.command="bash {script} {out}"', "job.timeout_min=1", "cluster.signal_delay_s=20", timeout_s=600,
+    )
+    print(result.stdout)
+    assert result.returncode == 0, result.stdout
+    assert out.read_text() == "x\n" * 60
+    job_logs = "".join(p.read_text() for p in (run_dir / "submitit").glob("*/*_log.*"))
+    assert "Requeued job" in job_logs and "stopped near the time limit" not in result.stdout
+    assert (run_dir / "logs" / "command.log").read_text().count("starting: bash") == 2  # run twice
+    assert Registry(tmp_path / "registry").namespaces() == []
