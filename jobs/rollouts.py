@@ -23,6 +23,12 @@ a re-run on the same output folder does the rest, each (task, repeat) once.
 SIGUSR2 (the time-limit warning) stops it the same way; submitted as
 ``jobs.requeue.Requeueable(collect)`` the job is then requeued and that re-run
 happens by itself.
+
+Two collectors never write into one output folder: ``collect`` holds an exclusive
+lock on ``<output_dir>/.collector.lock`` (``LOCK_FILE``, this module's alone; the
+holder's host, pid and job id are written in it) for as long as it runs, and a
+second one refuses to start with ``OutputBusy`` naming the folder and the holder.
+The lock goes with the process, however it ends; the file stays.
 """
 
 from __future__ import annotations
@@ -31,10 +37,12 @@ import argparse
 import asyncio
 import copy
 import dataclasses
+import fcntl
 import json
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -251,10 +259,15 @@ FAILURES_FILE = "failures.jsonl"
 # ~0.3-1 ms on a local disk and more on shared filesystems, on the event loop that serves every
 # conversation: sync at most this often rather than once per row.
 FSYNC_INTERVAL_S = 1.0
+LOCK_FILE = ".collector.lock"
 
 
 class OutputError(ValueError):
     """An output file that a resumed run cannot continue."""
+
+
+class OutputBusy(OutputError):
+    """Another collector holds the output folder's lock."""
 
 
 def collect(cfg: CollectorConfig) -> CollectSummary:
@@ -272,11 +285,12 @@ def collect(cfg: CollectorConfig) -> CollectSummary:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     rollouts_path, failures_path = out / ROLLOUTS_FILE, out / FAILURES_FILE
-    earlier = read_rollouts(rollouts_path, {t.id for t in tasks})
-    todo = [_Attempt(t, r) for t in tasks for r in range(cfg.num_repeats) if (t.id, r) not in earlier]
     start = time.monotonic()
-    with _StopSignals() as stop, _JsonlAppender(rollouts_path) as ok, \
+    # The lock first: what follows cuts a torn last line and truncates failures.jsonl.
+    with _OutputLock(out), _StopSignals() as stop, _JsonlAppender(rollouts_path) as ok, \
             _JsonlAppender(failures_path, truncate=True) as failed:
+        earlier = read_rollouts(rollouts_path, {t.id for t in tasks})
+        todo = [_Attempt(t, r) for t in tasks for r in range(cfg.num_repeats) if (t.id, r) not in earlier]
         run = _Run(cfg, pool, model, ok, failed)
         finished = asyncio.run(run.all(todo, stop))
     wall_s = time.monotonic() - start
@@ -352,6 +366,34 @@ def read_rollouts(path: Path, task_ids: set[str]) -> dict[tuple[str, int], float
             done[(task_id, repeat)] = reward
             offset += len(line)
     return done
+
+
+class _OutputLock:
+    """The output folder's lock (``LOCK_FILE``): ``flock``, which the kernel drops with the process
+    (a SIGKILLed collector leaves no stale lock); ``OutputBusy`` when another collector holds it."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def __enter__(self) -> "_OutputLock":
+        self.fd = os.open(self.folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 4096, 0).decode(errors="replace").strip() or "a collector starting"
+            os.close(self.fd)
+            raise OutputBusy(
+                f"{self.folder} is being written by another collector ({holder}); two must never append to "
+                f"one {ROLLOUTS_FILE}: stop that one first, or give this one another output folder"
+            ) from None
+        job = os.environ.get("SLURM_JOB_ID") or os.environ.get("SUBMITIT_LOCAL_JOB_ID")
+        holder = f"pid {os.getpid()} on {socket.gethostname()}" + (f", job {job}" if job else "")
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, holder.encode(), 0)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)  # releases the lock
 
 
 class _JsonlAppender:

@@ -1,5 +1,7 @@
 """``python -m launcher [+experiment=NAME] [key=value ...]`` (or ``gymlaunch ...``): one run from a Hydra config.
 
+``python -m launcher run.resume=<run folder> [key=value ...]`` (or ``--resume <run folder>``) resumes a
+failed or interrupted run in its folder: ``launcher.resume`` unfolds it into the saved overrides first.
 ``main`` checks the config before Hydra runs (``launcher.cli``: a refusal leaves no folder behind),
 then hands the command line to Hydra, whose task function is ``run``. Exit codes: ``launcher.exit_codes``.
 """
@@ -17,7 +19,7 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.markup import escape
 
-from launcher import cli, exit_codes
+from launcher import cli, exit_codes, resume
 from launcher.spec import SpecError, load_spec  # importing it stores the schemas conf/ starts from (ConfigStore)
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -59,11 +61,11 @@ hydra_main = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name=CO
 
 def main() -> None:
     """``python -m launcher`` and the ``gymlaunch`` console script."""
-    sys.argv[1:] = cli.quote_tilde_values(sys.argv[1:])
     try:
         try:
+            sys.argv[1:] = cli.quote_tilde_values(resume.resume_argv(sys.argv[1:]))
             cli.check_before_hydra(sys.argv[1:], run, CONF_DIR, CONFIG_NAME)
-        except cli.Refused as e:
+        except (cli.Refused, resume.ResumeRefused) as e:
             refuse(str(e))
         hydra_main()
     except KeyboardInterrupt:  # before the run took over Ctrl-C (it tears down, then exits 130 itself)

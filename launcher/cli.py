@@ -20,6 +20,7 @@ import difflib
 import os
 import re
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
@@ -45,8 +46,10 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
+from launcher import resume
 from launcher.orchestrate import check_cluster
 from launcher.spec import HOME_PATH_KEYS, SpecError, load_spec, unknown_key
+from server.registry import Registry
 
 MAX_SWEEP_POINTS = 100
 SWEEP_CHECK_S = 15.0
@@ -124,6 +127,7 @@ def check_before_hydra(argv: list[str], task_function: Callable, config_path: st
         try:
             if mode == RunMode.RUN:
                 cfg = _compose(hydra, config_name, overrides, RunMode.RUN)
+                _check_resume(cfg)
                 _check(cfg, "hydra.run.dir", None)
             else:
                 _check_sweep(hydra, config_name, overrides)
@@ -147,6 +151,21 @@ def _check(cfg: DictConfig, dir_key: str, subdir_key: str | None) -> None:
     try:
         check_cluster(load_spec(cfg))
     except SpecError as e:  # ClusterRefused too: what the cluster can never run
+        raise Refused(str(e)) from None
+
+
+def _check_resume(cfg: DictConfig) -> None:
+    """A resume (``launcher.resume``) runs in the folder it resumes, and collects what that run did."""
+    folder = OmegaConf.select(cfg, resume.KEY)
+    if folder is None:
+        return
+    if os.path.abspath(str(cfg.hydra.run.dir)) != str(folder):
+        raise Refused(f"{resume.KEY}: give it on the command line (python -m launcher {resume.KEY}=<run folder>), "
+                      "where it brings the saved config and folder; a config file cannot")
+    try:
+        resume.check_unchanged(cfg)  # first: a changed key's own refusal would hide that it may not change
+        resume.check_interrupted(Path(folder), Registry(**OmegaConf.to_container(cfg.registry, resolve=True)))
+    except resume.ResumeRefused as e:
         raise Refused(str(e)) from None
 
 

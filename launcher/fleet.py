@@ -35,7 +35,7 @@ from typing import Callable
 import submitit
 
 from launcher.executors import Backend, Resources
-from launcher.readiness import JOB_FIELDS, ReplicaStatus, ServerFailed, death_report, step
+from launcher.readiness import JOB_FIELDS, Gate, ReplicaStatus, ServerFailed, death_report, step
 from server.job import ServerJob, run as run_server
 from server.registry import Entry, JobRecord, Registry
 from server.verify import CheckResult
@@ -108,7 +108,7 @@ class Fleet:
         self.settings, self.backend, self.registry = settings, backend, registry
         self.replicas = [ReplicaStatus(replica=i, job=j) for i, j in enumerate(jobs)]
         self._server_job, self._resources = server_job, dataclasses.replace(resources, count=1)
-        self._checks, self._engine_log, self._say = checks, engine_log, say
+        self._gate, self._engine_log, self._say = Gate(checks), engine_log, say
         # Raises when the end of a job is the run being stopped (launcher.down), not a death.
         self._before_death = before_death
         self._retry_at: dict[int, float] = {}  # replica -> when its replacement may be submitted
@@ -134,7 +134,7 @@ class Fleet:
         while not all(r.state == "ready" for r in self.replicas):
             self._poll()
             on_update()
-            time.sleep(_POLL_S)
+            self._gate.wait(self.replicas, _POLL_S)
 
     # ------------------------------------------------------------ in use
 
@@ -152,6 +152,10 @@ class Fleet:
                 f"no replica of {self.settings.service} has been ready for {self.settings.no_replica_grace_s:g}s "
                 f"(server.no_replica_grace_s); deaths: {self._deaths_line()}"
             )
+
+    def close(self) -> None:
+        """The run is over: checks still running are not waited for."""
+        self._gate.close()
 
     def summary(self) -> list[dict]:
         return [
@@ -179,7 +183,7 @@ class Fleet:
                     self._died(r, "in use")
             else:
                 outcome = step(self.backend, r, self.registry, s.namespace, s.service, s.startup_timeout_s,
-                               self._checks, self._engine_log)
+                               self._gate, self._engine_log)
                 if outcome == "ended":  # before it was ready: whatever the run is doing, it died starting
                     self._died(r, "starting")
                 elif outcome == "ready" and r.replica in self._down_since:
@@ -221,7 +225,7 @@ class Fleet:
             r.note = f"(successor job {successor.job.job_id} PENDING" + (f": {reason})" if reason else ")")
             return
         outcome = step(self.backend, successor, self.registry, s.namespace, s.service, s.startup_timeout_s,
-                       self._checks, self._engine_log)
+                       self._gate, self._engine_log)
         if outcome == "waiting":
             r.note = f"(successor job {successor.job.job_id}: {successor.state})"
             return

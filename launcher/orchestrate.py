@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import secrets
 import signal
 import time
@@ -23,6 +24,7 @@ from jobs.rollouts import collect
 from launcher import console as views
 from launcher import exit_codes
 from launcher import pools
+from launcher import resume
 from launcher.executors import ClusterRefused, Resources, SubmissionRefused, make_backend
 from launcher.pools import ServerPool, pool_namespace
 from launcher.fleet import Fleet, FleetSettings
@@ -68,6 +70,8 @@ class Run:
         self.pool: ServerPool | None = None
         self.fleet: Fleet | None = None
         self.joined = False
+        self.took_over = False  # joined the servers of the run this one resumes: they are this run's now
+        self.resumed_from: dict | None = None  # run.resume: the interrupted run's id and the rows it left
         self.log_dir = self.run_dir / "logs"
         self.replicas: list[ReplicaStatus] = []
         self.phases: dict[str, float] = {}
@@ -89,6 +93,11 @@ class Run:
             return exit_codes.REFUSED
         try:
             with _signals_raise_interrupted():
+                if self.spec.run.resume is not None:
+                    with self._phase("take over"):
+                        self._take_over()
+                self._record()
+                log.info("should this launcher die without a word, resume with: %s", resume.command(self.run_dir))
                 with self._phase("servers start"):
                     self._start_servers()
                 with self._phase("servers ready"):
@@ -120,11 +129,16 @@ class Run:
         self.console.print(views.summary_table(summary))
         self._say(f"run folder: {escape(str(self.run_dir))}")
         # Stopped from another shell is an interrupt, whatever the job; a serve-only run's Ctrl-C is its normal end.
-        return exit_codes.INTERRUPTED if interrupted_by_down else exit_codes.for_status(status)
+        code = exit_codes.INTERRUPTED if interrupted_by_down else exit_codes.for_status(status)
+        if code in (exit_codes.FAILED, exit_codes.INTERRUPTED) and not isinstance(self.spec.job, NoJob):
+            self._say(f"to resume: {escape(resume.command(self.run_dir))}")
+        return code
 
     def _start_servers(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        if self.sweep_dir is None:
+        if self.took_over:
+            pass  # the interrupted run's pool, joined by _take_over
+        elif self.sweep_dir is None:
             self._launch_pool()
         else:
             with self.registry.pool_lock(self.namespace):
@@ -133,7 +147,7 @@ class Run:
         self.fleet = Fleet(
             FleetSettings(service=s.service, namespace=self.namespace, startup_timeout_s=s.startup_timeout_s,
                           max_restarts=s.max_restarts, no_replica_grace_s=s.no_replica_grace_s,
-                          replaces=not self.joined, time_limit_s=self.spec.cluster.timeout_min * 60,
+                          replaces=self.took_over or not self.joined, time_limit_s=self.spec.cluster.timeout_min * 60,
                           signal_delay_s=self.spec.cluster.signal_delay_s, rollover_lead_s=s.rollover_lead_s),
             self.backend, self.registry, self.pool.jobs, self._server_job, server_resources(self.spec),
             self._checks, self._engine_log, say=lambda text: self._say(escape(text), "yellow"),
@@ -195,14 +209,16 @@ class Run:
             registry=self.registry, log_dir=str(self.log_dir), cluster=self.backend.kind, model_path=m.path,
             embedded_model=m.embedded, model_cache_dir=m.cache_dir, bind_host=c.bind_host,
             advertise_host=c.advertise_host, api_key_file=self.api_key_file, config_hash=self.spec.server_hash(),
+            gated=True,  # clients see a replica (a replacement too) only once the readiness gate passed it
         )
 
     def _wait_ready(self) -> None:
         service = self.spec.server.service
-        with Live(views.servers_table(service, self.replicas), console=self.console, transient=True) as live:
+        with Live(views.servers_table(service, self.replicas, live=True), console=self.console,
+                  transient=True) as live:
             def on_update() -> None:
                 self._check_stop_request()
-                live.update(views.servers_table(service, self.replicas))
+                live.update(views.servers_table(service, self.replicas, live=True))
 
             self.fleet.wait_ready(on_update)
         self.console.print(views.servers_table(service, self.replicas))
@@ -225,14 +241,14 @@ class Run:
         total = job.num_rollouts
         submitted = self._submit(Requeueable(collect), collector, job, "rollouts")
         self._say(f"submitted rollouts: job {submitted.job_id}, {total} rollouts")
-        rollouts, failures = self.run_dir / "rollouts.jsonl", self.run_dir / "failures.jsonl"
+        rollouts, failures = GrowingLines(self.run_dir / "rollouts.jsonl"), GrowingLines(self.run_dir / "failures.jsonl")
         progress = views.rollout_progress(self.console)
         with progress:
             bar = progress.add_task("rollouts", total=total, failures=0, state="")
             self._watch(submitted, lambda state: progress.update(
-                bar, completed=_count_lines(rollouts), failures=_count_lines(failures), state=state,
+                bar, completed=rollouts(), failures=failures(), state=state,
             ))
-            progress.update(bar, completed=_count_lines(rollouts), failures=_count_lines(failures), state="")
+            progress.update(bar, completed=rollouts(), failures=failures(), state="")
         try:
             self.collection = submitted.result().to_json()
         except Exception as e:  # submitit re-raises the job's failure with its traceback
@@ -261,7 +277,7 @@ class Run:
         self.job_result = result.to_json()
         if isinstance(process, GymConfig):
             output = Path(result.output)
-            self.collection = {"rollouts_written": _count_lines(output), "rollouts_path": str(output)}
+            self.collection = {"rollouts_written": GrowingLines(output)(), "rollouts_path": str(output)}
 
     def _watch(self, submitted, show: Callable[[str], None]) -> None:
         """Until the job that uses the service ends: the service watched (and healed) every poll, the
@@ -283,6 +299,7 @@ class Run:
     def _submit(self, fn, arg, job: RolloutsJob | CommandJob, label: str):
         submitted = self.backend.submit(fn, arg, job_resources(self.spec, job, label))
         self.other_jobs = [submitted]
+        self._record()  # a resume stops it first, should this launcher die without a word
         return submitted
 
     def _job_state(self, job) -> str:
@@ -319,6 +336,46 @@ class Run:
         if by is not None:
             raise Interrupted(f"stopped by {by}", from_another_shell=True)
 
+    # ------------------------------------------------------------ resume (launcher/resume.py)
+
+    def _record(self) -> None:
+        resume.write_record(self.run_dir, resume.RunRecord(
+            run_id=self.run_id, namespace=self.namespace, cluster=self.backend.kind,
+            job_ids=[str(j.job_id) for j in self.other_jobs], **resume.this_launcher(),
+        ))
+
+    def _take_over(self) -> None:
+        """``run.resume``: the interrupted run's job that writes into this folder is stopped first (two
+        collectors must never append to one file); its servers are joined when all are alive, and this
+        run owns them from then on (its heartbeat, its replacements); else what is left of them goes."""
+        say = lambda text: self._say(escape(text), "yellow")  # noqa: E731
+        old = resume.read_record(self.run_dir)
+        if old is not None:
+            grace_s = self.spec.job.process.stop_grace_s if isinstance(self.spec.job, CommandJob) else 0
+            resume.stop_jobs(old.cluster, old.job_ids, self.backend.folder,
+                             max(grace_s, self.spec.server.stop_grace_s), say, "job writing into this folder")
+        self.resumed_from = {"run_id": old.run_id if old else None,
+                             "rollouts_before": _count_lines(self.run_dir / "rollouts.jsonl")}
+        self._say(escape(f"resuming {self.run_dir} (run {self.resumed_from['run_id'] or 'unrecorded'}): "
+                         f"{self.resumed_from['rollouts_before']} rollouts already written"))
+        s = self.spec.server
+        ids = old and resume.live_servers(self.registry, old, self.backend.kind, self.spec.server_hash(),
+                                          s.service, s.replicas)
+        if not ids:
+            if old is not None:
+                resume.clear_namespace(self.registry, old, self.backend.folder, s.stop_grace_s, say)
+            self._say("starting new servers")
+            return
+        self.namespace = old.namespace
+        heartbeat = self._owner_heartbeat()
+        self.registry.remove_owner(old.namespace, old.run_id)  # it left no one else to let go of them
+        entries = self.registry.entries(old.namespace, s.service)
+        self.api_key_file = entries[0].api_key_file if entries else None  # for replacements
+        self.pool = self._pool(self.backend.jobs_from_ids(ids), heartbeat)
+        self.joined = self.took_over = True
+        replicas = "0" if s.replicas == 1 else f"0-{s.replicas - 1}"
+        self._say(escape(f"joined the interrupted run's servers {s.service}/{replicas} (jobs {', '.join(ids)})"))
+
     # ------------------------------------------------------------ what the jobs ask of the cluster
 
     def _preflight(self) -> None:
@@ -341,6 +398,7 @@ class Run:
         if self.pool is None:
             return
         if self.fleet is not None:  # replacements included: every job that serves the pool now
+            self.fleet.close()
             self.pool.jobs = self.fleet.jobs
         if self.sweep_dir is not None and status == "succeeded":
             if pools.kept(self.namespace) is None:
@@ -374,6 +432,7 @@ class Run:
             "namespace": self.namespace,
             "run_id": self.run_id,
             "joined_servers": self.joined,
+            "resumed_from": self.resumed_from,
             "status": status,
             "error": error,
             "run_dir": str(self.run_dir),
@@ -441,18 +500,33 @@ def _job_error(e: Exception) -> str:
     ``NotRequeued``: stopped at its time limit with its requeues used up) without
     submitit's traceback and footer around it."""
     text = str(e)
-    for marker in ("CommandFailed: ", "CollectionStopped: ", "NotRequeued: "):
+    for marker in ("CommandFailed: ", "CollectionStopped: ", "OutputBusy: ", "NotRequeued: "):
         if marker in text:
             return text.rsplit(marker, 1)[1].split("\n----------------------")[0].strip()
     return text
 
 
-def _count_lines(path: Path) -> int:
-    try:
-        with open(path, "rb") as f:
-            return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 16), b""))
-    except FileNotFoundError:
-        return 0
+class GrowingLines:
+    """The lines of a file that grows, counted on from where the last look ended: the job loop looks
+    five times a second, and re-reading the whole file each time cost more as it grew (3600 stand-in
+    rollouts are ~20 MB; a long collection, gigabytes). A file that shrank (rewritten, a torn last
+    line cut off) is counted afresh."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self._offset, self._count = path, 0, 0
+
+    def __call__(self) -> int:
+        try:
+            with open(self.path, "rb") as f:
+                if os.fstat(f.fileno()).st_size < self._offset:
+                    self._offset = self._count = 0
+                f.seek(self._offset)
+                for chunk in iter(lambda: f.read(1 << 16), b""):
+                    self._offset += len(chunk)
+                    self._count += chunk.count(b"\n")
+        except FileNotFoundError:
+            self._offset = self._count = 0
+        return self._count
 
 
 @contextmanager

@@ -64,6 +64,13 @@ class RunInfo:
     name: str
     # Look for the programs a run starts (job.command's, NeMo Gym's, server.command's) before submitting.
     check_programs: bool
+    # A run folder to resume in (launcher/resume.py): set on the command line, which brings its saved config.
+    resume: Optional[str]
+
+    def validate(self, checks: Checks) -> None:
+        if self.resume is not None:
+            checks.require((Path(self.resume) / ".hydra" / "config.yaml").is_file(), "resume",
+                           f"{self.resume} has no saved config (.hydra/config.yaml): not a run folder")
 
 
 @dataclass
@@ -280,6 +287,7 @@ class RunSpec:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def validate(self, checks: Checks) -> None:
+        self.run.validate(checks.at("run"))
         self.cluster.validate(checks.at("cluster"))
         self.model.validate(checks.at("model"))
         if self.policy is not None:

@@ -2,7 +2,9 @@
 
 It reserves a port, starts the engine as its own child (never detached, so the
 cluster's process tracking and our signals reach it), waits for its health
-route, publishes the replica in the registry and heartbeats. SIGTERM/SIGINT or
+route, publishes the replica in the registry and heartbeats. A job the launcher
+gates stays ``healthy`` (clients do not use it) until the launcher's readiness
+checks admit it, and only then turns ``ready``. SIGTERM/SIGINT or
 an engine crash remove the entry and stop the engine's whole process group.
 SIGUSR2 (Slurm's warning before the time limit, as submitit asks for it, or the
 launcher's fleet once this replica's successor is ready) drains first: the entry
@@ -17,15 +19,19 @@ Imports nothing from launcher/.
 
 from __future__ import annotations
 
+import fcntl
+import json
 import logging
 import os
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import httpx
 
@@ -36,6 +42,10 @@ from server.registry import Entry, Registry
 log = logging.getLogger(__name__)
 
 _PORT_ATTEMPTS = 3
+# free_port: picks remembered this long per node (longer than any engine takes to bind its port).
+_PICKED_PORTS = Path(tempfile.gettempdir()) / f"gymlaunch-picked-ports-{os.getuid()}.json"
+_PICK_WINDOW_S = 1800.0
+_PICK_ATTEMPTS = 50
 _DRAIN_POLL_S = 0.5
 # A draining replica stops no sooner than this after its entry turned ``draining``, even with nothing
 # in flight: clients re-read the registry every few seconds (jobs.pool.EndpointPool.refresh_s, 2 s),
@@ -76,6 +86,8 @@ class ServerJob(ServerSettings):
     advertise_host: str | None = None  # None: this node's hostname
     api_key_file: str | None = None  # None: the endpoint takes requests without a key
     config_hash: str = ""
+    # The launcher sets it: the entry stays ``healthy`` until its readiness gate admits the job.
+    gated: bool = False
 
     def orphaned(self) -> bool:
         return self.registry.orphaned(self.namespace)
@@ -119,6 +131,8 @@ def run(job: ServerJob) -> None:
                 if not retry or attempt == _PORT_ATTEMPTS - 1:
                     raise
                 log.warning("port %d was taken before the engine bound it; retrying on another", port)
+        if job.gated and not signals.stop.is_set():
+            _wait_admitted(job, engine, entry, signals.stop, registry)
         if signals.stop.is_set():
             return
         registry.heartbeat(entry, state="ready")
@@ -182,9 +196,35 @@ def in_flight_requests(entry: Entry, bind_host: str) -> float | None:
 
 
 def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A port nothing is bound to, and that no other job of this user on this node picked in the
+    last ``_PICK_WINDOW_S``.
+
+    The engine binds the port later (vLLM after loading its weights: minutes), and once our probe
+    socket is closed the kernel may hand the same port to the next job that asks: with 64 replicas
+    starting at once on one node, two picked the same port, the second engine failed to bind and
+    its job took the first one's /health answer for its own. A node-local record (flock'ed file in
+    the temp folder) keeps picks apart.
+    """
+    with open(_PICKED_PORTS, "a+") as record:
+        fcntl.flock(record, fcntl.LOCK_EX)  # released when the file closes
+        record.seek(0)
+        try:
+            picked = {int(p): t for p, t in json.loads(record.read() or "{}").items()}
+        except (ValueError, AttributeError):  # torn or foreign content: start afresh
+            picked = {}
+        now = time.time()
+        picked = {p: t for p, t in picked.items() if now - t < _PICK_WINDOW_S}
+        for _ in range(_PICK_ATTEMPTS):
+            with socket.socket() as s:
+                s.bind((host, 0))
+                port = s.getsockname()[1]
+            if port not in picked:
+                break
+        picked[port] = now
+        record.seek(0)
+        record.truncate()
+        json.dump(picked, record)
+    return port
 
 
 def _resolve_model(job: ServerJob) -> str:
@@ -240,14 +280,11 @@ def _wait_healthy(
 ) -> None:
     deadline = time.monotonic() + job.startup_timeout_s
     health = f"http://{_connect_host(job.bind_host)}:{entry.port}{health_path}"
-    last_beat = time.monotonic()
     with httpx.Client(timeout=5.0) as client:
-        while not stop.is_set():
-            if engine.poll() is not None:
-                raise _died(job, engine)
+        def healthy() -> bool:
             try:
                 if client.get(health).status_code == 200:
-                    return
+                    return True
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
@@ -256,15 +293,40 @@ def _wait_healthy(
                     f"log {job.engine_log}:\n{process.log_tail(job.engine_log)}",
                     reason=f"not healthy after {job.startup_timeout_s:g}s",
                 )
-            # Starting can take minutes (weights, compilation): keep the entry fresh meanwhile.
-            if time.monotonic() - last_beat >= registry.heartbeat_s:
-                if job.orphaned():
-                    log.warning("no run using %s heartbeated while starting: stopping", job.namespace)
-                    stop.set()
-                    return
-                registry.heartbeat(entry)
-                last_beat = time.monotonic()
-            stop.wait(0.2)  # /health is cheap: the sooner seen, the sooner the gate runs
+            return False
+
+        # /health is cheap: the sooner seen, the sooner the gate runs.
+        _wait_until(healthy, 0.2, job, engine, entry, stop, registry)
+
+
+def _wait_admitted(job: ServerJob, engine: subprocess.Popen, entry: Entry, stop: threading.Event,
+                   registry: Registry) -> None:
+    """``healthy`` until the launcher's readiness gate admits this job (a replacement is handed out
+    only after the same checks as the first replicas). The launcher bounds how long that takes."""
+    registry.heartbeat(entry, state="healthy")
+    job_id = entry.job_id
+    _wait_until(lambda: registry.admitted(job.namespace, job.service, job.replica, job_id), 0.1,
+                job, engine, entry, stop, registry)
+
+
+def _wait_until(done: Callable[[], bool], poll_s: float, job: ServerJob, engine: subprocess.Popen, entry: Entry,
+                stop: threading.Event, registry: Registry) -> None:
+    """Poll ``done`` until it holds or ``stop`` is set, watching the engine; starting can take minutes
+    (weights, compilation), so the entry keeps heartbeating, and an orphaned job stops itself."""
+    last_beat = time.monotonic()
+    while not stop.is_set():
+        if engine.poll() is not None:
+            raise _died(job, engine)
+        if done():
+            return
+        if time.monotonic() - last_beat >= registry.heartbeat_s:
+            if job.orphaned():
+                log.warning("no run using %s heartbeated while starting: stopping", job.namespace)
+                stop.set()
+                return
+            registry.heartbeat(entry)
+            last_beat = time.monotonic()
+        stop.wait(poll_s)
 
 
 def _connect_host(bind_host: str) -> str:

@@ -11,6 +11,8 @@
         .owners/<run id>              one file per launcher run using it, touched as its heartbeat
         .stop                         written by ``launcher.down``: the runs using it stop
         .deaths/<service>-<replica>-<job id>   why that replica's engine died (its server job writes it)
+        .admitted/<service>-<replica>-<job id> the launcher's readiness gate passed that job's engine:
+                                      its entry may turn ``ready`` (``healthy`` until then)
         <service>/<replica>-<job id>.json   one entry per replica's job (0600), what clients read; a
                                       replica's successor (a time-limit rollover) has its own
                                       while both run
@@ -53,7 +55,9 @@ from server.cli import options_anywhere
 
 log = logging.getLogger(__name__)
 
-STATES = ("starting", "ready", "draining")
+# starting: the engine loads; healthy: it answers its health route, the launcher's gate checks it
+# (clients do not use it yet); ready: gated, clients send work; draining: no new sessions.
+STATES = ("starting", "healthy", "ready", "draining")
 ROOT_ENV = "GYMLAUNCH_REGISTRY_ROOT"
 NAMESPACE_ENV = "GYMLAUNCH_NAMESPACE"
 # A key for clients to send where an entry names no key file (an endpoint run outside the registry).
@@ -64,6 +68,7 @@ _JOBS_FILE = ".jobs.json"
 _OWNERS = ".owners"
 _STOP_FILE = ".stop"
 _DEATHS = ".deaths"
+_ADMITTED = ".admitted"
 
 
 def default_root() -> Path:
@@ -331,6 +336,13 @@ class Registry:
         except FileNotFoundError:
             return None
 
+    def admit(self, namespace: str, service: str, replica: int, job_id: str) -> None:
+        """The launcher's gate passed this job's engine: its server job may publish it ``ready``."""
+        _write_atomic(self.root / namespace / _ADMITTED / f"{service}-{replica}-{job_id}", b"")
+
+    def admitted(self, namespace: str, service: str, replica: int, job_id: str) -> bool:
+        return (self.root / namespace / _ADMITTED / f"{service}-{replica}-{job_id}").exists()
+
     def request_stop(self, namespace: str, by: str) -> None:
         """Ask every run using ``namespace`` to stop (``launcher.down``); ``by`` says who asked."""
         if (self.root / namespace).is_dir():
@@ -368,6 +380,13 @@ class Registry:
         except FileNotFoundError:
             return []
         return sorted(alive)
+
+    def owner_age(self, namespace: str, run_id: str) -> float | None:
+        """Seconds since ``run_id`` last heartbeated as an owner of ``namespace``; None if it is no owner."""
+        try:
+            return time.time() - (self.root / namespace / _OWNERS / run_id).stat().st_mtime
+        except FileNotFoundError:
+            return None
 
     def orphaned(self, namespace: str) -> bool:
         """No run has used ``namespace`` for ``orphan_grace_s``: its servers should stop."""

@@ -272,19 +272,15 @@ def readiness_checks(
     logprobs: bool = False,
     timeout_s: float = 30.0,
 ) -> list[CheckResult]:
-    """The gate an endpoint passes before Gym traffic: ``models`` then ``chat``, stopping at the
-    first failure (nothing else can pass then), then every requested check."""
-    results: list[CheckResult] = []
-    with make_client(api_key, timeout_s) as client:
-        for check in (check_models, check_chat):
-            results.append(check(client, base_url, model))
-            if not results[-1].ok:
-                return results
-        extra = selected_checks(tools, logprobs)
-        # Side by side: the engine batches them, so the set takes about as long as its slowest check.
-        with ThreadPoolExecutor(max_workers=max(1, len(extra))) as pool:
-            results += pool.map(lambda check: check(client, base_url, model), extra)
-    return results
+    """The gate an endpoint passes before Gym traffic: ``models``, ``chat`` and every requested
+    check. All at once (the engine batches them, so the set takes about as long as its slowest
+    check); reported as if they ran in order up to a failure of ``models`` or ``chat``: nothing
+    after can pass then, and its hint says what is wrong."""
+    checks = [check_models, check_chat, *selected_checks(tools, logprobs)]
+    with make_client(api_key, timeout_s) as client, ThreadPoolExecutor(max_workers=len(checks)) as pool:
+        results = list(pool.map(lambda check: check(client, base_url, model), checks))
+    basic_failure = next((i for i, r in enumerate(results[:2]) if not r.ok), None)
+    return results if basic_failure is None else results[:basic_failure + 1]
 
 
 def results_table(base_url: str, model: str, results: list[CheckResult]) -> Table:

@@ -57,6 +57,28 @@ def command_lines() -> dict[int, list[str]]:
     return found
 
 
+def processes_of(registry_root: Path) -> list[int]:
+    """Processes whose environment names ``registry_root``: the launcher's and every job's (the jobs'
+    controllers, the jobs, the engines they start), and nobody else's."""
+    needle = f"GYMLAUNCH_REGISTRY_ROOT={registry_root}\0".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if needle in (proc / "environ").read_bytes() + b"\0":
+                    found.append(int(proc.name))
+            except OSError:
+                pass
+    return found
+
+
+def rows(path: Path) -> list[tuple[str, int]]:
+    """The (task, repeat) of each row of a rollouts file, which must end with a whole line."""
+    data = path.read_bytes()
+    assert data.endswith(b"\n"), f"{path} ends mid-line"
+    return [(r["task_id"], r["repeat"]) for r in map(json.loads, data.splitlines())]
+
+
 def standin_pids(port: str | None = None) -> list[int]:
     """Running stand-in servers (on ``port`` only, if given)."""
     return [pid for pid, argv in command_lines().items()

@@ -107,7 +107,15 @@ def slurm_cluster():
         candidates.append({"SLURM_CONF": str(own_conf), "GYMLAUNCH_SLURM_DIR": str(DEFAULT_SLURM_DIR)})
     with pytest.MonkeyPatch.context() as mp:
         for extra in candidates:
-            if _answers({**os.environ, **extra}):
+            env = {**os.environ, **extra}
+            if _answers(env):
+                if env.get("SLURM_CONF") == str(own_conf):
+                    # start.sh's own cluster, maybe started by an older start.sh: it applies a changed
+                    # configuration (restarts the daemons), else returns in under a second.
+                    started = subprocess.run([str(SLURM_SCRIPTS / "start.sh")], capture_output=True, text=True,
+                                             timeout=900, env=env)
+                    if started.returncode:
+                        pytest.fail(f"tests/slurm/start.sh failed ({started.returncode}):\n{started.stderr[-6000:]}")
                 for key, value in extra.items():
                     mp.setenv(key, value)
                 yield SlurmCluster(env=extra, started_here=False, start_s=None)

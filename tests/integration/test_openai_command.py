@@ -42,8 +42,9 @@ WEATHER_TOOL = {
 @contextmanager
 def server_job(
     tmp_path: Path, api_key: str | None = None, command: str = COMMAND, **overrides
-) -> Iterator[tuple[multiprocessing.Process, Entry, Path]]:
-    """A server job running the stand-in, once its registry entry is ready; stopped on exit."""
+) -> Iterator[tuple[multiprocessing.Process, Entry, ServerJob]]:
+    """A server job running the stand-in, once its registry entry is ready (``healthy`` for a job the
+    launcher gates); stopped on exit."""
     key_file = None
     if api_key:
         key_file = tmp_path / "api_key"
@@ -61,7 +62,7 @@ def server_job(
     process = multiprocessing.get_context("spawn").Process(target=run, args=(job,), name="server-job")
     process.start()
     try:
-        yield process, wait_ready(process, job), job.engine_log
+        yield process, wait_for(process, job, "healthy" if job.gated else "ready"), job
     finally:
         if process.is_alive():
             process.terminate()
@@ -70,15 +71,16 @@ def server_job(
             process.kill()
 
 
-def wait_ready(process: multiprocessing.Process, job: ServerJob) -> Entry:
+def wait_for(process: multiprocessing.Process, job: ServerJob, state: str, timeout_s: float = 60) -> Entry:
+    """The job's entry once it is in ``state``; fails if the job exits first."""
     registry = Registry(job.registry.root, ttl_s=10)
-    deadline = time.monotonic() + 60
-    while not (ready := registry.ready(SERVICE, NAMESPACE)):
+    deadline = time.monotonic() + timeout_s
+    while not (found := [e for e in registry.entries(NAMESPACE, SERVICE) if e.state == state]):
         if not process.is_alive():
             pytest.fail(f"server job exited with {process.exitcode}:\n{log_tail(job.engine_log)}")
-        assert time.monotonic() < deadline, f"no ready entry in 60 s:\n{log_tail(job.engine_log)}"
-        time.sleep(0.1)
-    return ready[0]
+        assert time.monotonic() < deadline, f"no {state} entry in {timeout_s:g} s:\n{log_tail(job.engine_log)}"
+        time.sleep(0.02)
+    return found[0]
 
 
 def parent_pid(pid: int) -> int:
@@ -87,7 +89,8 @@ def parent_pid(pid: int) -> int:
 
 def test_lifecycle_start_publish_heartbeat_stop(tmp_path):
     key = "sk-itest-4f1c"
-    with server_job(tmp_path, api_key=key) as (process, entry, engine_log):
+    with server_job(tmp_path, api_key=key) as (process, entry, job):
+        engine_log = job.engine_log
         assert (entry.namespace, entry.service, entry.replica, entry.model) == (NAMESPACE, SERVICE, 0, SERVED_NAME)
         assert entry.state == "ready" and entry.engine == "openai_command"
         assert entry.base_url == f"http://127.0.0.1:{entry.port}/v1"
@@ -117,6 +120,24 @@ def test_lifecycle_start_publish_heartbeat_stop(tmp_path):
             os.kill(entry.engine_pid, 0)
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"http://127.0.0.1:{entry.port}/healthz")
+
+
+def test_a_gated_replica_is_handed_out_only_once_the_gate_admits_it(tmp_path):
+    """The launcher gates every replica (replacements too): until its checks pass, the entry is
+    ``healthy``, which no client takes; admitted, it turns ``ready`` at the job's next look (0.1 s)."""
+    with server_job(tmp_path, gated=True) as (process, entry, job):
+        registry = Registry(job.registry.root, ttl_s=10)
+        assert readiness_checks(entry.base_url, entry.model, tools=True, logprobs=True)  # it does answer
+        # Several of its heartbeats (0.3 s) later it is still not handed out.
+        until = time.monotonic() + 1.0
+        while time.monotonic() < until:
+            assert registry.ready(SERVICE, NAMESPACE) == [] and registry.entry(NAMESPACE, SERVICE, 0).state == "healthy"
+            time.sleep(0.05)
+        t0 = time.monotonic()
+        registry.admit(NAMESPACE, SERVICE, 0, entry.job_id)
+        ready = wait_for(process, job, "ready", timeout_s=5)
+        print(f"admitted -> ready in {time.monotonic() - t0:.2f}s")
+        assert ready.job_id == entry.job_id and registry.ready(SERVICE, NAMESPACE) == [ready]
 
 
 def test_the_standin_answers_as_vllm_would(tmp_path):

@@ -18,30 +18,9 @@ from launcher.executors import LocalBackend, Resources
 from launcher.spec import ClusterSpec
 from server.registry import Registry
 from server.standin import Faults, StandIn
-from tests.support import MODEL, ROOT, STANDIN, STANDIN_SERVER, launcher_env, publish
+from tests.support import MODEL, ROOT, STANDIN, STANDIN_SERVER, launcher_env, processes_of, publish, rows
 
 TEARDOWN_TARGET_S = 5.0
-
-
-def processes_of(registry_root: Path) -> list[int]:
-    """Processes whose environment names ``registry_root``: the launcher's and every job's (the jobs'
-    controllers, the jobs, the engines they start), and nobody else's."""
-    needle = f"GYMLAUNCH_REGISTRY_ROOT={registry_root}\0".encode()
-    found = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                if needle in (proc / "environ").read_bytes() + b"\0":
-                    found.append(int(proc.name))
-            except OSError:
-                pass
-    return found
-
-
-def rows(path: Path) -> list[tuple[str, int]]:
-    data = path.read_bytes()
-    assert data.endswith(b"\n"), f"{path} ends mid-line"
-    return [(r["task_id"], r["repeat"]) for r in map(json.loads, data.splitlines())]
 
 
 def interrupt_mid_collection(run_dir: Path, registry_root: Path, *overrides: str,

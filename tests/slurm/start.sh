@@ -16,6 +16,13 @@
 #   - a node with CPUs=8 (more jobs than cores), the real RealMemory, 4 fake GPUs (gres on
 #     character devices), partitions `gpu` (default) and `cpu`, accounting via slurmdbd
 #     (submitit needs sacct), no accounting enforcement;
+#   - a third partition `shared` on the same node with OverSubscribe=FORCE:16: its jobs share
+#     cores, up to 16 jobs per core (128 on 8 CPUs), so one run can hold 64+ one-CPU stand-in
+#     replicas and its collector (tests/integration/test_fleet_scale.py). `gpu` and `cpu` keep
+#     one job per core: the refusal tests rely on a node of 8 CPUs that jobs cannot share.
+#     While `shared` jobs hold the cores, jobs of `gpu`/`cpu` wait for them (same node);
+#   - a changed configuration (a knob, or this script) takes effect on a running cluster: the
+#     slurm daemons are restarted (running jobs survive it; slurmctld keeps its state);
 #   - waits (bounded) for the node to be idle and sacct to answer, and, when it started
 #     slurmctld or slurmd, for one probe job (partition cpu, name gymlaunch-probe) to end
 #     COMPLETED in accounting; on failure prints the daemons' log tails and exits non-zero.
@@ -27,7 +34,8 @@
 # Knobs (environment): GYMLAUNCH_SLURM_DIR, GYMLAUNCH_SLURM_CLUSTER (gymlaunch),
 # GYMLAUNCH_SLURM_CPUS (8), GYMLAUNCH_SLURM_GPUS (4), GYMLAUNCH_SLURM_MEMORY_MB (slurmd -C),
 # GYMLAUNCH_SLURM_PORT_BASE (6817: slurmctld, +1 slurmd, +2 slurmdbd),
-# GYMLAUNCH_SLURM_TIMEOUT_S (60, the bounded wait).
+# GYMLAUNCH_SLURM_TIMEOUT_S (60, the bounded wait), GYMLAUNCH_SLURM_JOBS_PER_CORE (16: partition
+# `shared`'s OverSubscribe=FORCE:<n>).
 set -euo pipefail
 
 DIR=${GYMLAUNCH_SLURM_DIR:-/tmp/gymlaunch-slurm}
@@ -36,6 +44,7 @@ CPUS=${GYMLAUNCH_SLURM_CPUS:-8}
 GPUS=${GYMLAUNCH_SLURM_GPUS:-4}
 PORT_BASE=${GYMLAUNCH_SLURM_PORT_BASE:-6817}
 TIMEOUT_S=${GYMLAUNCH_SLURM_TIMEOUT_S:-60}
+JOBS_PER_CORE=${GYMLAUNCH_SLURM_JOBS_PER_CORE:-16}
 PACKAGES=(slurmctld slurmd slurm-client munge slurmdbd mariadb-server)
 MARKER=.gymlaunch-slurm   # stop.sh removes $DIR only when this file is in it
 
@@ -180,6 +189,9 @@ JobCompType=jobcomp/none
 NodeName=$NODE NodeAddr=127.0.0.1 NodeHostname=$NODE CPUs=$CPUS Boards=1 SocketsPerBoard=1 CoresPerSocket=$CPUS ThreadsPerCore=1 RealMemory=$MEMORY_MB Gres=gpu:$GPUS State=UNKNOWN
 PartitionName=gpu Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 PartitionName=cpu Nodes=$NODE MaxTime=INFINITE State=UP
+# Jobs here share cores (no gang scheduling: PreemptMode is off, they all run at once): for many
+# light one-CPU jobs, e.g. 64 stand-in replicas.
+PartitionName=shared Nodes=$NODE MaxTime=INFINITE State=UP OverSubscribe=FORCE:$JOBS_PER_CORE
 EOF
 
 put "$ETC/gres.conf" 644 <<EOF

@@ -1,0 +1,37 @@
+"""launcher.console: the live view of a big fleet stays a screenful."""
+
+from __future__ import annotations
+
+import io
+
+from rich.console import Console
+
+from launcher.console import LIVE_ROWS, servers_table
+from launcher.readiness import ReplicaStatus
+
+
+class _Job:
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+
+
+def _render(table) -> str:
+    console = Console(file=io.StringIO(), width=120)
+    console.print(table)
+    return console.file.getvalue()
+
+
+def test_a_big_fleet_live_shows_counts_and_the_replicas_not_ready_only():
+    states = ["ready"] * 40 + ["checking"] * 14 + ["PENDING (Priority)"] * 10
+    replicas = [ReplicaStatus(replica=i, job=_Job(f"7_{i}"), state=s) for i, s in enumerate(states)]
+    text = _render(servers_table("policy", replicas, live=True))
+    assert "service policy: 40 ready, 14 checking, 10 PENDING (Priority)" in text
+    assert text.count(" 7_") == LIVE_ROWS and " 7_0 " not in text  # ready ones are counted, not listed
+    assert "and 8 more not ready" in text
+    assert _render(servers_table("policy", replicas)).count(" 7_") == 64  # the final table lists all
+
+
+def test_a_small_fleet_live_lists_every_replica():
+    replicas = [ReplicaStatus(replica=i, job=_Job(f"7_{i}"), state="ready") for i in range(3)]
+    text = _render(servers_table("policy", replicas, live=True))
+    assert text.count(" 7_") == 3 and "more not ready" not in text
