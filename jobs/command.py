@@ -17,6 +17,10 @@ stopped with SIGINT (its Ctrl-C shutdown) whatever happened.
 Output of each program goes to ``<run dir>/logs/<name>.log``; a non-zero exit raises
 ``CommandFailed`` naming the exit code and the log, so the job (and the run) fails.
 SIGTERM/SIGINT to the job (a cancel) stops the programs before the job ends.
+SIGUSR2 (the time-limit warning) stops them the same way and raises
+``CommandStopped`` with that signal: submitted as ``jobs.requeue.Requeueable(run)``
+the job is requeued and runs the program(s) again from the start, so a program
+that should outlive the limit must resume from its own output.
 
 Imports nothing from launcher/.
 """
@@ -71,6 +75,14 @@ GYM_OWNED_OVERRIDES = (
 )
 
 _POLL_S = 0.2
+
+
+class CommandStopped(RuntimeError):
+    """A signal stopped the programs; ``signum`` says which (SIGUSR2: the time-limit warning)."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
 
 
 class CommandFailed(RuntimeError):
@@ -347,11 +359,21 @@ def _gym(cfg: GymConfig, runner: _Runner) -> None:
         raise CommandFailed(f"ng_collect_rollouts succeeded but wrote no {cfg.output}; log {collect.log}")
 
 
-def _stop_on_signals() -> threading.Event:
-    """A cancel (SIGTERM; SIGINT by hand) stops the programs in order rather than killing the job."""
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: stop.set())
+class _Stop(threading.Event):
+    signum: int | None = None
+
+
+def _stop_on_signals() -> _Stop:
+    """A cancel (SIGTERM; SIGINT by hand) or the time-limit warning (SIGUSR2) stops the programs in
+    order rather than killing the job."""
+    stop = _Stop()
+
+    def handle(signum: int, frame: object) -> None:
+        stop.signum = stop.signum or signum
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
+        signal.signal(sig, handle)
     return stop
 
 
@@ -367,7 +389,7 @@ class _Process:
 class _Runner:
     """Starts the job's programs as children and stops them: on request, on a cancel, always."""
 
-    def __init__(self, cfg: ProcessConfig, stop: threading.Event) -> None:
+    def __init__(self, cfg: ProcessConfig, stop: _Stop) -> None:
         self.cfg, self.stop_requested = cfg, stop
         self.started: list[_Process] = []
         # Unbuffered: ng_run's readiness line and a crashing program's last words reach the log at once.
@@ -419,6 +441,8 @@ class _Runner:
         if self.stop_requested.is_set():
             for p in reversed(self.started):
                 self.stop(p)
+            if self.stop_requested.signum == signal.SIGUSR2:
+                raise CommandStopped("stopped near the time limit (SIGUSR2)", signal.SIGUSR2)
             raise CommandFailed("stopped: the job was cancelled")
 
 

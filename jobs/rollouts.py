@@ -20,6 +20,9 @@ cancel: submitit's job wrapper would only log it) or SIGINT stops it within a
 moment: no conversation starts any more, those in flight are cancelled (a row
 is one write, so none is torn), and ``collect`` raises ``CollectionStopped``;
 a re-run on the same output folder does the rest, each (task, repeat) once.
+SIGUSR2 (the time-limit warning) stops it the same way; submitted as
+``jobs.requeue.Requeueable(collect)`` the job is then requeued and that re-run
+happens by itself.
 
 Two collectors never write into one output folder: ``collect`` holds an exclusive
 lock on ``<output_dir>/.collector.lock`` (``LOCK_FILE``, this module's alone; the
@@ -124,7 +127,7 @@ class TaskFileError(ValueError):
 
 
 class CollectionStopped(RuntimeError):
-    """SIGTERM or SIGINT stopped the collection; the rows written so far stay, and a re-run on the
+    """SIGTERM, SIGINT or SIGUSR2 (the time-limit warning) stopped the collection; the rows written so far stay, and a re-run on the
     same output_dir does the rest. The message starts with "stopped", like a cancelled command job's."""
 
     def __init__(self, message: str, signum: int) -> None:
@@ -424,7 +427,7 @@ class _JsonlAppender:
 
 
 class _StopSignals:
-    """SIGTERM/SIGINT while ``collect`` runs: remembered, and the event loop is told to stop.
+    """SIGTERM/SIGINT/SIGUSR2 while ``collect`` runs: remembered, and the event loop is told to stop.
 
     The handlers only take note (a handler that raised, or logged, could land between a row's
     bytes or inside a lock); the loop sees ``wait()`` return and cancels the conversations. Installed only in the main thread (where
@@ -432,7 +435,8 @@ class _StopSignals:
     previous handlers are put back at the end: submitit's, in a job.
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    # SIGUSR2: the time-limit warning (jobs.requeue: the job is requeued once stopped)
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
 
     def __init__(self) -> None:
         self.signum: int | None = None

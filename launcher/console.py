@@ -32,7 +32,8 @@ def servers_table(service: str, replicas: list[ReplicaStatus], live: bool = Fals
         url = r.entry.base_url if r.entry else ""
         ready = f"{r.ready_after_s:.1f}s" if r.ready_after_s is not None else ""
         restarts = f"{r.restarts} ({escape(r.deaths[-1]['reason'])})" if r.deaths else str(r.restarts)
-        table.add_row(str(r.replica), escape(str(r.job.job_id)), _styled_state(r.state), escape(url), ready, restarts)
+        state = _styled_state(r.state) + (f" {escape(r.note)}" if r.note else "")
+        table.add_row(str(r.replica), escape(str(r.job.job_id)), state, escape(url), ready, restarts)
     return table
 
 

@@ -47,7 +47,7 @@ def down_service(registry: Registry, service: str, wait_s: float) -> list[str]:
 
     def remove() -> None:
         for e in entries:
-            registry.remove(e.namespace, e.service, e.replica)
+            registry.remove(e.namespace, e.service, e.replica, e.job_id)
 
     return _cancel_and_wait(by_kind, wait_s, after=remove)
 

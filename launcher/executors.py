@@ -59,6 +59,9 @@ class Resources:
     cpus_per_task: int | None = None
     mem_gb: float | None = None
     count: int = 1
+    # Requeues near the time limit (submitit's checkpoint protocol): the job's function must have a
+    # ``checkpoint`` method (jobs.requeue.Requeueable); 0: a job that reaches its limit ends.
+    requeues: int = 0
     what: str = ""  # for people: "policy server replica", "rollouts job"
     # The config key behind each value (partition, cpus_per_task, mem_gb, gpus, timeout_min, count),
     # named in refusals; a value left None falls back to cluster.<field>.
@@ -141,6 +144,15 @@ class Backend:
     def pending_reason(self, job: submitit.Job) -> str | None:
         return None
 
+    def time_left(self, job: submitit.Job) -> float | None:
+        """Seconds until the scheduler ends the running ``job`` at its time limit; None while it does
+        not run, or when it has no limit."""
+        return None
+
+    def drain(self, job: submitit.Job) -> None:
+        """Send ``job`` the warning its time limit would (SIGUSR2): a server drains, then ends."""
+        raise NotImplementedError
+
     def never_starts(self, job: submitit.Job) -> str | None:
         """Why a pending ``job`` can never start as things stand (e.g. the run's own jobs hold what
         it waits for), once that is certain; None while it may still start."""
@@ -194,11 +206,35 @@ class LocalBackend(Backend):
     kind = "local"
     stop_poll_s = 0.05  # a poll() of the controller process: cheap
 
+    def __init__(self, cluster: ClusterSpec, folder: Path) -> None:
+        super().__init__(cluster, folder)
+        self._ends_at: dict[str, float] = {}  # job id -> when its controller ends it (monotonic)
+
     def _executor(self, res: Resources) -> submitit.Executor:
         # A fresh executor per submission: submitit's update_parameters cannot unset a value.
-        executor = submitit.LocalExecutor(folder=self.folder / "%j")
-        executor.update_parameters(timeout_min=res.timeout_min, gpus_per_node=res.gpus)
+        executor = submitit.LocalExecutor(folder=self.folder / "%j", max_num_timeout=res.requeues)
+        # USR2 this long before the limit, as on Slurm: servers drain, requeueable jobs requeue.
+        executor.update_parameters(timeout_min=res.timeout_min, gpus_per_node=res.gpus,
+                                   signal_delay_s=self.cluster.signal_delay_s)
         return executor
+
+    def _submitted(self, jobs: Sequence[submitit.Job], res: Resources) -> None:
+        # A local job runs from its submission on; its controller ends it timeout_min later (and
+        # starts that clock again when the job requeues itself, which a server never does).
+        for job in jobs:
+            self._ends_at[str(job.job_id)] = time.monotonic() + res.timeout_min * 60
+
+    def time_left(self, job: submitit.Job) -> float | None:
+        ends_at = self._ends_at.get(str(job.job_id))
+        return None if ends_at is None or self.finished(job) else ends_at - time.monotonic()
+
+    def drain(self, job: submitit.Job) -> None:
+        # To the job's tasks: the controller takes only SIGTERM from outside (USR2 would kill it).
+        for pid in _children(int(job.job_id)):
+            try:
+                os.kill(pid, signal.SIGUSR2)
+            except ProcessLookupError:
+                pass
 
     def jobs_from_ids(self, job_ids: Sequence[str]) -> list[submitit.Job]:
         return [submitit.local.local.LocalJob(self.folder / "%j", job_id) for job_id in job_ids]
@@ -272,6 +308,7 @@ class SlurmBackend(Backend):
         self._view: tuple[float, slurm_fit.ClusterView] | None = None
         self._config: slurm_fit.ClusterConfig | None = None
         self._queue: tuple[float, dict[str, slurm_fit.QueuedJob]] = (-1e9, {})
+        self._left: dict[str, float] = {}  # running job id -> seconds to its time limit, at the snapshot
         self._verdicts: dict[str, slurm_fit.Verdict | None] = {}  # for the current queue snapshot
         self._never_since: dict[str, tuple[float, float]] = {}  # job id -> (first seen, its snapshot)
         self._groups: dict[tuple[str, str], tuple[float, list[str]]] = {}  # (qos|account, name) -> running ids
@@ -296,7 +333,7 @@ class SlurmBackend(Backend):
         return {k: v for k, v in params.items() if v is not None}
 
     def _executor(self, res: Resources) -> submitit.Executor:
-        executor = submitit.SlurmExecutor(folder=self.folder / "%j", max_num_timeout=0)
+        executor = submitit.SlurmExecutor(folder=self.folder / "%j", max_num_timeout=res.requeues)
         executor.update_parameters(**self._params(res))
         return executor
 
@@ -410,10 +447,13 @@ class SlurmBackend(Backend):
         """This user's queue, at most one squeue call per ``_SQUEUE_EVERY_S`` for all jobs."""
         if time.monotonic() - self._queue[0] >= _SQUEUE_EVERY_S:
             try:
-                out = _run(["squeue", "-h", "-r", "-u", getpass.getuser(), "-o", slurm_fit.QUEUE_FORMAT])
+                # The same call also says how long each job has left (%L): no call of its own.
+                out = _run(["squeue", "-h", "-r", "-u", getpass.getuser(), "-o", "%L|" + slurm_fit.QUEUE_FORMAT])
             except (OSError, subprocess.SubprocessError):
                 out = ""
-            self._queue = (time.monotonic(), slurm_fit.parse_queue(out))
+            rows = [line.split("|", 1) for line in out.splitlines() if "|" in line]
+            self._queue = (time.monotonic(), slurm_fit.parse_queue("\n".join(row for _, row in rows)))
+            self._left = {row.split("|", 1)[0].strip(): left for left, row in rows}
             self._verdicts = {}
         return self._queue
 
@@ -445,6 +485,23 @@ class SlurmBackend(Backend):
                 ids = []
             self._groups[(kind, name)] = (time.monotonic(), ids)
         return ids
+
+    def time_left(self, job: submitit.Job) -> float | None:
+        """From the queue snapshot (squeue's %L, for every job in one call)."""
+        taken, queue = self._snapshot()
+        job_id = str(job.job_id)
+        row = queue.get(job_id)
+        if row is None or not row.running:
+            return None
+        try:
+            left_min = slurm_fit.minutes(self._left.get(job_id, ""))
+        except ValueError:  # INVALID, NOT_SET
+            return None
+        return None if left_min is None else left_min * 60 - (time.monotonic() - taken)
+
+    def drain(self, job: submitit.Job) -> None:
+        # To the job's steps (where the server runs under srun), as Slurm's own --signal does.
+        subprocess.run(["scancel", "--signal=USR2", str(job.job_id)], capture_output=True, text=True)
 
     def pending_reason(self, job: submitit.Job) -> str | None:
         """Slurm's reason, with what to do when it will not resolve by itself."""

@@ -19,6 +19,7 @@ from rich.markup import escape
 from rich.text import Text
 
 from jobs.command import Endpoints, GymConfig, run as run_command
+from jobs.requeue import Requeueable
 from jobs.rollouts import collect
 from launcher import console as views
 from launcher import exit_codes
@@ -146,7 +147,8 @@ class Run:
         self.fleet = Fleet(
             FleetSettings(service=s.service, namespace=self.namespace, startup_timeout_s=s.startup_timeout_s,
                           max_restarts=s.max_restarts, no_replica_grace_s=s.no_replica_grace_s,
-                          replaces=self.took_over or not self.joined),
+                          replaces=self.took_over or not self.joined, time_limit_s=self.spec.cluster.timeout_min * 60,
+                          signal_delay_s=self.spec.cluster.signal_delay_s, rollover_lead_s=s.rollover_lead_s),
             self.backend, self.registry, self.pool.jobs, self._server_job, server_resources(self.spec),
             self._checks, self._engine_log, say=lambda text: self._say(escape(text), "yellow"),
             before_death=self._check_stop_request,
@@ -237,7 +239,7 @@ class Run:
             job.collector, output_dir=str(self.run_dir), namespace=self.namespace, registry=self.registry,
         )
         total = job.num_rollouts
-        submitted = self._submit(collect, collector, job, "rollouts")
+        submitted = self._submit(Requeueable(collect), collector, job, "rollouts")
         self._say(f"submitted rollouts: job {submitted.job_id}, {total} rollouts")
         rollouts, failures = GrowingLines(self.run_dir / "rollouts.jsonl"), GrowingLines(self.run_dir / "failures.jsonl")
         progress = views.rollout_progress(self.console)
@@ -263,7 +265,7 @@ class Run:
             base_urls=[e.base_url for e in entries], model=entries[0].model, api_key_file=entries[0].api_key_file,
         )
         process = dataclasses.replace(job.process, run_dir=str(self.run_dir), endpoints=endpoints)
-        submitted = self._submit(run_command, process, job, job.kind)
+        submitted = self._submit(Requeueable(run_command), process, job, job.kind)
         self._say(f"submitted {job.kind}: job {submitted.job_id}, logs in {escape(str(process.log_dir))}")
         with self.console.status(f"{job.kind} running") as status:
             self._watch(submitted, lambda state: status.update(escape(f"{job.kind} running {state}")))
@@ -280,9 +282,18 @@ class Run:
     def _watch(self, submitted, show: Callable[[str], None]) -> None:
         """Until the job that uses the service ends: the service watched (and healed) every poll, the
         job's state shown (blank while it runs)."""
+        state = None
         while not self.backend.finished(submitted):
             self._check_servers_alive()
-            show(self._job_state(submitted))
+            previous, state = state, self._job_state(submitted)
+            # Running, then pending again: requeued at its time limit (jobs/requeue.py; Slurm only, a
+            # local job's controller restarts it unseen).
+            # Slurm holds a requeued job with reason BeginTime; accounting that lags behind the queue
+            # may say PENDING for a job already running, which is no requeue.
+            if previous == "" and state.startswith(("job PENDING (BeginTime", "job REQUEUED")):
+                self._say(escape(f"job {submitted.job_id} requeued near its time limit; it resumes ({state})"),
+                          "yellow")
+            show(state)
             time.sleep(_POLL_S)
 
     def _submit(self, fn, arg, job: RolloutsJob | CommandJob, label: str):
@@ -439,6 +450,7 @@ class Run:
                     "restarts": r.restarts,
                     "deaths": r.deaths,
                     "down_s": round(r.down_s, 2),
+                    "rollovers": r.rollovers,  # time-limit handovers to a successor job (not deaths)
                 }
                 for r in self.replicas
             ],
@@ -478,15 +490,17 @@ def job_resources(spec: RunSpec, job: RolloutsJob | CommandJob, label: str) -> R
     return Resources(
         name=f"{spec.run.name}-{label}", timeout_min=job.timeout_min, partition=job.partition,
         cpus_per_task=job.cpus_per_task, mem_gb=job.mem_gb, what=f"{label} job",
+        requeues=job.max_requeues,
         keys={k: f"job.{k}" for k in ("timeout_min", "partition", "cpus_per_task", "mem_gb")},
     )
 
 
 def _job_error(e: Exception) -> str:
-    """A job's own message (``CommandFailed``: exit code and log tail; ``CollectionStopped``) without
+    """A job's own message (``CommandFailed``: exit code and log tail; ``CollectionStopped``;
+    ``NotRequeued``: stopped at its time limit with its requeues used up) without
     submitit's traceback and footer around it."""
     text = str(e)
-    for marker in ("CommandFailed: ", "CollectionStopped: ", "OutputBusy: "):
+    for marker in ("CommandFailed: ", "CollectionStopped: ", "OutputBusy: ", "NotRequeued: "):
         if marker in text:
             return text.rsplit(marker, 1)[1].split("\n----------------------")[0].strip()
     return text

@@ -32,10 +32,18 @@ class ReplicaStatus:
     gating: Future | None = None  # its readiness checks, running (Gate)
     entry: Entry | None = None
     checks: list[CheckResult] = field(default_factory=list)
-    # Kept across replacements of this replica (launcher/fleet.py).
+    # Kept across the jobs of this replica (replacements, rollovers: launcher/fleet.py).
     restarts: int = 0
     deaths: list[dict] = field(default_factory=list)  # job_id, reason, when (starting | in use), at
     down_s: float = 0.0  # time this replica was not ready after a death
+    # Time-limit rollovers: job_id (the one that ended), successor, why, at, successor_ready_s
+    rollovers: list[dict] = field(default_factory=list)
+    note: str = ""  # for the live view: a successor on its way
+
+
+# What belongs to the replica's current job; the rest of ``ReplicaStatus`` is the replica's.
+JOB_FIELDS = ("job", "state", "submitted_at", "running_since", "ready_after_s", "gate_s", "healthy_at", "gating",
+              "entry", "checks")
 
 
 class Gate:
@@ -92,7 +100,7 @@ def step(
         return "ended"
     if status.running_since is None and job_state == "RUNNING":
         status.running_since = time.monotonic()
-    entry = registry.entry(namespace, service, status.replica)
+    entry = registry.entry(namespace, service, status.replica, str(status.job.job_id))
     status.entry = entry or status.entry
     if job_state == "PENDING" and (why := backend.never_starts(status.job)):
         raise ServerFailed(why)

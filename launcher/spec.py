@@ -96,7 +96,9 @@ class ClusterSpec:
     srun_args: list[str] = field(default_factory=list)
     # any other sbatch option, e.g. {reservation: rl, mail_type: FAIL}
     additional_parameters: dict[str, Any] = field(default_factory=dict)
-    signal_delay_s: int = 120  # USR2 this long before the time limit: servers drain in-flight requests
+    # USR2 this long before the time limit (local jobs too): servers drain in-flight requests, the
+    # rollouts/command job stops and is requeued
+    signal_delay_s: int = 120
     # Before submitting, compare the run's requests with what the partitions' nodes have (scontrol) and
     # refuse what can never run; false: submit as asked (the pending-job checks still apply)
     fit_check: bool = True
@@ -105,8 +107,8 @@ class ClusterSpec:
         checks.require(self.kind in CLUSTER_KINDS, "kind",
                        f"{self.kind!r} is not supported; choose one of {list(CLUSTER_KINDS)}")
         checks.at_least(self, "timeout_min", 1)
+        checks.at_least(self, "signal_delay_s", 0)
         if self.kind == "slurm":
-            checks.at_least(self, "signal_delay_s", 0)
             checks.above(self, "mem_gb", 0, or_null=True)
 
 
@@ -148,6 +150,9 @@ class ServerSpec(EngineSpec, ServerSettings):
     gpus_per_replica: int
     max_restarts: int  # replacements per replica when its job dies (launcher/fleet.py)
     no_replica_grace_s: float  # the run fails when no replica has been ready for this long
+    # A replica's successor is submitted this long before its job's time limit (launcher/fleet.py);
+    # None: automatic (cluster.signal_delay_s + 3x the slowest start seen); 0: no rollover.
+    rollover_lead_s: float | None
     # "generate": a fresh key per run; null: no key; else a file (mode 0600) holding the key.
     api_key: str | None
 
@@ -161,6 +166,7 @@ class ServerSpec(EngineSpec, ServerSettings):
         checks.at_least(self, "replicas", 1)
         checks.at_least(self, "max_restarts", 0)
         checks.above(self, "no_replica_grace_s", 0)
+        checks.at_least(self, "rollover_lead_s", 0, or_null=True)
         checks.at_least(self, "gpus_per_replica", 0)
         checks.must(self, "port", "in 1..65535 or null", lambda v: v is None or 1 <= v <= 65535)
         checks.require(self.port is None or self.replicas == 1, "port",
@@ -198,9 +204,12 @@ class _JobSubmission:
     partition: Optional[str]
     cpus_per_task: Optional[int]
     mem_gb: Optional[float]
+    # Near its time limit the job stops, is requeued (submitit's checkpoint) and resumes, this often at most.
+    max_requeues: int
 
     def validate(self, checks: Checks) -> None:
         checks.at_least(self, "timeout_min", 1)
+        checks.at_least(self, "max_requeues", 0)
 
 
 _SUBMISSION_KEYS = tuple(f.name for f in dataclasses.fields(_JobSubmission))
@@ -450,6 +459,12 @@ def _check_across(spec: RunSpec, checks: Checks) -> None:
             f"{s.gpus_per_replica} GPUs do not fit on one node (cluster.gpus_per_node={c.gpus_per_node}); "
             "multi-node replicas are not supported",
         )
+    lead = s.rollover_lead_s
+    if lead:  # the successor must be submitted before Slurm's warning drains the old job, within the limit
+        checks.require(lead > c.signal_delay_s and lead < c.timeout_min * 60, "server.rollover_lead_s",
+                       f"must be above cluster.signal_delay_s ({c.signal_delay_s}) and below the time limit "
+                       f"(cluster.timeout_min={c.timeout_min}: {c.timeout_min * 60}s), or 0 (no rollover) or "
+                       f"null (automatic), got {lead}")
     if spec.policy is not None:
         _check_policy_agrees(spec.policy, s, checks)
     _check_parser(spec, checks)

@@ -6,9 +6,11 @@ route, publishes the replica in the registry and heartbeats. A job the launcher
 gates stays ``healthy`` (clients do not use it) until the launcher's readiness
 checks admit it, and only then turns ``ready``. SIGTERM/SIGINT or
 an engine crash remove the entry and stop the engine's whole process group.
-SIGUSR2 (Slurm's warning before the time limit, as submitit asks for it) drains
-first: the entry turns ``draining`` so clients start no new sessions on it, and
-in-flight requests get up to ``drain_grace_s`` to finish. The engine also gets
+SIGUSR2 (Slurm's warning before the time limit, as submitit asks for it, or the
+launcher's fleet once this replica's successor is ready) drains first: the entry
+turns ``draining`` so clients send it nothing new, and in-flight requests get up
+to ``drain_grace_s`` to finish; the job then ends on its own (COMPLETED). Each job
+has an entry of its own, so a successor serves beside it meanwhile. The engine also gets
 SIGTERM from the kernel if this supervisor dies without cleaning up
 (``server.process``): no orphaned GPU process.
 
@@ -45,6 +47,10 @@ _PICKED_PORTS = Path(tempfile.gettempdir()) / f"gymlaunch-picked-ports-{os.getui
 _PICK_WINDOW_S = 1800.0
 _PICK_ATTEMPTS = 50
 _DRAIN_POLL_S = 0.5
+# A draining replica stops no sooner than this after its entry turned ``draining``, even with nothing
+# in flight: clients re-read the registry every few seconds (jobs.pool.EndpointPool.refresh_s, 2 s),
+# and one that has not yet seen the state could still send it a request.
+_DRAIN_SETTLE_S = 5.0
 # Prometheus gauges of requests an engine still owes an answer (SGLang's need --enable-metrics;
 # without them draining waits the whole grace period).
 _IN_FLIGHT_METRICS = (
@@ -120,7 +126,7 @@ def run(job: ServerJob) -> None:
                 _wait_healthy(job, engine, entry, launch.health_path, signals.stop, registry)
                 break
             except EngineFailed as e:
-                registry.remove(job.namespace, job.service, job.replica)
+                registry.remove(job.namespace, job.service, job.replica, entry.job_id)
                 retry = job.port is None and "address already in use" in str(e).lower()
                 if not retry or attempt == _PORT_ATTEMPTS - 1:
                     raise
@@ -137,7 +143,8 @@ def run(job: ServerJob) -> None:
         registry.record_death(job.namespace, job.service, job.replica, _job_id(), e.reason)
         raise
     finally:
-        registry.remove(job.namespace, job.service, job.replica)
+        # Its own entry only: a successor of the same replica may already serve beside it.
+        registry.remove(job.namespace, job.service, job.replica, _job_id())
         if engine is not None:
             process.stop(engine, job.stop_grace_s)
 
@@ -154,7 +161,7 @@ class _Signals:
 
 
 def _serve(job: ServerJob, engine: subprocess.Popen, entry: Entry, registry: Registry, signals: _Signals) -> None:
-    drain_deadline = None
+    drain_deadline = settled_at = None
     while not signals.stop.wait(_DRAIN_POLL_S if drain_deadline else registry.heartbeat_s):
         if engine.poll() is not None:
             raise _died(job, engine)
@@ -164,10 +171,11 @@ def _serve(job: ServerJob, engine: subprocess.Popen, entry: Entry, registry: Reg
         if signals.drain.is_set() and drain_deadline is None:
             log.info("draining: no new sessions, up to %.0fs for in-flight requests", job.drain_grace_s)
             drain_deadline = time.monotonic() + job.drain_grace_s
+            settled_at = time.monotonic() + min(_DRAIN_SETTLE_S, job.drain_grace_s)
             registry.heartbeat(entry, state="draining")
         if drain_deadline is not None:
             in_flight = in_flight_requests(entry, job.bind_host)
-            if in_flight == 0 or time.monotonic() >= drain_deadline:
+            if (in_flight == 0 and time.monotonic() >= settled_at) or time.monotonic() >= drain_deadline:
                 log.info("drained (%s requests in flight); stopping", in_flight)
                 return
         registry.heartbeat(entry)

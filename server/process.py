@@ -52,6 +52,11 @@ def _child_setup(death_signal: int) -> None:
     os.setpgid(0, 0)
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, death_signal)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    # The time-limit warning (SIGUSR2) is the job's to act on (a server drains, then stops its engine;
+    # a command job stops its programs), but Slurm sends it to every process of the job: its default
+    # action would kill the child at once, failing the requests in flight. Ignored stays ignored
+    # across exec.
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
 
 def signal_group(pid: int, sig: int) -> None:

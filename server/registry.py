@@ -13,7 +13,9 @@
         .deaths/<service>-<replica>-<job id>   why that replica's engine died (its server job writes it)
         .admitted/<service>-<replica>-<job id> the launcher's readiness gate passed that job's engine:
                                       its entry may turn ``ready`` (``healthy`` until then)
-        <service>/<replica>.json      one entry per replica (0600), what clients read
+        <service>/<replica>-<job id>.json   one entry per replica's job (0600), what clients read; a
+                                      replica's successor (a time-limit rollover) has its own
+                                      while both run
 
 Writers replace a file atomically (temp file + fsync + ``os.replace``), so a
 reader sees either the old or the new file, never half of one. Readers take no
@@ -171,12 +173,14 @@ class Registry:
 
     # ------------------------------------------------------------ entries
 
-    def path(self, namespace: str, service: str, replica: int) -> Path:
-        return self.root / namespace / service / f"{replica}.json"
+    def path(self, namespace: str, service: str, replica: int, job_id: str) -> Path:
+        # Per job, not per replica: a replica's successor publishes beside the job it takes over
+        # from, and the old one's drain removes its own entry only.
+        return self.root / namespace / service / f"{replica}-{job_id}.json"
 
     def publish(self, entry: Entry) -> Path:
         """Write (or replace) ``entry`` atomically."""
-        target = self.path(entry.namespace, entry.service, entry.replica)
+        target = self.path(entry.namespace, entry.service, entry.replica, entry.job_id)
         _write_atomic(target, json.dumps(entry.to_json(), indent=1).encode())
         return target
 
@@ -188,26 +192,32 @@ class Registry:
         self.publish(entry)
         return entry
 
-    def remove(self, namespace: str, service: str, replica: int) -> bool:
-        path = self.path(namespace, service, replica)
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            return False
-        _prune_empty(path.parent, stop=self.root)
-        return True
+    def remove(self, namespace: str, service: str, replica: int, job_id: str | None = None) -> bool:
+        """Remove the entry of ``replica``'s job ``job_id`` (None: of every job of it); whether one was there."""
+        folder = self.root / namespace / service
+        paths = [self.path(namespace, service, replica, job_id)] if job_id is not None else \
+            list(folder.glob(f"{replica}-*.json"))
+        removed = False
+        for path in paths:
+            try:
+                path.unlink()
+                removed = True
+            except FileNotFoundError:
+                pass
+        _prune_empty(folder, stop=self.root)
+        return removed
 
     def entries(self, namespace: str | None = None, service: str | None = None) -> list[Entry]:
-        """Every entry that parses, sorted by (namespace, service, replica)."""
+        """Every entry that parses, sorted by (namespace, service, replica, job id)."""
         out = []
         for path in self._files(namespace, service):
             entry = read_entry(path)
             if entry is not None:
                 out.append(entry)
-        return sorted(out, key=lambda e: (e.namespace, e.service, e.replica))
+        return sorted(out, key=lambda e: (e.namespace, e.service, e.replica, e.job_id))
 
-    def entry(self, namespace: str, service: str, replica: int) -> Entry | None:
-        return read_entry(self.path(namespace, service, replica))
+    def entry(self, namespace: str, service: str, replica: int, job_id: str) -> Entry | None:
+        return read_entry(self.path(namespace, service, replica, job_id))
 
     def ready(self, service: str, namespace: str | None = None) -> list[Entry]:
         """Entries that a client may send new work to: ``ready`` and heartbeating."""
@@ -269,7 +279,7 @@ class Registry:
         """Remove ``namespace`` whole (entries, key, run records); returns how many entries were left."""
         entries = self.entries(namespace)
         for e in entries:
-            self.remove(e.namespace, e.service, e.replica)
+            self.remove(e.namespace, e.service, e.replica, e.job_id)
         shutil.rmtree(self.root / namespace, ignore_errors=True)
         return len(entries)
 

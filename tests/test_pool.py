@@ -333,11 +333,11 @@ def test_refresh_parses_only_files_that_changed(tmp_path, monkeypatch):
     assert len(pool.endpoints()) == 64 and parsed == []
     registry.heartbeat(entries[5])
     registry.heartbeat(entries[9], state="draining")
-    assert len(pool.endpoints()) == 63 and sorted(p.name for p in parsed) == ["5.json", "9.json"]
+    assert len(pool.endpoints()) == 63 and sorted(p.name for p in parsed) == ["5-test-5.json", "9-test-9.json"]
     parsed.clear()
     registry.remove(NS, SERVICE, 7)
-    (tmp_path / NS / SERVICE / "70.json").write_text("{not json")
-    assert len(pool.endpoints()) == 62 and [p.name for p in parsed] == ["70.json"]
+    (tmp_path / NS / SERVICE / "70-test-70.json").write_text("{not json")
+    assert len(pool.endpoints()) == 62 and [p.name for p in parsed] == ["70-test-70.json"]
     parsed.clear()
     assert len(pool.endpoints()) == 62 and parsed == []  # a broken file is not parsed (nor logged) again
 

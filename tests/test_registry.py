@@ -25,7 +25,7 @@ def test_publish_read_remove_roundtrip(tmp_path):
     reg = Registry(tmp_path)
     entry = make_entry(replica=3)
     path = reg.publish(entry)
-    assert path == tmp_path / "ns" / "policy" / "3.json"
+    assert path == tmp_path / "ns" / "policy" / "3-1.json"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert reg.entries() == [entry]
     assert json.loads(path.read_text())["base_url"] == "http://127.0.0.1:8000/v1"
@@ -205,3 +205,20 @@ def test_a_run_waiting_on_a_removed_pool_lock_locks_again(tmp_path):
     stopper.join()
     assert order == ["stopped", "joined", "third"]
     assert (tmp_path / ".pool-b.lock").exists()  # its new pool lives: so does its lock
+
+
+def test_a_replicas_successor_publishes_beside_it_and_each_removes_only_its_own(tmp_path):
+    """A time-limit rollover: the old job and its successor serve the same replica index at once."""
+    reg = Registry(tmp_path)
+    old, successor = make_entry(replica=1), make_entry(replica=1, port=8001)
+    successor.job_id = "2"
+    reg.publish(old)
+    reg.publish(successor)
+    assert reg.entries() == [old, successor]
+    assert reg.entry("ns", "policy", 1, "2") == successor
+    reg.heartbeat(old, state="draining")
+    assert [e.port for e in reg.ready("policy", "ns")] == [8001]
+    assert reg.remove("ns", "policy", 1, "1")  # the old job's drain ends: its own entry only
+    assert reg.entries() == [successor]
+    assert reg.remove("ns", "policy", 1)  # without a job id: every job of the replica
+    assert reg.entries() == [] and not (tmp_path / "ns").exists()

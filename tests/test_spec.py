@@ -110,6 +110,11 @@ BAD = [
     ([*GYM, "job.collect_args=['++output_jsonl_fpath=x']"], "job.collect_args"),
     ([*GYM, "+job.command=x"], "job.command"),
     (["server.replicas=0"], "server.replicas"),
+    (["server.rollover_lead_s=-1"], "server.rollover_lead_s"),
+    (["server.rollover_lead_s=60", "cluster.signal_delay_s=120"], "server.rollover_lead_s"),  # after the warning
+    (["server.rollover_lead_s=130", "cluster.signal_delay_s=120", "cluster.timeout_min=2"], "server.rollover_lead_s"),
+    (["job.max_requeues=-1"], "job.max_requeues"),
+    (["cluster.signal_delay_s=-1"], "cluster.signal_delay_s"),
     (["server.replicas=abc"], "server.replicas"),
     (["server.max_model_len=-5"], "server.max_model_len"),
     (["server.kv_cache_memory_bytes=0"], "server.kv_cache_memory_bytes"),
