@@ -355,7 +355,7 @@ class Run:
             resume.stop_jobs(old.cluster, old.job_ids, self.backend.folder,
                              max(grace_s, self.spec.server.stop_grace_s), say, "job writing into this folder")
         self.resumed_from = {"run_id": old.run_id if old else None,
-                             "rollouts_before": _count_lines(self.run_dir / "rollouts.jsonl")}
+                             "rollouts_before": GrowingLines(self.run_dir / "rollouts.jsonl")()}
         self._say(escape(f"resuming {self.run_dir} (run {self.resumed_from['run_id'] or 'unrecorded'}): "
                          f"{self.resumed_from['rollouts_before']} rollouts already written"))
         s = self.spec.server

@@ -131,7 +131,7 @@ def test_a_gated_replica_is_handed_out_only_once_the_gate_admits_it(tmp_path):
         # Several of its heartbeats (0.3 s) later it is still not handed out.
         until = time.monotonic() + 1.0
         while time.monotonic() < until:
-            assert registry.ready(SERVICE, NAMESPACE) == [] and registry.entry(NAMESPACE, SERVICE, 0).state == "healthy"
+            assert registry.ready(SERVICE, NAMESPACE) == [] and registry.entry(NAMESPACE, SERVICE, 0, entry.job_id).state == "healthy"
             time.sleep(0.05)
         t0 = time.monotonic()
         registry.admit(NAMESPACE, SERVICE, 0, entry.job_id)
