@@ -1,5 +1,5 @@
 """What the Slurm test cluster (tests/slurm/start.sh: one node, 8 CPUs, ~23.5 GB, 4 gres GPUs,
-partitions gpu and cpu) can never run is refused before submission, sbatch's own refusals come
+partitions gpu, cpu and shared) can never run is refused before submission, sbatch's own refusals come
 without a traceback, and a run whose jobs starve each other fails fast: always with the numbers
 and the key to change, and leaving no job and no registry namespace. Real Slurm, real submitit."""
 
@@ -71,7 +71,7 @@ def test_memory_no_node_has_is_refused_before_submission(slurm_cluster, tmp_path
      "server.gpus_per_replica: 5 GPUs per replica, but the only node of partition gpu (vm) has 4 "
      "(gres gpu:4); a replica runs on one node: set server.gpus_per_replica <= 4"),
     (["job.partition=cpus"],
-     "job.partition: partition 'cpus' does not exist; this cluster has gpu (default), cpu: "
+     "job.partition: partition 'cpus' does not exist; this cluster has gpu (default), cpu, shared: "
      "set job.partition to one of them"),
 ], ids=["cpus", "gpus", "unknown partition"])
 def test_what_no_node_has_is_refused_before_submission(slurm_cluster, tmp_path, overrides, message):
