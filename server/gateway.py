@@ -250,30 +250,30 @@ class Gateway:
         self.view.eject(up.key)
         self._sync()
 
-    async def _refresh_forever(self) -> None:
+    async def _every(self, interval_s: float, step) -> None:
+        """``step()`` every ``interval_s``, for as long as the gateway serves."""
         while True:
-            await asyncio.sleep(self.settings.refresh_s)
+            await asyncio.sleep(interval_s)
             try:
-                files = await asyncio.to_thread(self.view.scan)
-            except OSError as e:  # a hiccup of the shared filesystem: keep what we know
-                log.warning("registry scan failed: %s", e)
-                continue
-            self.view.apply(files)
-            self._sync()
+                await step()
+            except OSError as e:  # a hiccup of the shared filesystem (an entry, a key file): keep what we know
+                log.warning("%s failed: %s", step.__name__, e)
 
-    async def _check_health_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.health_interval_s)
-            ready = [up for up in self.upstreams.values()
-                     if up.entry.state == "ready" and up.entry.is_fresh(self.registry.ttl_s)]
-            results = await asyncio.gather(*(self._healthy(up) for up in ready))
-            for up, ok in zip(ready, results):
-                if ok and up.key in self.view.ejected:
-                    log.warning("replica %s of %s answers its health check again", up.key, self.service)
-                    self.view.readmit(up.key)
-                    self._sync()
-                elif not ok:
-                    self._eject(up, "its health check failed")
+    async def _refresh(self) -> None:
+        self.view.apply(await asyncio.to_thread(self.view.scan))
+        self._sync()
+
+    async def _check_health(self) -> None:
+        ready = [up for up in self.upstreams.values()
+                 if up.entry.state == "ready" and up.entry.is_fresh(self.registry.ttl_s)]
+        results = await asyncio.gather(*(self._healthy(up) for up in ready))
+        for up, ok in zip(ready, results):
+            if ok and up.key in self.view.ejected:
+                log.warning("replica %s of %s answers its health check again", up.key, self.service)
+                self.view.readmit(up.key)
+                self._sync()
+            elif not ok:
+                self._eject(up, "its health check failed")
 
     async def _healthy(self, up: Upstream) -> bool:
         try:
@@ -465,7 +465,8 @@ class Gateway:
         try:
             self.view.refresh()
             self._sync()
-            tasks = [asyncio.create_task(self._refresh_forever()), asyncio.create_task(self._check_health_forever())]
+            tasks = [asyncio.create_task(self._every(self.settings.refresh_s, self._refresh)),
+                     asyncio.create_task(self._every(self.settings.health_interval_s, self._check_health))]
             config = uvicorn.Config(self.app, http="httptools", access_log=False, log_level="warning",
                                     server_header=False, lifespan="off", timeout_keep_alive=60,
                                     timeout_graceful_shutdown=10)

@@ -66,6 +66,19 @@ def gateway(tmp_path):
         gw.stop()
 
 
+@pytest.fixture
+def served(tmp_path, standins, gateway):
+    """``start(count, faults=None, **settings)``: that many stand-ins (each with ``Faults(**faults)``)
+    published as SERVICE's replicas 0, 1, ..., and a gateway over them."""
+
+    def start(count: int, faults: dict | None = None, **settings) -> tuple[list[StandIn], GatewayThread]:
+        servers = standins(count, **(faults or {}))
+        publish(tmp_path, servers)
+        return servers, gateway(**settings)
+
+    return start
+
+
 def http(gw: GatewayThread, **kw) -> httpx.Client:
     return httpx.Client(base_url=gw.url, timeout=30, trust_env=False, **kw)
 
@@ -73,10 +86,8 @@ def http(gw: GatewayThread, **kw) -> httpx.Client:
 # ---------------------------------------------------------------- routes
 
 
-def test_routes_pass_through_unchanged(tmp_path, standins, gateway):
-    (server,) = standins(1)
-    publish(tmp_path, [server])
-    gw = gateway()
+def test_routes_pass_through_unchanged(served):
+    (server,), gw = served(1)
     with http(gw) as c:
         sent = chat("hi", user="u1", temperature=0.5)
         r = c.post(CHAT, json=sent, headers={"X-Trace": "t1"})
@@ -192,10 +203,8 @@ def test_streaming_passes_through_event_for_event(tmp_path, gateway):
 # ---------------------------------------------------------------- routing
 
 
-def test_sessions_stick_to_one_replica(tmp_path, standins, gateway):
-    servers = standins(3)
-    publish(tmp_path, servers)
-    gw = gateway()
+def test_sessions_stick_to_one_replica(served):
+    servers, gw = served(3)
     with http(gw) as c:
         for turn in range(3):
             for i in range(30):
@@ -215,10 +224,8 @@ def test_sessions_stick_to_one_replica(tmp_path, standins, gateway):
 
 
 @pytest.mark.parametrize("policy", ["sticky_least_loaded", "least_loaded"])
-def test_least_loaded_spreads_requests_in_flight(tmp_path, standins, gateway, policy):
-    servers = standins(3)
-    publish(tmp_path, servers)
-    gw = gateway(policy=policy)
+def test_least_loaded_spreads_requests_in_flight(served, policy):
+    servers, gw = served(3, policy=policy)
     for s in servers:
         s.gate.clear()  # chat completions are held in flight until the gate opens
 
@@ -240,10 +247,8 @@ def test_least_loaded_spreads_requests_in_flight(tmp_path, standins, gateway, po
     assert asyncio.run(send()) == [3, 3, 3]
 
 
-def test_round_robin_takes_replicas_in_turn(tmp_path, standins, gateway):
-    servers = standins(3)
-    publish(tmp_path, servers)
-    gw = gateway(policy="round_robin")
+def test_round_robin_takes_replicas_in_turn(served):
+    servers, gw = served(3, policy="round_robin")
     with http(gw) as c:
         for i in range(9):
             assert c.post(CHAT, json=chat("x"), headers={"X-Session-ID": "ignored"}).status_code == 200
@@ -313,12 +318,10 @@ def test_a_killed_replica_fails_no_request(tmp_path, gateway):
             proc.wait()
 
 
-def test_503_and_resets_are_retried_elsewhere(tmp_path, standins, gateway):
-    servers = standins(3)
-    publish(tmp_path, servers)
+def test_503_and_resets_are_retried_elsewhere(served):
+    servers, gw = served(3, max_retries=2, health_interval_s=60, wait_s=0.2)
     servers[0].faults.status = 503
     servers[1].faults.drop_connection = True  # half an answer, then the connection closes
-    gw = gateway(max_retries=2, health_interval_s=60, wait_s=0.2)
     with http(gw) as c:
         answers = [c.post(CHAT, json=chat("x"), headers={"X-Session-ID": f"s{i}"}) for i in range(6)]
         assert [r.status_code for r in answers] == [200] * 6
@@ -329,10 +332,8 @@ def test_503_and_resets_are_retried_elsewhere(tmp_path, standins, gateway):
     assert r.status_code == 503 and "Retry-After" in r.headers
 
 
-def test_retries_are_bounded(tmp_path, standins, gateway):
-    servers = standins(3, status=503)
-    publish(tmp_path, servers)
-    gw = gateway(max_retries=1, health_interval_s=60)
+def test_retries_are_bounded(served):
+    servers, gw = served(3, {"status": 503}, max_retries=1, health_interval_s=60)
     with http(gw) as c:
         r = c.post(CHAT, json=chat("x"))
     assert r.status_code == 503 and "Retry-After" not in r.headers  # the last replica's answer
@@ -340,11 +341,9 @@ def test_retries_are_bounded(tmp_path, standins, gateway):
     assert sum(len(s.requests) for s in servers) == 2
 
 
-def test_an_ejected_replica_returns_when_its_health_check_passes(tmp_path, standins, gateway):
-    servers = standins(2)
-    publish(tmp_path, servers)
+def test_an_ejected_replica_returns_when_its_health_check_passes(served):
+    servers, gw = served(2, health_interval_s=0.1)
     servers[0].faults.status = 503  # chat fails, /health still answers
-    gw = gateway(health_interval_s=0.1)
     with http(gw) as c:
         until(lambda: c.post(CHAT, json=chat("x")).status_code == 200 and len(servers[0].requests) == 1,
               what="replica 0 tried")
@@ -406,10 +405,8 @@ def test_a_draining_replica_gets_no_new_sessions_and_finishes_its_requests(tmp_p
 # ---------------------------------------------------------------- metrics, settings, CLI
 
 
-def test_metrics_are_exposed(tmp_path, standins, gateway):
-    servers = standins(2)
-    publish(tmp_path, servers)
-    gw = gateway()
+def test_metrics_are_exposed(served):
+    servers, gw = served(2)
     with http(gw) as c:
         for i in range(4):
             assert c.post(CHAT, json=chat("x"), headers={"X-Session-ID": f"s{i}"}).status_code == 200
