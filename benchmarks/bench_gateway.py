@@ -88,7 +88,7 @@ def serve_instant() -> None:
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0, backlog=4096)
         await site.start()
-        print(f"instant backend at http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}", flush=True)
+        print(f"instant backend at http://127.0.0.1:{runner.addresses[0][1]}", flush=True)
         await asyncio.Event().wait()
 
     import uvloop

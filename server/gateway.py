@@ -65,7 +65,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 from server.checks import Checks, ConfigError
 from server.registry import NAMESPACE_ENV, Entry, Registry
-from server.replicas import RETRY_STATUSES, ReplicaView, entry_key
+from server.replicas import RETRY_STATUSES, ReplicaView
 
 log = logging.getLogger(__name__)
 
