@@ -384,8 +384,8 @@ class Gateway:
                         # The first chunk decides: a replica gone before it is retried elsewhere.
                         first = await upstream.content.readany()
                         streaming = True
-                        return StreamingResponse(self._relay(upstream, first, up, route, started),
-                                                 upstream.status, out_headers)
+                        return _Relay(upstream, first, out_headers,
+                                      self._streamed(up, route, started, upstream.status))
                     data = await upstream.read()
                     return self._done(route, started, Response(data, upstream.status, out_headers))
                 finally:
@@ -402,25 +402,15 @@ class Gateway:
                 if not streaming:
                     self._release(up)
 
-    async def _relay(self, upstream: aiohttp.ClientResponse, first: bytes, up: Upstream, route: str,
-                     started: float) -> AsyncIterator[bytes]:
-        """The replica's stream, chunk by chunk; a failure mid-stream aborts the client's response
-        (its connection closes without the final chunk), since bytes already went out."""
-        done = False
-        try:
-            if first:
-                yield first
-            async for chunk in upstream.content.iter_any():
-                yield chunk
-            done = True
-        finally:
-            if done:
-                upstream.release()
-            else:  # the client left, or the replica failed: close, so the engine stops generating
-                upstream.close()
+    def _streamed(self, up: Upstream, route: str, started: float, status: int):
+        """What ends a relayed stream's request, once, whether it finished or not."""
+
+        def end(finished: bool) -> None:
             self._release(up)
             self._latency.labels(route).observe(time.perf_counter() - started)
-            self._requests.labels(route, str(upstream.status) if done else "aborted").inc()
+            self._requests.labels(route, str(status) if finished else "aborted").inc()
+
+        return end
 
     def _release(self, up: Upstream) -> None:
         self._index.change(up, -1)
@@ -484,6 +474,36 @@ class Gateway:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await self._http.close()
+
+
+class _Relay(StreamingResponse):
+    """A replica's Server-Sent Events passed on chunk by chunk, each sent (awaited) before the next
+    is read. A failure mid-stream aborts the client's response (its connection closes without the
+    final chunk): bytes already went out, so no retry. ``on_end(finished)`` runs once, however
+    the response ends, even when the client left before the first chunk (an async generator
+    never started runs no ``finally``: hence here, around the whole response)."""
+
+    def __init__(self, upstream: aiohttp.ClientResponse, first: bytes, headers: dict[str, str],
+                 on_end: Callable[[bool], None]) -> None:
+        self.upstream, self.finished, self.on_end = upstream, False, on_end
+        super().__init__(self._chunks(first), upstream.status, headers)
+
+    async def _chunks(self, first: bytes) -> AsyncIterator[bytes]:
+        if first:
+            yield first
+        async for chunk in self.upstream.content.iter_any():
+            yield chunk
+        self.finished = True
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if self.finished:
+                self.upstream.release()
+            else:  # the client left, or the replica failed: close, so that the engine stops generating
+                self.upstream.close()
+            self.on_end(self.finished)
 
 
 class GatewayThread:

@@ -199,6 +199,19 @@ def test_streaming_passes_through_event_for_event(tmp_path, gateway):
     assert through == direct
 
 
+def test_a_client_leaving_mid_stream_frees_its_replica(tmp_path, gateway):
+    with StreamingStandIn() as server:
+        publish(tmp_path, [server])
+        gw = gateway()
+        with http(gw) as c:
+            with c.stream("POST", CHAT, json=chat("stream me", stream=True)) as r:
+                next(r.iter_raw())  # the replica holds the rest; the client leaves
+            until(lambda: 'gateway_requests_total{route="/v1/chat/completions",status="aborted"} 1.0'
+                  in c.get("/metrics").text, what="the abandoned stream ended")
+            assert 'gateway_replica_in_flight{replica="0-test-0"} 0.0' in c.get("/metrics").text
+        server.go.set()
+
+
 # ---------------------------------------------------------------- routing
 
 
