@@ -576,10 +576,6 @@ def _error(status: int, message: str, kind: str, headers: dict[str, str] | None 
 # ---------------------------------------------------------------- CLI
 
 
-def _exit_cleanly(signum: int, frame: object) -> None:
-    raise SystemExit(0)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m server.gateway", description=__doc__.split("\n\n")[0])
     parser.add_argument("--service", required=True)
@@ -602,12 +598,21 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     gateway = Gateway(args.service, args.namespace, Registry(args.registry_root, ttl_s=args.ttl_s), settings)
     sock = listen(settings.host, settings.port)
-    # uvicorn stops on SIGTERM/SIGINT, then raises the signal again under the handler found before:
-    # a stop on request is a clean exit (0), as the stand-in's and the engines' are.
+    serving = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        # Before uvicorn takes SIGTERM/SIGINT: stop at once. While it serves its own handler stops
+        # it; once it stopped it raises the signal again under this handler: ignored, so that the
+        # gateway closes its connections and exits 0 (a stop on request, as the stand-in's).
+        if not serving:
+            raise SystemExit(0)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, _exit_cleanly)
+        signal.signal(sig, on_signal)
 
     def announce(server: uvicorn.Server) -> None:
+        nonlocal serving
+        serving = True
         print(f"gateway for service {args.service!r} (namespace {args.namespace}) serving at {gateway.url}/v1",
               flush=True)
 

@@ -463,6 +463,7 @@ def test_the_cli_prints_its_url_and_stops_on_sigterm(tmp_path, standins):
         assert r.json()["choices"][0]["message"]["content"] == "Echo: cli"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
+        assert "Unclosed" not in proc.stderr.read()  # it closed its connections to the replicas
     finally:
         proc.kill()
         proc.wait()
