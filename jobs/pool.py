@@ -21,32 +21,20 @@ import collections
 import dataclasses
 import hashlib
 import math
-import os
 import time
 from dataclasses import dataclass
 
 import httpx
 
-# The registry reads the files (and logs and skips those it cannot parse); the pool decides when.
-from server.registry import API_KEY_ENV, Entry, Registry, Scanned
+# NoEndpointError and the failover rules are re-exported: callers of the pool catch them from here.
+from server.registry import Entry, Registry
+from server.replicas import RETRY_STATUSES, UNREACHABLE_ERRORS, NoEndpointError, ReplicaView, entry_key
 
-# Answers that say "this replica cannot take requests now" (a proxy without upstream, an engine
-# that is overloaded or shutting down) and carry no generation: safe to send elsewhere.
-RETRY_STATUSES = frozenset({502, 503})
-
-# Errors raised before any response arrived: nothing was handed to the caller, so the request
-# can go elsewhere. Not ReadTimeout (the replica is alive but slow: a retry doubles its work and
-# spends the caller's timeout twice) nor PoolTimeout (this client is saturated, not the replica).
-UNREACHABLE_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.ReadError, httpx.WriteError,
-                      httpx.RemoteProtocolError)
+__all__ = ["RETRY_STATUSES", "UNREACHABLE_ERRORS", "EndpointPool", "NoEndpointError", "ReplicaStats"]
 
 # Moved conversations remembered; beyond this the oldest moves are forgotten (a conversation that
 # long-lived merely risks one prefix-cache miss), so that a job of millions of rollouts stays small.
 _MAX_MOVES = 1 << 16
-
-
-class NoEndpointError(RuntimeError):
-    """No replica of the service can take requests."""
 
 
 @dataclass
@@ -79,15 +67,11 @@ class EndpointPool:
         self.max_backoff_s = max_backoff_s
         self.wait_s = wait_s
         self._read_at = -math.inf
-        self._files: dict[str, Scanned] = {}
-        self._pinned: str | None = namespace  # without a namespace: the one found serving, kept from then on
-        self._known: dict[int, Entry] = {}  # every entry of the service, whatever its state
-        self._usable: dict[int, Entry] = {}  # ready, fresh, not ejected
+        self._view = ReplicaView(service, namespace, self.registry)
+        self._usable: dict[int, Entry] = {}  # by replica id: ready, fresh, not ejected
         self._buckets = 0
-        self._ejected: dict[int, float] = {}  # replica -> when it failed (wall clock, as heartbeats)
         self._moves: collections.OrderedDict[str, int] = collections.OrderedDict()
         self._stats: collections.defaultdict[int, ReplicaStats] = collections.defaultdict(ReplicaStats)
-        self._keys: dict[str | None, str | None] = {}  # api_key_file -> key, read once
 
     # ------------------------------------------------------------ choosing
 
@@ -100,7 +84,7 @@ class EndpointPool:
         """The replica for ``session_key``; ``NoEndpointError`` at once when none can take it."""
         entry = self._choose(session_key)
         if entry is None:
-            raise NoEndpointError(self._why_empty(waited_s=0.0))
+            raise NoEndpointError(self._view.why_empty(waited_s=0.0))
         return entry
 
     async def wait_pick(self, session_key: str) -> Entry:
@@ -110,7 +94,7 @@ class EndpointPool:
         while (entry := self._choose(session_key)) is None:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise NoEndpointError(self._why_empty(waited_s=self.wait_s))
+                raise NoEndpointError(self._view.why_empty(waited_s=self.wait_s))
             # Polling faster than the refresh interval would only re-read the same cache.
             await asyncio.sleep(min(max(self.refresh_s, 0.05), left))
         return entry
@@ -195,16 +179,12 @@ class EndpointPool:
     def _fail(self, entry: Entry) -> None:
         """Eject ``entry`` until its heartbeat is newer than now; its sessions move on their next pick."""
         self._stats[entry.replica].failures += 1
-        # Wall clock, as the replica's heartbeat_at: cluster nodes keep NTP time, and a skew only
-        # shifts re-admission by that much.
-        self._ejected[entry.replica] = time.time()
+        self._view.eject(entry_key(entry))
         self._usable.pop(entry.replica, None)
 
     def _headers(self, entry: Entry, headers: dict | None) -> dict:
         """The caller's headers plus the replica's key, unless the caller sent its own."""
-        if entry.api_key_file not in self._keys:
-            self._keys[entry.api_key_file] = entry.read_api_key() or os.environ.get(API_KEY_ENV)
-        key = self._keys[entry.api_key_file]
+        key = self._view.api_key(entry)
         merged = dict(headers or {})
         if key and not any(name.lower() == "authorization" for name in merged):
             merged["Authorization"] = f"Bearer {key}"
@@ -219,53 +199,11 @@ class EndpointPool:
             self._read_at = now
 
     def _refresh(self) -> None:
-        namespaces = [self._pinned] if self._pinned else self.registry.namespaces()
-        files: dict[str, Scanned] = {}
-        for namespace in namespaces:
-            files.update(self.registry.scan(namespace, self.service, self._files))
-        self._files = files
-        entries = [p.entry for p in files.values() if p.entry is not None]
-        now = time.time()
-        ready = [e for e in entries if e.state == "ready" and e.is_fresh(self.registry.ttl_s, now)]
-        if not self._pinned:
-            serving = sorted({e.namespace for e in ready})
-            if len(serving) > 1:
-                # Two runs may serve different models under the same service name.
-                raise NoEndpointError(
-                    f"service {self.service!r} is ready in several namespaces {serving} of registry "
-                    f"{self.registry.root}: pass a namespace"
-                )
-            # A collection must not drift to another run's servers later: keep the first one found.
-            self._pinned = serving[0] if serving else None
-            entries = [e for e in entries if e.namespace == self._pinned]
-        self._known = {e.replica: e for e in entries}
+        self._view.refresh()
         # Replica ids are job-array indices: hashing over 0..max keeps a session's replica when
         # another one's entry comes or goes (a gap is a replica that is gone).
-        self._buckets = max(self._known) + 1 if self._known else 0
-        self._usable = {}
-        for e in ready:
-            ejected_at = self._ejected.get(e.replica)
-            if ejected_at is not None:
-                if e.heartbeat_at <= ejected_at:
-                    continue
-                del self._ejected[e.replica]  # it heartbeated after it failed: alive again
-            self._usable[e.replica] = e
-
-    def _why_empty(self, waited_s: float) -> str:
-        now = time.time()
-        counts = collections.Counter(
-            "ejected after a failure (back at its next heartbeat)" if r in self._ejected
-            else e.state if e.is_fresh(self.registry.ttl_s, now) else "stale (no heartbeat)"
-            for r, e in self._known.items()
-        )
-        seen = ", ".join(f"{n} {state}" for state, n in sorted(counts.items())) or "no entries"
-        waited = f" after waiting {waited_s:g}s" if waited_s else ""
-        return (
-            f"no usable replica of service {self.service!r} in registry {self.registry.root}{waited} "
-            f"(namespace {self._pinned or 'any'}, heartbeat TTL {self.registry.ttl_s:g}s; seen: {seen}): "
-            f"start the servers, or check the registry root and namespace (python -m server.registry list)"
-        )
-
+        self._buckets = max(e.replica for e in self._view.known.values()) + 1 if self._view.known else 0
+        self._usable = {e.replica: e for e in self._view.usable.values()}
 
 def _jump_hash(key: int, buckets: int) -> int:
     """Lamping and Veach's jump consistent hash: a key keeps its bucket when buckets are added or

@@ -1,0 +1,624 @@
+"""One URL for a service: an OpenAI-compatible reverse proxy in front of its replicas.
+
+    python -m server.gateway --service policy --namespace NS [--registry-root R] [--port 0]
+                             [--policy sticky_least_loaded] [--max-retries 3] [--wait-s 30] ...
+
+prints ``gateway for service 'policy' (namespace NS) serving at http://HOST:PORT/v1`` once it
+listens. (Not yet started by the launcher: a run's jobs still get the replicas' URLs.)
+
+Replicas are the service's registry entries (``server.replicas.ReplicaView``, re-read every
+``refresh_s`` on a thread), usable while ``ready``, heartbeating and not ejected. Routes:
+``/v1/chat/completions``, ``/v1/completions``, ``/v1/responses``, ``/v1/models``, ``/tokenize``
+and ``/detokenize`` go to a replica with their bodies unchanged (Server-Sent Events chunk by
+chunk, each awaited before the next is read: a slow client slows its replica's stream, it does
+not fill the gateway's memory); ``/health`` (200 while a replica is usable, else 503) and
+``/metrics`` (Prometheus) are the gateway's own.
+
+Routing (``policy``): ``sticky_least_loaded`` sends a new session (header ``X-Session-ID``, else
+the body's ``user``) to the replica with the fewest requests in flight through this gateway and
+keeps it there (its prefix cache) until that replica leaves, drains or is ejected; requests
+without a session key go least loaded. ``least_loaded`` ignores sessions; ``round_robin`` takes
+replicas in turn. Every choice costs O(1), however many replicas and sessions there are.
+
+Failover follows the pool's rules (``server.replicas``): a connect error, a reset, a 502/503 or
+a replica gone before the first byte of its answer sends the request to another replica, at
+most ``max_retries`` times; never once a byte went to the client. The failed replica is ejected
+until its ``/health`` answers (checked every ``health_interval_s``) or its entry heartbeats
+anew. With no usable replica a request waits up to ``wait_s``, then gets 503 with
+``Retry-After``.
+
+Statuses the gateway itself answers (OpenAI's error shape): 401 (missing or wrong key), 404 (no
+such route), 502 (every attempt found its replica unreachable), 503 + ``Retry-After`` (no usable
+replica within ``wait_s``). Every other status is the replica's, passed through (after
+``max_retries`` a replica's own 502/503 too).
+
+Auth: when the service's entries name a key file (the namespace's key), every proxied route
+requires ``Authorization: Bearer <key>`` and the gateway sends the same key to the replicas; the
+key is read from that file (or ``$GYMLAUNCH_API_KEY``), never from argv, and never logged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import dataclasses
+import json
+import logging
+import math
+import os
+import secrets
+import signal
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable
+
+import aiohttp
+import uvicorn
+import uvloop
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from server.checks import Checks, ConfigError
+from server.registry import NAMESPACE_ENV, Entry, Registry
+from server.replicas import RETRY_STATUSES, ReplicaView
+
+log = logging.getLogger(__name__)
+
+POLICIES = ("sticky_least_loaded", "least_loaded", "round_robin")
+SESSION_HEADER = "x-session-id"
+# The replicas' routes, as clients call them on the gateway (and the gateway on a replica).
+PROXIED = {
+    "/v1/chat/completions": ["POST"], "/v1/completions": ["POST"], "/v1/responses": ["POST"],
+    "/v1/models": ["GET"], "/tokenize": ["POST"], "/detokenize": ["POST"],
+}
+# aiohttp's counterpart of server.replicas.UNREACHABLE_ERRORS: refused, reset or closed before the
+# whole answer arrived (ClientPayloadError: a body cut short). No read timeout is set, so none of
+# these is a slow replica.
+UNREACHABLE_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)
+# Per connection, not per message: a proxy must not pass them on (RFC 9110 7.6.1). Content-Length
+# is recomputed by the side that sends the body.
+_HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer",
+                         "upgrade", "proxy-authorization", "proxy-authenticate", "host", "content-length"})
+# uvicorn writes its own Date.
+_NOT_PASSED_BACK = _HOP_BY_HOP | {"date"}
+# Sessions remembered; beyond this the least recently seen is forgotten (its next turn risks one
+# prefix-cache miss), so that a gateway serving millions of conversations stays small.
+_MAX_SESSIONS = 1 << 18
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+
+
+@dataclass
+class GatewaySettings:
+    """How one gateway serves (the future ``gateway:`` config group)."""
+
+    host: str = "127.0.0.1"  # the address to listen on; 0.0.0.0 to serve other nodes
+    port: int = 0  # 0: a free one (printed)
+    policy: str = "sticky_least_loaded"  # one of POLICIES
+    max_retries: int = 3  # other replicas tried after the first failed, per request
+    wait_s: float = 30.0  # how long a request waits for a usable replica before 503
+    health_interval_s: float = 5.0  # active health checks of the replicas
+    refresh_s: float = 1.0  # registry re-read
+
+    def validate(self, checks: Checks) -> None:
+        checks.require(bool(self.host), "host", "must name an address to listen on")
+        checks.must(self, "port", "in [0, 65535]", lambda v: 0 <= v <= 65535)
+        checks.must(self, "policy", f"one of {', '.join(POLICIES)}", lambda v: v in POLICIES)
+        checks.at_least(self, "max_retries", 0)
+        checks.at_least(self, "wait_s", 0)
+        checks.above(self, "health_interval_s", 0)
+        checks.above(self, "refresh_s", 0)
+
+
+class Upstream:
+    """One replica's job as the gateway routes to it."""
+
+    __slots__ = ("key", "entry", "url", "auth", "in_flight", "indexed", "gauge")
+
+    def __init__(self, key: str, entry: Entry, auth: dict[str, str], gauge) -> None:
+        self.key, self.entry, self.auth, self.gauge = key, entry, auth, gauge
+        self.url = entry.root_url
+        self.in_flight = 0
+        self.indexed = False  # in the LoadIndex: usable for new work
+
+
+class LoadIndex:
+    """Usable upstreams bucketed by requests in flight: the least loaded in O(1) (amortized), where
+    a ``min`` over them would cost a pass over every replica per request. Among equals the one
+    that waited longest at that load comes first, so equal replicas take turns."""
+
+    def __init__(self) -> None:
+        self._levels: list[dict[str, Upstream]] = [{}]
+        self._low = 0  # no usable upstream has fewer in flight
+        self.size = 0
+
+    def add(self, up: Upstream) -> None:
+        if not up.indexed:
+            self._level(up.in_flight)[up.key] = up
+            self._low = min(self._low, up.in_flight)
+            up.indexed = True
+            self.size += 1
+
+    def discard(self, up: Upstream) -> None:
+        if up.indexed:
+            del self._levels[up.in_flight][up.key]
+            up.indexed = False
+            self.size -= 1
+
+    def change(self, up: Upstream, delta: int) -> None:
+        """``up.in_flight += delta``, keeping the index in order."""
+        if up.indexed:
+            del self._levels[up.in_flight][up.key]
+            up.in_flight += delta
+            self._level(up.in_flight)[up.key] = up
+            self._low = min(self._low, up.in_flight)
+        else:
+            up.in_flight += delta
+
+    def least(self) -> Upstream | None:
+        if not self.size:
+            return None
+        while not self._levels[self._low]:
+            self._low += 1
+        return next(iter(self._levels[self._low].values()))
+
+    def _level(self, n: int) -> dict[str, Upstream]:
+        while len(self._levels) <= n:
+            self._levels.append({})
+        return self._levels[n]
+
+
+class Gateway:
+    """The proxy of ``service``'s replicas in ``namespace``; ``app`` is its ASGI application."""
+
+    def __init__(self, service: str, namespace: str, registry: Registry | None = None,
+                 settings: GatewaySettings | None = None) -> None:
+        self.service, self.namespace = service, namespace
+        self.registry = registry or Registry()
+        self.settings = settings or GatewaySettings()
+        self.view = ReplicaView(service, namespace, self.registry)
+        self.upstreams: dict[str, Upstream] = {}
+        self._index = LoadIndex()
+        self._ring: list[Upstream] = []  # usable upstreams, for round_robin
+        self._turn = 0
+        self._sessions: collections.OrderedDict[str, Upstream] = collections.OrderedDict()
+        self._usable_event: asyncio.Event | None = None
+        self._key: str | None = None  # what clients must send; None: the service takes no key
+        self._http: aiohttp.ClientSession | None = None
+        self.url: str | None = None  # http://host:port, once serving
+        self._metrics()
+        self.app = self._app()
+
+    # ------------------------------------------------------------ metrics
+
+    def _metrics(self) -> None:
+        # A registry per gateway: several gateways (tests, a sweep's services) may share a process.
+        self.metrics = CollectorRegistry()
+        m = self.metrics
+        self._requests = Counter("gateway_requests", "Requests answered, by route and status", ["route", "status"],
+                                 registry=m)
+        self._latency = Histogram("gateway_request_seconds", "Time from request to the answer's last byte",
+                                  ["route"], buckets=_LATENCY_BUCKETS, registry=m)
+        self._in_flight = Gauge("gateway_replica_in_flight", "Requests in flight per replica job", ["replica"],
+                                registry=m)
+        self._retries = Counter("gateway_retries", "Attempts sent to another replica after a failure", registry=m)
+        self._ejections = Counter("gateway_ejections", "Replicas ejected after a failure", ["replica"], registry=m)
+        self._sessions_gauge = Gauge("gateway_sessions", "Sessions remembered", registry=m)
+        self._session_moves = Counter("gateway_session_moves", "Sessions moved off a replica that left",
+                                      registry=m)
+        self._usable_gauge = Gauge("gateway_usable_replicas", "Replicas that take new work", registry=m)
+        self._waiting = Gauge("gateway_waiting_requests", "Requests waiting for a usable replica", registry=m)
+
+    # ------------------------------------------------------------ replicas
+
+    def _sync(self) -> None:
+        """Bring upstreams, the load index and the round-robin ring in line with the view."""
+        known = self.view.known
+        for key in [k for k in self.upstreams if k not in known]:
+            self._index.discard(self.upstreams.pop(key))
+            self._in_flight.remove(key)
+        for key, entry in known.items():
+            up = self.upstreams.get(key)
+            if up is None:
+                api_key = self.view.api_key(entry)
+                auth = {"authorization": f"Bearer {api_key}"} if api_key else {}
+                up = self.upstreams[key] = Upstream(key, entry, auth, self._in_flight.labels(key))
+            up.entry = entry
+            if key in self.view.usable:
+                self._index.add(up)
+            else:
+                self._index.discard(up)
+        self._ring = [self.upstreams[k] for k in sorted(self.view.usable)]
+        if known:
+            # The namespace's key (every entry names the same file); kept when all entries are gone.
+            self._key = self.view.api_key(next(iter(known.values())))
+        self._usable_gauge.set(len(self._ring))
+        if self._usable_event is not None:
+            if self._ring:
+                self._usable_event.set()
+            else:
+                self._usable_event.clear()
+
+    def _eject(self, up: Upstream, why: str) -> None:
+        if up.key in self.view.usable:
+            log.warning("ejecting replica %s of %s (%s): %s", up.key, self.service, up.url, why)
+            self._ejections.labels(up.key).inc()
+        self.view.eject(up.key)
+        self._sync()
+
+    async def _every(self, interval_s: float, step) -> None:
+        """``step()`` every ``interval_s``, for as long as the gateway serves."""
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await step()
+            except OSError as e:  # a hiccup of the shared filesystem (an entry, a key file): keep what we know
+                log.warning("%s failed: %s", step.__name__, e)
+
+    async def _refresh(self) -> None:
+        self.view.apply(await asyncio.to_thread(self.view.scan))
+        self._sync()
+
+    async def _check_health(self) -> None:
+        ready = [up for up in self.upstreams.values()
+                 if up.entry.state == "ready" and up.entry.is_fresh(self.registry.ttl_s)]
+        results = await asyncio.gather(*(self._healthy(up) for up in ready))
+        for up, ok in zip(ready, results):
+            if ok and up.key in self.view.ejected:
+                log.warning("replica %s of %s answers its health check again", up.key, self.service)
+                self.view.readmit(up.key)
+                self._sync()
+            elif not ok:
+                self._eject(up, "its health check failed")
+
+    async def _healthy(self, up: Upstream) -> bool:
+        try:
+            async with self._http.get(f"{up.url}/health", headers=up.auth,
+                                      timeout=aiohttp.ClientTimeout(total=self.settings.health_interval_s)) as r:
+                return r.status == 200
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            return False
+
+    # ------------------------------------------------------------ routing
+
+    def _pick(self, session: str | None) -> Upstream | None:
+        policy = self.settings.policy
+        if policy == "round_robin":
+            if not self._ring:
+                return None
+            self._turn = (self._turn + 1) % len(self._ring)
+            return self._ring[self._turn]
+        if policy == "least_loaded" or session is None:
+            return self._index.least()
+        up = self._sessions.get(session)
+        if up is not None:
+            if up.indexed:  # usable: ready, fresh, not ejected, not draining
+                self._sessions.move_to_end(session)
+                return up
+            self._session_moves.inc()
+        up = self._index.least()
+        if up is not None:
+            self._sessions[session] = up
+            self._sessions.move_to_end(session)
+            if len(self._sessions) > _MAX_SESSIONS:
+                self._sessions.popitem(last=False)
+            self._sessions_gauge.set(len(self._sessions))
+        return up
+
+    async def _wait_pick(self, session: str | None) -> Upstream | None:
+        """``_pick``, waiting up to ``wait_s`` for a replica to become usable; None after that."""
+        up = self._pick(session)
+        if up is not None:
+            return up
+        deadline = time.monotonic() + self.settings.wait_s
+        with self._waiting.track_inprogress():
+            while up is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                try:
+                    await asyncio.wait_for(self._usable_event.wait(), left)
+                except asyncio.TimeoutError:
+                    return None
+                up = self._pick(session)
+        return up
+
+    def _session(self, request: Request, body: bytes) -> str | None:
+        if self.settings.policy != "sticky_least_loaded":
+            return None
+        session = request.headers.get(SESSION_HEADER)
+        if session is None and b'"user"' in body:  # parse only bodies that may name one
+            try:
+                user = json.loads(body).get("user")
+            except (ValueError, AttributeError):
+                return None
+            session = user if isinstance(user, str) and user else None
+        return session
+
+    # ------------------------------------------------------------ proxying
+
+    def _authorized(self, request: Request) -> bool:
+        if self._key is None:
+            return True
+        given = request.headers.get("authorization", "")
+        return secrets.compare_digest(given.encode(), f"Bearer {self._key}".encode())
+
+    async def _proxy(self, request: Request) -> Response:
+        route = request.url.path  # one of PROXIED: matched routes only come here
+        started = time.perf_counter()
+        body = await request.body()
+        session = self._session(request, body)
+        headers = {k: v for k, v in request.headers.items() if k not in _HOP_BY_HOP}
+        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        attempt, checked = 0, False
+        while True:
+            up = await self._wait_pick(session)
+            if up is None:
+                return self._done(route, started, _error(
+                    503, self.view.why_empty(self.settings.wait_s), "ServiceUnavailableError",
+                    {"Retry-After": str(math.ceil(self.settings.health_interval_s))}))
+            if not checked:  # after a pick: a gateway started before its replicas learns the key from them
+                if not self._authorized(request):
+                    return self._done(route, started, _error(
+                        401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "AuthenticationError"))
+                checked = True
+            if attempt:
+                self._retries.inc()
+            self._index.change(up, +1)
+            up.gauge.inc()
+            streaming = False
+            try:
+                upstream = await self._http.request(request.method, up.url + target, data=body,
+                                                    headers={**headers, **up.auth})
+                try:
+                    if upstream.status in RETRY_STATUSES and attempt < self.settings.max_retries:
+                        self._eject(up, f"answered {upstream.status}")
+                        attempt += 1
+                        continue
+                    out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _NOT_PASSED_BACK}
+                    if upstream.content_type == "text/event-stream":
+                        # The first chunk decides: a replica gone before it is retried elsewhere.
+                        first = await upstream.content.readany()
+                        streaming = True
+                        return _Relay(upstream, first, out_headers,
+                                      self._streamed(up, route, started, upstream.status))
+                    data = await upstream.read()
+                    return self._done(route, started, Response(data, upstream.status, out_headers))
+                finally:
+                    if not streaming:
+                        upstream.release()
+            except UNREACHABLE_ERRORS as e:
+                self._eject(up, f"{type(e).__name__}: {e}")
+                if attempt >= self.settings.max_retries:
+                    return self._done(route, started, _error(
+                        502, f"replica {up.key} of {self.service!r} unreachable after {attempt + 1} attempts: "
+                             f"{type(e).__name__}", "BadGatewayError"))
+                attempt += 1
+            finally:
+                if not streaming:
+                    self._release(up)
+
+    def _streamed(self, up: Upstream, route: str, started: float, status: int):
+        """What ends a relayed stream's request, once, whether it finished or not."""
+
+        def end(finished: bool) -> None:
+            self._release(up)
+            self._latency.labels(route).observe(time.perf_counter() - started)
+            self._requests.labels(route, str(status) if finished else "aborted").inc()
+
+        return end
+
+    def _release(self, up: Upstream) -> None:
+        self._index.change(up, -1)
+        up.gauge.dec()
+
+    def _done(self, route: str, started: float, response: Response) -> Response:
+        self._latency.labels(route).observe(time.perf_counter() - started)
+        self._requests.labels(route, str(response.status_code)).inc()
+        return response
+
+    # ------------------------------------------------------------ the application
+
+    def _app(self) -> FastAPI:
+        app = FastAPI(title=f"gymlaunch gateway ({self.service})", docs_url=None, redoc_url=None, openapi_url=None)
+        for path, methods in PROXIED.items():
+            app.add_api_route(path, self._proxy, methods=methods)
+
+        @app.get("/health")
+        async def health() -> Response:
+            usable = len(self._ring)
+            return JSONResponse({"usable_replicas": usable, "known_replicas": len(self.upstreams)},
+                                200 if usable else 503)
+
+        @app.get("/metrics")
+        async def metrics() -> Response:
+            return Response(generate_latest(self.metrics), media_type=CONTENT_TYPE_LATEST)
+
+        return app
+
+    async def serve(self, sock: socket.socket, on_started: Callable[[uvicorn.Server], None] | None = None) -> None:
+        """Serve on the bound ``sock`` until the uvicorn server exits (SIGINT/SIGTERM when in the
+        main thread, or its ``should_exit``); ``on_started`` gets that server once requests are taken."""
+        self._usable_event = asyncio.Event()
+        self._http = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300),
+            # No read timeout: generations take minutes; a dead replica shows as a reset.
+            timeout=aiohttp.ClientTimeout(total=None, connect=10, sock_read=None),
+            auto_decompress=False,  # bodies pass unchanged
+            skip_auto_headers=("Accept-Encoding",),  # the client's own, if any, goes on
+        )
+        tasks = []
+        try:
+            self.view.refresh()
+            self._sync()
+            tasks = [asyncio.create_task(self._every(self.settings.refresh_s, self._refresh)),
+                     asyncio.create_task(self._every(self.settings.health_interval_s, self._check_health))]
+            config = uvicorn.Config(self.app, http="httptools", access_log=False, log_level="warning",
+                                    server_header=False, lifespan="off", timeout_keep_alive=60,
+                                    timeout_graceful_shutdown=10)
+            server = uvicorn.Server(config)
+            host, port = sock.getsockname()[:2]
+            self.url = f"http://{host}:{port}"
+            serving = asyncio.create_task(server.serve(sockets=[sock]))
+            while not server.started and not serving.done():
+                await asyncio.sleep(0.01)
+            if server.started and on_started is not None:
+                on_started(server)
+            await serving
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self._http.close()
+
+
+class _Relay(StreamingResponse):
+    """A replica's Server-Sent Events passed on chunk by chunk, each sent (awaited) before the next
+    is read. A failure mid-stream aborts the client's response (its connection closes without the
+    final chunk): bytes already went out, so no retry. ``on_end(finished)`` runs once, however
+    the response ends, even when the client left before the first chunk (an async generator
+    never started runs no ``finally``: hence here, around the whole response)."""
+
+    def __init__(self, upstream: aiohttp.ClientResponse, first: bytes, headers: dict[str, str],
+                 on_end: Callable[[bool], None]) -> None:
+        self.upstream, self.finished, self.on_end = upstream, False, on_end
+        super().__init__(self._chunks(first), upstream.status, headers)
+
+    async def _chunks(self, first: bytes) -> AsyncIterator[bytes]:
+        if first:
+            yield first
+        async for chunk in self.upstream.content.iter_any():
+            yield chunk
+        self.finished = True
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if self.finished:
+                self.upstream.release()
+            else:  # the client left, or the replica failed: close, so that the engine stops generating
+                self.upstream.close()
+            self.on_end(self.finished)
+
+
+class GatewayThread:
+    """A gateway on a thread of its own (its own uvloop), for tests and benchmarks:
+
+        with GatewayThread(Gateway("policy", "run1", Registry(root))) as gw:
+            httpx.get(f"{gw.url}/v1/models")
+    """
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self._sock = listen(gateway.settings.host, gateway.settings.port)
+        self._started = threading.Event()
+        self._server: uvicorn.Server | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=f"gateway-{gateway.service}", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return self.gateway.url
+
+    def _run(self) -> None:
+        try:
+            uvloop.run(self.gateway.serve(self._sock, self._on_started))
+        except BaseException as e:  # reported by start()
+            self._error = e
+        finally:
+            self._started.set()
+
+    def _on_started(self, server: uvicorn.Server) -> None:
+        self._server = server
+        self._started.set()
+
+    def start(self) -> GatewayThread:
+        self._thread.start()
+        self._started.wait()
+        if self._server is None:
+            raise RuntimeError(f"the gateway did not start: {self._error!r}") from self._error
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        self._thread.join()
+        self._sock.close()
+
+    def __enter__(self) -> GatewayThread:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host:port`` (0: a free port, known before the server runs)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _error(status: int, message: str, kind: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """OpenAI's error shape, as the replicas answer theirs."""
+    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": status}}, status,
+                        headers)
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m server.gateway", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--service", required=True)
+    parser.add_argument("--namespace", default=os.environ.get(NAMESPACE_ENV), help=f"default: ${NAMESPACE_ENV}")
+    parser.add_argument("--registry-root", default=None, help="default: $GYMLAUNCH_REGISTRY_ROOT or ~/.gymlaunch/registry")
+    parser.add_argument("--ttl-s", type=float, default=Registry.ttl_s, help="heartbeat age after which an entry is stale")
+    for field in dataclasses.fields(GatewaySettings):
+        parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default)
+    args = parser.parse_args(argv)
+    if not args.namespace:
+        parser.error(f"--namespace is required (or set ${NAMESPACE_ENV})")
+    settings = GatewaySettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(GatewaySettings)})
+    checks = Checks()
+    settings.validate(checks)
+    try:
+        checks.raise_if_any()
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    gateway = Gateway(args.service, args.namespace, Registry(args.registry_root, ttl_s=args.ttl_s), settings)
+    sock = listen(settings.host, settings.port)
+    serving = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        # Before uvicorn takes SIGTERM/SIGINT: stop at once. While it serves its own handler stops
+        # it; once it stopped it raises the signal again under this handler: ignored, so that the
+        # gateway closes its connections and exits 0 (a stop on request, as the stand-in's).
+        if not serving:
+            raise SystemExit(0)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+
+    def announce(server: uvicorn.Server) -> None:
+        nonlocal serving
+        serving = True
+        print(f"gateway for service {args.service!r} (namespace {args.namespace}) serving at {gateway.url}/v1",
+              flush=True)
+
+    uvloop.run(gateway.serve(sock, announce))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
