@@ -4,7 +4,10 @@ The launcher submits ``run(cfg)`` once the service's replicas are ready. The job
 runs the program as its own child (never detached: its own process group, and
 the kernel signals it if the job dies) with the endpoints in its environment:
 
-- ``POLICY_BASE_URLS``: comma-separated base URLs (``http://host:port/v1``) of the ready replicas
+- ``POLICY_BASE_URLS``: the service's gateway's base URL (``http://host:port/v1``), or with
+  ``gateway.enabled=false`` the comma-separated base URLs of the ready replicas
+- ``POLICY_ENDPOINT_FILE``: a file holding the gateway's base URL, rewritten (atomically) when a
+  successor of the gateway serves elsewhere (unset without a gateway)
 - ``POLICY_API_KEY``: the key they take (unset when the service has no key)
 - ``POLICY_MODEL_NAME``: the served model name requests send as ``model``
 - ``GYMLAUNCH_REGISTRY_ROOT``, ``GYMLAUNCH_NAMESPACE``: for ``jobs.pool.EndpointPool`` / ``server.registry``
@@ -48,13 +51,15 @@ from server.templates import fill_command
 POLICY_BASE_URLS_ENV = "POLICY_BASE_URLS"
 POLICY_API_KEY_ENV = "POLICY_API_KEY"
 POLICY_MODEL_ENV = "POLICY_MODEL_NAME"
-ENDPOINT_ENV = (POLICY_BASE_URLS_ENV, POLICY_API_KEY_ENV, POLICY_MODEL_ENV, ROOT_ENV, NAMESPACE_ENV)
+POLICY_ENDPOINT_FILE_ENV = "POLICY_ENDPOINT_FILE"
+ENDPOINT_ENV = (POLICY_BASE_URLS_ENV, POLICY_API_KEY_ENV, POLICY_MODEL_ENV, POLICY_ENDPOINT_FILE_ENV, ROOT_ENV,
+                NAMESPACE_ENV)
 
 # What `job.command` may name. There is deliberately no {api_key}: argv shows in `ps` for every
 # user of the node; a program that only takes the key as an argument can read it through a shell:
 # sh -c 'exec my-eval --api-key "$POLICY_API_KEY"'.
 PLACEHOLDERS = {
-    "base_urls": "comma-separated base URLs of the ready replicas",
+    "base_urls": "the gateway's base URL (gateway.enabled=false: comma-separated base URLs of the ready replicas)",
     "base_url": "the first of them",
     "model": "the served model name",
     "run_dir": "the run's output folder",
@@ -99,12 +104,15 @@ class Endpoints:
     base_urls: list[str]
     model: str
     api_key_file: str | None = None
+    endpoint_file: str | None = None  # the gateway's URL, kept current by the launcher
 
     def environ(self) -> dict[str, str]:
         env = {
             POLICY_BASE_URLS_ENV: ",".join(self.base_urls), POLICY_MODEL_ENV: self.model,
             ROOT_ENV: str(self.registry.root), NAMESPACE_ENV: self.namespace,
         }
+        if self.endpoint_file:
+            env[POLICY_ENDPOINT_FILE_ENV] = self.endpoint_file
         if self.api_key_file:
             env[POLICY_API_KEY_ENV] = Path(self.api_key_file).read_text().strip()
         return env

@@ -54,6 +54,7 @@ import httpx
 
 from jobs import tools, verifiers
 from jobs.pool import EndpointPool, NoEndpointError
+from server.replicas import REPLICA_HEADER, SESSION_HEADER
 from server.checks import Checks
 from server.registry import NAMESPACE_ENV, ROOT_ENV, Entry, Registry
 
@@ -482,6 +483,7 @@ class _Attempt:
     task: Task
     repeat: int
     entry: Entry | None = None
+    replica: int | None = None  # the replica that answered its last request (behind a gateway: its header)
 
     @property
     def session_key(self) -> str:
@@ -585,7 +587,7 @@ class _Run:
                     "finish_reason": record["finish_reason"],
                     "usage": usage,
                     # The last one: the pool moves a conversation whose replica went away.
-                    "replica": attempt.entry.replica,
+                    "replica": attempt.replica,
                     "tool_calls": calls,
                 }
             messages.append({"role": "assistant", "content": message.get("content"), "tool_calls": tool_calls})
@@ -611,9 +613,12 @@ class _Run:
         return body
 
     async def post(self, client: httpx.AsyncClient, attempt: _Attempt, body: dict) -> dict:
+        # The session header: a gateway keeps the conversation's turns on one replica (a replica ignores it).
         attempt.entry, response = await self.pool.post(
-            client, "/chat/completions", body, session_key=attempt.session_key
+            client, "/chat/completions", body, session_key=attempt.session_key,
+            headers={SESSION_HEADER: attempt.session_key},
         )
+        attempt.replica = _replica_of(attempt.entry, response)
         url = f"{attempt.entry.base_url}/chat/completions"
         if response.status_code >= 400:
             raise RolloutError("http_error", f"HTTP {response.status_code} from {url}: {_error_message(response)}")
@@ -626,9 +631,15 @@ class _Run:
     def fail(self, attempt: _Attempt, reason: str, error: str) -> None:
         self.failed += 1
         log.warning("rollout %s failed (%s): %s", attempt.session_key, reason, error)
-        replica = attempt.entry.replica if attempt.entry is not None else None
+        replica = attempt.replica
         row = {"task_id": attempt.task.id, "repeat": attempt.repeat, "reason": reason, "error": error}
         self.failures_file.write({**row, "replica": replica})
+
+
+def _replica_of(entry: Entry, response: httpx.Response) -> int:
+    """The replica that answered: the gateway names it (``<replica>-<job id>``), else the entry is one."""
+    named = response.headers.get(REPLICA_HEADER, "").partition("-")[0]
+    return int(named) if named.isdigit() else entry.replica
 
 
 def _parse_reply(data: dict) -> tuple[dict, dict]:
