@@ -41,6 +41,7 @@ import fcntl
 import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -49,6 +50,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
+from urllib.parse import quote
 
 import httpx
 
@@ -570,7 +572,7 @@ class _Run:
         usage = {"prompt_tokens": 0, "completion_tokens": 0}
         for turn in range(self.cfg.max_turns):
             body = self.request_body(task, messages, first=turn == 0)
-            data = await self.post(client, attempt, body)
+            data = await self.post(client, attempt, body, turn)
             record, message = _parse_reply(data)
             turns.append(record)
             for key in usage:
@@ -612,11 +614,14 @@ class _Run:
             body["tool_choice"] = task.tool_choice if first and task.tool_choice is not None else "auto"
         return body
 
-    async def post(self, client: httpx.AsyncClient, attempt: _Attempt, body: dict) -> dict:
-        # The session header: a gateway keeps the conversation's turns on one replica (a replica ignores it).
+    async def post(self, client: httpx.AsyncClient, attempt: _Attempt, body: dict, turn: int) -> dict:
+        # The session header: a gateway keeps the conversation's turns on one replica (a replica
+        # ignores it). The request id: the engine's logs name each turn (vLLM logs it with
+        # --enable-log-requests, as chatcmpl-<id>), so which replica served what can be read there.
+        session = quote(attempt.session_key, safe="/")  # header values are ASCII; task ids may not be
         attempt.entry, response = await self.pool.post(
             client, "/chat/completions", body, session_key=attempt.session_key,
-            headers={SESSION_HEADER: attempt.session_key},
+            headers={SESSION_HEADER: session, "X-Request-Id": f"{session}/{turn}-{secrets.token_hex(3)}"},
         )
         attempt.replica = _replica_of(attempt.entry, response)
         url = f"{attempt.entry.base_url}/chat/completions"
