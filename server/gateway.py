@@ -17,10 +17,11 @@ not fill the gateway's memory); ``/health`` (200 while a replica is usable, else
 ``/metrics`` (Prometheus) are the gateway's own.
 
 Routing (``policy``): ``sticky_least_loaded`` sends a new session (header ``X-Session-ID``, else
-the body's ``user``) to the replica with the fewest requests in flight through this gateway and
-keeps it there (its prefix cache) until that replica leaves, drains or is ejected; requests
-without a session key go least loaded. ``least_loaded`` ignores sessions; ``round_robin`` takes
-replicas in turn. Every choice costs O(1), however many replicas and sessions there are.
+NeMo Gym's ``conversation_params.conversation_id``, else the body's ``user``) to the replica
+with the fewest requests in flight through this gateway and keeps it there (its prefix cache)
+until that replica leaves, drains or is ejected; requests without a session key go least loaded.
+``least_loaded`` ignores sessions; ``round_robin`` takes replicas in turn. Every choice costs
+O(1), however many replicas and sessions there are.
 
 Failover follows the pool's rules (``server.replicas``): a connect error, a reset, a 502/503 or
 a replica gone before the first byte of its answer sends the request to another replica, at
@@ -32,7 +33,11 @@ anew. With no usable replica a request waits up to ``wait_s``, then gets 503 wit
 Statuses the gateway itself answers (OpenAI's error shape): 401 (missing or wrong key), 404 (no
 such route), 502 (every attempt found its replica unreachable), 503 + ``Retry-After`` (no usable
 replica within ``wait_s``). Every other status is the replica's, passed through (after
-``max_retries`` a replica's own 502/503 too).
+``max_retries`` a replica's own 502/503 too). NeMo Gym 0.7's client (``NeMoGymAsyncOpenAI``)
+tries 404, 408, 429, 500, 502, 503, 504 and 520 three times in all, 0.5 s apart (``Retry-After``
+unread), and 401 once; a model call that still fails fails its rollout, and with it the whole
+``ng_collect_rollouts`` run: so a 503 here ends a Gym rollout after about 3 x ``wait_s``
+(docs/architecture.md, the gateway's entry, has each status and the NeMo Gym source).
 
 Auth: when the service's entries name a key file (the namespace's key), every proxied route
 requires ``Authorization: Bearer <key>`` and the gateway sends the same key to the replicas; the
@@ -49,6 +54,7 @@ import json
 import logging
 import math
 import os
+import re
 import secrets
 import signal
 import socket
@@ -73,6 +79,12 @@ from server.replicas import REPLICA_HEADER, RETRY_STATUSES, SESSION_HEADER, Repl
 log = logging.getLogger(__name__)
 
 POLICIES = ("sticky_least_loaded", "least_loaded", "round_robin")
+# Body fields that may name a session: NeMo Gym's vllm_model server, with
+# `forward_session_id_as_conversation_id: true`, puts its per-rollout session id in
+# `conversation_params.conversation_id` (responses_api_models/vllm_model/app.py, chat_completions);
+# OpenAI's `user` otherwise. Matched as keys (followed by a colon), not as the `"user"` of every
+# `"role": "user"` message: a body that names neither is not parsed.
+_SESSION_FIELDS = re.compile(rb'"(?:conversation_params|user)"\s*:')
 # The replicas' routes, as clients call them on the gateway (and the gateway on a replica).
 PROXIED = {
     "/v1/chat/completions": ["POST"], "/v1/completions": ["POST"], "/v1/responses": ["POST"],
@@ -330,16 +342,24 @@ class Gateway:
         return up
 
     def _session(self, request: Request, body: bytes) -> str | None:
+        """The request's session key: the ``X-Session-ID`` header, else NeMo Gym's conversation id
+        (``conversation_params.conversation_id``), else the body's ``user``; None without one."""
         if self.settings.policy != "sticky_least_loaded":
             return None
         session = request.headers.get(SESSION_HEADER)
-        if session is None and b'"user"' in body:  # parse only bodies that may name one
-            try:
-                user = json.loads(body).get("user")
-            except (ValueError, AttributeError):
-                return None
-            session = user if isinstance(user, str) and user else None
-        return session
+        if session is not None or not _SESSION_FIELDS.search(body):
+            return session
+        try:
+            fields = json.loads(body)
+        except ValueError:
+            return None
+        if not isinstance(fields, dict):
+            return None
+        params = fields.get("conversation_params")
+        for key in (params.get("conversation_id") if isinstance(params, dict) else None, fields.get("user")):
+            if isinstance(key, str) and key:
+                return key
+        return None
 
     # ------------------------------------------------------------ proxying
 
