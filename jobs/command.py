@@ -73,6 +73,9 @@ GYM_READY = re.compile(r"All \d+ / \d+ servers ready")
 # Gym resolves OmegaConf interpolations in its overrides: the key is read from ng_run's environment,
 # so the literal key never appears in an argv.
 GYM_API_KEY_OVERRIDE = "+policy_api_key=${oc.env:" + POLICY_API_KEY_ENV + "}"
+# Gym's vllm_model server, as its configs (responses_api_models/vllm_model/configs/*.yaml) define it.
+GYM_VLLM_MODEL = "responses_api_models/vllm_model/"
+GYM_VLLM_MODEL_KEY = "policy_model.responses_api_models.vllm_model"
 # Overrides the gym job writes itself; a user value would contradict them.
 GYM_OWNED_OVERRIDES = (
     "config_paths", "policy_base_url", "policy_api_key", "policy_model_name",
@@ -287,8 +290,19 @@ class GymConfig(ProcessConfig):
         key = GYM_API_KEY_OVERRIDE if endpoints.api_key_file else "+policy_api_key=EMPTY"
         return [
             self.program("ng_run"), f"+config_paths=[{','.join(self.config_paths)}]", f"+policy_base_url={url}",
-            f"+policy_model_name={endpoints.model}", key, *self.ng_run_args,
+            f"+policy_model_name={endpoints.model}", key, *self._through_gateway(endpoints), *self.ng_run_args,
         ]
+
+    def _through_gateway(self, endpoints: Endpoints) -> list[str]:
+        """Gym's vllm_model behind our gateway: it re-reads the gateway's URL from the endpoint file
+        when a successor serves elsewhere (responses_api_models/vllm_model/app.py, endpoint_file),
+        and names each rollout (its session id as ``conversation_params.conversation_id``, which
+        the gateway keys sessions by), so a rollout's turns stay on one replica. Only for configs
+        that define that model server: an override would create it in another config."""
+        if not endpoints.endpoint_file or not any(GYM_VLLM_MODEL in p for p in self.config_paths):
+            return []
+        return [f"++{GYM_VLLM_MODEL_KEY}.endpoint_file={endpoints.endpoint_file}",
+                f"++{GYM_VLLM_MODEL_KEY}.forward_session_id_as_conversation_id=true"]
 
     def collect_argv(self) -> list[str]:
         argv = [
