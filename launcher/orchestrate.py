@@ -456,7 +456,9 @@ class Run:
             return
         if self.fleet is not None:  # replacements included: every job that serves the pool now
             self.fleet.close()
-            self.pool.jobs = self.fleet.jobs + ([self.gateway.status.job] if self.gateway else [])
+            self.pool.jobs = self.fleet.jobs
+        if self.gateway is not None:  # its replacement included
+            self.pool.gateway = self.gateway.status.job
         if self.sweep_dir is not None and status == "succeeded":
             if pools.kept(self.namespace) is None:
                 pools.keep(self.pool)
