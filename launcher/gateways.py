@@ -1,19 +1,24 @@
-"""The service's gateway as a run keeps it: one job, its URL, its replacement when it ends.
+"""The service's gateway as a run keeps it: one job, its URL, its successor.
 
 The gateway (server/gateway.py) runs as a job of its own beside the replicas, with the
 ``gateway.*`` requests (no GPU). It publishes itself in the registry as service
-``<service>@gateway``. The run waits for that entry, then puts the gateway through the same
-readiness checks as a replica (through its URL: the checks reach a replica behind it), and only
-then hands its URL to the job that uses the service. When the gateway's job ends (a crash, its
-time limit, a lost node) a successor is submitted at once, at most ``server.max_restarts``
-times; its new URL goes into the endpoint file (``<run folder>/<service>.url``), and clients that
-read the registry (the built-in collector) follow it by themselves.
+``<service>@gateway``. The run waits for that entry and for the gateway to route to every ready
+replica, then puts it through the same readiness checks as a replica (through its URL: the checks
+reach a replica behind it), and only then hands its URL to the job that uses the service.
+
+Its URL lives in the endpoint file (``<run folder>/<service>.url``), which NeMo Gym's vllm_model
+re-reads, and in the registry, which the built-in collector re-reads. A gateway near its time limit
+gets a successor as a replica does (``server.rollover_lead_s``, launcher/fleet.py's
+``rollover_lead``): once the successor passed the checks the endpoint file names it and the old
+job drains (SIGUSR2: its entry turns ``draining``, its requests in flight finish). A gateway whose
+job ended otherwise (a crash, a lost node) is replaced at once, at most ``server.max_restarts``
+times; only the run that launched the pool does either.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -21,6 +26,7 @@ import httpx
 import submitit
 
 from launcher.executors import Backend, Resources
+from launcher.fleet import FleetSettings, ended_at_limit, rollover_lead
 from launcher.readiness import ServerFailed
 from server.gateway import GatewayJob, run_job
 from server.registry import Entry, JobRecord, Registry, gateway_service
@@ -29,27 +35,29 @@ from server.verify import CheckResult
 
 @dataclass
 class GatewayStatus:
-    """What the live view and the summary show of the gateway."""
+    """One gateway job as the live view and the summary show it."""
 
     job: submitit.Job
     state: str = "SUBMITTED"
     entry: Entry | None = None
-    ready_after_s: float | None = None
-    submitted_at: float = 0.0
+    submitted_at: float = field(default_factory=time.monotonic)
+    ready_after_s: float | None = None  # from submission to passing the checks
+    # Kept across the gateway's jobs (ServiceGateway._carry).
     restarts: int = 0
-    deaths: list[dict] | None = None
+    deaths: list[dict] = field(default_factory=list)
+    rollovers: list[dict] = field(default_factory=list)
 
 
 class ServiceGateway:
-    def __init__(self, job: GatewayJob, backend: Backend, resources: Resources, max_restarts: int,
-                 startup_timeout_s: float, endpoint_file: Path, checks: Callable[[Entry], list[CheckResult]],
-                 say: Callable[[str], None]) -> None:
-        self.job, self.backend, self.resources = job, backend, resources
+    def __init__(self, job: GatewayJob, backend: Backend, resources: Resources, settings: FleetSettings,
+                 endpoint_file: Path, checks: Callable[[Entry], list[CheckResult]], say: Callable[[str], None]) -> None:
+        self.job, self.backend, self.resources, self.settings = job, backend, resources, settings
         self.registry: Registry = job.registry
-        self.max_restarts, self.startup_timeout_s = max_restarts, startup_timeout_s
         self.endpoint_file, self._checks, self._say = endpoint_file, checks, say
         self.status: GatewayStatus | None = None
-        self._deaths: list[dict] = []
+        self.successor: GatewayStatus | None = None  # near the time limit, until it takes over
+        self._draining: list[submitit.Job] = []  # handed over, until they ended
+        self._ends_at: float | None = None  # when the current job's limit ends it (monotonic), as last seen
 
     @property
     def url(self) -> str | None:
@@ -57,56 +65,68 @@ class ServiceGateway:
         s = self.status
         return s.entry.base_url if s and s.entry and s.ready_after_s is not None else None
 
-    # ------------------------------------------------------------ its job
+    @property
+    def jobs(self) -> list[submitit.Job]:
+        """Every gateway job running or about to (what to stop at the end)."""
+        return [s.job for s in (self.status, self.successor) if s] + self._draining
 
-    def submit(self) -> submitit.Job:
+    # ------------------------------------------------------------ its jobs
+
+    def submit(self) -> GatewayStatus:
         """A new gateway job, recorded with the namespace's jobs (``launcher.down``, joining runs)."""
         job = self.backend.submit(run_job, self.job, self.resources)
         record = self.registry.recorded_jobs(self.job.namespace)
         if record is not None:
             record.gateway_job_ids.append(str(job.job_id))
             self.registry.record_jobs(self.job.namespace, record)
-        restarts = self.status.restarts + 1 if self.status else 0
-        self.status = GatewayStatus(job=job, submitted_at=time.monotonic(), restarts=restarts, deaths=self._deaths)
-        return job
+        status = GatewayStatus(job=job)
+        if self.status is None:
+            self.status = status
+        return status
 
     def adopt(self, record: JobRecord | None) -> bool:
         """The gateway of a pool this run joined (a sweep's, or the run it resumes), if it still runs."""
         ids = record.gateway_job_ids[-1:] if record else []
         if not ids or not self.backend.alive_ids(ids):
             return False
-        self.status = GatewayStatus(job=self.backend.jobs_from_ids(ids)[0], submitted_at=time.monotonic(),
-                                    deaths=self._deaths)
+        self.status = GatewayStatus(job=self.backend.jobs_from_ids(ids)[0])
         return True
 
-    # ------------------------------------------------------------ ready
+    # ------------------------------------------------------------ ready, in use
 
     def wait_ready(self, on_update: Callable[[], None], poll_s: float = 0.2) -> None:
         """Until the gateway passed the readiness checks (the replicas are ready by then)."""
-        while not self._step():
+        while not self._step_current():
             on_update()
             time.sleep(poll_s)
 
     def watch(self) -> None:
-        """One look while the run uses the service: a gateway whose job ended is replaced."""
-        self._step()
+        """One look while the run uses the service: a successor near the time limit, a replacement
+        for a job that ended, the drained ones reaped."""
+        if self._step_current() and self.settings.replaces:
+            self._roll_over_if_due()
+        if self.successor is not None:
+            self._step_successor()
+        self._draining = [job for job in self._draining if not self.backend.finished(job)]
 
-    def _step(self) -> bool:
+    def _step_current(self) -> bool:
         """Whether the current job's gateway passed its checks; a job that ended is replaced."""
         s = self.status
         if self.backend.finished(s.job):
-            self._replace(self.backend.state(s.job))
+            self._ended(s)
             return False
-        if s.ready_after_s is not None:
-            return True
+        return s.ready_after_s is not None or self._step(s)
+
+    def _step(self, s: GatewayStatus) -> bool:
+        """One look at a starting gateway job: True once it passed the checks."""
         state = self.backend.state(s.job)
-        if state == "PENDING" and (why := self.backend.never_starts(s.job)):
+        if state == "PENDING" and s is self.status and (why := self.backend.never_starts(s.job)):
             raise ServerFailed(f"gateway job {s.job.job_id}: {why}")
         entry = self.registry.entry(self.job.namespace, gateway_service(self.job.service), 0, str(s.job.job_id))
         s.state = entry.state if entry else state
         if entry is None or entry.state != "ready" or not self._sees_every_replica(entry):
-            if state == "RUNNING" and time.monotonic() - s.submitted_at > self.startup_timeout_s:
-                raise ServerFailed(f"gateway job {s.job.job_id} not serving after {self.startup_timeout_s:g}s "
+            if state == "RUNNING" and time.monotonic() - s.submitted_at > self.settings.startup_timeout_s:
+                raise ServerFailed(f"gateway job {s.job.job_id} not serving after {self.settings.startup_timeout_s:g}s "
                                    f"(server.startup_timeout_s)\n{self.backend.log_tail(s.job)}")
             return False
         failed = [c for c in self._checks(entry) if not c.ok]
@@ -129,17 +149,72 @@ class ServiceGateway:
             return False
         return health.get("usable_replicas", 0) >= ready
 
-    def _replace(self, state: str) -> None:
-        s = self.status
-        reason = f"job {s.job.job_id} ended ({state})"
-        self._deaths.append({"job_id": str(s.job.job_id), "reason": reason, "at": time.time()})
+    # ------------------------------------------------------------ time limits, deaths
+
+    def _roll_over_if_due(self) -> None:
+        s, cfg = self.status, self.settings
+        left = self.backend.time_left(s.job)
+        if left is None:
+            return
+        self._ends_at = time.monotonic() + left
+        lead = rollover_lead(cfg.rollover_lead_s, cfg.signal_delay_s, cfg.time_limit_s, s.ready_after_s)
+        if self.successor is None and 0 < lead and left <= lead:
+            self.successor = self.submit()
+            self._say(f"gateway of {cfg.service}: job {s.job.job_id} near its time limit ({left:.0f}s left), "
+                      f"successor job {self.successor.job.job_id} submitted")
+
+    def _step_successor(self) -> None:
+        successor = self.successor
+        if self.backend.finished(successor.job):  # the current one still serves: try again later
+            self.successor = None
+            self._record_death(successor.job, "starting")
+            self._check_restarts()
+            self.status.restarts += 1
+            return
+        if self.backend.state(successor.job) == "PENDING" or not self._step(successor):
+            return
+        old, self.successor = self.status, None
+        self._take_over(successor, "near its time limit")
+        self.backend.drain(old.job)  # SIGUSR2: its entry turns draining, its requests in flight finish
+        self._draining.append(old.job)
+        self._say(f"gateway of {self.settings.service}: successor job {successor.job.job_id} ready at "
+                  f"{successor.entry.base_url}; draining job {old.job.job_id}")
+
+    def _ended(self, s: GatewayStatus) -> None:
+        """The current job ended: at its time limit (expected; its successor, or a new one, takes
+        over), or it died (a replacement, bounded)."""
+        cfg = self.settings
+        state = self.backend.state(s.job)
         # It could not remove its entry if it was killed: clients must not be sent there.
         self.registry.remove(self.job.namespace, gateway_service(self.job.service), 0, str(s.job.job_id))
-        if s.restarts >= self.max_restarts:
-            raise ServerFailed(f"gateway of {self.job.service}: {reason}; restarts used up "
-                               f"(server.max_restarts={self.max_restarts})\n{self.backend.log_tail(s.job)}")
-        self._say(f"gateway of {self.job.service}: {reason}; submitting a replacement")
-        self.submit()
+        at_limit = ended_at_limit(state, time.monotonic(), self._ends_at, cfg.signal_delay_s)
+        if not at_limit:
+            self._record_death(s.job, f"in use ({state})")
+            if not cfg.replaces:
+                raise ServerFailed(f"gateway job {s.job.job_id} of {cfg.service} ended ({state})")
+            self._check_restarts()
+            s.restarts += 1
+        successor, self.successor = self.successor or self.submit(), None
+        self._take_over(successor, "ended at its time limit" if at_limit else None)
+        self._say(f"gateway of {cfg.service}: job {s.job.job_id} ended ({state}); job {successor.job.job_id} "
+                  "takes over once ready")
+
+    def _take_over(self, new: GatewayStatus, rollover_why: str | None) -> None:
+        old = self.status
+        new.restarts, new.deaths, new.rollovers = old.restarts, old.deaths, old.rollovers
+        if rollover_why:
+            new.rollovers.append({"job_id": str(old.job.job_id), "successor": str(new.job.job_id),
+                                  "why": rollover_why, "at": time.time()})
+        self.status, self._ends_at = new, None
+
+    def _record_death(self, job: submitit.Job, when: str) -> None:
+        self.status.deaths.append({"job_id": str(job.job_id), "reason": f"job ended {when}", "at": time.time()})
+
+    def _check_restarts(self) -> None:
+        if self.status.restarts >= self.settings.max_restarts:
+            job = self.status.deaths[-1]["job_id"]
+            raise ServerFailed(f"gateway of {self.settings.service}: job {job} ended; restarts used up "
+                               f"(server.max_restarts={self.settings.max_restarts})")
 
     def _write_endpoint_file(self, url: str) -> None:
         # Replaced whole (a reader never sees half a URL): write beside, then rename.
@@ -153,4 +228,5 @@ class ServiceGateway:
             return None
         return {"job_id": str(s.job.job_id), "base_url": s.entry.base_url if s.entry else None,
                 "ready_after_s": None if s.ready_after_s is None else round(s.ready_after_s, 2),
-                "restarts": s.restarts, "deaths": self._deaths, "endpoint_file": str(self.endpoint_file)}
+                "restarts": s.restarts, "deaths": s.deaths, "rollovers": s.rollovers,
+                "endpoint_file": str(self.endpoint_file)}

@@ -150,12 +150,14 @@ class Run:
             with self.registry.pool_lock(self.namespace):
                 self._join_pool() or self._launch_pool()
         s = self.spec.server
+        settings = FleetSettings(
+            service=s.service, namespace=self.namespace, startup_timeout_s=s.startup_timeout_s,
+            max_restarts=s.max_restarts, no_replica_grace_s=s.no_replica_grace_s,
+            replaces=self.took_over or not self.joined, time_limit_s=self.spec.cluster.timeout_min * 60,
+            signal_delay_s=self.spec.cluster.signal_delay_s, rollover_lead_s=s.rollover_lead_s,
+        )
         self.fleet = Fleet(
-            FleetSettings(service=s.service, namespace=self.namespace, startup_timeout_s=s.startup_timeout_s,
-                          max_restarts=s.max_restarts, no_replica_grace_s=s.no_replica_grace_s,
-                          replaces=self.took_over or not self.joined, time_limit_s=self.spec.cluster.timeout_min * 60,
-                          signal_delay_s=self.spec.cluster.signal_delay_s, rollover_lead_s=s.rollover_lead_s),
-            self.backend, self.registry, self.pool.jobs, self._server_job, server_resources(self.spec),
+            settings, self.backend, self.registry, self.pool.jobs, self._server_job, server_resources(self.spec),
             self._checks, self._engine_log, say=lambda text: self._say(escape(text), "yellow"),
             before_death=self._check_stop_request,
         )
@@ -164,9 +166,9 @@ class Run:
         for r in self.replicas:
             self._say(escape(f"{verb} {self.spec.server.service}/{r.replica}: job {r.job.job_id}"))
         if self.spec.gateway.enabled:
-            self._start_gateway()
+            self._start_gateway(settings)
 
-    def _start_gateway(self) -> None:
+    def _start_gateway(self, settings: FleetSettings) -> None:
         """The service's gateway: the joined pool's when it still runs, else a new job."""
         s, c, g = self.spec.server, self.spec.cluster, self.spec.gateway
         entries = self.registry.entries(self.namespace, s.service)
@@ -175,15 +177,16 @@ class Run:
             settings=g.settings(), advertise_host=c.advertise_host, cluster=self.backend.kind,
             api_key_file=self.api_key_file or next((e.api_key_file for e in entries if e.api_key_file), None),
         )
+        resources = gateway_resources(self.spec)
         self.gateway = ServiceGateway(
-            job, self.backend, gateway_resources(self.spec), s.max_restarts, s.startup_timeout_s,
+            job, self.backend, resources, dataclasses.replace(settings, time_limit_s=resources.timeout_min * 60),
             self.run_dir / f"{s.service}.url", self._checks, say=lambda text: self._say(escape(text), "yellow"),
         )
         if self.joined and self.gateway.adopt(self.registry.recorded_jobs(self.namespace)):
             self._say(escape(f"joined {gateway_service(s.service)}: job {self.gateway.status.job.job_id}"))
             return
         submitted = self.gateway.submit()
-        self._say(escape(f"submitted {gateway_service(s.service)}: job {submitted.job_id}"))
+        self._say(escape(f"submitted {gateway_service(s.service)}: job {submitted.job.job_id}"))
 
     def _join_pool(self) -> bool:
         """Use the sweep's live pool for this server configuration, if there is one."""
@@ -457,8 +460,8 @@ class Run:
         if self.fleet is not None:  # replacements included: every job that serves the pool now
             self.fleet.close()
             self.pool.jobs = self.fleet.jobs
-        if self.gateway is not None:  # its replacement included
-            self.pool.gateway = self.gateway.status.job
+        if self.gateway is not None:  # its successors and replacements included
+            self.pool.gateways = self.gateway.jobs
         if self.sweep_dir is not None and status == "succeeded":
             if pools.kept(self.namespace) is None:
                 pools.keep(self.pool)

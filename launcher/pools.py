@@ -20,7 +20,7 @@ import atexit
 import hashlib
 import os
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -47,7 +47,7 @@ class ServerPool:
     heartbeat: OwnerHeartbeat
     stop_grace_s: float
     shared: bool = False  # a sweep's pool: other runs may join it, so letting go takes the pool lock
-    gateway: submitit.Job | None = None  # the service's gateway job, stopped with the replicas
+    gateways: list[submitit.Job] = field(default_factory=list)  # the service's gateway jobs, stopped with the replicas
 
     def release(self, say: Callable[[str], None] = print) -> bool:
         """Let go of the pool; stop it if no other run uses it. Returns True if it was stopped."""
@@ -59,7 +59,7 @@ class ServerPool:
                 return False
             # Read before the entries disappear: what to kill if a job cannot stop its own processes.
             here = [e for e in self.registry.entries(self.namespace) if e.node == os.uname().nodename]
-            self.backend.stop([*self.jobs, *([self.gateway] if self.gateway else [])], self.stop_grace_s, say)
+            self.backend.stop([*self.jobs, *self.gateways], self.stop_grace_s, say)
             for entry in here:
                 kill_when_alive(entry.pid, group=False)
                 if entry.engine_pid:

@@ -103,6 +103,12 @@ _NOT_PASSED_BACK = _HOP_BY_HOP | {"date"}
 # Sessions remembered; beyond this the least recently seen is forgotten (its next turn risks one
 # prefix-cache miss), so that a gateway serving millions of conversations stays small.
 _MAX_SESSIONS = 1 << 18
+# Draining (run_job, SIGUSR2): served at least this long after the entry turned ``draining``, since
+# clients re-read the registry every few seconds and NeMo Gym its endpoint file every 10 s
+# (vllm_model's endpoint_check_interval_s); then until nothing is in flight, at most the grace.
+_DRAIN_SETTLE_S = 15.0
+_DRAIN_GRACE_S = 120.0
+_DRAIN_POLL_S = 0.5
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
 
@@ -296,6 +302,11 @@ class Gateway:
                 return r.status == 200
         except (aiohttp.ClientError, asyncio.TimeoutError):
             return False
+
+    def in_flight(self) -> int:
+        """Requests sent to a replica and not yet answered in full (a request still waiting for a
+        replica is waited for by uvicorn's graceful shutdown)."""
+        return sum(up.in_flight for up in self.upstreams.values())
 
     # ------------------------------------------------------------ routing
 
@@ -616,11 +627,14 @@ class GatewayJob:
 def run_job(job: GatewayJob) -> None:
     """Serve until SIGTERM/SIGINT, or until no run owns the namespace any more (as a server job,
     after ``registry.orphan_grace_s``). The entry (service ``<service>@gateway``) turns ``ready``
-    once requests are taken, heartbeats meanwhile and is removed at the end."""
+    once requests are taken, heartbeats meanwhile and is removed at the end. SIGUSR2 (Slurm's
+    warning before the time limit, or the launcher once this gateway's successor is ready) drains:
+    the entry turns ``draining`` so that clients reading the registry move to the successor, the
+    gateway keeps serving for ``_DRAIN_SETTLE_S`` (clients following an endpoint file re-read it
+    that often) and until nothing is in flight, at most ``_DRAIN_GRACE_S``, then ends."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # Slurm's time-limit warning: a gateway has nothing to drain (each request ends with its stream);
-    # it serves until the limit and the launcher's fleet submits its successor.
-    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    drain = threading.Event()
+    signal.signal(signal.SIGUSR2, lambda signum, frame: drain.set())
     registry = job.registry
     gateway = Gateway(job.service, job.namespace, registry, job.settings)
     sock = listen(job.settings.host, job.settings.port)
@@ -638,9 +652,19 @@ def run_job(job: GatewayJob) -> None:
     def heartbeat(server: uvicorn.Server) -> None:
         registry.heartbeat(entry, state="ready")
         log.info("gateway of %s ready at %s", job.service, entry.base_url)
-        while not stop.wait(registry.heartbeat_s):
+        settled_at = deadline = None
+        while not stop.wait(_DRAIN_POLL_S if deadline else registry.heartbeat_s):
             if registry.orphaned(job.namespace):
                 log.warning("no run using %s heartbeated for %.0fs: stopping", job.namespace, registry.orphan_grace_s)
+                server.should_exit = True
+                return
+            if drain.is_set() and deadline is None:
+                log.info("draining: no new clients, up to %.0fs for requests in flight", _DRAIN_GRACE_S)
+                settled_at, deadline = time.monotonic() + _DRAIN_SETTLE_S, time.monotonic() + _DRAIN_GRACE_S
+                entry.state = "draining"
+            if deadline is not None and ((time.monotonic() >= settled_at and gateway.in_flight() == 0)
+                                         or time.monotonic() >= deadline):
+                log.info("drained (%d requests in flight); stopping", gateway.in_flight())
                 server.should_exit = True
                 return
             try:

@@ -4,6 +4,7 @@ the key, /tokenize at the root, /v1/models; its job replaced when it dies; gatew
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -17,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from jobs.pool import EndpointPool
 from server.gateway import Gateway, GatewaySettings, GatewayThread
 from server.registry import Registry, gateway_service
 from tests.support import ROOT, SERVED_NAME, STANDIN_SERVER, auth, launcher_env, serve_standin, start_launcher
@@ -215,3 +217,45 @@ def test_rollouts_through_the_gateway_record_the_replica_that_answered(tmp_path)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["collection"]["replicas"].keys() == {"0"}  # the collector saw one endpoint: the gateway
     assert summary["gateway"]["base_url"].endswith("/v1") and summary["gateway"]["restarts"] == 0
+
+
+def test_a_gateway_near_its_time_limit_hands_over_to_a_successor_with_no_failed_request(tmp_path):
+    """gateway.timeout_min=1: its successor is submitted 40 s before the limit, takes over once it
+    passed the checks (endpoint file, registry) and the old one drains; a client following the
+    registry (the collector's pool) sends requests all along, and none fails."""
+    root, run_dir = tmp_path / "registry", tmp_path / "run"
+    proc, url = serve_standin(run_dir, root, "gateway.timeout_min=1", "server.rollover_lead_s=40",
+                              "cluster.signal_delay_s=15")
+    registry = Registry(root)
+    (first,) = registry.entries(service=gateway_service("policy"))
+    pool = EndpointPool(gateway_service("policy"), registry=registry, refresh_s=0.5)
+    body = {"model": first.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+    answered, by_gateway = 0, defaultdict(int)
+
+    async def client() -> None:
+        """Requests all along, until the old gateway drained and ended (its entry gone) and the
+        successor answered since."""
+        nonlocal answered
+        async with httpx.AsyncClient(timeout=30) as http:
+            deadline = time.monotonic() + 150
+            gone_at = None
+            while gone_at is None or answered < gone_at + 20:
+                assert time.monotonic() < deadline, f"the first gateway still serves after 150 s: {dict(by_gateway)}"
+                entry, response = await pool.post(http, "/chat/completions", body, session_key=str(answered))
+                assert response.status_code == 200, response.text
+                answered += 1
+                by_gateway[entry.job_id] += 1
+                if gone_at is None and registry.entry(first.namespace, first.service, 0, first.job_id) is None:
+                    gone_at = answered
+
+    try:
+        asyncio.run(client())
+        assert (run_dir / "policy.url").read_text().strip() != url
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    gateway = json.loads((run_dir / "summary.json").read_text())["gateway"]
+    print(f"\n[gateway rollover] {answered} requests, none failed, by gateway job {dict(by_gateway)}; {gateway}")
+    assert gateway["restarts"] == 0 and [r["job_id"] for r in gateway["rollovers"]] == [first.job_id]
+    assert by_gateway[first.job_id] > 0 and len(by_gateway) == 2
