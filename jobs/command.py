@@ -76,6 +76,10 @@ GYM_API_KEY_OVERRIDE = "+policy_api_key=${oc.env:" + POLICY_API_KEY_ENV + "}"
 # Gym's vllm_model server, as its configs (responses_api_models/vllm_model/configs/*.yaml) define it.
 GYM_VLLM_MODEL = "responses_api_models/vllm_model/"
 GYM_VLLM_MODEL_KEY = "policy_model.responses_api_models.vllm_model"
+# With an endpoint file Gym retries a refused connection this often, 0.5 s apart, then fails the
+# call; it re-reads the file at most every 10 s (endpoint_check_interval_s). Its default, 8 (4 s),
+# is shorter than that plus a replacement gateway's start: 40 (20 s) lets a call outlive both.
+GYM_ENDPOINT_RETRIES = 40
 # Overrides the gym job writes itself; a user value would contradict them.
 GYM_OWNED_OVERRIDES = (
     "config_paths", "policy_base_url", "policy_api_key", "policy_model_name",
@@ -302,6 +306,7 @@ class GymConfig(ProcessConfig):
         if not endpoints.endpoint_file or not any(GYM_VLLM_MODEL in p for p in self.config_paths):
             return []
         return [f"++{GYM_VLLM_MODEL_KEY}.endpoint_file={endpoints.endpoint_file}",
+                f"++{GYM_VLLM_MODEL_KEY}.endpoint_connection_retries={GYM_ENDPOINT_RETRIES}",
                 f"++{GYM_VLLM_MODEL_KEY}.forward_session_id_as_conversation_id=true"]
 
     def collect_argv(self) -> list[str]:

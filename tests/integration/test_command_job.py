@@ -109,7 +109,7 @@ def test_gym_runs_ng_run_then_collects_then_stops_ng_run(tmp_path, gateway):
     else:  # the gateway's one URL; Gym follows its endpoint file and names each rollout
         model = "++policy_model.responses_api_models.vllm_model"
         endpoints = [f"+policy_base_url={summary['gateway']['base_url']}"]
-        extra = [f"{model}.endpoint_file={run_dir / 'policy.url'}",
+        extra = [f"{model}.endpoint_file={run_dir / 'policy.url'}", f"{model}.endpoint_connection_retries=40",
                  f"{model}.forward_session_id_as_conversation_id=true"]
     ng_run = json.loads((records / "ng_run.json").read_text())
     assert ng_run["argv"][1:] == [
