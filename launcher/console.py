@@ -81,6 +81,11 @@ def summary_table(summary: dict) -> Table:
     if resumed:  # run.resume: the rows above count the interrupted run's too
         rows.append(("resumed from", f"run {resumed['run_id'] or '(unrecorded)'}, {resumed['rollouts_before']} "
                                      "rollouts written before"))
+    gateway = summary.get("gateway")
+    if gateway:  # the service's one URL, and how often its job changed
+        changes = [f"{n} {word}" for n, word in ((gateway["restarts"], "restarts"),
+                                                 (len(gateway["rollovers"]), "rollovers")) if n]
+        rows.append(("gateway", f"{gateway['base_url']}" + (f" ({', '.join(changes)})" if changes else "")))
     if summary["namespace"] != summary["run_id"]:
         rows.append(("servers (joined)" if resumed else "servers (shared)", summary["namespace"]))
     rows += [(f"time: {phase}", f"{seconds:.1f}s") for phase, seconds in summary["phases"].items()]

@@ -7,6 +7,7 @@ import io
 from rich.console import Console
 
 from launcher.console import LIVE_ROWS, servers_table
+from launcher.gateways import GatewayStatus
 from launcher.readiness import ReplicaStatus
 
 
@@ -35,3 +36,12 @@ def test_a_small_fleet_live_lists_every_replica():
     replicas = [ReplicaStatus(replica=i, job=_Job(f"7_{i}"), state="ready") for i in range(3)]
     text = _render(servers_table("policy", replicas, live=True))
     assert text.count(" 7_") == 3 and "more not ready" not in text
+
+
+def test_the_gateway_has_a_row_below_its_replicas_even_in_a_big_fleet():
+    replicas = [ReplicaStatus(replica=i, job=_Job(f"7_{i}"), state="ready") for i in range(64)]
+    gateway = GatewayStatus(job=_Job("8"), state="checking", restarts=1,
+                            deaths=[{"job_id": "6", "reason": "job ended in use (FAILED)"}])
+    lines = _render(servers_table("policy", replicas, live=True, gateway=gateway)).splitlines()
+    row = next(line for line in lines if "gateway" in line)
+    assert " 8 " in row and "checking" in row and "1 (job ended in use (FAILED))" in row
