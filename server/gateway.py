@@ -478,9 +478,11 @@ class Gateway:
             self._sync()
             tasks = [asyncio.create_task(self._every(self.settings.refresh_s, self._refresh)),
                      asyncio.create_task(self._every(self.settings.health_interval_s, self._check_health))]
+            # proxy_headers off: nothing here reads the client's address or scheme, and uvicorn's
+            # X-Forwarded-* middleware is one more layer per request.
             config = uvicorn.Config(self.app, http="httptools", access_log=False, log_level="warning",
                                     server_header=False, lifespan="off", timeout_keep_alive=60,
-                                    timeout_graceful_shutdown=10)
+                                    timeout_graceful_shutdown=10, proxy_headers=False)
             server = uvicorn.Server(config)
             host, port = sock.getsockname()[:2]
             self.url = f"http://{host}:{port}"
