@@ -4,7 +4,10 @@ The launcher submits ``run(cfg)`` once the service's replicas are ready. The job
 runs the program as its own child (never detached: its own process group, and
 the kernel signals it if the job dies) with the endpoints in its environment:
 
-- ``POLICY_BASE_URLS``: comma-separated base URLs (``http://host:port/v1``) of the ready replicas
+- ``POLICY_BASE_URLS``: the service's gateway's base URL (``http://host:port/v1``), or with
+  ``gateway.enabled=false`` the comma-separated base URLs of the ready replicas
+- ``POLICY_ENDPOINT_FILE``: a file holding the gateway's base URL, rewritten (atomically) when a
+  successor of the gateway serves elsewhere (unset without a gateway)
 - ``POLICY_API_KEY``: the key they take (unset when the service has no key)
 - ``POLICY_MODEL_NAME``: the served model name requests send as ``model``
 - ``GYMLAUNCH_REGISTRY_ROOT``, ``GYMLAUNCH_NAMESPACE``: for ``jobs.pool.EndpointPool`` / ``server.registry``
@@ -48,13 +51,15 @@ from server.templates import fill_command
 POLICY_BASE_URLS_ENV = "POLICY_BASE_URLS"
 POLICY_API_KEY_ENV = "POLICY_API_KEY"
 POLICY_MODEL_ENV = "POLICY_MODEL_NAME"
-ENDPOINT_ENV = (POLICY_BASE_URLS_ENV, POLICY_API_KEY_ENV, POLICY_MODEL_ENV, ROOT_ENV, NAMESPACE_ENV)
+POLICY_ENDPOINT_FILE_ENV = "POLICY_ENDPOINT_FILE"
+ENDPOINT_ENV = (POLICY_BASE_URLS_ENV, POLICY_API_KEY_ENV, POLICY_MODEL_ENV, POLICY_ENDPOINT_FILE_ENV, ROOT_ENV,
+                NAMESPACE_ENV)
 
 # What `job.command` may name. There is deliberately no {api_key}: argv shows in `ps` for every
 # user of the node; a program that only takes the key as an argument can read it through a shell:
 # sh -c 'exec my-eval --api-key "$POLICY_API_KEY"'.
 PLACEHOLDERS = {
-    "base_urls": "comma-separated base URLs of the ready replicas",
+    "base_urls": "the gateway's base URL (gateway.enabled=false: comma-separated base URLs of the ready replicas)",
     "base_url": "the first of them",
     "model": "the served model name",
     "run_dir": "the run's output folder",
@@ -68,6 +73,9 @@ GYM_READY = re.compile(r"All \d+ / \d+ servers ready")
 # Gym resolves OmegaConf interpolations in its overrides: the key is read from ng_run's environment,
 # so the literal key never appears in an argv.
 GYM_API_KEY_OVERRIDE = "+policy_api_key=${oc.env:" + POLICY_API_KEY_ENV + "}"
+# Gym's vllm_model server, as its configs (responses_api_models/vllm_model/configs/*.yaml) define it.
+GYM_VLLM_MODEL = "responses_api_models/vllm_model/"
+GYM_VLLM_MODEL_KEY = "policy_model.responses_api_models.vllm_model"
 # Overrides the gym job writes itself; a user value would contradict them.
 GYM_OWNED_OVERRIDES = (
     "config_paths", "policy_base_url", "policy_api_key", "policy_model_name",
@@ -99,12 +107,15 @@ class Endpoints:
     base_urls: list[str]
     model: str
     api_key_file: str | None = None
+    endpoint_file: str | None = None  # the gateway's URL, kept current by the launcher
 
     def environ(self) -> dict[str, str]:
         env = {
             POLICY_BASE_URLS_ENV: ",".join(self.base_urls), POLICY_MODEL_ENV: self.model,
             ROOT_ENV: str(self.registry.root), NAMESPACE_ENV: self.namespace,
         }
+        if self.endpoint_file:
+            env[POLICY_ENDPOINT_FILE_ENV] = self.endpoint_file
         if self.api_key_file:
             env[POLICY_API_KEY_ENV] = Path(self.api_key_file).read_text().strip()
         return env
@@ -279,8 +290,19 @@ class GymConfig(ProcessConfig):
         key = GYM_API_KEY_OVERRIDE if endpoints.api_key_file else "+policy_api_key=EMPTY"
         return [
             self.program("ng_run"), f"+config_paths=[{','.join(self.config_paths)}]", f"+policy_base_url={url}",
-            f"+policy_model_name={endpoints.model}", key, *self.ng_run_args,
+            f"+policy_model_name={endpoints.model}", key, *self._through_gateway(endpoints), *self.ng_run_args,
         ]
+
+    def _through_gateway(self, endpoints: Endpoints) -> list[str]:
+        """Gym's vllm_model behind our gateway: it re-reads the gateway's URL from the endpoint file
+        when a successor serves elsewhere (responses_api_models/vllm_model/app.py, endpoint_file),
+        and names each rollout (its session id as ``conversation_params.conversation_id``, which
+        the gateway keys sessions by), so a rollout's turns stay on one replica. Only for configs
+        that define that model server: an override would create it in another config."""
+        if not endpoints.endpoint_file or not any(GYM_VLLM_MODEL in p for p in self.config_paths):
+            return []
+        return [f"++{GYM_VLLM_MODEL_KEY}.endpoint_file={endpoints.endpoint_file}",
+                f"++{GYM_VLLM_MODEL_KEY}.forward_session_id_as_conversation_id=true"]
 
     def collect_argv(self) -> list[str]:
         argv = [

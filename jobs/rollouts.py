@@ -41,6 +41,7 @@ import fcntl
 import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import sys
@@ -49,11 +50,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
+from urllib.parse import quote
 
 import httpx
 
 from jobs import tools, verifiers
 from jobs.pool import EndpointPool, NoEndpointError
+from server.replicas import REPLICA_HEADER, SESSION_HEADER
 from server.checks import Checks
 from server.registry import NAMESPACE_ENV, ROOT_ENV, Entry, Registry
 
@@ -482,6 +485,7 @@ class _Attempt:
     task: Task
     repeat: int
     entry: Entry | None = None
+    replica: int | None = None  # the replica that answered its last request (behind a gateway: its header)
 
     @property
     def session_key(self) -> str:
@@ -568,7 +572,7 @@ class _Run:
         usage = {"prompt_tokens": 0, "completion_tokens": 0}
         for turn in range(self.cfg.max_turns):
             body = self.request_body(task, messages, first=turn == 0)
-            data = await self.post(client, attempt, body)
+            data = await self.post(client, attempt, body, turn)
             record, message = _parse_reply(data)
             turns.append(record)
             for key in usage:
@@ -585,7 +589,7 @@ class _Run:
                     "finish_reason": record["finish_reason"],
                     "usage": usage,
                     # The last one: the pool moves a conversation whose replica went away.
-                    "replica": attempt.entry.replica,
+                    "replica": attempt.replica,
                     "tool_calls": calls,
                 }
             messages.append({"role": "assistant", "content": message.get("content"), "tool_calls": tool_calls})
@@ -610,10 +614,16 @@ class _Run:
             body["tool_choice"] = task.tool_choice if first and task.tool_choice is not None else "auto"
         return body
 
-    async def post(self, client: httpx.AsyncClient, attempt: _Attempt, body: dict) -> dict:
+    async def post(self, client: httpx.AsyncClient, attempt: _Attempt, body: dict, turn: int) -> dict:
+        # The session header: a gateway keeps the conversation's turns on one replica (a replica
+        # ignores it). The request id: the engine's logs name each turn (vLLM logs it with
+        # --enable-log-requests, as chatcmpl-<id>), so which replica served what can be read there.
+        session = quote(attempt.session_key, safe="/")  # header values are ASCII; task ids may not be
         attempt.entry, response = await self.pool.post(
-            client, "/chat/completions", body, session_key=attempt.session_key
+            client, "/chat/completions", body, session_key=attempt.session_key,
+            headers={SESSION_HEADER: session, "X-Request-Id": f"{session}/{turn}-{secrets.token_hex(3)}"},
         )
+        attempt.replica = _replica_of(attempt.entry, response)
         url = f"{attempt.entry.base_url}/chat/completions"
         if response.status_code >= 400:
             raise RolloutError("http_error", f"HTTP {response.status_code} from {url}: {_error_message(response)}")
@@ -626,9 +636,15 @@ class _Run:
     def fail(self, attempt: _Attempt, reason: str, error: str) -> None:
         self.failed += 1
         log.warning("rollout %s failed (%s): %s", attempt.session_key, reason, error)
-        replica = attempt.entry.replica if attempt.entry is not None else None
+        replica = attempt.replica
         row = {"task_id": attempt.task.id, "repeat": attempt.repeat, "reason": reason, "error": error}
         self.failures_file.write({**row, "replica": replica})
+
+
+def _replica_of(entry: Entry, response: httpx.Response) -> int:
+    """The replica that answered: the gateway names it (``<replica>-<job id>``), else the entry is one."""
+    named = response.headers.get(REPLICA_HEADER, "").partition("-")[0]
+    return int(named) if named.isdigit() else entry.replica
 
 
 def _parse_reply(data: dict) -> tuple[dict, dict]:

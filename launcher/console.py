@@ -9,6 +9,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from launcher.gateways import GatewayStatus
 from launcher.readiness import ReplicaStatus
 
 
@@ -17,7 +18,8 @@ from launcher.readiness import ReplicaStatus
 LIVE_ROWS = 16
 
 
-def servers_table(service: str, replicas: list[ReplicaStatus], live: bool = False) -> Table:
+def servers_table(service: str, replicas: list[ReplicaStatus], live: bool = False,
+                  gateway: GatewayStatus | None = None) -> Table:
     title, shown, caption = f"service {service}", replicas, None
     if live and len(replicas) > LIVE_ROWS:
         counts = Counter(r.state for r in replicas)
@@ -34,6 +36,12 @@ def servers_table(service: str, replicas: list[ReplicaStatus], live: bool = Fals
         restarts = f"{r.restarts} ({escape(r.deaths[-1]['reason'])})" if r.deaths else str(r.restarts)
         state = _styled_state(r.state) + (f" {escape(r.note)}" if r.note else "")
         table.add_row(str(r.replica), escape(str(r.job.job_id)), state, escape(url), ready, restarts)
+    if gateway is not None:  # the service's one URL, below its replicas
+        g = gateway
+        url = g.entry.base_url if g.entry else ""
+        ready = f"{g.ready_after_s:.1f}s" if g.ready_after_s is not None else ""
+        restarts = f"{g.restarts} ({escape(g.deaths[-1]['reason'])})" if g.deaths else str(g.restarts)
+        table.add_row("gateway", escape(str(g.job.job_id)), _styled_state(g.state), escape(url), ready, restarts)
     return table
 
 

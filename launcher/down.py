@@ -32,7 +32,7 @@ def down_namespace(registry: Registry, namespace: str, wait_s: float) -> list[st
     by_kind = _jobs_by_kind(registry.entries(namespace))
     record = registry.recorded_jobs(namespace)
     if record:
-        by_kind[record.kind].update(record.job_ids)
+        by_kind[record.kind].update(record.all_job_ids)
     # First, so that the runs using it say they were stopped, rather than that their servers died.
     registry.request_stop(namespace, _who())
     return _cancel_and_wait(by_kind, wait_s, after=lambda: registry.remove_namespace(namespace))

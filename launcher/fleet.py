@@ -344,7 +344,7 @@ class Fleet:
         base = state.split()[0] if state else "?"
         if base in _SCHEDULER_ENDS:
             return base
-        # The server job names itself by the same id (server.job._job_id): Slurm array tasks as A_i.
+        # The server job names itself by the same id (server.job.current_job_id): Slurm array tasks as A_i.
         note = self.registry.death_note(self.settings.namespace, self.settings.service, r.replica, str(r.job.job_id))
         return note or f"job ended ({state})"
 

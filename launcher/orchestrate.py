@@ -28,11 +28,13 @@ from launcher import resume
 from launcher.executors import ClusterRefused, Resources, SubmissionRefused, make_backend
 from launcher.pools import ServerPool, pool_namespace
 from launcher.fleet import Fleet, FleetSettings
+from launcher.gateways import ServiceGateway
 from launcher.readiness import ReplicaStatus, ServerFailed
 from launcher.spec import GENERATE_KEY, CommandJob, NoJob, RolloutsJob, RunSpec
+from server.gateway import GatewayJob
 from server.job import ServerJob, ServerSettings, run as run_server
 from server.process import log_tail
-from server.registry import Entry, JobRecord, OwnerHeartbeat
+from server.registry import Entry, JobRecord, OwnerHeartbeat, gateway_service
 from server.verify import CheckResult, readiness_checks
 
 log = logging.getLogger(__name__)
@@ -69,6 +71,7 @@ class Run:
         self.backend = make_backend(spec.cluster, self.run_dir / "submitit")
         self.pool: ServerPool | None = None
         self.fleet: Fleet | None = None
+        self.gateway: ServiceGateway | None = None  # gateway.enabled: the service's one URL
         self.joined = False
         self.took_over = False  # joined the servers of the run this one resumes: they are this run's now
         self.resumed_from: dict | None = None  # run.resume: the interrupted run's id and the rows it left
@@ -102,6 +105,9 @@ class Run:
                     self._start_servers()
                 with self._phase("servers ready"):
                     self._wait_ready()
+                if self.gateway is not None:
+                    with self._phase("gateway ready"):
+                        self._wait_gateway()
                 job = self.spec.job
                 if isinstance(job, RolloutsJob):
                     with self._phase("rollouts"):
@@ -157,6 +163,27 @@ class Run:
         verb = "joined" if self.joined else "submitted"
         for r in self.replicas:
             self._say(escape(f"{verb} {self.spec.server.service}/{r.replica}: job {r.job.job_id}"))
+        if self.spec.gateway.enabled:
+            self._start_gateway()
+
+    def _start_gateway(self) -> None:
+        """The service's gateway: the joined pool's when it still runs, else a new job."""
+        s, c, g = self.spec.server, self.spec.cluster, self.spec.gateway
+        entries = self.registry.entries(self.namespace, s.service)
+        job = GatewayJob(
+            namespace=self.namespace, service=s.service, model=s.served_name, registry=self.registry,
+            settings=g.settings(), advertise_host=c.advertise_host, cluster=self.backend.kind,
+            api_key_file=self.api_key_file or next((e.api_key_file for e in entries if e.api_key_file), None),
+        )
+        self.gateway = ServiceGateway(
+            job, self.backend, gateway_resources(self.spec), s.max_restarts, s.startup_timeout_s,
+            self.run_dir / f"{s.service}.url", self._checks, say=lambda text: self._say(escape(text), "yellow"),
+        )
+        if self.joined and self.gateway.adopt(self.registry.recorded_jobs(self.namespace)):
+            self._say(escape(f"joined {gateway_service(s.service)}: job {self.gateway.status.job.job_id}"))
+            return
+        submitted = self.gateway.submit()
+        self._say(escape(f"submitted {gateway_service(s.service)}: job {submitted.job_id}"))
 
     def _join_pool(self) -> bool:
         """Use the sweep's live pool for this server configuration, if there is one."""
@@ -214,16 +241,37 @@ class Run:
 
     def _wait_ready(self) -> None:
         service = self.spec.server.service
-        with Live(views.servers_table(service, self.replicas, live=True), console=self.console,
-                  transient=True) as live:
-            def on_update() -> None:
-                self._check_stop_request()
-                live.update(views.servers_table(service, self.replicas, live=True))
-
-            self.fleet.wait_ready(on_update)
-        self.console.print(views.servers_table(service, self.replicas))
+        with self._live_servers() as update:
+            self.fleet.wait_ready(update)
+        if self.gateway is None:
+            self.console.print(self._servers_table())
         for r in self.replicas:
             log.info("replica %s/%d ready at %s after %.1fs", service, r.replica, r.entry.base_url, r.ready_after_s)
+
+    def _wait_gateway(self) -> None:
+        """The replicas are ready: the gateway's turn, through the same checks, the replicas watched meanwhile."""
+        with self._live_servers() as update:
+            def on_update() -> None:
+                self.fleet.watch()
+                update()
+
+            self.gateway.wait_ready(on_update)
+        self.console.print(self._servers_table())
+        log.info("gateway of %s ready at %s", self.spec.server.service, self.gateway.url)
+
+    @contextmanager
+    def _live_servers(self) -> Iterator[Callable[[], None]]:
+        """A live table of the replicas (and the gateway); yields what refreshes it."""
+        with Live(self._servers_table(live=True), console=self.console, transient=True) as live:
+            def update() -> None:
+                self._check_stop_request()
+                live.update(self._servers_table(live=True))
+
+            yield update
+
+    def _servers_table(self, live: bool = False):
+        gateway = self.gateway.status if self.gateway else None
+        return views.servers_table(self.spec.server.service, self.replicas, live=live, gateway=gateway)
 
     def _checks(self, entry: Entry) -> list[CheckResult]:
         """The gate follows the job: tool calling if its tasks offer tools, token ids/logprobs if it
@@ -235,8 +283,12 @@ class Run:
         )
 
     def _run_rollouts(self, job: RolloutsJob) -> None:
+        # Through the gateway: the collector finds it in the registry as it finds a replica, and follows
+        # a replacement there; its requests name their conversation (X-Session-ID), so turns stick.
+        service = gateway_service(job.collector.service) if self.gateway else job.collector.service
         collector = dataclasses.replace(
             job.collector, output_dir=str(self.run_dir), namespace=self.namespace, registry=self.registry,
+            service=service,
         )
         total = job.num_rollouts
         submitted = self._submit(Requeueable(collect), collector, job, "rollouts")
@@ -258,11 +310,14 @@ class Run:
         self.other_jobs = []
 
     def _run_command(self, job: CommandJob) -> None:
-        """Submit the program with the endpoints the readiness gate passed; its exit code is the run's."""
+        """Submit the program with the endpoints the readiness gate passed (the gateway's one URL, or
+        the replicas'); its exit code is the run's."""
         entries = [r.entry for r in self.replicas if r.entry]
         endpoints = Endpoints(
             service=self.spec.server.service, namespace=self.namespace, registry=self.registry,
-            base_urls=[e.base_url for e in entries], model=entries[0].model, api_key_file=entries[0].api_key_file,
+            base_urls=[self.gateway.url] if self.gateway else [e.base_url for e in entries], model=entries[0].model,
+            api_key_file=entries[0].api_key_file,
+            endpoint_file=str(self.gateway.endpoint_file) if self.gateway else None,
         )
         process = dataclasses.replace(job.process, run_dir=str(self.run_dir), endpoints=endpoints)
         submitted = self._submit(Requeueable(run_command), process, job, job.kind)
@@ -313,7 +368,7 @@ class Run:
         return f"job {state} ({reason})" if reason else f"job {state}"
 
     def _serve_until_interrupted(self) -> None:
-        urls = ",".join(r.entry.base_url for r in self.replicas if r.entry)
+        urls = self.gateway.url if self.gateway else ",".join(r.entry.base_url for r in self.replicas if r.entry)
         service = self.spec.server.service
         self._say(escape(f"serving {service} at {urls}  (Ctrl-C to stop)"))
         self._say(escape(f"  python -m server.registry --namespace {self.namespace} urls {service}"))
@@ -321,7 +376,7 @@ class Run:
         auth = f'-H "Authorization: Bearer $(cat {first.api_key_file})" ' if first.api_key_file else ""
         if first.api_key_file:
             self._say(f"  API key: {escape(first.api_key_file)} (send it as Authorization: Bearer <key>)")
-        self._say(escape(f"  curl {auth}{first.base_url}/models"))
+        self._say(escape(f"  curl {auth}{urls.split(',')[0]}/models"))
         while True:
             self._check_servers_alive()
             time.sleep(_POLL_S)
@@ -330,6 +385,8 @@ class Run:
         """One look at the service while it is in use: a dead replica is replaced (launcher/fleet.py)."""
         self._check_stop_request()
         self.fleet.watch()
+        if self.gateway is not None:
+            self.gateway.watch()
 
     def _check_stop_request(self) -> None:
         by = self.registry.stop_request(self.namespace)
@@ -400,6 +457,8 @@ class Run:
         if self.fleet is not None:  # replacements included: every job that serves the pool now
             self.fleet.close()
             self.pool.jobs = self.fleet.jobs
+        if self.gateway is not None:  # its replacement included
+            self.pool.gateway = self.gateway.status.job
         if self.sweep_dir is not None and status == "succeeded":
             if pools.kept(self.namespace) is None:
                 pools.keep(self.pool)
@@ -454,6 +513,7 @@ class Run:
                 }
                 for r in self.replicas
             ],
+            "gateway": self.gateway.summary() if self.gateway else None,
             "collection": self.collection,
             "job": self.job_result,
         }
@@ -472,6 +532,8 @@ def cluster_asks(spec: RunSpec) -> list[Resources]:
     """What the run's jobs ask of the cluster: the server replicas, and the job that uses them."""
     job = spec.job
     asks = [server_resources(spec)]
+    if spec.gateway.enabled:
+        asks.append(gateway_resources(spec))
     if isinstance(job, (RolloutsJob, CommandJob)):
         asks.append(job_resources(spec, job, "rollouts" if isinstance(job, RolloutsJob) else job.kind))
     return asks
@@ -483,6 +545,15 @@ def server_resources(spec: RunSpec) -> Resources:
         name=f"{spec.run.name}-{s.service}", timeout_min=c.timeout_min, gpus=s.gpus_per_replica,
         count=s.replicas, what=f"{s.service} server replica",
         keys={"gpus": "server.gpus_per_replica", "timeout_min": "cluster.timeout_min", "count": "server.replicas"},
+    )
+
+
+def gateway_resources(spec: RunSpec) -> Resources:
+    g = spec.gateway
+    return Resources(
+        name=f"{spec.run.name}-{spec.server.service}-gateway", timeout_min=g.timeout_min or spec.cluster.timeout_min,
+        partition=g.partition, cpus_per_task=g.cpus_per_task, mem_gb=g.mem_gb, what=f"{spec.server.service} gateway",
+        keys={k: f"gateway.{k}" for k in ("timeout_min", "partition", "cpus_per_task", "mem_gb")},
     )
 
 

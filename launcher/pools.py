@@ -43,10 +43,11 @@ class ServerPool:
     namespace: str
     registry: Registry
     backend: Backend
-    jobs: list[submitit.Job]
+    jobs: list[submitit.Job]  # the replicas'
     heartbeat: OwnerHeartbeat
     stop_grace_s: float
     shared: bool = False  # a sweep's pool: other runs may join it, so letting go takes the pool lock
+    gateway: submitit.Job | None = None  # the service's gateway job, stopped with the replicas
 
     def release(self, say: Callable[[str], None] = print) -> bool:
         """Let go of the pool; stop it if no other run uses it. Returns True if it was stopped."""
@@ -58,7 +59,7 @@ class ServerPool:
                 return False
             # Read before the entries disappear: what to kill if a job cannot stop its own processes.
             here = [e for e in self.registry.entries(self.namespace) if e.node == os.uname().nodename]
-            self.backend.stop(self.jobs, self.stop_grace_s, say)
+            self.backend.stop([*self.jobs, *([self.gateway] if self.gateway else [])], self.stop_grace_s, say)
             for entry in here:
                 kill_when_alive(entry.pid, group=False)
                 if entry.engine_pid:

@@ -278,5 +278,5 @@ def clear_namespace(registry: Registry, record: RunRecord, folder: Path, stop_gr
         return
     jobs = registry.recorded_jobs(ns)
     if jobs is not None:
-        stop_jobs(jobs.kind, jobs.job_ids, folder, stop_grace_s, say, "servers")
+        stop_jobs(jobs.kind, jobs.all_job_ids, folder, stop_grace_s, say, "servers and gateway")
     registry.remove_namespace(ns)

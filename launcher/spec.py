@@ -44,6 +44,7 @@ from jobs.rollouts import CollectorConfig, Task, TaskFileError, load_tasks
 from launcher.nemo_rl import Policy, apply_policy
 from server.checks import Checks, ConfigError
 from server.engines import BUILDERS, EngineSpec, build_launch, known_tool_parsers
+from server.gateway import GatewaySettings
 from server.job import ServerSettings
 from server.models import EMBEDDED_MODELS
 from server.registry import Registry
@@ -194,7 +195,32 @@ class ServerSpec(EngineSpec, ServerSettings):
                        f"{self.api_key} is readable by other users; chmod 600 it")
 
 
-@dataclass
+@dataclass(kw_only=True)
+class GatewaySpec(GatewaySettings):
+    """``gateway.*`` (conf/gateway/): the service's one URL, a job of its own beside the replicas
+    (no GPU); its serving settings are ``GatewaySettings``' (server/gateway.py)."""
+
+    # false: no gateway; the job gets the replicas' URLs (the collector fails over by itself, through
+    # jobs.pool; a program job gets them all in POLICY_BASE_URLS)
+    enabled: bool = True
+    host: Optional[str] = None  # where it listens; null: cluster.bind_host, as the replicas
+    timeout_min: Optional[int] = None  # its job's time limit; null: cluster.timeout_min, the replicas'
+    partition: Optional[str] = None  # Slurm: it needs no GPU, e.g. "cpu"; null: cluster.partition
+    cpus_per_task: int = 1  # one process, one event loop: one core serves thousands of requests/s
+    mem_gb: float = 1.0  # about 110 MB with 1,000 streams open (benchmarks/bench_gateway.py)
+
+    def validate(self, checks: Checks) -> None:
+        if not self.enabled:
+            return
+        super().validate(checks)
+        checks.at_least(self, "timeout_min", 1, or_null=True)
+        checks.at_least(self, "cpus_per_task", 1)
+        checks.above(self, "mem_gb", 0)
+
+    def settings(self) -> GatewaySettings:
+        return GatewaySettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(GatewaySettings)})
+
+
 @dataclass(kw_only=True)
 class _JobSubmission:
     """The keys of a job config that say how to submit it, not what it does; their values are
@@ -278,6 +304,7 @@ class RunSpec:
     model: ModelSpec
     server: ServerSpec
     registry: Registry = field(default_factory=Registry)
+    gateway: GatewaySpec = field(default_factory=GatewaySpec)
     policy: Optional[Policy] = None  # a NeMo RL policy block, translated into server.*
     job: Any = None  # RolloutsJob | CommandJob | NoJob, chosen by job.kind
 
@@ -294,6 +321,7 @@ class RunSpec:
             self.policy.validate(checks.at("policy"))
         self.server.validate(checks.at("server"))
         self.registry.validate(checks.at("registry"))
+        self.gateway.validate(checks.at("gateway"))
         self.job.validate(checks.at("job"))
         _check_across(self, checks)
 
@@ -334,6 +362,8 @@ def normalise(spec: RunSpec, checks: Checks) -> None:
     (its value stays as written) and the others go on."""
     if spec.policy is not None:
         apply_policy(spec.policy, spec.server)
+    if spec.gateway.host is None:  # where the replicas listen: reachable from the same nodes
+        spec.gateway.host = spec.cluster.bind_host
     # The engine takes the path as written; ~ means nothing to it (a hub id has no ~).
     spec.model.path = _home(spec.model.path)
     with checks.reporting(SpecError):
@@ -558,7 +588,8 @@ def store_schemas() -> None:
     """Each option of conf/<group>/ starts from ``schema/<group>`` (job options: ``schema/job/<kind>``)
     in its defaults list, e.g. ``- /schema/server@_here_``."""
     cs = ConfigStore.instance()
-    for name, schema in (("cluster", ClusterSpec), ("model", ModelSpec), ("server", ServerSpec), ("registry", Registry)):
+    for name, schema in (("cluster", ClusterSpec), ("model", ModelSpec), ("server", ServerSpec), ("registry", Registry),
+                         ("gateway", GatewaySpec)):
         cs.store(group="schema", name=name, node=_schema_node(schema), provider="gymlaunch")
     cs.store(group="schema/job", name="none", node={"kind": "none"}, provider="gymlaunch")
     for kind, settings in _JOB_SETTINGS.items():

@@ -4,7 +4,9 @@
                              [--policy sticky_least_loaded] [--max-retries 3] [--wait-s 30] ...
 
 prints ``gateway for service 'policy' (namespace NS) serving at http://HOST:PORT/v1`` once it
-listens. (Not yet started by the launcher: a run's jobs still get the replicas' URLs.)
+listens. A run starts it as a job of its own (``GatewayJob``, ``run_job``; the ``gateway:``
+config group), published in the registry as service ``<service>@gateway``, and hands its URL
+to the job that uses the service.
 
 Replicas are the service's registry entries (``server.replicas.ReplicaView``, re-read every
 ``refresh_s`` on a thread), usable while ``ready``, heartbeating and not ejected. Routes:
@@ -15,10 +17,11 @@ not fill the gateway's memory); ``/health`` (200 while a replica is usable, else
 ``/metrics`` (Prometheus) are the gateway's own.
 
 Routing (``policy``): ``sticky_least_loaded`` sends a new session (header ``X-Session-ID``, else
-the body's ``user``) to the replica with the fewest requests in flight through this gateway and
-keeps it there (its prefix cache) until that replica leaves, drains or is ejected; requests
-without a session key go least loaded. ``least_loaded`` ignores sessions; ``round_robin`` takes
-replicas in turn. Every choice costs O(1), however many replicas and sessions there are.
+NeMo Gym's ``conversation_params.conversation_id``, else the body's ``user``) to the replica
+with the fewest requests in flight through this gateway and keeps it there (its prefix cache)
+until that replica leaves, drains or is ejected; requests without a session key go least loaded.
+``least_loaded`` ignores sessions; ``round_robin`` takes replicas in turn. Every choice costs
+O(1), however many replicas and sessions there are.
 
 Failover follows the pool's rules (``server.replicas``): a connect error, a reset, a 502/503 or
 a replica gone before the first byte of its answer sends the request to another replica, at
@@ -30,7 +33,11 @@ anew. With no usable replica a request waits up to ``wait_s``, then gets 503 wit
 Statuses the gateway itself answers (OpenAI's error shape): 401 (missing or wrong key), 404 (no
 such route), 502 (every attempt found its replica unreachable), 503 + ``Retry-After`` (no usable
 replica within ``wait_s``). Every other status is the replica's, passed through (after
-``max_retries`` a replica's own 502/503 too).
+``max_retries`` a replica's own 502/503 too). NeMo Gym 0.7's client (``NeMoGymAsyncOpenAI``)
+tries 404, 408, 429, 500, 502, 503, 504 and 520 three times in all, 0.5 s apart (``Retry-After``
+unread), and 401 once; a model call that still fails fails its rollout, and with it the whole
+``ng_collect_rollouts`` run: so a 503 here ends a Gym rollout after about 3 x ``wait_s``
+(docs/architecture.md, the gateway's entry, has each status and the NeMo Gym source).
 
 Auth: when the service's entries name a key file (the namespace's key), every proxied route
 requires ``Authorization: Bearer <key>`` and the gateway sends the same key to the replicas; the
@@ -48,6 +55,7 @@ import json
 import logging
 import math
 import os
+import re
 import secrets
 import signal
 import socket
@@ -66,13 +74,19 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from starlette.routing import Route
 
 from server.checks import Checks, ConfigError
-from server.registry import NAMESPACE_ENV, Entry, Registry
-from server.replicas import RETRY_STATUSES, ReplicaView
+from server.job import current_job_id
+from server.registry import GATEWAY_ENGINE, NAMESPACE_ENV, Entry, Registry, gateway_service
+from server.replicas import REPLICA_HEADER, RETRY_STATUSES, SESSION_HEADER, ReplicaView
 
 log = logging.getLogger(__name__)
 
 POLICIES = ("sticky_least_loaded", "least_loaded", "round_robin")
-SESSION_HEADER = "x-session-id"
+# Body fields that may name a session: NeMo Gym's vllm_model server, with
+# `forward_session_id_as_conversation_id: true`, puts its per-rollout session id in
+# `conversation_params.conversation_id` (responses_api_models/vllm_model/app.py, chat_completions);
+# OpenAI's `user` otherwise. Matched as keys (followed by a colon), not as the `"user"` of every
+# `"role": "user"` message: a body that names neither is not parsed.
+_SESSION_FIELDS = re.compile(rb'"(?:conversation_params|user)"\s*:')
 # The replicas' routes, as clients call them on the gateway (and the gateway on a replica).
 PROXIED = {
     "/v1/chat/completions": ["POST"], "/v1/completions": ["POST"], "/v1/responses": ["POST"],
@@ -86,8 +100,10 @@ UNREACHABLE_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)
 # is recomputed by the side that sends the body.
 _HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer",
                          "upgrade", "proxy-authorization", "proxy-authenticate", "host", "content-length"})
-# uvicorn writes its own Date. Bytes: the replica's raw header names are compared, lower-cased.
-_NOT_PASSED_BACK = frozenset(name.encode() for name in _HOP_BY_HOP | {"date"})
+# uvicorn writes its own Date; the gateway names the replica that answered. Bytes: the replica's
+# raw header names are compared, lower-cased.
+_REPLICA_HEADER = REPLICA_HEADER.encode()
+_NOT_PASSED_BACK = frozenset(name.encode() for name in _HOP_BY_HOP | {"date", REPLICA_HEADER})
 # Sessions remembered; beyond this the least recently seen is forgotten (its next turn risks one
 # prefix-cache miss), so that a gateway serving millions of conversations stays small.
 _MAX_SESSIONS = 1 << 18
@@ -331,16 +347,24 @@ class Gateway:
         return up
 
     def _session(self, request: Request, body: bytes) -> str | None:
+        """The request's session key: the ``X-Session-ID`` header, else NeMo Gym's conversation id
+        (``conversation_params.conversation_id``), else the body's ``user``; None without one."""
         if self.settings.policy != "sticky_least_loaded":
             return None
         session = request.headers.get(SESSION_HEADER)
-        if session is None and b'"user"' in body:  # parse only bodies that may name one
-            try:
-                user = json.loads(body).get("user")
-            except (ValueError, AttributeError):
-                return None
-            session = user if isinstance(user, str) and user else None
-        return session
+        if session is not None or not _SESSION_FIELDS.search(body):
+            return session
+        try:
+            fields = json.loads(body)
+        except ValueError:
+            return None
+        if not isinstance(fields, dict):
+            return None
+        params = fields.get("conversation_params")
+        for key in (params.get("conversation_id") if isinstance(params, dict) else None, fields.get("user")):
+            if isinstance(key, str) and key:
+                return key
+        return None
 
     # ------------------------------------------------------------ proxying
 
@@ -388,6 +412,7 @@ class Gateway:
                         attempt += 1
                         continue
                     out_headers = [(k, v) for k, v in upstream.raw_headers if k.lower() not in _NOT_PASSED_BACK]
+                    out_headers.append((_REPLICA_HEADER, up.key.encode()))
                     if upstream.content_type == "text/event-stream":
                         # The first chunk decides: a replica gone before it is retried elsewhere.
                         first = await upstream.content.readany()
@@ -632,6 +657,89 @@ def _error(status: int, message: str, kind: str, headers: dict[str, str] | None 
                         headers)
 
 
+# ---------------------------------------------------------------- as a job of a run
+
+
+@dataclass(kw_only=True)
+class GatewayJob:
+    """Everything the gateway job of a run needs; picklable, so it travels through submitit."""
+
+    namespace: str
+    service: str
+    model: str  # the served name, in the gateway's entry as in the replicas'
+    registry: Registry  # where the replicas are, where to publish, the namespace's heartbeat and orphan rules
+    settings: GatewaySettings
+    advertise_host: str | None = None  # host written into the entry's URL; None: this node's hostname
+    api_key_file: str | None = None  # the namespace's key (the replicas' entries name it too)
+    cluster: str = ""  # the cluster kind submitting the job (local | slurm), recorded in the entry
+
+
+def run_job(job: GatewayJob) -> None:
+    """Serve until SIGTERM/SIGINT, or until no run owns the namespace any more (as a server job,
+    after ``registry.orphan_grace_s``). The entry (service ``<service>@gateway``) turns ``ready``
+    once requests are taken, heartbeats meanwhile and is removed at the end."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Slurm's time-limit warning: a gateway has nothing to drain (each request ends with its stream);
+    # it serves until the limit and the launcher's fleet submits its successor.
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    registry = job.registry
+    gateway = Gateway(job.service, job.namespace, registry, job.settings)
+    sock = listen(job.settings.host, job.settings.port)
+    now = time.time()
+    entry = Entry(
+        namespace=job.namespace, service=gateway_service(job.service), replica=0, model=job.model,
+        host=job.advertise_host or socket.gethostname(), port=sock.getsockname()[1], engine=GATEWAY_ENGINE,
+        engine_version=f"uvicorn {uvicorn.__version__}", job_id=current_job_id(), node=socket.gethostname(),
+        pid=os.getpid(), state="starting", started_at=now, heartbeat_at=now, api_key_file=job.api_key_file,
+        cluster=job.cluster,
+    )
+    registry.publish(entry)
+    stop = threading.Event()
+
+    def heartbeat(server: uvicorn.Server) -> None:
+        registry.heartbeat(entry, state="ready")
+        log.info("gateway of %s ready at %s", job.service, entry.base_url)
+        while not stop.wait(registry.heartbeat_s):
+            if registry.orphaned(job.namespace):
+                log.warning("no run using %s heartbeated for %.0fs: stopping", job.namespace, registry.orphan_grace_s)
+                server.should_exit = True
+                return
+            try:
+                registry.heartbeat(entry)
+            except OSError as e:  # a hiccup of the shared filesystem: the next beat may work
+                log.warning("heartbeat failed: %s", e)
+
+    def started(server: uvicorn.Server) -> None:
+        threading.Thread(target=heartbeat, args=(server,), name="gateway-heartbeat", daemon=True).start()
+
+    try:
+        serve_until_stopped(gateway, sock, started)
+    finally:
+        stop.set()
+        registry.remove(entry.namespace, entry.service, entry.replica, entry.job_id)
+
+
+def serve_until_stopped(gateway: Gateway, sock: socket.socket, on_started: Callable[[uvicorn.Server], None]) -> None:
+    """Serve in this (the main) thread until SIGTERM/SIGINT; a stop on request, not an error."""
+    serving = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        # Before uvicorn takes SIGTERM/SIGINT: stop at once. While it serves its own handler stops
+        # it; once it stopped it raises the signal again under this handler: ignored, so that the
+        # gateway closes its connections and returns.
+        if not serving.is_set():
+            raise SystemExit(0)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+
+    def started(server: uvicorn.Server) -> None:
+        serving.set()
+        on_started(server)
+
+    uvloop.run(gateway.serve(sock, started))
+
+
 # ---------------------------------------------------------------- CLI
 
 
@@ -657,25 +765,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     gateway = Gateway(args.service, args.namespace, Registry(args.registry_root, ttl_s=args.ttl_s), settings)
     sock = listen(settings.host, settings.port)
-    serving = False
-
-    def on_signal(signum: int, frame: object) -> None:
-        # Before uvicorn takes SIGTERM/SIGINT: stop at once. While it serves its own handler stops
-        # it; once it stopped it raises the signal again under this handler: ignored, so that the
-        # gateway closes its connections and exits 0 (a stop on request, as the stand-in's).
-        if not serving:
-            raise SystemExit(0)
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, on_signal)
 
     def announce(server: uvicorn.Server) -> None:
-        nonlocal serving
-        serving = True
         print(f"gateway for service {args.service!r} (namespace {args.namespace}) serving at {gateway.url}/v1",
               flush=True)
 
-    uvloop.run(gateway.serve(sock, announce))
+    serve_until_stopped(gateway, sock, announce)  # a stop on request exits 0, as the stand-in's
     return 0
 
 

@@ -140,11 +140,11 @@ def run(job: ServerJob) -> None:
         _serve(job, engine, entry, registry, signals)
     except EngineFailed as e:
         # Said where the launcher's fleet looks, so the replacement's report says why.
-        registry.record_death(job.namespace, job.service, job.replica, _job_id(), e.reason)
+        registry.record_death(job.namespace, job.service, job.replica, current_job_id(), e.reason)
         raise
     finally:
         # Its own entry only: a successor of the same replica may already serve beside it.
-        registry.remove(job.namespace, job.service, job.replica, _job_id())
+        registry.remove(job.namespace, job.service, job.replica, current_job_id())
         if engine is not None:
             process.stop(engine, job.stop_grace_s)
 
@@ -254,7 +254,7 @@ def _entry(job: ServerJob, port: int, engine_pid: int) -> Entry:
         port=port,
         engine=job.engine.engine,
         engine_version=engine_version(job.engine.engine),
-        job_id=_job_id(),
+        job_id=current_job_id(),
         node=socket.gethostname(),
         pid=os.getpid(),
         engine_pid=engine_pid,
@@ -267,7 +267,8 @@ def _entry(job: ServerJob, port: int, engine_pid: int) -> Entry:
     )
 
 
-def _job_id() -> str:
+def current_job_id() -> str:
+    """The scheduler's id of the job this process runs in (Slurm array tasks as A_i)."""
     env = os.environ
     if "SLURM_ARRAY_JOB_ID" in env:
         return f"{env['SLURM_ARRAY_JOB_ID']}_{env.get('SLURM_ARRAY_TASK_ID', '0')}"

@@ -16,6 +16,9 @@
         <service>/<replica>-<job id>.json   one entry per replica's job (0600), what clients read; a
                                       replica's successor (a time-limit rollover) has its own
                                       while both run
+        <service>@gateway/0-<job id>.json   the service's gateway (server/gateway.py), an entry like a
+                                      replica's (engine ``gateway``): clients that read the registry
+                                      find the one URL of the service as they find a replica
 
 Writers replace a file atomically (temp file + fsync + ``os.replace``), so a
 reader sees either the old or the new file, never half of one. Readers take no
@@ -69,6 +72,16 @@ _OWNERS = ".owners"
 _STOP_FILE = ".stop"
 _DEATHS = ".deaths"
 _ADMITTED = ".admitted"
+# The gateway of service S publishes as service ``S@gateway``: any client of the registry (the
+# collector's pool, ``urls``) reaches it, fails over to its replacement, and checks its heartbeat,
+# as for a replica. ``@`` cannot start a service name a client asks for by mistake.
+GATEWAY_SUFFIX = "@gateway"
+GATEWAY_ENGINE = "gateway"
+
+
+def gateway_service(service: str) -> str:
+    """The registry service name under which ``service``'s gateway publishes itself."""
+    return f"{service}{GATEWAY_SUFFIX}"
 
 
 def default_root() -> Path:
@@ -137,8 +150,13 @@ class JobRecord:
     """The jobs submitted for a namespace, so another process can stop them without the submitter."""
 
     kind: str  # the cluster kind that knows these ids: local | slurm
-    job_ids: list[str]
+    job_ids: list[str]  # the replicas' jobs (replacements appended)
     server_hash: str = ""
+    gateway_job_ids: list[str] = dataclasses.field(default_factory=list)  # the service's gateway jobs, in order
+
+    @property
+    def all_job_ids(self) -> list[str]:
+        return [*self.job_ids, *self.gateway_job_ids]
 
 
 @dataclass(frozen=True)
@@ -521,9 +539,12 @@ def resolve_namespace(registry: Registry, service: str, namespace: str | None) -
     return owners[0] if owners else None
 
 
-def urls(registry: Registry, service: str, namespace: str | None) -> list[str]:
-    """Base URLs of the ready replicas of ``service``."""
-    return [e.base_url for e in registry.ready(service, resolve_namespace(registry, service, namespace))]
+def urls(registry: Registry, service: str, namespace: str | None, replicas: bool = False) -> list[str]:
+    """The base URL of ``service``'s gateway when one serves it; else (or with ``replicas``) the base
+    URLs of its ready replicas."""
+    namespace = resolve_namespace(registry, service, namespace)
+    gateways = [] if replicas else registry.ready(gateway_service(service), namespace)
+    return [e.base_url for e in gateways[-1:] or registry.ready(service, namespace)]
 
 
 def key_file(registry: Registry, service: str, namespace: str | None) -> str | None:
@@ -544,7 +565,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ttl", type=float, default=Registry.ttl_s, help="heartbeat age (s) after which an entry is stale")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="every entry, as a table")
-    sub.add_parser("urls", help="comma-separated base URLs of a service's ready replicas").add_argument("service")
+    urls_cmd = sub.add_parser("urls", help="the base URL of a service's gateway, else those of its ready replicas")
+    urls_cmd.add_argument("service")
+    urls_cmd.add_argument("--replicas", action="store_true", help="the replicas' URLs even when a gateway serves them")
     wait = sub.add_parser("wait", help="block until COUNT replicas of SERVICE are ready")
     wait.add_argument("service")
     wait.add_argument("--count", type=int, default=1)
@@ -566,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
             print(path)
             return 0
         if args.command == "urls":
-            found = urls(registry, args.service, args.namespace)
+            found = urls(registry, args.service, args.namespace, args.replicas)
             if not found:
                 print(f"no ready replica of service {args.service!r} in {registry.root}", file=sys.stderr)
                 return 1

@@ -21,6 +21,12 @@ import httpx
 # The registry reads the files (and logs and skips those it cannot parse); the view decides when.
 from server.registry import API_KEY_ENV, Entry, Registry, Scanned
 
+# The header naming a request's conversation: a gateway keeps its turns on one replica.
+SESSION_HEADER = "x-session-id"
+# On every answer the gateway relays: which replica's job (``<replica>-<job id>``) gave it, for logs
+# and for clients that record where each turn went (the collector's rows).
+REPLICA_HEADER = "x-gymlaunch-replica"
+
 # Answers that say "this replica cannot take requests now" (a proxy without upstream, an engine
 # that is overloaded or shutting down) and carry no generation: safe to send elsewhere.
 RETRY_STATUSES = frozenset({502, 503})

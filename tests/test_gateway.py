@@ -235,6 +235,41 @@ def test_sessions_stick_to_one_replica(served):
     assert [len(s - {None}) for s in seen] == [10, 10, 10]
 
 
+def gym_chat(text: str, conversation: str, **extra) -> bytes:
+    """A chat completion as NeMo Gym's vllm_model server sends it with
+    ``forward_session_id_as_conversation_id: true``: its session id (one per rollout) in
+    ``conversation_params``, compact JSON (orjson) with that field last."""
+    body = {**chat(text), **extra, "conversation_params": {"conversation_id": conversation}}
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def conversations_seen(server: StandIn) -> set[str]:
+    return {(x.body.get("conversation_params") or {}).get("conversation_id") for x in server.requests
+            if x.path == CHAT} - {None}
+
+
+def test_nemo_gym_conversation_id_is_the_session_key(served):
+    servers, gw = served(3)
+    with http(gw, headers={"Content-Type": "application/json"}) as c:
+        for turn in range(3):
+            for i in range(30):
+                # Every rollout of one task carries the task's `user`: the conversation id comes first.
+                r = c.post(CHAT, content=gym_chat(f"turn {turn}", f"rollout-{i}", user="task-7"))
+                assert r.status_code == 200
+        # The header comes before both: three conversations of one header session share a replica.
+        for i in range(3):
+            r = c.post(CHAT, content=gym_chat("x", f"under-header-{i}", user="task-7"),
+                       headers={"X-Session-ID": "h"})
+            assert r.status_code == 200
+    seen = [conversations_seen(s) for s in servers]
+    for i in range(30):  # every turn of a rollout on one replica
+        assert sum(f"rollout-{i}" in s for s in seen) == 1, seen
+    assert sorted(len({x for x in s if x.startswith("rollout-")}) for s in seen) == [10, 10, 10]
+    assert sum(any(x.startswith("under-header-") for x in s) for s in seen) == 1
+    # The body went on unchanged (vLLM ignores the field it does not know).
+    assert all(x.body["conversation_params"]["conversation_id"] for s in servers for x in s.requests)
+
+
 @pytest.mark.parametrize("policy", ["sticky_least_loaded", "least_loaded"])
 def test_least_loaded_spreads_requests_in_flight(served, policy):
     servers, gw = served(3, policy=policy)

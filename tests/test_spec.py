@@ -137,6 +137,12 @@ BAD = [
     (["cluster.timeout_min=0"], "cluster.timeout_min"),
     (["registry.ttl_s=5"], "registry.ttl_s"),
     (["registry.heartbeat_s=0"], "registry.heartbeat_s"),
+    (["gateway.policy=consistent_hash"], "gateway.policy"),
+    (["gateway.wait_s=-1"], "gateway.wait_s"),
+    (["gateway.port=70000"], "gateway.port"),
+    (["gateway.timeout_min=0"], "gateway.timeout_min"),
+    (["gateway.cpus_per_task=0"], "gateway.cpus_per_task"),
+    (["+gateway.listen=0.0.0.0"], "gateway.listen"),
     (["job.tasks=/no/such/tasks.jsonl"], "job.tasks"),
     (["job.num_repeats=0"], "job.num_repeats"),
     (["job.max_concurrency=0"], "job.max_concurrency"),
@@ -333,6 +339,14 @@ def test_the_composed_config_shows_every_key_with_the_defaults_kept_in_code():
     assert gym.kind == "gym" and gym.startup_timeout_s == 900 and "run_dir" not in gym
 
 
+def test_the_gateway_is_on_by_default_listens_where_the_replicas_do_and_can_be_turned_off():
+    spec = spec_for("cluster.bind_host=0.0.0.0")
+    assert spec.gateway.enabled and spec.gateway.host == "0.0.0.0" and spec.gateway.policy == "sticky_least_loaded"
+    assert not spec_for("gateway=off").gateway.enabled
+    # Turned off, its keys are not in the way: a bad value of an unused gateway refuses nothing.
+    assert not spec_for("gateway.enabled=false", "gateway.wait_s=-1").gateway.enabled
+
+
 def _schemas():
     repo = ConfigStore.instance().repo["schema"]
     nodes = {name.removesuffix(".yaml"): node.node for name, node in repo.items() if name.endswith(".yaml")}
@@ -340,7 +354,7 @@ def _schemas():
     return nodes
 
 
-OPTIONS = sorted(p.relative_to(Path(CONF)) for group in ("cluster", "model", "server", "job")
+OPTIONS = sorted(p.relative_to(Path(CONF)) for group in ("cluster", "model", "server", "job", "gateway")
                  for p in (Path(CONF) / group).glob("*.yaml"))
 
 

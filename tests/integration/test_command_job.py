@@ -13,6 +13,8 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
+
 from server.registry import Registry
 from tests.support import ROOT, STANDIN_SERVER, gym_standins, run_launcher, start_launcher
 
@@ -56,13 +58,15 @@ def test_command_gets_the_endpoints_in_env_and_argv_and_not_the_key_in_argv(tmp_
     got = json.loads((run_dir / "received.json").read_text())
     summary = json.loads((run_dir / "summary.json").read_text())
     urls = [s["base_url"] for s in summary["servers"]]
-    assert len(urls) == 2 and got["pool"] == sorted(urls)
+    assert len(urls) == 2 and got["pool"] == sorted(urls)  # the registry still lists the replicas
     env = got["env"]
-    assert env["POLICY_BASE_URLS"] == ",".join(urls) and env["POLICY_MODEL_NAME"] == SERVED
+    gateway = summary["gateway"]["base_url"]  # the one URL the program gets, and the file that keeps it
+    assert env["POLICY_BASE_URLS"] == gateway and env["POLICY_MODEL_NAME"] == SERVED
+    assert Path(env["POLICY_ENDPOINT_FILE"]) == run_dir / "policy.url"
     assert env["GYMLAUNCH_NAMESPACE"] == summary["namespace"] and env["GYMLAUNCH_REGISTRY_ROOT"] == str(root)
     assert (env["EXTRA_FLAG"], env["EXTRA_SETUP"], got["cwd"]) == ("on", "ran", str(ROOT))
     assert (got["with_key"], got["without_key"]) == (200, 401)
-    assert got["argv"][1:] == ["--urls", ",".join(urls), "--first", urls[0], "--model", SERVED,
+    assert got["argv"][1:] == ["--urls", gateway, "--first", gateway, "--model", SERVED,
                                str(run_dir / "received.json")]
     key = env["POLICY_API_KEY"]
     assert len(key) > 20 and not any(key in word for word in got["argv"])
@@ -91,20 +95,28 @@ def gym_overrides(bin_dir: Path, records: Path, tasks: Path) -> list[str]:
     ]
 
 
-def test_gym_runs_ng_run_then_collects_then_stops_ng_run(tmp_path):
+@pytest.mark.parametrize("gateway", ["default", "off"])
+def test_gym_runs_ng_run_then_collects_then_stops_ng_run(tmp_path, gateway):
     bin_dir, records, tasks = gym_standins(tmp_path)
     run_dir = tmp_path / "run"
-    out = launch(run_dir, tmp_path / "registry", *gym_overrides(bin_dir, records, tasks), "server.replicas=2")
+    out = launch(run_dir, tmp_path / "registry", *gym_overrides(bin_dir, records, tasks), "server.replicas=2",
+                 f"gateway={gateway}")
     assert out.returncode == 0, out.stdout + out.stderr
 
     summary = json.loads((run_dir / "summary.json").read_text())
-    urls = [s["base_url"] for s in summary["servers"]]
+    if gateway == "off":  # the replicas, Gym's vllm_model spreads rollouts over them itself
+        endpoints = ["+policy_base_url=[" + ",".join(s["base_url"] for s in summary["servers"]) + "]"]
+    else:  # the gateway's one URL; Gym follows its endpoint file and names each rollout
+        model = "++policy_model.responses_api_models.vllm_model"
+        endpoints = [f"+policy_base_url={summary['gateway']['base_url']}"]
+        extra = [f"{model}.endpoint_file={run_dir / 'policy.url'}",
+                 f"{model}.forward_session_id_as_conversation_id=true"]
     ng_run = json.loads((records / "ng_run.json").read_text())
     assert ng_run["argv"][1:] == [
         "+config_paths=[resources_servers/example/configs/example.yaml,"
         "responses_api_models/vllm_model/configs/vllm_model_for_training.yaml]",
-        f"+policy_base_url=[{','.join(urls)}]", f"+policy_model_name={SERVED}",
-        "+policy_api_key=${oc.env:POLICY_API_KEY}",
+        *endpoints, f"+policy_model_name={SERVED}", "+policy_api_key=${oc.env:POLICY_API_KEY}",
+        *(extra if gateway != "off" else []),
     ]
     assert ng_run["models_status"] == 200  # the key reached it through the environment
     assert ng_run["path"].startswith(f"{bin_dir}:") and ng_run["uv_python_downloads"] == "never"

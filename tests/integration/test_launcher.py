@@ -39,7 +39,7 @@ def test_demo_end_to_end(registry_root, tmp_path):
     assert out.strip().splitlines()[-1] == f"run folder: {run_dir}"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "succeeded"
-    assert set(summary["phases"]) == {"servers start", "servers ready", "rollouts", "teardown"}
+    assert set(summary["phases"]) == {"servers start", "servers ready", "gateway ready", "rollouts", "teardown"}
     rows = [json.loads(line) for line in (run_dir / "rollouts.jsonl").read_text().splitlines()]
     assert len(rows) >= 16 and summary["collection"]["rollouts_written"] == len(rows)
     for row in rows:

@@ -69,6 +69,7 @@ def test_a_sweep_with_one_server_config_starts_one_pool(tmp_path):
     assert first["namespace"] == second["namespace"] and first["run_id"] != second["run_id"]
     assert (first["joined_servers"], second["joined_servers"]) == (False, True)
     assert [s["job_id"] for s in first["servers"]] == [s["job_id"] for s in second["servers"]]
+    assert first["gateway"]["job_id"] == second["gateway"]["job_id"]  # and one gateway
     assert first["collection"]["rollouts_written"] > 0 and second["collection"]["rollouts_written"] > 0
     # Torn down once the sweep ended (other tests' stand-ins may come and go meanwhile: look at ours).
     port = first["servers"][0]["base_url"].rsplit(":", 1)[1].split("/")[0]

@@ -116,9 +116,10 @@ def run_sweep(slurm_cluster, tmp_path: Path, *overrides: str) -> list[dict]:
     assert all(s["status"] == "succeeded" for s in summaries)
     assert len({s["namespace"] for s in summaries}) == 1
     assert len({tuple(x["job_id"] for x in s["servers"]) for s in summaries}) == 1  # one pool, one sbatch
+    assert len({s["gateway"]["job_id"] for s in summaries}) == 1  # one gateway, in front of it
     assert sorted(s["joined_servers"] for s in summaries) == [False, True]
     # A point's job reports its result before its process lets go of the pool: allow that moment.
-    server_ids = {x["job_id"] for s in summaries for x in s["servers"]}
+    server_ids = {x["job_id"] for s in summaries for x in s["servers"]} | {summaries[0]["gateway"]["job_id"]}
     deadline = time.monotonic() + 60
     while Registry(root).namespaces() or set(queued()) & server_ids:
         assert time.monotonic() < deadline, f"pool left behind: {Registry(root).namespaces()}, {queued()}"
