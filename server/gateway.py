@@ -63,7 +63,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable
+from typing import Callable
 
 import aiohttp
 import uvicorn
@@ -417,8 +417,7 @@ class Gateway:
                         # The first chunk decides: a replica gone before it is retried elsewhere.
                         first = await upstream.content.readany()
                         streaming = True
-                        relay = _Relay(upstream, first, out_headers, self._streamed(up, route, started, status))
-                        return await relay(receive, send)
+                        break
                     data = await upstream.read()
                 finally:
                     if not streaming:
@@ -440,6 +439,8 @@ class Gateway:
             await send({"type": "http.response.start", "status": status, "headers": out_headers})
             await send({"type": "http.response.body", "body": data})
             return
+        # Outside the retries: once the stream's first bytes go out, a failure aborts it, never retries.
+        await _Relay(upstream, first, out_headers, self._streamed(up, route, started, status))(receive, send)
 
     async def _refuse(self, scope, receive, send, route: str, started: float, response: Response) -> None:
         """Answer with the gateway's own ``response`` (an error) instead of a replica's."""
