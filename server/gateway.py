@@ -50,6 +50,7 @@ import argparse
 import asyncio
 import collections
 import dataclasses
+import gc
 import json
 import logging
 import math
@@ -62,14 +63,15 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable
+from typing import Callable
 
 import aiohttp
 import uvicorn
 import uvloop
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.routing import Route
 
 from server.checks import Checks, ConfigError
 from server.job import current_job_id
@@ -98,8 +100,10 @@ UNREACHABLE_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)
 # is recomputed by the side that sends the body.
 _HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer",
                          "upgrade", "proxy-authorization", "proxy-authenticate", "host", "content-length"})
-# uvicorn writes its own Date.
-_NOT_PASSED_BACK = _HOP_BY_HOP | {"date"}
+# uvicorn writes its own Date; the gateway names the replica that answered. Bytes: the replica's
+# raw header names are compared, lower-cased.
+_REPLICA_HEADER = REPLICA_HEADER.encode()
+_NOT_PASSED_BACK = frozenset(name.encode() for name in _HOP_BY_HOP | {"date", REPLICA_HEADER})
 # Sessions remembered; beyond this the least recently seen is forgotten (its next turn risks one
 # prefix-cache miss), so that a gateway serving millions of conversations stays small.
 _MAX_SESSIONS = 1 << 18
@@ -232,6 +236,7 @@ class Gateway:
                                       registry=m)
         self._usable_gauge = Gauge("gateway_usable_replicas", "Replicas that take new work", registry=m)
         self._waiting = Gauge("gateway_waiting_requests", "Requests waiting for a usable replica", registry=m)
+        self._children: dict[tuple[str, int | str], tuple] = {}  # (route, status) -> (latency, requests)
 
     # ------------------------------------------------------------ replicas
 
@@ -380,23 +385,27 @@ class Gateway:
         given = request.headers.get("authorization", "")
         return secrets.compare_digest(given.encode(), f"Bearer {self._key}".encode())
 
-    async def _proxy(self, request: Request) -> Response:
-        route = request.url.path  # one of PROXIED: matched routes only come here
+    async def _proxy(self, scope, receive, send) -> None:
+        """The proxied routes, as a plain ASGI endpoint: FastAPI's request handling (dependencies,
+        its Request and Response objects) cost more than the proxying itself."""
+        route = scope["path"]  # one of PROXIED: matched routes only come here
         started = time.perf_counter()
+        request = Request(scope, receive)
         body = await request.body()
         session = self._session(request, body)
         headers = {k: v for k, v in request.headers.items() if k not in _HOP_BY_HOP}
-        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        query = scope["query_string"]
+        target = f"{route}?{query.decode('latin-1')}" if query else route
         attempt, checked = 0, False
         while True:
             up = await self._wait_pick(session)
             if up is None:
-                return self._done(route, started, _error(
+                return await self._refuse(scope, receive, send, route, started, _error(
                     503, self.view.why_empty(self.settings.wait_s), "ServiceUnavailableError",
                     {"Retry-After": str(math.ceil(self.settings.health_interval_s))}))
             if not checked:  # after a pick: a gateway started before its replicas learns the key from them
                 if not self._authorized(request):
-                    return self._done(route, started, _error(
+                    return await self._refuse(scope, receive, send, route, started, _error(
                         401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "AuthenticationError"))
                 checked = True
             if attempt:
@@ -405,44 +414,56 @@ class Gateway:
             up.gauge.inc()
             streaming = False
             try:
-                upstream = await self._http.request(request.method, up.url + target, data=body,
-                                                    headers={**headers, **up.auth})
+                upstream = await self._http.request(scope["method"], up.url + target, data=body,
+                                                    headers={**headers, **up.auth} if up.auth else headers)
                 try:
-                    if upstream.status in RETRY_STATUSES and attempt < self.settings.max_retries:
-                        self._eject(up, f"answered {upstream.status}")
+                    status = upstream.status
+                    if status in RETRY_STATUSES and attempt < self.settings.max_retries:
+                        self._eject(up, f"answered {status}")
                         attempt += 1
                         continue
-                    out_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in _NOT_PASSED_BACK}
-                    out_headers[REPLICA_HEADER] = up.key
+                    out_headers = [(k, v) for k, v in upstream.raw_headers if k.lower() not in _NOT_PASSED_BACK]
+                    out_headers.append((_REPLICA_HEADER, up.key.encode()))
                     if upstream.content_type == "text/event-stream":
                         # The first chunk decides: a replica gone before it is retried elsewhere.
                         first = await upstream.content.readany()
                         streaming = True
-                        return _Relay(upstream, first, out_headers,
-                                      self._streamed(up, route, started, upstream.status))
+                        break
                     data = await upstream.read()
-                    return self._done(route, started, Response(data, upstream.status, out_headers))
                 finally:
                     if not streaming:
                         upstream.release()
             except UNREACHABLE_ERRORS as e:
                 self._eject(up, f"{type(e).__name__}: {e}")
                 if attempt >= self.settings.max_retries:
-                    return self._done(route, started, _error(
+                    return await self._refuse(scope, receive, send, route, started, _error(
                         502, f"replica {up.key} of {self.service!r} unreachable after {attempt + 1} attempts: "
                              f"{type(e).__name__}", "BadGatewayError"))
                 attempt += 1
+                continue
             finally:
                 if not streaming:
                     self._release(up)
+            if not (status < 200 or status in (204, 304)):  # as Starlette's Response: a length where a body may be
+                out_headers.append((b"content-length", b"%d" % len(data)))
+            self._done(route, started, status)
+            await send({"type": "http.response.start", "status": status, "headers": out_headers})
+            await send({"type": "http.response.body", "body": data})
+            return
+        # Outside the retries: once the stream's first bytes go out, a failure aborts it, never retries.
+        await _Relay(upstream, first, out_headers, self._streamed(up, route, started, status))(receive, send)
+
+    async def _refuse(self, scope, receive, send, route: str, started: float, response: Response) -> None:
+        """Answer with the gateway's own ``response`` (an error) instead of a replica's."""
+        self._done(route, started, response.status_code)
+        await response(scope, receive, send)
 
     def _streamed(self, up: Upstream, route: str, started: float, status: int):
         """What ends a relayed stream's request, once, whether it finished or not."""
 
         def end(finished: bool) -> None:
             self._release(up)
-            self._latency.labels(route).observe(time.perf_counter() - started)
-            self._requests.labels(route, str(status) if finished else "aborted").inc()
+            self._done(route, started, status if finished else "aborted")
 
         return end
 
@@ -450,17 +471,21 @@ class Gateway:
         self._index.change(up, -1)
         up.gauge.dec()
 
-    def _done(self, route: str, started: float, response: Response) -> Response:
-        self._latency.labels(route).observe(time.perf_counter() - started)
-        self._requests.labels(route, str(response.status_code)).inc()
-        return response
+    def _done(self, route: str, started: float, status: int | str) -> None:
+        # prometheus_client's labels() costs more than the observation: its children, once per pair.
+        children = self._children.get((route, status))
+        if children is None:
+            children = self._children[route, status] = (self._latency.labels(route),
+                                                         self._requests.labels(route, str(status)))
+        children[0].observe(time.perf_counter() - started)
+        children[1].inc()
 
     # ------------------------------------------------------------ the application
 
     def _app(self) -> FastAPI:
         app = FastAPI(title=f"gymlaunch gateway ({self.service})", docs_url=None, redoc_url=None, openapi_url=None)
         for path, methods in PROXIED.items():
-            app.add_api_route(path, self._proxy, methods=methods)
+            app.router.routes.append(Route(path, _Endpoint(self._proxy), methods=methods))
 
         @app.get("/health")
         async def health() -> Response:
@@ -491,10 +516,19 @@ class Gateway:
             self._sync()
             tasks = [asyncio.create_task(self._every(self.settings.refresh_s, self._refresh)),
                      asyncio.create_task(self._every(self.settings.health_interval_s, self._check_health))]
+            # proxy_headers off: nothing here reads the client's address or scheme, and uvicorn's
+            # X-Forwarded-* middleware is one more layer per request.
             config = uvicorn.Config(self.app, http="httptools", access_log=False, log_level="warning",
                                     server_header=False, lifespan="off", timeout_keep_alive=60,
-                                    timeout_graceful_shutdown=10)
+                                    timeout_graceful_shutdown=10, proxy_headers=False)
             server = uvicorn.Server(config)
+            if threading.current_thread() is threading.main_thread():
+                # The process is the gateway's own (its CLI; GatewayThread shares a test's): what
+                # exists by now lives as long as it does, so the collector stops re-scanning it.
+                # With hundreds of requests in flight, full collections over the modules' objects
+                # cost ~15% of the gateway's CPU (benchmarks/bench_gateway.py, concurrency 256).
+                gc.collect()
+                gc.freeze()
             host, port = sock.getsockname()[:2]
             self.url = f"http://{host}:{port}"
             serving = asyncio.create_task(server.serve(sockets=[sock]))
@@ -510,34 +544,62 @@ class Gateway:
             await self._http.close()
 
 
-class _Relay(StreamingResponse):
+class _Endpoint:
+    """``handle(scope, receive, send)`` as a Starlette route's application: Starlette wraps a plain
+    function or method as ``request -> response`` instead, and treats a class instance as ASGI."""
+
+    __slots__ = ("handle",)
+
+    def __init__(self, handle: Callable) -> None:
+        self.handle = handle
+
+    def __call__(self, scope, receive, send):
+        return self.handle(scope, receive, send)
+
+
+class _Relay:
     """A replica's Server-Sent Events passed on chunk by chunk, each sent (awaited) before the next
     is read. A failure mid-stream aborts the client's response (its connection closes without the
-    final chunk): bytes already went out, so no retry. ``on_end(finished)`` runs once, however
-    the response ends, even when the client left before the first chunk (an async generator
-    never started runs no ``finally``: hence here, around the whole response)."""
+    final chunk): bytes already went out, so no retry. A client that leaves stops the relay at
+    once, even while the replica holds its next chunk, and closes the replica's connection, so
+    that the engine stops generating. ``on_end(finished)`` runs once, however the response ends."""
 
-    def __init__(self, upstream: aiohttp.ClientResponse, first: bytes, headers: dict[str, str],
+    def __init__(self, upstream: aiohttp.ClientResponse, first: bytes, headers: list[tuple[bytes, bytes]],
                  on_end: Callable[[bool], None]) -> None:
-        self.upstream, self.finished, self.on_end = upstream, False, on_end
-        super().__init__(self._chunks(first), upstream.status, headers)
+        self.upstream, self.first, self.headers, self.on_end = upstream, first, headers, on_end
+        self.client_left = False
 
-    async def _chunks(self, first: bytes) -> AsyncIterator[bytes]:
-        if first:
-            yield first
-        async for chunk in self.upstream.content.iter_any():
-            yield chunk
-        self.finished = True
-
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, receive, send) -> None:
+        finished = False
+        # uvicorn's receive() answers http.disconnect once the client left (or the response is
+        # complete): a task of its own, as Starlette's StreamingResponse does, without its anyio
+        # task group per response.
+        watcher = asyncio.get_running_loop().create_task(self._watch(receive, asyncio.current_task()))
         try:
-            await super().__call__(scope, receive, send)
+            await send({"type": "http.response.start", "status": self.upstream.status, "headers": self.headers})
+            if self.first:
+                await send({"type": "http.response.body", "body": self.first, "more_body": True})
+            async for chunk in self.upstream.content.iter_any():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            finished = True
+        except asyncio.CancelledError:
+            if not self.client_left:
+                raise
+            asyncio.current_task().uncancel()  # our own watcher's doing: the response ends here
         finally:
-            if self.finished:
+            watcher.cancel()
+            if finished:
                 self.upstream.release()
             else:  # the client left, or the replica failed: close, so that the engine stops generating
                 self.upstream.close()
-            self.on_end(self.finished)
+            self.on_end(finished)
+
+    async def _watch(self, receive, relay: asyncio.Task) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.client_left = True
+        relay.cancel()
 
 
 class GatewayThread:
