@@ -139,10 +139,12 @@ class ServiceGateway:
         return True
 
     def _sees_every_replica(self, entry: Entry) -> bool:
-        """The gateway routes to every replica the registry holds ready: it re-reads the registry
-        every ``refresh_s``, and a job started at once would otherwise send all its first sessions
-        to the replicas it saw first."""
+        """The gateway routes to every replica the registry holds ready, and there is one: it
+        re-reads the registry every ``refresh_s``, and a job started at once would otherwise send
+        all its first sessions to the replicas it saw first."""
         ready = len(self.registry.ready(self.job.service, self.job.namespace))
+        if not ready:  # every replica between jobs (time limits, restarts): nothing to check it through yet
+            return False
         try:
             health = httpx.get(f"{entry.root_url}/health", timeout=5.0, trust_env=False).json()
         except (httpx.HTTPError, ValueError):

@@ -517,10 +517,12 @@ class Gateway:
             tasks = [asyncio.create_task(self._every(self.settings.refresh_s, self._refresh)),
                      asyncio.create_task(self._every(self.settings.health_interval_s, self._check_health))]
             # proxy_headers off: nothing here reads the client's address or scheme, and uvicorn's
-            # X-Forwarded-* middleware is one more layer per request.
+            # X-Forwarded-* middleware is one more layer per request. A short graceful shutdown: a
+            # gateway stops when its run tears down (its replicas stop too, nothing in flight can
+            # finish) or after draining (run_job: nothing in flight by then).
             config = uvicorn.Config(self.app, http="httptools", access_log=False, log_level="warning",
                                     server_header=False, lifespan="off", timeout_keep_alive=60,
-                                    timeout_graceful_shutdown=10, proxy_headers=False)
+                                    timeout_graceful_shutdown=1, proxy_headers=False)
             server = uvicorn.Server(config)
             if threading.current_thread() is threading.main_thread():
                 # The process is the gateway's own (its CLI; GatewayThread shares a test's): what
