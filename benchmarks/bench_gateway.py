@@ -1,6 +1,6 @@
 """What the gateway (server/gateway.py) costs, and why it talks to replicas with aiohttp.
 
-    python benchmarks/bench_gateway.py [--rounds 3] [--requests 400]
+    python benchmarks/bench_gateway.py [--rounds 3] [--requests 400] [--vllm]
 
 Every server is a process of its own: the backend (the stand-in, ``server/standin.py``, with a
 simulated decode time; or an "instant" backend, below), the gateway (``python -m server.gateway``)
@@ -17,6 +17,9 @@ and this script, the client (aiohttp, concurrency 16 and 256). Printed, each mea
 3. the routing decision's cost with 1, 16 and 256 replicas (should stay flat).
 4. the upstream client choice: aiohttp vs httpx.AsyncClient, the same requests against the
    instant backend from one process (the gateway's situation: one event loop, one core).
+5. with ``--vllm``: gateway vs direct against one real vLLM (CPU build, the embedded SmolLM2),
+   concurrency 16 and 256, streaming and not, 16 greedy tokens per answer (target: within
+   noise; several minutes on a 2-core machine).
 
 The instant backend (``--serve-instant``, aiohttp.web) answers at once: a fixed chat completion,
 or with ``"stream": true`` 16 Server-Sent Events and ``data: [DONE]`` (after ``hold_s`` seconds
@@ -44,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runnable as a script from a checkout
 
 from server import standin  # noqa: E402
+from server.engines import EngineSpec, build_launch  # noqa: E402
 from server.gateway import Gateway, GatewaySettings  # noqa: E402
 from server.registry import Entry, Registry  # noqa: E402
 
@@ -297,6 +301,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=400, help="per round and side (x4 at concurrency 256)")
     parser.add_argument("--seconds-per-token", type=float, default=0.005, help="the stand-in's simulated decode")
     parser.add_argument("--streams", type=int, default=1000)
+    parser.add_argument("--vllm", action="store_true", help="also against a real vLLM (CPU build): minutes")
     parser.add_argument("--serve-instant", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_instant:
@@ -346,6 +351,8 @@ def main() -> None:
                     rates[kind] = max(rates.get(kind, 0.0), asyncio.run(client_rate(kind, instant_url, concurrency, n)))
                 print(f"  c={concurrency}: aiohttp {rates['aiohttp']:.0f}   httpx {rates['httpx']:.0f}   "
                       f"(aiohttp / httpx {rates['aiohttp'] / rates['httpx']:.2f})")
+            if args.vllm:
+                vllm_rows(procs, args.rounds)
     finally:
         for proc in procs:
             proc.terminate()
@@ -355,6 +362,44 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def vllm_rows(procs: list[subprocess.Popen], rounds: int) -> None:
+    """Gateway vs direct against one real vLLM replica (its own registry and gateway)."""
+    from server.job import free_port
+    from server.models import prepare
+
+    # The embedded default's engine flags (conf/server/vllm_cpu.yaml), no tool parser needed here.
+    spec = EngineSpec(served_name=MODEL, max_model_len=2048, kv_cache_memory_bytes=268435456, enforce_eager=True,
+                      enable_auto_tool_choice=False)
+    port = free_port("127.0.0.1")
+    launch = build_launch(spec, str(prepare("smollm2_135m")), "127.0.0.1", port)
+    log = tempfile.NamedTemporaryFile(prefix="bench-vllm-", suffix=".log", delete=False)
+    engine = subprocess.Popen(launch.argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **launch.env})
+    procs.append(engine)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while True:
+        try:
+            if httpx.get(url + launch.health_path, timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if engine.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"vLLM did not start; its log: {log.name}")
+        time.sleep(1)
+    with tempfile.TemporaryDirectory() as root:
+        publish(Path(root), url)
+        gateway, gateway_url = gateway_process(Path(root))
+        procs.append(gateway)
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "Count to twenty."}], "max_tokens": 16,
+                "temperature": 0, "ignore_eos": True}
+        print(f"gateway vs direct against vLLM (CPU build), 16 tokens per answer, {rounds} alternating rounds")
+        for concurrency in (16, 256):
+            for stream in (False, True):
+                row(f"vLLM, c={concurrency}, {'streaming' if stream else 'not streaming'}", asyncio.run(compare(
+                    url, gateway_url, gateway.pid, {**body, "stream": stream}, concurrency, concurrency * 4, rounds,
+                    stream)))
 
 
 if __name__ == "__main__":
