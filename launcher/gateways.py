@@ -24,6 +24,7 @@ from typing import Callable
 
 import httpx
 import submitit
+from prometheus_client.parser import text_string_to_metric_families
 
 from launcher.executors import Backend, Resources
 from launcher.fleet import FleetSettings, ended_at_limit, rollover_lead
@@ -31,6 +32,10 @@ from launcher.readiness import ServerFailed
 from server.gateway import GatewayJob, run_job
 from server.registry import Entry, JobRecord, Registry, gateway_service
 from server.verify import CheckResult
+
+
+# The gateway's counters a run's summary keeps (server/gateway.py Gateway._metrics).
+_SUMMARY_COUNTERS = ("gateway_requests", "gateway_retries", "gateway_ejections", "gateway_session_moves")
 
 
 @dataclass
@@ -58,6 +63,7 @@ class ServiceGateway:
         self.successor: GatewayStatus | None = None  # near the time limit, until it takes over
         self._draining: list[submitit.Job] = []  # handed over, until they ended
         self._ends_at: float | None = None  # when the current job's limit ends it (monotonic), as last seen
+        self.counts: dict[str, dict] = {}  # its /metrics counters, summed over its jobs (``scrape``)
 
     @property
     def url(self) -> str | None:
@@ -218,6 +224,28 @@ class ServiceGateway:
             raise ServerFailed(f"gateway of {self.settings.service}: job {job} ended; restarts used up "
                                f"(server.max_restarts={self.settings.max_restarts})")
 
+    def scrape(self) -> None:
+        """Before the gateways stop (teardown): their counters (requests by status, retries,
+        ejections and session moves by replica job) into the summary, summed over the gateway's
+        jobs that still answer."""
+        counts: dict[str, dict] = {}
+        for s in (self.status, self.successor):
+            if s is None or s.entry is None:
+                continue
+            try:
+                text = httpx.get(f"{s.entry.root_url}/metrics", timeout=5.0, trust_env=False).text
+            except httpx.HTTPError:
+                continue
+            for family in text_string_to_metric_families(text):
+                if family.name not in _SUMMARY_COUNTERS:
+                    continue
+                for sample in family.samples:
+                    if sample.name.endswith("_total"):
+                        key = sample.labels.get("replica") or sample.labels.get("status") or "all"
+                        into = counts.setdefault(family.name.removeprefix("gateway_"), {})
+                        into[key] = into.get(key, 0) + int(sample.value)
+        self.counts = counts
+
     def _write_endpoint_file(self, url: str) -> None:
         # Replaced whole (a reader never sees half a URL): write beside, then rename.
         tmp = self.endpoint_file.with_name(f".{self.endpoint_file.name}.tmp")
@@ -231,4 +259,4 @@ class ServiceGateway:
         return {"job_id": str(s.job.job_id), "base_url": s.entry.base_url if s.entry else None,
                 "ready_after_s": None if s.ready_after_s is None else round(s.ready_after_s, 2),
                 "restarts": s.restarts, "deaths": s.deaths, "rollovers": s.rollovers,
-                "endpoint_file": str(self.endpoint_file)}
+                "endpoint_file": str(self.endpoint_file), "counts": self.counts}

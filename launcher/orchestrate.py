@@ -461,6 +461,7 @@ class Run:
             self.fleet.close()
             self.pool.jobs = self.fleet.jobs
         if self.gateway is not None:  # its successors and replacements included
+            self.gateway.scrape()
             self.pool.gateways = self.gateway.jobs
         if self.sweep_dir is not None and status == "succeeded":
             if pools.kept(self.namespace) is None:

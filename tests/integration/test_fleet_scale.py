@@ -138,7 +138,8 @@ def test_64_replicas_with_8_killed_mid_collection(slurm_cluster, tmp_path):
     assert len(rows) == TASKS * REPEATS and failures == []
     # Exactly the victims were replaced, each once, by a job of its own that got ready and served.
     assert {i for i, s in servers.items() if s["restarts"]} == set(victims), summary["servers"]
-    stats = summary["collection"]["replicas"]
+    # Through the gateway (the collector sees one endpoint): its counters, by replica job.
+    ejections, retries = summary["gateway"]["counts"].get("ejections", {}), summary["gateway"]["counts"]["retries"]
     events = []
     for kill in kills:
         s = servers[kill["replica"]]
@@ -153,7 +154,7 @@ def test_64_replicas_with_8_killed_mid_collection(slurm_cluster, tmp_path):
         events.append({**kill, "detect_s": detected - kill["at"], "death_to_ready_s": detected + s["down_s"] - kill["at"],
                        "submit_to_ready_s": s["ready_after_s"], "engine_start_s": seen["healthy_at"] - seen["started_at"],
                        "gate_s": s["readiness_gate_s"],
-                       "failed": stats[str(kill["replica"])]["failures"], "served_rows": len(served)})
+                       "failed": ejections.get(f"{kill['replica']}-{kill['job_id']}", 0), "served_rows": len(served)})
 
     # ---- the figures
     originals = [v for v in watcher.seen.values() if "_" in v["entry"].job_id and "healthy_at" in v]
@@ -167,10 +168,10 @@ def test_64_replicas_with_8_killed_mid_collection(slurm_cluster, tmp_path):
           f"{statistics.median(engine_start):.2f}s, max {max(engine_start):.2f}s; gate median "
           f"{statistics.median(gates):.1f}s, max {max(gates):.1f}s")
     print(f"collection: {len(rows)} rollouts in {phases['rollouts']:.1f}s, "
-          f"{sum(s['retries'] for s in stats.values())} requests retried on another replica, 0 rollouts failed")
+          f"{retries.get('all', 0)} requests retried on another replica by the gateway, 0 rollouts failed")
     print("death->ready = detected (the launcher sees the job end) + 1 s backoff + submit->ready; submit->ready = "
-          "job start (Slurm, the job's Python) + engine start (process to /health) + gate; failed = requests that "
-          "found the killed replica gone, each retried on another")
+          "job start (Slurm, the job's Python) + engine start (process to /health) + gate; failed = the gateway's "
+          "ejections of the killed replica (each after a request found it gone and went to another)")
     print("kill  replica  how             detected  death->ready  submit->ready  job start  engine start   gate  "
           "failed  rows served after")
     for n, e in enumerate(events, 1):
@@ -189,7 +190,8 @@ def test_64_replicas_with_8_killed_mid_collection(slurm_cluster, tmp_path):
     # One call per poll for all jobs, not one per job: with 72 jobs, per-job polling would be
     # hundreds a minute. Bounds from the cadences (sacct every 2 s, squeue every 1 s), not timings.
     assert counts["sacct"] / minutes <= 40 and counts["squeue"] / minutes <= 70, counts
-    assert counts["scancel"] <= 2 and counts["sbatch"] == 2 + KILLS, counts  # teardown cancels all in one
+    # sbatch: the servers' array, the gateway, the collector, a replacement per kill; teardown cancels all in one.
+    assert counts["scancel"] <= 2 and counts["sbatch"] == 3 + KILLS, counts
 
     # Nothing left: no entry, and the run's jobs leave the queue (cancelled, they are COMPLETING
     # for a few seconds after accounting says CANCELLED, which is what the launcher waits for).
