@@ -398,7 +398,7 @@ def vllm_rows(procs: list[subprocess.Popen], rounds: int) -> None:
         for concurrency in (16, 256):
             for stream in (False, True):
                 row(f"vLLM, c={concurrency}, {'streaming' if stream else 'not streaming'}", asyncio.run(compare(
-                    url, gateway_url, gateway.pid, {**body, "stream": stream}, concurrency, concurrency * 4, rounds,
+                    url, gateway_url, gateway.pid, {**body, "stream": stream}, concurrency, concurrency * 2, rounds,
                     stream)))
 
 
