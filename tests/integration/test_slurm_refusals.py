@@ -125,7 +125,8 @@ def test_a_collector_starved_by_its_own_server_fails_the_run_fast(slurm_cluster,
     states = subprocess.run(["sacct", "-n", "-X", "-P", "-S", since, "-o", "JobName,State"], env=env,
                             capture_output=True, text=True).stdout
     ours = [line for line in states.splitlines() if name in line]
-    assert len(ours) == 2 and all(line.split("|")[1].startswith(("CANCELLED", "COMPLETED")) for line in ours), ours
+    # The servers, the gateway and the collector, all ended.
+    assert len(ours) == 3 and all(line.split("|")[1].startswith(("CANCELLED", "COMPLETED")) for line in ours), ours
 
 
 def test_sbatchs_own_refusal_is_printed_without_a_traceback_and_leaves_nothing(slurm_cluster, tmp_path):
