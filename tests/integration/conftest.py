@@ -141,3 +141,24 @@ def slurm_cluster():
             else:
                 stopped = subprocess.run([str(SLURM_SCRIPTS / "stop.sh")], capture_output=True, text=True, timeout=300)
                 assert stopped.returncode == 0, stopped.stderr
+
+
+@pytest.fixture(autouse=True)
+def _no_slurm_job_outlives_its_test(request):
+    """A Slurm test whose launcher was killed by a failed assertion leaves its jobs queued; they
+    would hold the test node's CPUs until their time limit and stall every later test (CI saw a
+    10-minute wait). Jobs that appeared during the test and are still queued a little after it are
+    cancelled here, and named, so the leak is visible rather than silent."""
+    if "slurm_cluster" not in request.fixturenames:
+        yield
+        return
+    cluster = request.getfixturevalue("slurm_cluster")
+    before = {j.split("_")[0] for j in queued()}
+    yield
+    deadline = time.monotonic() + 20  # a normal teardown's scancel takes a moment to empty the queue
+    while (left := [j for j in queued() if j.split("_")[0] not in before]) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if left:
+        cluster.job_ids.update(j.split("_")[0] for j in left)
+        subprocess.run(["scancel", *sorted({j.split("_")[0] for j in left})], capture_output=True)
+        print(f"\n[slurm] cancelled jobs {left} that outlived {request.node.name}", file=sys.stderr)

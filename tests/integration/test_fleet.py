@@ -29,7 +29,7 @@ def test_an_engine_killed_mid_collection_is_replaced_and_every_rollout_is_writte
     while _lines(run_dir / "rollouts.jsonl") < 10:  # collection under way on both replicas
         assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
         time.sleep(0.2)
-    (entry,) = [e for e in Registry(registry_root).entries() if e.replica == 1]
+    (entry,) = [e for e in Registry(registry_root).entries(service="policy") if e.replica == 1]
     os.kill(entry.engine_pid, signal.SIGKILL)
     out, _ = proc.communicate(timeout=900)
     print(out)
@@ -85,7 +85,7 @@ def test_a_replica_cancelled_on_slurm_is_replaced(slurm_cluster, tmp_path):
     while _lines(run_dir / "rollouts.jsonl") < 4:
         assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
         time.sleep(0.2)
-    (entry,) = [e for e in Registry(root).entries() if e.replica == 1]
+    (entry,) = [e for e in Registry(root).entries(service="policy") if e.replica == 1]
     slurm_cluster.job_ids.add(entry.job_id.split("_")[0])
     subprocess.run(["scancel", entry.job_id], env={**os.environ, **slurm_cluster.env}, check=True)
     out, _ = proc.communicate(timeout=600)

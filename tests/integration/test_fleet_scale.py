@@ -75,7 +75,7 @@ class Watcher(threading.Thread):
     def run(self) -> None:
         while not self.done.wait(0.2):
             self.written = written = self.lines()
-            for e in self.registry.entries():
+            for e in self.registry.entries(service="policy"):
                 s = self.seen.setdefault(e.job_id, {"replica": e.replica, "started_at": e.started_at, "entry": e})
                 if e.state in ("healthy", "ready") and "healthy_at" not in s:
                     s.update(healthy_at=e.heartbeat_at, rows_then=written)
@@ -107,7 +107,7 @@ def test_64_replicas_with_8_killed_mid_collection(slurm_cluster, tmp_path):
             while watcher.written < rows:
                 assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
                 time.sleep(0.1)
-            (entry,) = [e for e in Registry(root).entries() if e.replica == replica]
+            (entry,) = [e for e in Registry(root).entries(service="policy") if e.replica == replica]
             assert entry.state == "ready", entry  # an original replica, in use
             slurm_cluster.job_ids.add(entry.job_id.split("_")[0])
             if method == "scancel":
