@@ -54,7 +54,8 @@ class Resources:
 
     name: str
     timeout_min: int
-    gpus: int = 0
+    gpus: int = 0  # per node
+    nodes: int = 1  # >1: one task on each (a replica spanning nodes, server/multinode.py)
     partition: str | None = None  # None: the cluster's
     cpus_per_task: int | None = None
     mem_gb: float | None = None
@@ -316,7 +317,7 @@ class SlurmBackend(Backend):
     def _params(self, res: Resources) -> dict[str, Any]:
         c = self.cluster
         params: dict[str, Any] = dict(
-            job_name=res.name, time=res.timeout_min, nodes=1, ntasks_per_node=1,
+            job_name=res.name, time=res.timeout_min, nodes=res.nodes, ntasks_per_node=1,
             partition=res.partition or c.partition, account=c.account, qos=c.qos, constraint=c.constraint,
             cpus_per_task=res.cpus_per_task or c.cpus_per_task, setup=list(c.setup), srun_args=list(c.srun_args),
             additional_parameters=dict(c.additional_parameters),
@@ -325,6 +326,9 @@ class SlurmBackend(Backend):
         )
         if res.gpus:
             params["gpus_per_node"] = res.gpus
+        if res.nodes > 1:
+            # A task that fails (its node's engine died) ends the others at once: the group is broken.
+            params["srun_args"] = [*params["srun_args"], "--kill-on-bad-exit=1"]
         mem_gb = res.mem_gb or c.mem_gb
         if mem_gb:
             params["mem"] = f"{int(mem_gb * 1024)}M"
@@ -349,13 +353,15 @@ class SlurmBackend(Backend):
         for name, attr, default in (("gpus", "gpus", "server.gpus_per_replica"),
                                     ("time", "timeout_min", "cluster.timeout_min")):
             source[name] = lever[name] = res.keys.get(attr, default)
-        if "count" in res.keys:
-            source["count"] = lever["count"] = res.keys["count"]
+        for name in ("count", "nodes"):
+            if name in res.keys:
+                source[name] = lever[name] = res.keys[name]
         mem_gb = res.mem_gb or c.mem_gb
         return slurm_fit.Ask(
             what=res.what or res.name, count=res.count, partition=res.partition or c.partition,
             cpus=res.cpus_per_task or c.cpus_per_task or 1, mem_mb=int(mem_gb * 1024) if mem_gb else None,
             gpus=res.gpus, time_min=res.timeout_min, exclusive=c.exclusive, source=source, lever=lever,
+            nodes=res.nodes,
         )
 
     def preflight(self, jobs: Sequence[Resources]) -> bool:

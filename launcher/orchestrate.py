@@ -239,6 +239,7 @@ class Run:
             registry=self.registry, log_dir=str(self.log_dir), cluster=self.backend.kind, model_path=m.path,
             embedded_model=m.embedded, model_cache_dir=m.cache_dir, bind_host=c.bind_host,
             advertise_host=c.advertise_host, api_key_file=self.api_key_file, config_hash=self.spec.server_hash(),
+            nodes=s.nodes_per_replica, advertise_interface=c.advertise_interface,
             gated=True,  # clients see a replica (a replacement too) only once the readiness gate passed it
         )
 
@@ -546,9 +547,11 @@ def cluster_asks(spec: RunSpec) -> list[Resources]:
 def server_resources(spec: RunSpec) -> Resources:
     s, c = spec.server, spec.cluster
     return Resources(
-        name=f"{spec.run.name}-{s.service}", timeout_min=c.timeout_min, gpus=s.gpus_per_replica,
+        name=f"{spec.run.name}-{s.service}", timeout_min=c.timeout_min,
+        gpus=s.gpus_per_replica // s.nodes_per_replica, nodes=s.nodes_per_replica,
         count=s.replicas, what=f"{s.service} server replica",
-        keys={"gpus": "server.gpus_per_replica", "timeout_min": "cluster.timeout_min", "count": "server.replicas"},
+        keys={"gpus": "server.gpus_per_replica", "timeout_min": "cluster.timeout_min", "count": "server.replicas",
+              "nodes": "server.nodes_per_replica"},
     )
 
 

@@ -216,7 +216,8 @@ class Ask:
     gpus: int
     time_min: int
     exclusive: bool = False
-    source: dict[str, str] = field(default_factory=dict)  # partition, cpus, mem, gpus, time, count
+    nodes: int = 1  # per job, each with cpus, mem and gpus (a replica spanning nodes)
+    source: dict[str, str] = field(default_factory=dict)  # partition, cpus, mem, gpus, time, count, nodes
     lever: dict[str, str] = field(default_factory=dict)
 
     def key(self, what: str) -> str:
@@ -338,18 +339,24 @@ def _alone(view: ClusterView, ask: Ask) -> list[str]:
                        f"a GPU (no gpu gres): {where}set {ask.lever_key('gpus')}=0")
         elif ask.gpus > most:
             best, where = _largest(view, p, lambda n: n.gpus)
+            per_node = "per node" if ask.nodes > 1 else "a replica runs on one node"
             out.append(f"{ask.said('gpus')}: {_n(ask.gpus, 'GPU')} {ask.per}, but {where} has {most} (gres gpu:{most}); "
-                       f"a replica runs on one node: set {ask.lever_key('gpus')} <= {most}")
-    if p.min_nodes > 1:
+                       f"{per_node}: set {ask.lever_key('gpus')} <= {most}")
+    if p.min_nodes > ask.nodes:
         out.append(f"{ask.said('partition')}: partition {p.name} takes only jobs of at least {p.min_nodes} nodes "
-                   f"(MinNodes), and each job of the run has one: set {ask.lever_key('partition')} to another of "
-                   f"{view.names()}")
-    if not out and not any(_fits(_need(ask, n, p, None, count_mem=False), _capacity(n, p)) and
-                           (not ask.mem_mb or ask.mem_mb <= n.mem_mb) for n in nodes):
+                   f"(MinNodes), and each job of the run has {ask.nodes}: set {ask.lever_key('partition')} to "
+                   f"another of {view.names()}")
+    fitting = [n for n in nodes if _fits(_need(ask, n, p, None, count_mem=False), _capacity(n, p))
+               and (not ask.mem_mb or ask.mem_mb <= n.mem_mb)]
+    if not out and not fitting:
         out.append(f"{ask.what}: no single node of partition {p.name} has {ask.cpus} CPUs, "
                    f"{gb(ask.mem_mb) if ask.mem_mb else 'its memory'} and {_n(ask.gpus, 'GPU')} together "
                    f"({_node_list(nodes)}): lower {ask.lever_key('cpus')}, {ask.lever_key('mem')} or "
                    f"{ask.lever_key('gpus')}, or set {ask.lever_key('partition')}")
+    elif not out and len(fitting) < ask.nodes:
+        out.append(f"{ask.said('nodes')}: {ask.nodes} nodes per job, but partition {p.name} has "
+                   f"{len(fitting)} that fit one task ({_node_list(fitting or nodes)}): set "
+                   f"{ask.lever_key('nodes')} <= {len(fitting)}, or set {ask.lever_key('partition')}")
     return out
 
 
@@ -456,10 +463,15 @@ def _feasible(view: ClusterView, servers: Ask, other: Ask | None, config: Cluste
         return {**need, ignore: 0} if ignore else need
 
     full = {n.name: _capacity(n, ps) for n in s_nodes}
-    k = {n.name: _how_many(needs(servers, n, ps), full[n.name], full[n.name], servers.count) for n in s_nodes}
+    # A job of ``nodes`` nodes is that many tasks on distinct nodes: count the tasks (an estimate that
+    # holds when the replicas' nodes are alike, as GPU partitions' are).
+    wanted = servers.count * servers.nodes
+    k = {n.name: _how_many(needs(servers, n, ps), full[n.name], full[n.name], wanted) for n in s_nodes}
     total = sum(k.values())
+    if sum(1 for v in k.values() if v) < servers.nodes:
+        return False
     if other is None:
-        return total >= servers.count
+        return total >= wanted
     po = view.partitions[other.partition or view.default]
     for n in view.nodes_of(po.name):
         o_need = needs(other, n, po)
@@ -467,12 +479,12 @@ def _feasible(view: ClusterView, servers: Ask, other: Ask | None, config: Cluste
         if not _fits(o_need, cap):
             continue
         if n.name not in k:
-            if total >= servers.count:
+            if total >= wanted:
                 return True
             continue
         free = {r: full[n.name][r] - (cap[r] if o_need.get("whole") else o_need.get(r, 0)) for r in _RESOURCES}
-        here = 0 if o_need.get("whole") else _how_many(needs(servers, n, ps), free, full[n.name], servers.count)
-        if total - k[n.name] + here >= servers.count:
+        here = 0 if o_need.get("whole") else _how_many(needs(servers, n, ps), free, full[n.name], wanted)
+        if total - k[n.name] + here >= wanted:
             return True
     return False
 

@@ -82,6 +82,9 @@ class ClusterSpec:
     kind: str  # local: this machine, through submitit's local executor; slurm: a Slurm cluster
     bind_host: str = "127.0.0.1"  # where servers listen
     advertise_host: str | None = None  # host written into registry URLs; None: the node's hostname
+    # A replica spanning nodes (server.nodes_per_replica > 1): the interface whose IPv4 address its nodes
+    # give each other (e.g. ib0); None: the address Slurm reaches each node at (scontrol's NodeAddr)
+    advertise_interface: str | None = None
     timeout_min: int = 240  # time limit of each server job
     # Slurm (ignored by kind=local)
     partition: str | None = None  # where server jobs run; the other job's partition is job.partition
@@ -138,6 +141,7 @@ class ModelSpec:
 
 
 GENERATE_KEY = "generate"
+MULTINODE_BACKENDS = ("mp",)
 
 
 @dataclass(kw_only=True)
@@ -149,6 +153,9 @@ class ServerSpec(EngineSpec, ServerSettings):
     service: str
     replicas: int
     gpus_per_replica: int
+    # >1: each replica is one Slurm job of this many nodes (head + headless workers, server/multinode.py)
+    nodes_per_replica: int
+    multinode_backend: str  # mp: the engine's own multi-node multiprocessing (vLLM --nnodes, SGLang --nnodes)
     max_restarts: int  # replacements per replica when its job dies (launcher/fleet.py)
     no_replica_grace_s: float  # the run fails when no replica has been ready for this long
     # A replica's successor is submitted this long before its job's time limit (launcher/fleet.py);
@@ -156,6 +163,18 @@ class ServerSpec(EngineSpec, ServerSettings):
     rollover_lead_s: float | None
     # "generate": a fresh key per run; null: no key; else a file (mode 0600) holding the key.
     api_key: str | None
+
+    def parallel(self) -> tuple[int, str]:
+        """The engine's ranks per replica, and the arithmetic behind them for messages."""
+        sizes = [("tensor_parallel_size", self.tensor_parallel_size),
+                 ("pipeline_parallel_size", self.pipeline_parallel_size)]
+        if self.data_parallel_size != 1:
+            sizes.append(("data_parallel_size", self.data_parallel_size))
+        total = 1
+        for _, size in sizes:
+            total *= size
+        names = " x ".join(name for name, _ in sizes)
+        return total, f"{names} = {' x '.join(str(v) for _, v in sizes)} = {total}"
 
     def engine_spec(self) -> EngineSpec:
         return EngineSpec(**{f.name: getattr(self, f.name) for f in dataclasses.fields(EngineSpec)})
@@ -169,15 +188,18 @@ class ServerSpec(EngineSpec, ServerSettings):
         checks.above(self, "no_replica_grace_s", 0)
         checks.at_least(self, "rollover_lead_s", 0, or_null=True)
         checks.at_least(self, "gpus_per_replica", 0)
+        checks.at_least(self, "nodes_per_replica", 1)
+        checks.require(self.multinode_backend in MULTINODE_BACKENDS, "multinode_backend",
+                       f"{self.multinode_backend!r} is not one of {list(MULTINODE_BACKENDS)} (ray clusters per "
+                       "replica are not supported yet: mp needs no Ray)")
         checks.must(self, "port", "in 1..65535 or null", lambda v: v is None or 1 <= v <= 65535)
         checks.require(self.port is None or self.replicas == 1, "port",
                        f"a fixed port ({self.port}) cannot serve {self.replicas} replicas on one node; set it to null")
         checks.above(self, "startup_timeout_s", 0)
-        parallel = self.tensor_parallel_size * self.pipeline_parallel_size
+        parallel, product = self.parallel()
         checks.require(
             self.gpus_per_replica == 0 or parallel == self.gpus_per_replica, "gpus_per_replica",
-            f"{self.gpus_per_replica} GPUs per replica, but tensor_parallel_size x pipeline_parallel_size = "
-            f"{self.tensor_parallel_size} x {self.pipeline_parallel_size} = {parallel} "
+            f"{self.gpus_per_replica} GPUs per replica, but {product} "
             + ("do not fit" if parallel > self.gpus_per_replica else "would leave GPUs idle")
             + f"; make them equal (e.g. {checks.key('gpus_per_replica')}={parallel})",
         )
@@ -483,12 +505,7 @@ def _check_across(spec: RunSpec, checks: Checks) -> None:
     c, m, s = spec.cluster, spec.model, spec.server
     if spec.run.check_programs:
         _check_programs(spec, checks)
-    if c.kind == "slurm":
-        checks.require(
-            c.gpus_per_node is None or s.gpus_per_replica <= c.gpus_per_node, "server.gpus_per_replica",
-            f"{s.gpus_per_replica} GPUs do not fit on one node (cluster.gpus_per_node={c.gpus_per_node}); "
-            "multi-node replicas are not supported",
-        )
+    _check_nodes(spec, checks)
     lead = s.rollover_lead_s
     if lead:  # the successor must be submitted before Slurm's warning drains the old job, within the limit
         checks.require(lead > c.signal_delay_s and lead < c.timeout_min * 60, "server.rollover_lead_s",
@@ -511,6 +528,43 @@ def _check_across(spec: RunSpec, checks: Checks) -> None:
         max_tokens = job.collector.sampling.max_tokens
         checks.require(max_tokens < s.max_model_len, "job.sampling.max_tokens",
                        f"{max_tokens} leaves no room for the prompt in server.max_model_len={s.max_model_len}")
+
+
+def _check_nodes(spec: RunSpec, checks: Checks) -> None:
+    """How a replica's ranks fall on its nodes, with the arithmetic in every refusal."""
+    c, s = spec.cluster, spec.server
+    n, g = s.nodes_per_replica, c.gpus_per_node
+    if n < 1:
+        return  # ServerSpec.validate said so
+    if n == 1:
+        checks.require(
+            c.kind != "slurm" or g is None or s.gpus_per_replica <= g, "server.gpus_per_replica",
+            f"{s.gpus_per_replica} GPUs do not fit on one node (cluster.gpus_per_node={g}); span nodes with "
+            f"server.nodes_per_replica={-(-s.gpus_per_replica // g) if g else 2} (and "
+            f"server.gpus_per_replica = nodes x cluster.gpus_per_node)",
+        )
+        return
+    if not checks.require(c.kind == "slurm", "server.nodes_per_replica",
+                          f"{n} nodes per replica need cluster=slurm: a {c.kind} run has this one machine"):
+        return
+    ranks, product = s.parallel()
+    if s.data_parallel_size > 1:
+        checks.require(s.data_parallel_size % n == 0, "server.data_parallel_size",
+                       f"data parallel across {n} nodes (server.nodes_per_replica) puts the same number of "
+                       f"engine copies on each node: {s.data_parallel_size} is not a multiple of {n}")
+    else:
+        checks.require(ranks % n == 0, "server.nodes_per_replica",
+                       f"{product} ranks cannot be split evenly over {n} nodes; make tensor_parallel_size x "
+                       f"pipeline_parallel_size a multiple of {n}")
+    if s.gpus_per_replica:
+        if not checks.require(g is not None, "cluster.gpus_per_node",
+                              f"needed with server.nodes_per_replica={n}: a replica takes that many GPUs on "
+                              "each of its nodes"):
+            return
+        checks.require(s.gpus_per_replica == n * g, "server.gpus_per_replica",
+                       f"{n} nodes (server.nodes_per_replica) x {g} GPUs (cluster.gpus_per_node) = {n * g} GPUs "
+                       f"per replica, but it is {s.gpus_per_replica}; set it to {n * g} (= {product} when "
+                       "they fit)")
 
 
 def _check_programs(spec: RunSpec, checks: Checks) -> None:

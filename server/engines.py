@@ -36,6 +36,7 @@ class EngineSpec:
     dtype: str = "auto"
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    data_parallel_size: int = 1
     enable_auto_tool_choice: bool = True
     tool_call_parser: str | None = None
     tool_strict_level: str | None = None
@@ -244,8 +245,17 @@ def openai_command_launch(
 BUILDERS = {"vllm": vllm_launch, "sglang": sglang_launch, "openai_command": openai_command_launch}
 
 
+@dataclass(frozen=True)
+class NodeRole:
+    rank: int
+    nnodes: int
+    head_addr: str
+    dist_port: int
+    own_addr: str
+
+
 def build_launch(
-    spec: EngineSpec, model_path: str, host: str, port: int, api_key: str | None = None
+    spec: EngineSpec, model_path: str, host: str, port: int, api_key: str | None = None, node: NodeRole | None = None
 ) -> EngineLaunch:
     try:
         builder = BUILDERS[spec.engine]

@@ -35,8 +35,9 @@ from typing import Callable
 
 import httpx
 
-from server import process
+from server import multinode, process
 from server.engines import EngineLaunch, EngineSpec, build_launch, engine_version
+from server.multinode import NodeGroup, NodeProblem
 from server.registry import Entry, Registry
 
 log = logging.getLogger(__name__)
@@ -88,13 +89,20 @@ class ServerJob(ServerSettings):
     config_hash: str = ""
     # The launcher sets it: the entry stays ``healthy`` until its readiness gate admits the job.
     gated: bool = False
+    nodes: int = 1  # >1: this job runs on that many nodes, one task each (server/multinode.py)
+    advertise_interface: str | None = None  # multi-node: whose address the nodes give each other
 
     def orphaned(self) -> bool:
         return self.registry.orphaned(self.namespace)
 
     @property
     def engine_log(self) -> Path:
-        return Path(self.log_dir) / f"{self.service}-{self.replica}.engine.log"
+        return self.node_log(0)
+
+    def node_log(self, rank: int) -> Path:
+        """One log per node of a replica spanning nodes (``.node<k>``), else one per replica."""
+        node = f".node{rank}" if self.nodes > 1 else ""
+        return Path(self.log_dir) / f"{self.service}-{self.replica}{node}.engine.log"
 
 
 class EngineFailed(RuntimeError):
@@ -114,16 +122,29 @@ def run(job: ServerJob) -> None:
     api_key = Path(job.api_key_file).read_text().strip() if job.api_key_file else None
     model_path = _resolve_model(job)
     Path(job.log_dir).mkdir(parents=True, exist_ok=True)
+    group = _join_group(job) if job.nodes > 1 else None
+    if group is not None and group.rank > 0:
+        return _run_worker(job, group, model_path, api_key, signals)
     engine = None
+    watch = _Watch(job, group)
     try:
         for attempt in range(_PORT_ATTEMPTS):
             port = job.port or free_port(job.bind_host)
-            launch = build_launch(job.engine, model_path, job.bind_host, port, api_key)
-            engine = _start_engine(job, launch)
-            entry = _entry(job, port, engine.pid)
+            role = None
+            if group is not None:  # the head: its distributed port, which the workers connect to
+                group.say(dist_port=free_port(group.addr))
+                role = group.role(group.beat)
+            launch = build_launch(job.engine, model_path, job.bind_host, port, api_key, node=role)
+            engine = watch.engine = _start_engine(job, launch)
+            entry = _entry(job, port, engine.pid, group)
             registry.publish(entry)
             try:
-                _wait_healthy(job, engine, entry, launch.health_path, signals.stop, registry)
+                if group is not None:
+                    group.say(engine_pid=engine.pid)
+                    _wait_until(lambda: _listens(group.addr, group.beat.dist_port), 0.2, watch, entry,
+                                signals.stop, registry)
+                    group.say(state="listening")  # the workers start now
+                _wait_healthy(job, watch, entry, launch.health_path, signals.stop, registry)
                 break
             except EngineFailed as e:
                 registry.remove(job.namespace, job.service, job.replica, entry.job_id)
@@ -131,22 +152,29 @@ def run(job: ServerJob) -> None:
                 if not retry or attempt == _PORT_ATTEMPTS - 1:
                     raise
                 log.warning("port %d was taken before the engine bound it; retrying on another", port)
+        watch.all_started = True  # the head's engine answers: every worker joined it
+        if group is not None:
+            group.say(state="running")
         if job.gated and not signals.stop.is_set():
-            _wait_admitted(job, engine, entry, signals.stop, registry)
+            _wait_admitted(job, watch, entry, signals.stop, registry)
         if signals.stop.is_set():
             return
         registry.heartbeat(entry, state="ready")
         log.info("replica %s/%d ready at %s", job.service, job.replica, entry.base_url)
-        _serve(job, engine, entry, registry, signals)
+        _serve(job, watch, entry, registry, signals)
     except EngineFailed as e:
         # Said where the launcher's fleet looks, so the replacement's report says why.
         registry.record_death(job.namespace, job.service, job.replica, current_job_id(), e.reason)
+        if group is not None:
+            group.say(state="dead", reason=e.reason)  # the workers stop theirs at once
         raise
     finally:
         # Its own entry only: a successor of the same replica may already serve beside it.
         registry.remove(job.namespace, job.service, job.replica, current_job_id())
         if engine is not None:
             process.stop(engine, job.stop_grace_s)
+        if group is not None:
+            group.leave()
 
 
 class _Signals:
@@ -160,11 +188,46 @@ class _Signals:
         signal.signal(signal.SIGUSR2, lambda signum, frame: self.drain.set())
 
 
-def _serve(job: ServerJob, engine: subprocess.Popen, entry: Entry, registry: Registry, signals: _Signals) -> None:
+class _Watch:
+    """Whether the replica still works: its engine alive and, spanning nodes, every worker too
+    (server/multinode.py). Raises ``EngineFailed`` otherwise."""
+
+    def __init__(self, job: ServerJob, group: NodeGroup | None) -> None:
+        self.job, self.group = job, group
+        self.engine: subprocess.Popen | None = None
+        self.all_started = False  # the head's engine answered: every worker must be there now
+        self._beaten = time.monotonic()
+
+    @property
+    def poll_s(self) -> float:
+        """How often to look: a group must see a lost node within seconds."""
+        return multinode.POLL_S if self.group else self.job.registry.heartbeat_s
+
+    def __call__(self) -> None:
+        if self.engine.poll() is not None:
+            raise _died(self.job, self.engine, self.group)
+        if self.group is None:
+            return
+        broken = self.group.broken_worker(self.all_started)
+        if broken:
+            raise EngineFailed(f"replica {self.job.service}/{self.job.replica} broken: {broken}\n"
+                               f"{multinode.log_tails(self.group.others() | {0: self.group.beat})}",
+                               reason=broken)
+        if time.monotonic() - self._beaten >= multinode.BEAT_S:
+            self.group.say()
+            self._beaten = time.monotonic()
+
+
+def _serve(job: ServerJob, watch: _Watch, entry: Entry, registry: Registry, signals: _Signals) -> None:
     drain_deadline = settled_at = None
-    while not signals.stop.wait(_DRAIN_POLL_S if drain_deadline else registry.heartbeat_s):
-        if engine.poll() is not None:
-            raise _died(job, engine)
+    last_beat = time.monotonic()
+    while not signals.stop.wait(_DRAIN_POLL_S if drain_deadline else watch.poll_s):
+        watch()
+        # A group looks every POLL_S, and beats the registry entry only every heartbeat_s.
+        if time.monotonic() - last_beat < registry.heartbeat_s - watch.poll_s / 2 and drain_deadline is None \
+                and not signals.drain.is_set():
+            continue
+        last_beat = time.monotonic()
         if job.orphaned():
             log.warning("no run using %s heartbeated for %.0fs: stopping", job.namespace, registry.orphan_grace_s)
             return
@@ -238,19 +301,20 @@ def _resolve_model(job: ServerJob) -> str:
     return job.model_path
 
 
-def _start_engine(job: ServerJob, launch: EngineLaunch) -> subprocess.Popen:
+def _start_engine(job: ServerJob, launch: EngineLaunch, rank: int = 0) -> subprocess.Popen:
     env = {**os.environ, **job.engine.env, **launch.env}
-    return process.start(launch.argv, job.engine_log, env, header=launch.loggable())
+    return process.start(launch.argv, job.node_log(rank), env, header=launch.loggable())
 
 
-def _entry(job: ServerJob, port: int, engine_pid: int) -> Entry:
+def _entry(job: ServerJob, port: int, engine_pid: int, group: NodeGroup | None = None) -> Entry:
     now = time.time()
     return Entry(
         namespace=job.namespace,
         service=job.service,
         replica=job.replica,
         model=job.engine.served_name,
-        host=job.advertise_host or socket.gethostname(),
+        # A group's head: the address its workers reach it at, which node names need not resolve to.
+        host=job.advertise_host or (group.addr if group else socket.gethostname()),
         port=port,
         engine=job.engine.engine,
         engine_version=engine_version(job.engine.engine),
@@ -276,8 +340,7 @@ def current_job_id() -> str:
 
 
 def _wait_healthy(
-    job: ServerJob, engine: subprocess.Popen, entry: Entry, health_path: str, stop: threading.Event,
-    registry: Registry,
+    job: ServerJob, watch: _Watch, entry: Entry, health_path: str, stop: threading.Event, registry: Registry,
 ) -> None:
     deadline = time.monotonic() + job.startup_timeout_s
     health = f"http://{_connect_host(job.bind_host)}:{entry.port}{health_path}"
@@ -297,27 +360,26 @@ def _wait_healthy(
             return False
 
         # /health is cheap: the sooner seen, the sooner the gate runs.
-        _wait_until(healthy, 0.2, job, engine, entry, stop, registry)
+        _wait_until(healthy, 0.2, watch, entry, stop, registry)
 
 
-def _wait_admitted(job: ServerJob, engine: subprocess.Popen, entry: Entry, stop: threading.Event,
-                   registry: Registry) -> None:
+def _wait_admitted(job: ServerJob, watch: _Watch, entry: Entry, stop: threading.Event, registry: Registry) -> None:
     """``healthy`` until the launcher's readiness gate admits this job (a replacement is handed out
     only after the same checks as the first replicas). The launcher bounds how long that takes."""
     registry.heartbeat(entry, state="healthy")
     job_id = entry.job_id
     _wait_until(lambda: registry.admitted(job.namespace, job.service, job.replica, job_id), 0.1,
-                job, engine, entry, stop, registry)
+                watch, entry, stop, registry)
 
 
-def _wait_until(done: Callable[[], bool], poll_s: float, job: ServerJob, engine: subprocess.Popen, entry: Entry,
-                stop: threading.Event, registry: Registry) -> None:
+def _wait_until(done: Callable[[], bool], poll_s: float, watch: _Watch, entry: Entry, stop: threading.Event,
+                registry: Registry) -> None:
     """Poll ``done`` until it holds or ``stop`` is set, watching the engine; starting can take minutes
     (weights, compilation), so the entry keeps heartbeating, and an orphaned job stops itself."""
+    job = watch.job
     last_beat = time.monotonic()
     while not stop.is_set():
-        if engine.poll() is not None:
-            raise _died(job, engine)
+        watch()
         if done():
             return
         if time.monotonic() - last_beat >= registry.heartbeat_s:
@@ -334,9 +396,68 @@ def _connect_host(bind_host: str) -> str:
     return "127.0.0.1" if bind_host in ("0.0.0.0", "") else bind_host
 
 
-def _died(job: ServerJob, engine: subprocess.Popen) -> EngineFailed:
+def _died(job: ServerJob, engine: subprocess.Popen, group: NodeGroup | None = None) -> EngineFailed:
     reason = process.exit_description(engine.returncode)
+    if group is not None:  # every node's log: the cause may sit on another node
+        return EngineFailed(f"engine of {job.service}/{job.replica} on node {group.rank} {reason}\n"
+                            f"{multinode.log_tails(group.others() | {group.rank: group.beat})}",
+                            reason=f"node {group.rank} engine {reason}")
+    log_file = job.engine_log
     return EngineFailed(
-        f"engine of {job.service}/{job.replica} {reason}; log {job.engine_log}:\n{process.log_tail(job.engine_log)}",
+        f"engine of {job.service}/{job.replica} {reason}; log {log_file}:\n{process.log_tail(log_file)}",
         reason=reason,
     )
+
+
+def _join_group(job: ServerJob) -> NodeGroup:
+    rank = int(os.environ.get("SLURM_NODEID", "0"))
+    try:
+        return NodeGroup.join(job.registry, job.namespace, job.service, job.replica, current_job_id(), job.nodes,
+                              job.advertise_interface, str(job.node_log(rank)))
+    except NodeProblem as e:
+        job.registry.record_death(job.namespace, job.service, job.replica, current_job_id(), str(e))
+        raise
+
+
+def _listens(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def _run_worker(job: ServerJob, group: NodeGroup, model_path: str, api_key: str | None, signals: _Signals) -> None:
+    """A worker node: wait for the head to listen, check it is reachable, start the engine headless,
+    and keep beating until the head goes (then stop) or the engine dies (then say so and fail, so the
+    head fails the replica at once)."""
+    engine = None
+    try:
+        deadline = time.monotonic() + job.startup_timeout_s
+        while (head := group.head()) is None or head.state not in ("listening", "running"):
+            if head is not None and head.state == "dead" or signals.stop.wait(0.2) or job.orphaned():
+                return
+            if time.monotonic() > deadline:
+                raise NodeProblem(f"node {group.rank}: the head did not open its distributed port in "
+                                  f"{job.startup_timeout_s:g} s (server.startup_timeout_s)")
+            group.say()
+        group.check_reach(head, job.advertise_interface)
+        launch = build_launch(job.engine, model_path, job.bind_host, free_port(job.bind_host), api_key,
+                              node=group.role(head))
+        engine = _start_engine(job, launch, group.rank)
+        group.say(state="running", engine_pid=engine.pid)
+        while not signals.stop.wait(multinode.POLL_S):
+            if engine.poll() is not None:
+                raise _died(job, engine, group)
+            gone = group.head_gone()
+            if gone:
+                log.info("stopping node %d: %s", group.rank, gone)
+                return
+            group.say()
+    except (EngineFailed, NodeProblem) as e:
+        group.say(state="dead", reason=getattr(e, "reason", str(e)))
+        raise
+    finally:
+        if engine is not None:
+            process.stop(engine, job.stop_grace_s)
+        group.leave()

@@ -72,6 +72,7 @@ _OWNERS = ".owners"
 _STOP_FILE = ".stop"
 _DEATHS = ".deaths"
 _ADMITTED = ".admitted"
+_NODES = ".nodes"  # the nodes of replicas that span several: <service>-<replica>-<job id>/<rank>.json
 # The gateway of service S publishes as service ``S@gateway``: any client of the registry (the
 # collector's pool, ``urls``) reaches it, fails over to its replacement, and checks its heartbeat,
 # as for a replica. ``@`` cannot start a service name a client asks for by mistake.
@@ -157,6 +158,26 @@ class JobRecord:
     @property
     def all_job_ids(self) -> list[str]:
         return [*self.job_ids, *self.gateway_job_ids]
+
+
+@dataclass
+class NodeBeat:
+    """One node of a replica that spans several (server/multinode.py), as it last said: the head
+    (rank 0) and its workers watch each other through these, on the shared filesystem."""
+
+    rank: int  # 0: the head, which serves HTTP and has the replica's entry
+    host: str  # the node's hostname
+    addr: str  # the address the other nodes reach it at
+    pid: int
+    state: str  # starting | listening (head: its distributed port takes connections) | running | dead
+    heartbeat_at: float
+    engine_pid: int | None = None
+    dist_port: int | None = None  # the head's distributed port (torch's master port, DP's RPC port)
+    log: str = ""  # its engine's log file
+    reason: str = ""  # dead: why
+
+    def is_fresh(self, ttl_s: float, now: float | None = None) -> bool:
+        return ((now if now is not None else time.time()) - self.heartbeat_at) <= ttl_s
 
 
 @dataclass(frozen=True)
@@ -360,6 +381,31 @@ class Registry:
 
     def admitted(self, namespace: str, service: str, replica: int, job_id: str) -> bool:
         return (self.root / namespace / _ADMITTED / f"{service}-{replica}-{job_id}").exists()
+
+    def publish_node(self, namespace: str, service: str, replica: int, job_id: str, beat: NodeBeat) -> None:
+        """Write (or replace) one node's beat of a replica spanning nodes; stamps ``heartbeat_at``."""
+        beat.heartbeat_at = time.time()
+        _write_atomic(self._node_dir(namespace, service, replica, job_id) / f"{beat.rank}.json",
+                      json.dumps(dataclasses.asdict(beat)).encode())
+
+    def nodes(self, namespace: str, service: str, replica: int, job_id: str) -> dict[int, NodeBeat]:
+        """The beats of a replica's nodes by rank (a torn or vanished file is left out)."""
+        beats = {}
+        for path in self._node_dir(namespace, service, replica, job_id).glob("*.json"):
+            try:
+                beat = NodeBeat(**json.loads(path.read_bytes()))
+            except (OSError, ValueError, TypeError):
+                continue
+            beats[beat.rank] = beat
+        return beats
+
+    def remove_node(self, namespace: str, service: str, replica: int, job_id: str, rank: int) -> None:
+        folder = self._node_dir(namespace, service, replica, job_id)
+        (folder / f"{rank}.json").unlink(missing_ok=True)
+        _prune_empty(folder, stop=self.root)
+
+    def _node_dir(self, namespace: str, service: str, replica: int, job_id: str) -> Path:
+        return self.root / namespace / _NODES / f"{service}-{replica}-{job_id}"
 
     def request_stop(self, namespace: str, by: str) -> None:
         """Ask every run using ``namespace`` to stop (``launcher.down``); ``by`` says who asked."""

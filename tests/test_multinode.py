@@ -1,0 +1,71 @@
+"""A replica spanning nodes, before anything runs: the arithmetic refused with the keys to change,
+and the address each node gives the others (never one they cannot reach)."""
+
+import socket
+
+import pytest
+
+from launcher.slurm_fit import refusals
+from server.multinode import NodeProblem, node_address
+from tests.test_slurm_fit import ConfigSpy, servers, small_view
+from tests.test_spec import spec_for
+
+SLURM = ["cluster=slurm_testcluster", "server=vllm", "model=qwen3_8b"]
+
+
+@pytest.mark.parametrize("overrides,message", [
+    # 2 nodes x 8 GPUs: tp 8 x pp 2 fits; the GPUs must add up, naming both keys and the numbers.
+    (["cluster.gpus_per_node=8", "server.nodes_per_replica=2", "server.tensor_parallel_size=8",
+      "server.pipeline_parallel_size=2", "server.gpus_per_replica=8"],
+     "server.gpus_per_replica: 2 nodes (server.nodes_per_replica) x 8 GPUs (cluster.gpus_per_node) = 16"),
+    (["server.nodes_per_replica=2", "server.tensor_parallel_size=3", "server.gpus_per_replica=0"],
+     "server.nodes_per_replica: tensor_parallel_size x pipeline_parallel_size = 3 x 1 = 3 ranks cannot be split"),
+    (["server.nodes_per_replica=2", "server.data_parallel_size=3", "server.gpus_per_replica=0"],
+     "server.data_parallel_size: data parallel across 2 nodes"),
+    (["server.nodes_per_replica=2", "server.tensor_parallel_size=2", "server.gpus_per_replica=2",
+      "cluster.gpus_per_node=null"], "cluster.gpus_per_node: needed with server.nodes_per_replica=2"),
+    (["server.gpus_per_replica=8", "server.tensor_parallel_size=8"],
+     "server.gpus_per_replica: 8 GPUs do not fit on one node (cluster.gpus_per_node=4); span nodes with "
+     "server.nodes_per_replica=2"),
+    (["server.nodes_per_replica=0"], "server.nodes_per_replica: must be >= 1"),
+    (["server.multinode_backend=ray"], "server.multinode_backend: 'ray' is not one of ['mp']"),
+])
+def test_multinode_arithmetic_is_refused_naming_the_keys(overrides, message):
+    with pytest.raises(Exception) as e:
+        spec_for(*SLURM, "run.check_programs=false", *overrides)
+    assert message in str(e.value)
+
+
+def test_a_replica_spanning_nodes_needs_slurm():
+    with pytest.raises(Exception, match="server.nodes_per_replica: 2 nodes per replica need cluster=slurm"):
+        spec_for("server.nodes_per_replica=2", "server.pipeline_parallel_size=2")
+
+
+@pytest.mark.parametrize("tp,pp,dp", [(8, 2, 1), (8, 1, 2), (4, 1, 4)])
+def test_two_nodes_of_eight_gpus_are_accepted(tp, pp, dp):
+    spec = spec_for(*SLURM, "run.check_programs=false", "cluster.gpus_per_node=8", "server.nodes_per_replica=2",
+                    "server.gpus_per_replica=16", f"server.tensor_parallel_size={tp}",
+                    f"server.pipeline_parallel_size={pp}", f"server.data_parallel_size={dp}")
+    assert spec.server.parallel()[0] == 16
+
+
+def test_the_fit_check_counts_the_nodes_of_a_job():
+    ask = servers(gpus=1)
+    ask.nodes = 2
+    ask.source["nodes"] = ask.lever["nodes"] = "server.nodes_per_replica"
+    (problem,) = refusals(small_view(), [ask], ConfigSpy())
+    assert problem.startswith("server.nodes_per_replica: 2 nodes per job, but partition gpu has 1 that fit")
+
+
+def test_an_interface_gives_its_address_and_a_wrong_one_is_named():
+    with pytest.raises(NodeProblem, match="cluster.advertise_interface: 'nosuch0' has no IPv4 address"):
+        node_address("nosuch0")
+    with pytest.raises(NodeProblem, match="which other nodes cannot reach"):
+        node_address("lo")
+
+
+def test_a_node_name_resolving_to_loopback_is_refused(monkeypatch):
+    monkeypatch.setenv("SLURMD_NODENAME", "localhost")  # no Slurm node of that name: its hostname then
+    with pytest.raises(NodeProblem, match="resolves only to loopback or link-local.*cluster.advertise_interface"):
+        node_address(None)
+    assert socket.gethostbyname("localhost").startswith("127.")
