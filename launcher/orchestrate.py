@@ -174,7 +174,8 @@ class Run:
         entries = self.registry.entries(self.namespace, s.service)
         job = GatewayJob(
             namespace=self.namespace, service=s.service, model=s.served_name, registry=self.registry,
-            settings=g.settings(), advertise_host=c.advertise_host, cluster=self.backend.kind,
+            settings=g.settings(), advertise_host=c.advertise_host, advertise_interface=c.advertise_interface,
+            cluster=self.backend.kind,
             api_key_file=self.api_key_file or next((e.api_key_file for e in entries if e.api_key_file), None),
         )
         resources = gateway_resources(self.spec)

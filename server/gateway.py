@@ -75,6 +75,7 @@ from starlette.routing import Route
 
 from server.checks import Checks, ConfigError
 from server.job import current_job_id
+from server.multinode import advertised_host
 from server.registry import GATEWAY_ENGINE, NAMESPACE_ENV, Entry, Registry, gateway_service
 from server.replicas import REPLICA_HEADER, RETRY_STATUSES, SESSION_HEADER, ReplicaView
 
@@ -683,7 +684,8 @@ class GatewayJob:
     model: str  # the served name, in the gateway's entry as in the replicas'
     registry: Registry  # where the replicas are, where to publish, the namespace's heartbeat and orphan rules
     settings: GatewaySettings
-    advertise_host: str | None = None  # host written into the entry's URL; None: this node's hostname
+    advertise_host: str | None = None  # host written into the entry's URL; None: as advertise_interface says
+    advertise_interface: str | None = None  # None (and no advertise_host): this node's hostname
     api_key_file: str | None = None  # the namespace's key (the replicas' entries name it too)
     cluster: str = ""  # the cluster kind submitting the job (local | slurm), recorded in the entry
 
@@ -705,7 +707,8 @@ def run_job(job: GatewayJob) -> None:
     now = time.time()
     entry = Entry(
         namespace=job.namespace, service=gateway_service(job.service), replica=0, model=job.model,
-        host=job.advertise_host or socket.gethostname(), port=sock.getsockname()[1], engine=GATEWAY_ENGINE,
+        host=advertised_host(job.advertise_host, job.advertise_interface), port=sock.getsockname()[1],
+        engine=GATEWAY_ENGINE,
         engine_version=f"uvicorn {uvicorn.__version__}", job_id=current_job_id(), node=socket.gethostname(),
         pid=os.getpid(), state="starting", started_at=now, heartbeat_at=now, api_key_file=job.api_key_file,
         cluster=job.cluster,

@@ -90,7 +90,7 @@ class ServerJob(ServerSettings):
     # The launcher sets it: the entry stays ``healthy`` until its readiness gate admits the job.
     gated: bool = False
     nodes: int = 1  # >1: this job runs on that many nodes, one task each (server/multinode.py)
-    advertise_interface: str | None = None  # multi-node: whose address the nodes give each other
+    advertise_interface: str | None = None  # whose address the nodes give each other and the registry
 
     def orphaned(self) -> bool:
         return self.registry.orphaned(self.namespace)
@@ -314,7 +314,8 @@ def _entry(job: ServerJob, port: int, engine_pid: int, group: NodeGroup | None =
         replica=job.replica,
         model=job.engine.served_name,
         # A group's head: the address its workers reach it at, which node names need not resolve to.
-        host=job.advertise_host or (group.addr if group else socket.gethostname()),
+        host=(job.advertise_host or group.addr) if group else
+        multinode.advertised_host(job.advertise_host, job.advertise_interface),
         port=port,
         engine=job.engine.engine,
         engine_version=engine_version(job.engine.engine),

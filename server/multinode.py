@@ -151,6 +151,12 @@ def log_tails(beats: dict[int, NodeBeat], lines: int = 20) -> str:
                      for rank, b in sorted(beats.items()) if b.log)
 
 
+def advertised_host(advertise_host: str | None, interface: str | None) -> str:
+    """The host a job writes into its registry URL: ``cluster.advertise_host``, else the address of
+    ``cluster.advertise_interface`` (where node names do not resolve), else the node's hostname."""
+    return advertise_host or (node_address(interface) if interface else socket.gethostname())
+
+
 def node_address(interface: str | None) -> str:
     """The IPv4 address other nodes reach this one at (module docstring), or NodeProblem naming the
     setting to change."""
