@@ -13,6 +13,8 @@
         .deaths/<service>-<replica>-<job id>   why that replica's engine died (its server job writes it)
         .admitted/<service>-<replica>-<job id> the launcher's readiness gate passed that job's engine:
                                       its entry may turn ``ready`` (``healthy`` until then)
+        .nodes/<service>-<replica>-<job id>/<rank>.json   a replica spanning nodes: each node's beat
+                                      (server/multinode.py), by which head and workers watch each other
         <service>/<replica>-<job id>.json   one entry per replica's job (0600), what clients read; a
                                       replica's successor (a time-limit rollover) has its own
                                       while both run
