@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import cloudpickle
 import pytest
@@ -70,13 +71,21 @@ def talk(address: str, port: int, message: str) -> str:
         return conn.makefile().readline().strip()
 
 
-def serve(server: socket.socket, count: int) -> list[dict[str, str]]:
-    """Answers ``count`` connections, one line each: who connected (address), what they said."""
-    server.settimeout(WAIT_S)
-    seen = []
-    for _ in range(count):
-        conn, (peer, _) = server.accept()
+def serve(server: socket.socket, enough: Callable[[list[dict[str, str]]], bool]) -> list[dict[str, str]]:
+    """Answers connections, one line each, until ``enough`` of them: who connected (address), what
+    they said."""
+    server.settimeout(0.2)  # to look at ``enough`` between connections
+    seen: list[dict[str, str]] = []
+    deadline = time.monotonic() + WAIT_S
+    while not enough(seen):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only these connections in {WAIT_S} s: {seen}")
+        try:
+            conn, (peer, _) = server.accept()
+        except TimeoutError:
+            continue
         with conn:
+            conn.settimeout(10)
             said = conn.makefile().readline().strip()
             conn.sendall(f"ok from {socket.gethostname()}\n".encode())
         seen.append({"peer": peer, "said": said})
@@ -93,7 +102,7 @@ def cross_node(folder: str, host_too: bool) -> dict:
     if env.global_rank == 0:
         with socket.create_server(("0.0.0.0", 0)) as server:
             publish(rendezvous, {"port": server.getsockname()[1], "hostname": me["hostname"]})
-            me["seen"] = serve(server, 2 if host_too else 1)
+            me["seen"] = serve(server, lambda seen: len(seen) == (2 if host_too else 1))
     else:
         port = wait_file(rendezvous)["port"]
         me["head_address"] = node_address(me["head"])
@@ -102,32 +111,31 @@ def cross_node(folder: str, host_too: bool) -> dict:
 
 
 def wrong_interface(folder: str) -> dict:
-    """Rank 0 listens on all its addresses; rank 1 tries rank 0's gldummy0 address (must fail, and
-    at once: no route) and then its bridge address (must work: the listener is there)."""
+    """Rank 0 listens on all its addresses and reaches itself at its gldummy0 address; rank 1 tries
+    that address (must fail, and at once: no route) and then rank 0's bridge address (must work)."""
     env = submitit.JobEnvironment()
     me = {"rank": env.global_rank, "hostname": socket.gethostname(), "addresses": addresses()}
     rendezvous, done = Path(folder, "rank0.json"), Path(folder, "rank1.json")
     if env.global_rank == 0:
         with socket.create_server(("0.0.0.0", 0)) as server:
             port = server.getsockname()[1]
-            publish(rendezvous, {"port": port, "addresses": me["addresses"]})
-            # on its own node the address works
-            with socket.create_connection((me["addresses"]["gldummy0"], port), timeout=10):
-                pass
-            server.accept()[0].close()
-            me["seen"] = serve(server, 1)  # rank 1's try on the right address
-        wait_file(done)
+            # on its own node the address works (the connection waits in the backlog for serve())
+            with socket.create_connection((me["addresses"]["gldummy0"], port), timeout=10) as own:
+                own.sendall(b"self\n")
+                publish(rendezvous, {"port": port, "addresses": me["addresses"]})
+                me["seen"] = serve(server, lambda seen: done.exists())
     else:
         head = wait_file(rendezvous)
-        t0 = time.monotonic()
         try:
-            with socket.create_connection((head["addresses"]["gldummy0"], head["port"]), timeout=10):
-                me["wrong"] = "connected"
-        except OSError as e:
-            me["wrong"] = errno.errorcode.get(e.errno or 0, repr(e))
-        me["wrong_s"] = time.monotonic() - t0
-        me["right"] = talk(head["addresses"]["eth0"], head["port"], "right address")
-        publish(done, {})
+            t0 = time.monotonic()
+            try:
+                me["wrong"] = "answered: " + talk(head["addresses"]["gldummy0"], head["port"], "wrong address")
+            except OSError as e:
+                me["wrong"] = errno.errorcode.get(e.errno or 0, repr(e))
+            me["wrong_s"] = time.monotonic() - t0
+            me["right"] = talk(head["addresses"]["eth0"], head["port"], "right address")
+        finally:
+            publish(done, {})
     return me
 
 
@@ -199,7 +207,8 @@ def test_a_nodes_second_interface_is_out_of_the_other_nodes_reach(on_slurm_multi
           file=sys.stderr)
     assert rank1["wrong"] in {"ENETUNREACH", "EHOSTUNREACH"}  # refused by routing, not a timeout
     assert rank1["right"] == f"ok from {rank0['hostname']}"
-    assert rank0["seen"] == [{"peer": rank1["addresses"]["eth0"], "said": "right address"}]
+    assert rank0["seen"] == [{"peer": rank0["addresses"]["gldummy0"], "said": "self"},
+                             {"peer": rank1["addresses"]["eth0"], "said": "right address"}]
     # nor does the host reach it (its route is "unreachable": nothing leaves the machine)
     with pytest.raises(OSError) as refused:
         socket.create_connection((rank0["addresses"]["gldummy0"], 9), timeout=5)

@@ -3,12 +3,13 @@
 # state under one folder of their own and run their own munged, MariaDB, slurmdbd and slurmctld
 # (so either kind can be started and stopped while the other runs).
 #
-# The caller sets, before sourcing: LOG_LABEL ("slurm start"), DIR (the state folder, absolute),
-# DIR_KNOB (the variable that moves it, for messages), MARKER (the file that marks DIR as made by
-# its start script; each kind has its own, so one kind's stop never removes the other's folder). Before `start_cluster_state`
-# (start scripts) also: CLUSTER, PORT_BASE, TIMEOUT_S, CPUS and GPUS (per node), NODELIST (Slurm hostlist of the cluster's
-# nodes) and NODE_COUNT, SLURMD_PIDFILES (array: one pid file per slurmd), MEMORY_MB_ASKED (a
-# node's RealMemory in MB; empty: what `slurmd -C` measures on this machine).
+# The caller sets LOG_LABEL ("slurm start") before sourcing, and before calling the functions:
+# DIR (the state folder, absolute), DIR_KNOB (the variable that moves it, for messages), MARKER
+# (the file that marks DIR as made by its start script; each kind has its own, so one kind's stop
+# never removes the other's folder). Start scripts also: CLUSTER, PORT_BASE, TIMEOUT_S, CPUS and
+# GPUS (per node), MEMORY_MB_ASKED (a node's RealMemory in MB; empty: what `slurmd -C` measures),
+# NODELIST (Slurm hostlist of the cluster's nodes), NODE_COUNT, SLURMD_PIDFILES (array: one pid
+# file per slurmd).
 
 PACKAGES=(slurmctld slurmd slurm-client munge slurmdbd mariadb-server)
 

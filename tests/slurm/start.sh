@@ -28,8 +28,10 @@
 #     COMPLETED in accounting; on failure prints the daemons' log tails and exits non-zero.
 # Cold (packages missing) about 1 min, mostly apt; from an empty folder with the packages
 # present about 6 s (3 s of it slurmctld's first scheduling pass); when already running < 1 s.
-# All progress goes to stderr; stdout carries only the `export` lines, last. The daemons keep
-# none of this script's file descriptors (no pipe of a caller's stays open, no lock is held).
+# Its steps are tests/slurm/common.sh's, shared with start-multinode.sh (the multi-node cluster,
+# which runs beside this one). All progress goes to stderr; stdout carries only the `export`
+# lines, last. The daemons keep none of this script's file descriptors (no pipe of a caller's
+# stays open, no lock is held).
 #
 # Knobs (environment): GYMLAUNCH_SLURM_DIR, GYMLAUNCH_SLURM_CLUSTER (gymlaunch),
 # GYMLAUNCH_SLURM_CPUS (8), GYMLAUNCH_SLURM_GPUS (4), GYMLAUNCH_SLURM_MEMORY_MB (slurmd -C),
