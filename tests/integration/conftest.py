@@ -176,6 +176,8 @@ class SlurmNode:
 class SlurmMultinode(SlurmCluster):
     nodes: list[SlurmNode] = field(default_factory=list)  # n1 first
     partition: str = ""  # the partition of all nodes (the default)
+    cpus_per_node: int = 0
+    gpus_per_node: int = 0  # fake GPUs (gres gpu), CUDA_VISIBLE_DEVICES set as on a GPU cluster
     host_address: str = ""  # this machine on the bridge (slurmctld's address); nodes see the host from it
 
     @property
@@ -208,7 +210,8 @@ def slurm_multinode():
         print(f"\n[slurm multi] start-multinode.sh took {start_s:.1f} s", file=sys.stderr)
     layout, nodes = _read_layout(Path(env["GYMLAUNCH_SLURM_MULTI_DIR"]))
     cluster = SlurmMultinode(env=env, started_here=not running, start_s=None if running else start_s, nodes=nodes,
-                             partition=layout["PARTITION"], host_address=layout["HOST_ADDRESS"])
+                             partition=layout["PARTITION"], host_address=layout["HOST_ADDRESS"],
+                             cpus_per_node=int(layout["CPUS_PER_NODE"]), gpus_per_node=int(layout["GPUS_PER_NODE"]))
     try:
         yield cluster
     finally:

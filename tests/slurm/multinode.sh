@@ -57,21 +57,31 @@ network_up() {
     done
 }
 
-# network_down: every namespace named $NETNS_PREFIX-n<k> (whatever the node count was), after
-# killing what still runs in it (only this cluster's slurmd and job processes can), their veths,
-# the bridge and the unreachable route
+# node_netns_down NS: what still runs in the node's namespace killed (only this cluster's slurmd
+# and job processes can run there), the namespace deleted (its veth goes with it)
+node_netns_down() {
+    local pids
+    pids=$(ip netns pids "$1" | tr '\n' ' ')
+    if [[ -n ${pids// /} ]]; then
+        log "killing processes left in $1: $pids"
+        # shellcheck disable=SC2086
+        kill -KILL $pids 2>/dev/null || true
+    fi
+    ip netns del "$1"
+    log "removed network namespace $1"
+}
+
+# nodes_beyond K: the numbers of the nodes above K that have a namespace (from a start with more nodes)
+nodes_beyond() {
+    ip netns list | awk -v pre="$NETNS_PREFIX-n" -v k="$1" \
+        'index($1, pre) == 1 { n = substr($1, length(pre) + 1); if (n ~ /^[0-9]+$/ && n + 0 > k) print n }'
+}
+
+# network_down: every namespace named $NETNS_PREFIX-n<k> (whatever the node count was), their
+# veths, the bridge and the unreachable route
 network_down() {
-    local ns pids veth
-    for ns in $(ip netns list | awk -v p="^$NETNS_PREFIX-n[0-9]+\$" '$1 ~ p { print $1 }'); do
-        pids=$(ip netns pids "$ns" | tr '\n' ' ')
-        if [[ -n ${pids// /} ]]; then
-            log "killing processes left in $ns: $pids"
-            # shellcheck disable=SC2086
-            kill -KILL $pids 2>/dev/null || true
-        fi
-        ip netns del "$ns"
-        log "removed network namespace $ns"
-    done
+    local k veth
+    for k in $(nodes_beyond 0); do node_netns_down "$NETNS_PREFIX-n$k"; done
     # host ends whose namespace is gone already, or pairs a failed start never moved
     for veth in $(ip -o link show | awk -F': ' -v p="^($NETNS_PREFIX-n|${NETNS_PREFIX}p)[0-9]+(@|\$)" '$2 ~ p { sub(/@.*/, "", $2); print $2 }'); do
         ip link del "$veth" 2>/dev/null || true

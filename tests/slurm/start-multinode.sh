@@ -21,9 +21,9 @@
 #     the machine has), the machine's memory (not consumable, as on start.sh's node) and
 #     GYMLAUNCH_SLURM_MULTI_GPUS (2) fake GPUs as gres; one partition `multi` (the default) of
 #     all nodes;
-#   - $DIR/etc/layout (what was built: bridge, addresses, partition; stop-multinode.sh and the
-#     tests read it) and $DIR/etc/nodes (one line per node: name, address, unreachable address,
-#     network namespace);
+#   - $DIR/etc/layout (what was built: bridge, addresses, partition, CPUs and GPUs per node;
+#     stop-multinode.sh and the tests read it) and $DIR/etc/nodes (one line per node: name,
+#     address, unreachable address, network namespace);
 #   - waits (bounded) for every node to be idle and sacct to answer and, when it started slurmctld
 #     or a slurmd, for one probe job on all nodes (`srun true` across them) to end COMPLETED.
 # Progress and timings go to stderr; stdout carries only the `export` lines, last.
@@ -66,10 +66,16 @@ NET=$NET
 UNREACHABLE_NET=$UNREACHABLE_NET
 NETNS_PREFIX=$NETNS_PREFIX
 PARTITION=$PARTITION
+CPUS_PER_NODE=$CPUS
+GPUS_PER_NODE=$GPUS
 EOF
 put "$ETC/nodes" 644 < <(for ((k = 1; k <= NODES; k++)); do
     echo "n$k $NET.$((10 + k)) $UNREACHABLE_NET.$((10 + k)) $NETNS_PREFIX-n$k"
 done)
+for k in $(nodes_beyond "$NODES"); do  # a start with fewer nodes than the last: the others go
+    node_netns_down "$NETNS_PREFIX-n$k"
+    rm -rf "$DIR/nodes/n$k" "$DIR/spool/n$k"
+done
 network_up
 fake_gpus "$GPUS"
 
