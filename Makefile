@@ -26,8 +26,9 @@ demo: model
 	$(PY) -m launcher
 
 # The Slurm tests need the project's single-node cluster: started before, stopped after, pass or fail.
+# The multi-node one is started by the tests that need it (fixture slurm_multinode), stopped after too.
 test: model
-	eval "$$(tests/slurm/start.sh)" && $(PY) -m pytest; rc=$$?; tests/slurm/stop.sh; exit $$rc
+	eval "$$(tests/slurm/start.sh)" && $(PY) -m pytest; rc=$$?; tests/slurm/stop.sh; tests/slurm/stop-multinode.sh; exit $$rc
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

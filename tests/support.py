@@ -15,7 +15,7 @@ from server.engines import EngineSpec
 from server.registry import Entry, Registry
 
 ROOT = Path(__file__).resolve().parents[1]
-SLURM_SCRIPTS = ROOT / "tests" / "slurm"  # start.sh / stop.sh of the Slurm test cluster
+SLURM_SCRIPTS = ROOT / "tests" / "slurm"  # start[-multinode].sh / stop[-multinode].sh of the Slurm test clusters
 
 # Stand-in replicas of one service, as the unit tests publish them.
 MODEL = "stand-in-model"
@@ -168,9 +168,11 @@ def auth(entry: Entry) -> dict[str, str]:
     return {"Authorization": f"Bearer {entry.read_api_key()}"}
 
 
-def queued() -> list[str]:
-    """The Slurm job ids in the queue."""
-    return subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
+def queued(env: dict[str, str] | None = None) -> list[str]:
+    """The Slurm job ids in the queue; of the cluster ``env`` names (e.g. ``{"SLURM_CONF": ...}``, over
+    os.environ), else of os.environ's."""
+    full = {**os.environ, **env} if env else None
+    return subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, env=full).stdout.split()
 
 
 # ---------------------------------------------------------------- NeMo Gym stand-ins
