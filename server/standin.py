@@ -608,7 +608,8 @@ def run_worker(
         if stopping.is_set():
             return 0
         try:
-            conn = socket.create_connection((head_addr, dist_port), timeout=max(0.1, min(5.0, deadline - time.monotonic())),
+            wait_s = max(0.1, min(5.0, deadline - time.monotonic()))
+            conn = socket.create_connection((head_addr, dist_port), timeout=wait_s,
                                             source_address=(own_addr, 0) if own_addr else None)
             break
         except OSError as e:

@@ -44,8 +44,11 @@ class Replica:
     def wait_log(self, rank: int, text: str, timeout_s: float = 15) -> None:
         deadline = time.monotonic() + timeout_s
         while text not in self.log(rank).read_text():
-            assert time.monotonic() < deadline, f"node {rank} never logged {text!r}:\n{process.log_tail(self.log(rank))}"
+            assert time.monotonic() < deadline, f"node {rank} never logged {text!r}:\n{self.tail(rank)}"
             time.sleep(0.05)
+
+    def tail(self, rank: int) -> str:
+        return process.log_tail(self.log(rank))
 
     def health(self) -> int | None:
         try:
@@ -56,7 +59,7 @@ class Replica:
     def wait_healthy(self, timeout_s: float = 15) -> None:
         deadline = time.monotonic() + timeout_s
         while self.health() != 200:
-            assert time.monotonic() < deadline, process.log_tail(self.log(0))
+            assert time.monotonic() < deadline, self.tail(0)
             time.sleep(0.05)
 
     def chat(self, timeout_s: float) -> httpx.Response:

@@ -53,8 +53,8 @@ def wait_ready(procs: list[subprocess.Popen], port: int, log_dir: Path) -> float
     while True:
         for rank, proc in enumerate(procs):
             if proc.poll() is not None:
-                pytest.fail(f"node {rank}'s engine {process.exit_description(proc.returncode)}:\n"
-                            + "\n".join(process.log_tail(log_dir / f"node{r}.engine.log", 30) for r in range(len(procs))))
+                tails = (process.log_tail(log_dir / f"node{r}.engine.log", 30) for r in range(len(procs)))
+                pytest.fail(f"node {rank}'s engine {process.exit_description(proc.returncode)}:\n" + "\n".join(tails))
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
                 return time.monotonic() - t0
@@ -88,12 +88,21 @@ def run_mode(name: str, spec: EngineSpec, nnodes: int, tmp_path: Path) -> None:
         ready_s = wait_ready(procs, port, tmp_path)
         t0 = time.monotonic()
         serves(port)
+        rss = ", ".join(f"node{r} {rss_gb(p):.2f} GB" for r, p in enumerate(procs))
         print(f"\n[{name}] {nnodes} nodes: ready after {ready_s:.1f} s, first answers in "
-              f"{time.monotonic() - t0:.1f} s; RSS " + ", ".join(f"node{r} {rss_gb(p):.2f} GB" for r, p in enumerate(procs)),
-              file=sys.stderr)
+              f"{time.monotonic() - t0:.1f} s; RSS {rss}", file=sys.stderr)
         assert all(p.poll() is None for p in procs)
+        # What the orchestration can rely on when a head goes: do its workers notice by themselves?
+        process.stop(procs[0], grace_s=15)
+        t0 = time.monotonic()
+        while any(p.poll() is None for p in procs[1:]) and time.monotonic() - t0 < 30:
+            time.sleep(0.2)
+        left = [r for r, p in enumerate(procs) if p.poll() is None]
+        print(f"[{name}] head stopped: workers " + (f"{left} still running after 30 s" if left else
+              f"exited by themselves within {time.monotonic() - t0:.1f} s "
+              f"({', '.join(process.exit_description(p.returncode) for p in procs[1:])})"), file=sys.stderr)
     finally:
-        for proc in procs:  # head first, as a replica's teardown: its workers then lose it and exit
+        for proc in procs:
             process.stop(proc, grace_s=15)
 
 
