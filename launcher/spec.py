@@ -43,7 +43,7 @@ from jobs.command import CommandConfig, GymConfig
 from jobs.rollouts import CollectorConfig, Task, TaskFileError, load_tasks
 from launcher.nemo_rl import Policy, apply_policy
 from server.checks import Checks, ConfigError
-from server.engines import BUILDERS, EngineSpec, build_launch, known_tool_parsers
+from server.engines import BUILDERS, EngineSpec, NodeRole, build_launch, known_tool_parsers
 from server.gateway import GatewaySettings
 from server.job import ServerSettings
 from server.models import EMBEDDED_MODELS
@@ -518,7 +518,12 @@ def _check_across(spec: RunSpec, checks: Checks) -> None:
     if s.engine in BUILDERS:
         # A dry run of the command builder: its refusals are cheaper here than on a GPU node.
         with checks.reporting(ValueError):  # the builder's message names the key
-            build_launch(s.engine_spec(), m.path or "model", c.bind_host, 1, api_key=None)
+            n = s.nodes_per_replica
+            # Spanning nodes: the head's command and a worker's. Loopback stands for the addresses,
+            # which exist only on the nodes (a builder looks up the interface holding its own).
+            roles = [NodeRole(r, n, "127.0.0.1", 1, "127.0.0.1") for r in range(min(n, 2))] if n > 1 else [None]
+            for role in roles:
+                build_launch(s.engine_spec(), m.path or "model", c.bind_host, 1, api_key=None, node=role)
     job = spec.job
     if isinstance(job, (RolloutsJob, CommandJob)):
         settings = job.collector if isinstance(job, RolloutsJob) else job.process
@@ -547,15 +552,8 @@ def _check_nodes(spec: RunSpec, checks: Checks) -> None:
     if not checks.require(c.kind == "slurm", "server.nodes_per_replica",
                           f"{n} nodes per replica need cluster=slurm: a {c.kind} run has this one machine"):
         return
-    ranks, product = s.parallel()
-    if s.data_parallel_size > 1:
-        checks.require(s.data_parallel_size % n == 0, "server.data_parallel_size",
-                       f"data parallel across {n} nodes (server.nodes_per_replica) puts the same number of "
-                       f"engine copies on each node: {s.data_parallel_size} is not a multiple of {n}")
-    else:
-        checks.require(ranks % n == 0, "server.nodes_per_replica",
-                       f"{product} ranks cannot be split evenly over {n} nodes; make tensor_parallel_size x "
-                       f"pipeline_parallel_size a multiple of {n}")
+    # How the engine's ranks split over the nodes is the command builder's to refuse (its dry run
+    # in _check_across): it knows what each engine can split.
     if s.gpus_per_replica:
         if not checks.require(g is not None, "cluster.gpus_per_node",
                               f"needed with server.nodes_per_replica={n}: a replica takes that many GPUs on "
@@ -563,8 +561,7 @@ def _check_nodes(spec: RunSpec, checks: Checks) -> None:
             return
         checks.require(s.gpus_per_replica == n * g, "server.gpus_per_replica",
                        f"{n} nodes (server.nodes_per_replica) x {g} GPUs (cluster.gpus_per_node) = {n * g} GPUs "
-                       f"per replica, but it is {s.gpus_per_replica}; set it to {n * g} (= {product} when "
-                       "they fit)")
+                       f"per replica, but it is {s.gpus_per_replica}; set it to {n * g}")
 
 
 def _check_programs(spec: RunSpec, checks: Checks) -> None:
