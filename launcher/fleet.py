@@ -29,6 +29,7 @@ replace the same replica.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from typing import Callable
 
@@ -39,6 +40,8 @@ from launcher.readiness import JOB_FIELDS, Gate, ReplicaStatus, ServerFailed, de
 from server.job import ServerJob, run as run_server
 from server.registry import Entry, JobRecord, Registry
 from server.verify import CheckResult
+
+log = logging.getLogger(__name__)
 
 _POLL_S = 0.2
 _MAX_BACKOFF_S = 30.0
@@ -296,6 +299,7 @@ class Fleet:
         state = self.backend.state(dead.job)
         reason = self._reason(dead, state)
         self._last_report = death_report(self.backend, dead, f"{state} ({reason})", self._engine_log, f"while {when}")
+        log.info("%s", self._last_report)  # the whole report in the run's log, even when replaced
         replica = self.replicas[dead.replica]
         replica.deaths.append({"job_id": str(dead.job.job_id), "reason": reason, "when": when, "at": time.time()})
         # A server job that was killed could not remove its entry: clients must not be sent there.

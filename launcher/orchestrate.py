@@ -32,7 +32,7 @@ from launcher.gateways import ServiceGateway
 from launcher.readiness import ReplicaStatus, ServerFailed
 from launcher.spec import GENERATE_KEY, CommandJob, NoJob, RolloutsJob, RunSpec
 from server.gateway import GatewayJob
-from server.job import ServerJob, ServerSettings, run as run_server
+from server.job import ServerJob, ServerSettings, engine_log, run as run_server
 from server.process import log_tail
 from server.registry import Entry, JobRecord, OwnerHeartbeat, gateway_service
 from server.verify import CheckResult, readiness_checks
@@ -488,7 +488,11 @@ class Run:
             self.phases[name] = time.monotonic() - t0
 
     def _engine_log(self, replica: int) -> str:
-        return log_tail(self.log_dir / f"{self.spec.server.service}-{replica}.engine.log", lines=25)
+        s = self.spec.server
+        if s.nodes_per_replica == 1:
+            return log_tail(engine_log(self.log_dir, s.service, replica), lines=25)
+        return "\n".join(f"--- node {k}:\n" + log_tail(engine_log(self.log_dir, s.service, replica, k, s.nodes_per_replica),
+                                                         lines=25) for k in range(s.nodes_per_replica))
 
     def _write_summary(self, status: str, error: str | None) -> dict:
         path = self.run_dir / "summary.json"

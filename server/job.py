@@ -100,9 +100,13 @@ class ServerJob(ServerSettings):
         return self.node_log(0)
 
     def node_log(self, rank: int) -> Path:
-        """One log per node of a replica spanning nodes (``.node<k>``), else one per replica."""
-        node = f".node{rank}" if self.nodes > 1 else ""
-        return Path(self.log_dir) / f"{self.service}-{self.replica}{node}.engine.log"
+        return engine_log(self.log_dir, self.service, self.replica, rank, self.nodes)
+
+
+def engine_log(log_dir: str | Path, service: str, replica: int, rank: int = 0, nodes: int = 1) -> Path:
+    """Where a replica's engine logs: one file per node of a replica spanning nodes (``.node<k>``)."""
+    node = f".node{rank}" if nodes > 1 else ""
+    return Path(log_dir) / f"{service}-{replica}{node}.engine.log"
 
 
 class EngineFailed(RuntimeError):
@@ -456,7 +460,11 @@ def _run_worker(job: ServerJob, group: NodeGroup, model_path: str, api_key: str 
                 return
             group.say()
     except (EngineFailed, NodeProblem) as e:
-        group.say(state="dead", reason=getattr(e, "reason", str(e)))
+        reason = getattr(e, "reason", str(e))
+        group.say(state="dead", reason=reason)
+        # srun ends the head at once (--kill-on-bad-exit), maybe before it reads this beat: the
+        # launcher's report takes the reason from here.
+        job.registry.record_death(job.namespace, job.service, job.replica, current_job_id(), reason)
         raise
     finally:
         if engine is not None:
