@@ -218,20 +218,22 @@ def gloo_interface(spec: EngineSpec, node: NodeRole) -> dict[str, str]:
     in the job's environment (a cluster's setup) wins."""
     if "GLOO_SOCKET_IFNAME" in spec.env or "GLOO_SOCKET_IFNAME" in os.environ:
         return {}
-    return {"GLOO_SOCKET_IFNAME": interface_holding(node.own_addr)}
+    try:
+        import psutil  # vLLM's and SGLang's dependency: present wherever either runs
+    except ImportError:  # a launcher's dry run where no engine is installed: nothing to bind here
+        return {}
+    return {"GLOO_SOCKET_IFNAME": interface_holding(node.own_addr, psutil.net_if_addrs())}
 
 
-def interface_holding(address: str) -> str:
-    """The name of this node's network interface that holds ``address``; a ValueError naming the
-    addresses it has otherwise."""
-    import psutil  # vLLM's and SGLang's dependency, on every node that runs them
-
+def interface_holding(address: str, interfaces: dict[str, list]) -> str:
+    """The name of the network interface that holds ``address`` among ``interfaces`` (psutil's
+    ``net_if_addrs()`` of this node); a ValueError naming the addresses they have otherwise."""
     try:
         wanted = ipaddress.ip_address(address)
     except ValueError:
         raise ValueError(f"{address!r} is not an IP address: a node's own address must be one") from None
     held = {name: [a.address.split("%")[0] for a in addrs if a.family in (socket.AF_INET, socket.AF_INET6)]
-            for name, addrs in psutil.net_if_addrs().items()}
+            for name, addrs in interfaces.items()}
     for name, addresses in held.items():
         if any(ipaddress.ip_address(a) == wanted for a in addresses):
             return name

