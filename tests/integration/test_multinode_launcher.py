@@ -24,14 +24,14 @@ MULTI_STANDIN = ("{python} -m server.standin --host {host} --port {port} --model
                  "--own-addr {own_addr} --seconds-per-token 0.01")
 
 
-def multi(cluster, *more: str) -> list[str]:
+def multi(cluster, *more: str, job: bool = True) -> list[str]:
     """A replica of 2 nodes (1 CPU and a fake GPU of each: pipeline parallel 2, as the arithmetic
     checks want), the gateway and the collector beside it on the same two nodes; every job advertises
     its eth0 address (node names do not resolve)."""
-    return ["cluster=slurm_testcluster", f"cluster.partition={cluster.partition}",
-            f"job.partition={cluster.partition}", "cluster.gpus_per_node=1",
+    jobs = [f"job.partition={cluster.partition}", "job.cpus_per_task=1", "job.mem_gb=2"] if job else ["job=none"]
+    return ["cluster=slurm_testcluster", f"cluster.partition={cluster.partition}", *jobs, "cluster.gpus_per_node=1",
             "server.nodes_per_replica=2", "server.gpus_per_replica=2", "server.pipeline_parallel_size=2",
-            "cluster.cpus_per_task=1", "cluster.mem_gb=2", "job.cpus_per_task=1", "job.mem_gb=2",
+            "cluster.cpus_per_task=1", "cluster.mem_gb=2",
             "cluster.advertise_interface=eth0", "server=openai_command", f'server.command="{MULTI_STANDIN}"',
             "model.embedded=null", "model.path=standin/model", f"model.served_name=mn-{uuid.uuid4().hex[:8]}",
             *FAST_HEARTBEATS, *more]
@@ -109,8 +109,8 @@ def test_a_worker_that_cannot_reach_the_head_fails_the_start_naming_the_address_
     """Every node advertises its gldummy0 address, which only that node reaches: the worker says so
     within seconds, instead of the engine's distributed init timing out minutes later."""
     root, run_dir = tmp_path / "registry", tmp_path / "run"
-    overrides = multi(slurm_multinode, f"hydra.run.dir={run_dir}", "job=none", "server.max_restarts=0",
-                      "cluster.advertise_interface=gldummy0")
+    overrides = multi(slurm_multinode, f"hydra.run.dir={run_dir}", "server.max_restarts=0",
+                      "cluster.advertise_interface=gldummy0", job=False)
     t0 = time.monotonic()
     done = subprocess.run([sys.executable, "-m", "launcher", *overrides], cwd=ROOT, capture_output=True, text=True,
                           timeout=300, env={**os.environ, "GYMLAUNCH_REGISTRY_ROOT": str(root), **slurm_multinode.env})
@@ -129,7 +129,7 @@ def test_ctrl_c_and_launcher_down_leave_no_process_on_any_node(slurm_multinode, 
     root = tmp_path / "registry"
     for stop in ("ctrl-c", "launcher.down"):
         run_dir = tmp_path / stop
-        overrides = multi(slurm_multinode, f"hydra.run.dir={run_dir}", "job=none")
+        overrides = multi(slurm_multinode, f"hydra.run.dir={run_dir}", job=False)
         served = _served_name(overrides)
         proc = start_launcher(root, *overrides, env=slurm_multinode.env)
         try:
