@@ -2,9 +2,9 @@
 started from ``build_launch`` with its ``NodeRole`` through ``server.process``, as a server job
 starts its engine. The head serves; the worker runs headless.
 
-Each start loads the model twice on 2 cores (about a minute), so the default suite runs one mode
-(pipeline parallel 2, the one a model too big for a node needs most); the other modes that work
-on the CPU build run with GYMLAUNCH_ALL_ENGINE_MODES=1.
+Each start loads the model twice on 2 cores (about a minute), and the default suite already runs
+pipeline parallel 2 across two real nodes of the test cluster (test_multinode_vllm.py): every
+mode that works on the CPU build runs here with GYMLAUNCH_ALL_ENGINE_MODES=1.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from server.models import prepare
 from tests.support import SERVED_NAME, cpu_engine
 
 ALL_MODES = pytest.mark.skipif(
-    not os.environ.get("GYMLAUNCH_ALL_ENGINE_MODES"), reason="another minute of real vLLM: GYMLAUNCH_ALL_ENGINE_MODES=1"
+    not os.environ.get("GYMLAUNCH_ALL_ENGINE_MODES"), reason="a minute of real vLLM each: GYMLAUNCH_ALL_ENGINE_MODES=1"
 )
 # Pipeline parallel on the CPU build needs a compilation mode other than none (server/engines.py
 # _check_vllm); dynamo with the eager backend compiles nothing.
@@ -108,6 +108,7 @@ def run_mode(name: str, spec: EngineSpec, nnodes: int, tmp_path: Path) -> None:
             process.stop(proc, grace_s=15)
 
 
+@ALL_MODES
 def test_pipeline_parallel_across_two_nodes(tmp_path):
     run_mode("pp2", cpu_engine(pipeline_parallel_size=2, **PP_CPU), 2, tmp_path)
 
