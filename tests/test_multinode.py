@@ -71,3 +71,15 @@ def test_a_node_name_resolving_to_loopback_is_refused(monkeypatch):
     with pytest.raises(NodeProblem, match="resolves only to loopback or link-local.*cluster.advertise_interface"):
         node_address(None)
     assert socket.gethostbyname("localhost").startswith("127.")
+
+
+@pytest.mark.parametrize("experiment,arithmetic", [
+    ("llama70b_2nodes", "tensor_parallel_size x pipeline_parallel_size = 8 x 2 = 16"),
+    ("qwen3_8b_dp_2nodes", "tensor_parallel_size x pipeline_parallel_size x data_parallel_size = 1 x 1 x 16 = 16"),
+])
+def test_the_multinode_examples_are_accepted_and_refused_when_changed(experiment, arithmetic):
+    spec = spec_for(f"+experiment={experiment}", "run.check_programs=false")
+    assert spec.server.nodes_per_replica == 2 and spec.server.parallel()[1] == arithmetic
+    with pytest.raises(Exception, match=r"server.gpus_per_replica: 2 nodes \(server.nodes_per_replica\) x 8 GPUs "
+                                        r"\(cluster.gpus_per_node\) = 16 GPUs per replica, but it is 8; set it to 16"):
+        spec_for(f"+experiment={experiment}", "run.check_programs=false", "server.gpus_per_replica=8")
