@@ -83,3 +83,38 @@ def test_the_multinode_examples_are_accepted_and_refused_when_changed(experiment
     with pytest.raises(Exception, match=r"server.gpus_per_replica: 2 nodes \(server.nodes_per_replica\) x 8 GPUs "
                                         r"\(cluster.gpus_per_node\) = 16 GPUs per replica, but it is 8; set it to 16"):
         spec_for(f"+experiment={experiment}", "run.check_programs=false", "server.gpus_per_replica=8")
+
+
+def _group(registry, rank, nnodes=2):
+    from server.multinode import NodeGroup
+    from server.registry import NodeBeat
+    beat = NodeBeat(rank=rank, host=f"n{rank + 1}", addr=f"10.0.0.{rank + 1}", pid=1, state="starting",
+                    heartbeat_at=0.0)
+    return NodeGroup(registry, "ns", "policy", 0, "7", rank, nnodes, beat.addr, beat)
+
+
+def test_the_head_sees_a_dead_a_silent_and_a_missing_worker(tmp_path):
+    """Beats are files in the registry: the worker's words reach the head, and its silence too."""
+    import time as clock
+
+    from server.registry import Registry
+    registry = Registry(tmp_path)
+    head, worker = _group(registry, 0), _group(registry, 1)
+    head.say()
+    assert head.broken_worker(all_started=False) is None  # not started yet: its beat may come later
+    assert head.broken_worker(all_started=True) == "node 1 of 2 has no beat (its task is gone)"
+    worker.say(state="running")
+    assert head.broken_worker(all_started=True) is None and worker.head_gone() is None
+    worker.say(state="dead", reason="node 1 engine killed by signal 9 (SIGKILL)")
+    assert head.broken_worker(all_started=True) == "node 1 (n2, 10.0.0.2): node 1 engine killed by signal 9 (SIGKILL)"
+    worker.say(state="running")
+    path = next((tmp_path / "ns" / ".nodes").glob("*/1.json"))
+    stale = clock.time() - 5
+    path.write_text(path.read_text().replace(str(worker.beat.heartbeat_at), str(stale)))
+    assert "silent for 5." in head.broken_worker(all_started=True)
+    head.say(state="dead", reason="engine exited with code 1")
+    assert worker.head_gone() == "the head died: engine exited with code 1"
+    head.leave()
+    assert worker.head_gone() == "the head's beat is gone (it stopped)"
+    worker.leave()
+    assert not (tmp_path / "ns" / ".nodes").exists()
