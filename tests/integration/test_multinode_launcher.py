@@ -60,7 +60,7 @@ def _served_name(overrides: list[str]) -> str:
 
 def test_a_worker_engine_killed_fails_the_replica_within_seconds_and_it_is_replaced(slurm_multinode, tmp_path):
     root, run_dir = tmp_path / "registry", tmp_path / "run"
-    overrides = multi(slurm_multinode, f"hydra.run.dir={run_dir}", "job.num_repeats=6", "job.max_concurrency=4")
+    overrides = multi(slurm_multinode, f"hydra.run.dir={run_dir}", "job.num_repeats=3", "job.max_concurrency=4")
     proc = start_launcher(root, *overrides, env=slurm_multinode.env)
     rollouts = run_dir / "rollouts.jsonl"
     try:
