@@ -85,7 +85,8 @@ def summary_table(summary: dict) -> Table:
     if gateway:  # the service's one URL, and how often its job changed
         changes = [f"{n} {word}" for n, word in ((gateway["restarts"], "restarts"),
                                                  (len(gateway["rollovers"]), "rollovers")) if n]
-        rows.append(("gateway", f"{gateway['base_url']}" + (f" ({', '.join(changes)})" if changes else "")))
+        where = gateway["base_url"] or f"job {gateway['job_id']}, never ready"  # the run ended before it was
+        rows.append(("gateway", where + (f" ({', '.join(changes)})" if changes else "")))
     if summary["namespace"] != summary["run_id"]:
         rows.append(("servers (joined)" if resumed else "servers (shared)", summary["namespace"]))
     rows += [(f"time: {phase}", f"{seconds:.1f}s") for phase, seconds in summary["phases"].items()]

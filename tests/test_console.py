@@ -45,3 +45,11 @@ def test_the_gateway_has_a_row_below_its_replicas_even_in_a_big_fleet():
     lines = _render(servers_table("policy", replicas, live=True, gateway=gateway)).splitlines()
     row = next(line for line in lines if "gateway" in line)
     assert " 8 " in row and "checking" in row and "1 (job ended in use (FAILED))" in row
+
+
+def test_a_gateway_that_never_got_ready_is_named_by_its_job_in_the_summary():
+    from launcher.console import summary_table
+    gateway = {"job_id": "1000002", "base_url": None, "restarts": 0, "rollovers": []}
+    text = _render(summary_table({"run_id": "r", "namespace": "r", "status": "failed", "gateway": gateway,
+                                 "phases": {}, "summary_path": "s.json"}))
+    assert "job 1000002, never ready" in text and "None" not in text
