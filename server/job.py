@@ -200,7 +200,6 @@ class _Watch:
         self.job, self.group = job, group
         self.engine: subprocess.Popen | None = None
         self.all_started = False  # the head's engine answered: every worker must be there now
-        self._beaten = time.monotonic()
 
     @property
     def poll_s(self) -> float:
@@ -217,9 +216,7 @@ class _Watch:
             raise EngineFailed(f"replica {self.job.service}/{self.job.replica} broken: {broken}\n"
                                f"{multinode.log_tails(self.group.others() | {0: self.group.beat})}",
                                reason=broken)
-        if time.monotonic() - self._beaten >= multinode.BEAT_S:
-            self.group.say()
-            self._beaten = time.monotonic()
+        self.group.keep_alive()
 
 
 def _serve(job: ServerJob, watch: _Watch, entry: Entry, registry: Registry, signals: _Signals) -> None:
@@ -445,7 +442,7 @@ def _run_worker(job: ServerJob, group: NodeGroup, model_path: str, api_key: str 
             if time.monotonic() > deadline:
                 raise NodeProblem(f"node {group.rank}: the head did not open its distributed port in "
                                   f"{job.startup_timeout_s:g} s (server.startup_timeout_s)")
-            group.say()
+            group.keep_alive()
         group.check_reach(head, job.advertise_interface)
         launch = build_launch(job.engine, model_path, job.bind_host, free_port(job.bind_host), api_key,
                               node=group.role(head))
@@ -458,7 +455,7 @@ def _run_worker(job: ServerJob, group: NodeGroup, model_path: str, api_key: str 
             if gone:
                 log.info("stopping node %d: %s", group.rank, gone)
                 return
-            group.say()
+            group.keep_alive()
     except (EngineFailed, NodeProblem) as e:
         reason = getattr(e, "reason", str(e))
         group.say(state="dead", reason=reason)

@@ -60,6 +60,7 @@ class NodeGroup:
     nnodes: int
     addr: str
     beat: NodeBeat
+    _said: float = 0.0  # monotonic time of the last beat
 
     @classmethod
     def join(cls, registry: Registry, namespace: str, service: str, replica: int, job_id: str, nnodes: int,
@@ -77,6 +78,12 @@ class NodeGroup:
         for key, value in changes.items():
             setattr(self.beat, key, value)
         self.registry.publish_node(self.namespace, self.service, self.replica, self.job_id, self.beat)
+        self._said = time.monotonic()
+
+    def keep_alive(self) -> None:
+        """Beat again if BEAT_S passed since the last word (callers look more often than that)."""
+        if time.monotonic() - self._said >= BEAT_S:
+            self.say()
 
     def leave(self) -> None:
         self.registry.remove_node(self.namespace, self.service, self.replica, self.job_id, self.rank)
