@@ -240,7 +240,7 @@ class Run:
             registry=self.registry, log_dir=str(self.log_dir), cluster=self.backend.kind, model_path=m.path,
             embedded_model=m.embedded, model_cache_dir=m.cache_dir, bind_host=c.bind_host,
             advertise_host=c.advertise_host, api_key_file=self.api_key_file, config_hash=self.spec.server_hash(),
-            nodes=s.nodes_per_replica, advertise_interface=c.advertise_interface,
+            nodes=s.nodes_per_replica, advertise_interface=c.advertise_interface, multinode_backend=s.multinode_backend,
             gated=True,  # clients see a replica (a replacement too) only once the readiness gate passed it
         )
 

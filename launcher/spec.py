@@ -42,8 +42,9 @@ from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBas
 from jobs.command import CommandConfig, GymConfig
 from jobs.rollouts import CollectorConfig, Task, TaskFileError, load_tasks
 from launcher.nemo_rl import Policy, apply_policy
+from server import ray_cluster
 from server.checks import Checks, ConfigError
-from server.engines import BUILDERS, EngineSpec, NodeRole, build_launch, known_tool_parsers
+from server.engines import BUILDERS, MULTINODE_BACKENDS, EngineSpec, NodeRole, build_launch, known_tool_parsers
 from server.gateway import GatewaySettings
 from server.job import ServerSettings
 from server.models import EMBEDDED_MODELS
@@ -141,7 +142,6 @@ class ModelSpec:
 
 
 GENERATE_KEY = "generate"
-MULTINODE_BACKENDS = ("mp",)
 
 
 @dataclass(kw_only=True)
@@ -155,7 +155,9 @@ class ServerSpec(EngineSpec, ServerSettings):
     gpus_per_replica: int
     # >1: each replica is one Slurm job of this many nodes (head + headless workers, server/multinode.py)
     nodes_per_replica: int
-    multinode_backend: str  # mp: the engine's own multi-node multiprocessing (vLLM --nnodes, SGLang --nnodes)
+    # mp: the engine's own multi-node multiprocessing (vLLM --nnodes, SGLang --nnodes); ray: a Ray cluster
+    # per replica, the engine on its head (vLLM --distributed-executor-backend ray, server/ray_cluster.py)
+    multinode_backend: str
     max_restarts: int  # replacements per replica when its job dies (launcher/fleet.py)
     no_replica_grace_s: float  # the run fails when no replica has been ready for this long
     # A replica's successor is submitted this long before its job's time limit (launcher/fleet.py);
@@ -190,8 +192,7 @@ class ServerSpec(EngineSpec, ServerSettings):
         checks.at_least(self, "gpus_per_replica", 0)
         checks.at_least(self, "nodes_per_replica", 1)
         checks.require(self.multinode_backend in MULTINODE_BACKENDS, "multinode_backend",
-                       f"{self.multinode_backend!r} is not one of {list(MULTINODE_BACKENDS)} (ray clusters per "
-                       "replica are not supported yet: mp needs no Ray)")
+                       f"{self.multinode_backend!r} is not one of {list(MULTINODE_BACKENDS)}")
         checks.must(self, "port", "in 1..65535 or null", lambda v: v is None or 1 <= v <= 65535)
         checks.require(self.port is None or self.replicas == 1, "port",
                        f"a fixed port ({self.port}) cannot serve {self.replicas} replicas on one node; set it to null")
@@ -521,7 +522,10 @@ def _check_across(spec: RunSpec, checks: Checks) -> None:
             n = s.nodes_per_replica
             # Spanning nodes: the head's command and a worker's. Loopback stands for the addresses,
             # which exist only on the nodes (a builder looks up the interface holding its own).
-            roles = [NodeRole(r, n, "127.0.0.1", 1, "127.0.0.1") for r in range(min(n, 2))] if n > 1 else [None]
+            # A Ray cluster's engine runs on its head alone.
+            ranks = range(1 if s.multinode_backend == "ray" else min(n, 2))
+            roles = [NodeRole(r, n, "127.0.0.1", 1, "127.0.0.1", s.multinode_backend) for r in ranks] if n > 1 \
+                else [None]
             for role in roles:
                 build_launch(s.engine_spec(), m.path or "model", c.bind_host, 1, api_key=None, node=role)
     job = spec.job
@@ -573,6 +577,12 @@ def _check_programs(spec: RunSpec, checks: Checks) -> None:
     key = "cluster.setup" if slurm else ""
     hint = "; if it is there only on the compute nodes, set run.check_programs=false" if slurm else ""
     spec.server.check_programs(checks.at("server"), setup, key, hint)
+    if spec.server.nodes_per_replica > 1 and spec.server.multinode_backend == "ray":
+        why = ray_cluster.missing(spec.server.env, setup, key or None)
+        checks.require(why is None, "server.multinode_backend",
+                       f"ray runs a Ray node on every node of a replica, with the `ray` program beside the server "
+                       f"jobs' Python or on PATH, and that Python imports ray: {why}; pip install "
+                       f"'gymlaunch[ray]'{hint}")
     if isinstance(spec.job, CommandJob):
         spec.job.process.check_programs(checks.at("job"), setup, key, hint)
 

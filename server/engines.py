@@ -33,13 +33,17 @@ class NodeRole:
     """This node's part in a replica spanning ``nnodes`` nodes. Rank 0, the head, serves HTTP; the
     other ranks (workers) serve nothing and join the head at ``head_addr:dist_port``, the engine's
     distributed port (torch's master port for tp/pp, vLLM's data-parallel RPC port, SGLang's
-    dist-init port). ``own_addr``: this node's address, the one its peers reach it at."""
+    dist-init port). ``own_addr``: this node's address, the one its peers reach it at.
+    ``backend`` (``server.multinode_backend``): ``mp``, the engine's own multi-node mode, runs an
+    engine on every node; ``ray``, a Ray cluster per replica whose head's GCS is ``dist_port``, runs
+    the engine on the head only (server/ray_cluster.py: every node runs a Ray node instead)."""
 
     rank: int
     nnodes: int
     head_addr: str
     dist_port: int
     own_addr: str
+    backend: str = "mp"
 
     def __post_init__(self) -> None:
         if self.nnodes < 1 or not 0 <= self.rank < self.nnodes:
@@ -48,6 +52,10 @@ class NodeRole:
             raise ValueError(f"distributed port {self.dist_port} is not in 1..65535")
         if not self.head_addr or not self.own_addr:
             raise ValueError(f"node rank {self.rank}: the head's and the node's own address are both needed")
+        if self.backend not in MULTINODE_BACKENDS:
+            raise ValueError(f"server.multinode_backend: {self.backend!r} is not one of {list(MULTINODE_BACKENDS)}")
+        if self.backend == "ray" and self.rank:
+            raise ValueError(f"node rank {self.rank}: with a Ray cluster only the head starts an engine")
 
     @property
     def spans_nodes(self) -> bool:
@@ -57,14 +65,23 @@ class NodeRole:
     def is_head(self) -> bool:
         return self.rank == 0
 
+    @property
+    def ray_address(self) -> str:
+        """The Ray cluster's GCS, which a driver on the head connects to (``RAY_ADDRESS``)."""
+        return host_port(self.head_addr, self.dist_port)
+
     def values(self) -> dict[str, str]:
         """The role as openai_command's template placeholders."""
         return {"node_rank": str(self.rank), "nnodes": str(self.nnodes), "head_addr": self.head_addr,
-                "dist_port": str(self.dist_port), "own_addr": self.own_addr}
+                "dist_port": str(self.dist_port), "own_addr": self.own_addr, "ray_address": self.ray_address}
 
 
+# mp: the engine's own processes on every node; ray: a Ray cluster per replica (NodeRole).
+MULTINODE_BACKENDS = ("mp", "ray")
+# Every Ray process of a replica, its engine's driver too: no usage report leaves the cluster.
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0"}
 # The placeholders NodeRole.values() fills in.
-NODE_PLACEHOLDERS = ("node_rank", "nnodes", "head_addr", "dist_port", "own_addr")
+NODE_PLACEHOLDERS = ("node_rank", "nnodes", "head_addr", "dist_port", "own_addr", "ray_address")
 
 
 @dataclass
@@ -91,7 +108,8 @@ class EngineSpec:
     env: dict[str, str] = field(default_factory=dict)
     # engine=openai_command: any OpenAI-compatible server, as a command template with
     # {host}, {port}, {model}, {served_name} and {python} placeholders (a replica spanning nodes
-    # also: {node_rank}, {nnodes}, {head_addr}, {dist_port}, {own_addr}), and its health route.
+    # also: {node_rank}, {nnodes}, {head_addr}, {dist_port}, {own_addr}, {ray_address}), and its
+    # health route.
     command: str | None = None
     health_path: str = "/health"
 
@@ -158,9 +176,12 @@ def vllm_launch(
     env = {"VLLM_API_KEY": api_key} if api_key else {}
     if node is None or not node.spans_nodes:
         return EngineLaunch(vllm_command(spec, model_path, host, port, VLLM_ENTRYPOINT) + list(spec.extra_args), env)
-    cmd = vllm_command(spec, model_path, host, port, VLLM_SERVE_ENTRYPOINT) + vllm_node_flags(spec, node)
+    flags = vllm_ray_flags(spec, node) if node.backend == "ray" else vllm_node_flags(spec, node)
+    cmd = vllm_command(spec, model_path, host, port, VLLM_SERVE_ENTRYPOINT) + flags
     # vLLM tells its peers VLLM_HOST_IP (else the address of a default route, maybe one they cannot reach).
     env["VLLM_HOST_IP"] = node.own_addr
+    if node.backend == "ray":  # the driver joins this replica's cluster, never starts one of its own
+        env.update(RAY_ENV, RAY_ADDRESS=node.ray_address)
     env.update(gloo_interface(spec, node))
     return EngineLaunch(cmd + list(spec.extra_args), env)
 
@@ -171,11 +192,7 @@ def vllm_node_flags(spec: EngineSpec, node: NodeRole) -> list[str]:
     the nodes split, the workers running theirs headless."""
     dp, n = spec.data_parallel_size, node.nnodes
     if dp > 1:
-        if dp % n:
-            raise ValueError(
-                f"server.data_parallel_size: {dp} engines cannot be spread evenly over {n} nodes; make it a "
-                f"multiple of {n}, or serve the engines as separate replicas (server.replicas)"
-            )
+        _check_dp_split(dp, n)
         local = dp // n
         cmd = ["--data-parallel-size-local", str(local), "--data-parallel-address", node.head_addr,
                "--data-parallel-rpc-port", str(node.dist_port)]
@@ -184,6 +201,28 @@ def vllm_node_flags(spec: EngineSpec, node: NodeRole) -> list[str]:
     cmd = ["--distributed-executor-backend", "mp", "--nnodes", str(n), "--node-rank", str(node.rank),
            "--master-addr", node.head_addr, "--master-port", str(node.dist_port)]
     return cmd if node.is_head else cmd + ["--headless"]
+
+
+def vllm_ray_flags(spec: EngineSpec, node: NodeRole) -> list[str]:
+    """vLLM on a Ray cluster spanning the replica's nodes, started on the head alone: Ray places the
+    ranks (or, with data parallel, whole engines: ``--data-parallel-backend ray``, its per-node
+    share given as with mp) on the cluster's nodes."""
+    cmd = ["--distributed-executor-backend", "ray"]
+    dp, n = spec.data_parallel_size, node.nnodes
+    if dp > 1:
+        _check_dp_split(dp, n)
+        return cmd + ["--data-parallel-backend", "ray", "--data-parallel-size-local", str(dp // n),
+                      "--data-parallel-address", node.head_addr]
+    _check_ranks_split(spec, n)
+    return cmd
+
+
+def _check_dp_split(dp: int, nnodes: int) -> None:
+    if dp % nnodes:
+        raise ValueError(
+            f"server.data_parallel_size: {dp} engines cannot be spread evenly over {nnodes} nodes; make it a "
+            f"multiple of {nnodes}, or serve the engines as separate replicas (server.replicas)"
+        )
 
 
 def _check_ranks_split(spec: EngineSpec, nnodes: int) -> None:
@@ -338,6 +377,11 @@ def _check_sglang(spec: EngineSpec, node: NodeRole | None) -> None:
     """Refuse what SGLang would otherwise quietly serve differently from what the config says."""
     problems = []
     if node is not None and node.spans_nodes:
+        if node.backend == "ray":
+            problems.append(
+                "server.multinode_backend: ray is vLLM's (--distributed-executor-backend ray); SGLang spans "
+                "nodes with its own processes (--nnodes, --dist-init-addr): set server.multinode_backend=mp"
+            )
         if spec.data_parallel_size > 1:
             problems.append(
                 "server.data_parallel_size: SGLang's data parallel across nodes (--dp-size with --nnodes) "
@@ -393,7 +437,9 @@ def openai_command_launch(
     showing it in `ps`: ``sh -c 'exec my-server --port {port} --api-key "$OPENAI_API_KEY"'``.
 
     With a ``node`` the template may also say the node's role ({node_rank}, {nnodes}, {head_addr},
-    {dist_port}, {own_addr}); a replica spanning nodes runs it on every node, so there it must.
+    {dist_port}, {own_addr}, {ray_address}); a replica spanning nodes with the mp backend runs it on
+    every node, so there it must. With the ray backend it runs on the head alone, its Ray cluster
+    already up: ``RAY_ADDRESS`` and {ray_address} say where.
     """
     if not spec.command:
         raise ValueError(
@@ -406,16 +452,18 @@ def openai_command_launch(
     values = {"host": host, "port": str(port), "model": model_path, "served_name": spec.served_name,
               "python": sys.executable}
     hints = dict.fromkeys(NODE_PLACEHOLDERS, "only a replica spanning nodes has it")
+    env = dict.fromkeys(OPENAI_COMMAND_KEY_ENV, api_key) if api_key else {}
     if node is not None:
         values.update(node.values())
-        if node.spans_nodes and "node_rank" not in placeholders(spec.command, "server.command"):
+        if node.spans_nodes and node.backend == "ray":
+            env.update(RAY_ENV, RAY_ADDRESS=node.ray_address)
+        elif node.spans_nodes and "node_rank" not in placeholders(spec.command, "server.command"):
             raise ValueError(
                 f"server.command: a replica spanning {node.nnodes} nodes runs this command on each of them, and "
                 "without {node_rank} every node would start a head; say each node's role in it, e.g. "
                 "'... --node-rank {node_rank} --nnodes {nnodes} --head-addr {head_addr} --dist-port {dist_port}'"
             )
     argv = fill_command(spec.command, values, "server.command", hints)
-    env = dict.fromkeys(OPENAI_COMMAND_KEY_ENV, api_key) if api_key else {}
     return EngineLaunch(argv + list(spec.extra_args), env, spec.health_path)
 
 

@@ -35,9 +35,10 @@ from typing import Callable
 
 import httpx
 
-from server import multinode, process
-from server.engines import EngineLaunch, EngineSpec, build_launch, engine_version
+from server import multinode, process, ray_cluster
+from server.engines import EngineLaunch, EngineSpec, build_launch, engine_version, host_port
 from server.multinode import NodeGroup, NodeProblem
+from server.ray_cluster import RayNode
 from server.registry import Entry, Registry
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,7 @@ class ServerJob(ServerSettings):
     gated: bool = False
     nodes: int = 1  # >1: this job runs on that many nodes, one task each (server/multinode.py)
     advertise_interface: str | None = None  # whose address the nodes give each other and the registry
+    multinode_backend: str = "mp"  # mp: an engine on every node; ray: a Ray node on every node (ray_cluster.py)
 
     def orphaned(self) -> bool:
         return self.registry.orphaned(self.namespace)
@@ -129,21 +131,26 @@ def run(job: ServerJob) -> None:
     group = _join_group(job) if job.nodes > 1 else None
     if group is not None and group.rank > 0:
         return _run_worker(job, group, model_path, api_key, signals)
-    engine = None
+    engine = ray = None
     watch = _Watch(job, group)
     try:
+        if group is not None and job.multinode_backend == "ray":
+            ray = _start_ray_cluster(job, group, watch, signals)
+            if signals.stop.is_set():
+                return
         for attempt in range(_PORT_ATTEMPTS):
             port = job.port or free_port(job.bind_host)
             role = None
-            if group is not None:  # the head: its distributed port, which the workers connect to
-                group.say(dist_port=free_port(group.addr))
-                role = group.role(group.beat)
+            if group is not None:
+                if ray is None:  # the head: its distributed port, which the workers' engines connect to
+                    group.say(dist_port=free_port(group.addr))
+                role = group.role(group.beat, job.multinode_backend)
             launch = build_launch(job.engine, model_path, job.bind_host, port, api_key, node=role)
             engine = watch.engine = _start_engine(job, launch)
             entry = _entry(job, port, engine.pid, group)
             registry.publish(entry)
             try:
-                if group is not None:
+                if group is not None and ray is None:
                     group.say(engine_pid=engine.pid)
                     _wait_until(lambda: _listens(group.addr, group.beat.dist_port), 0.2, watch, entry,
                                 signals.stop, registry)
@@ -166,17 +173,20 @@ def run(job: ServerJob) -> None:
         registry.heartbeat(entry, state="ready")
         log.info("replica %s/%d ready at %s", job.service, job.replica, entry.base_url)
         _serve(job, watch, entry, registry, signals)
-    except EngineFailed as e:
+    except (EngineFailed, NodeProblem) as e:
+        reason = getattr(e, "reason", str(e))
         # Said where the launcher's fleet looks, so the replacement's report says why.
-        registry.record_death(job.namespace, job.service, job.replica, current_job_id(), e.reason)
+        registry.record_death(job.namespace, job.service, job.replica, current_job_id(), reason)
         if group is not None:
-            group.say(state="dead", reason=e.reason)  # the workers stop theirs at once
+            group.say(state="dead", reason=reason)  # the workers stop theirs at once
         raise
     finally:
         # Its own entry only: a successor of the same replica may already serve beside it.
         registry.remove(job.namespace, job.service, job.replica, current_job_id())
         if engine is not None:
             process.stop(engine, job.stop_grace_s)
+        if ray is not None:
+            ray.stop(watch.ray, job.stop_grace_s)
         if group is not None:
             group.leave()
 
@@ -193,12 +203,13 @@ class _Signals:
 
 
 class _Watch:
-    """Whether the replica still works: its engine alive and, spanning nodes, every worker too
-    (server/multinode.py). Raises ``EngineFailed`` otherwise."""
+    """Whether the replica still works: its engine (and the head's Ray node) alive and, spanning
+    nodes, every worker too (server/multinode.py). Raises ``EngineFailed`` otherwise."""
 
     def __init__(self, job: ServerJob, group: NodeGroup | None) -> None:
         self.job, self.group = job, group
         self.engine: subprocess.Popen | None = None
+        self.ray: subprocess.Popen | None = None
         self.all_started = False  # the head's engine answered: every worker must be there now
 
     @property
@@ -207,8 +218,9 @@ class _Watch:
         return multinode.POLL_S if self.group else self.job.registry.heartbeat_s
 
     def __call__(self) -> None:
-        if self.engine.poll() is not None:
-            raise _died(self.job, self.engine, self.group)
+        for proc, what in ((self.engine, "engine"), (self.ray, "Ray node")):
+            if proc is not None and proc.poll() is not None:
+                raise _died(self.job, proc, self.group, what)
         if self.group is None:
             return
         broken = self.group.broken_worker(self.all_started)
@@ -302,6 +314,41 @@ def _resolve_model(job: ServerJob) -> str:
     return job.model_path
 
 
+def _start_ray_cluster(job: ServerJob, group: NodeGroup, watch: _Watch, signals: _Signals) -> RayNode:
+    """The head's Ray node, its GCS port told the workers once it listens (they start theirs then),
+    and the wait until Ray counts every node alive: only then may the engine ask Ray for their GPUs."""
+    node = RayNode.plan(ray_cluster.program(job.engine.env), group.addr, current_job_id(), 0, free_port)
+    watch.ray = _start_engine(job, node.launch())
+    group.say(dist_port=node.gcs_port, engine_pid=watch.ray.pid)
+    deadline = time.monotonic() + job.startup_timeout_s
+    address = host_port(group.addr, node.gcs_port)
+    alive = 0
+
+    def within_startup(done: Callable[[], bool], what: Callable[[], str]) -> Callable[[], bool]:
+        def check() -> bool:
+            if done():
+                return True
+            if time.monotonic() > deadline:
+                raise EngineFailed(f"{what()} after {job.startup_timeout_s:g}s (server.startup_timeout_s)\n"
+                                   f"{multinode.log_tails(group.others() | {0: group.beat})}",
+                                   reason=f"{what()} after {job.startup_timeout_s:g}s")
+            return False
+        return check
+
+    def all_alive() -> bool:
+        nonlocal alive
+        alive = ray_cluster.alive_nodes(address)
+        return alive >= job.nodes
+
+    _wait_until(within_startup(lambda: _listens(group.addr, node.gcs_port), lambda: f"Ray's GCS not listening at "
+                               f"{address}"), 0.2, watch, None, signals.stop, job.registry)
+    group.say(state="listening")
+    _wait_until(within_startup(all_alive, lambda: f"Ray counts {alive} of {job.nodes} nodes alive"), 0.5, watch,
+                None, signals.stop, job.registry)
+    log.info("Ray cluster at %s: %d nodes alive", address, alive)
+    return node
+
+
 def _start_engine(job: ServerJob, launch: EngineLaunch, rank: int = 0) -> subprocess.Popen:
     env = {**os.environ, **job.engine.env, **launch.env}
     return process.start(launch.argv, job.node_log(rank), env, header=launch.loggable())
@@ -374,10 +421,11 @@ def _wait_admitted(job: ServerJob, watch: _Watch, entry: Entry, stop: threading.
                 watch, entry, stop, registry)
 
 
-def _wait_until(done: Callable[[], bool], poll_s: float, watch: _Watch, entry: Entry, stop: threading.Event,
-                registry: Registry) -> None:
+def _wait_until(done: Callable[[], bool], poll_s: float, watch: _Watch, entry: Entry | None,
+                stop: threading.Event, registry: Registry) -> None:
     """Poll ``done`` until it holds or ``stop`` is set, watching the engine; starting can take minutes
-    (weights, compilation), so the entry keeps heartbeating, and an orphaned job stops itself."""
+    (weights, compilation), so the entry (once there is one) keeps heartbeating, and an orphaned job
+    stops itself."""
     job = watch.job
     last_beat = time.monotonic()
     while not stop.is_set():
@@ -389,7 +437,8 @@ def _wait_until(done: Callable[[], bool], poll_s: float, watch: _Watch, entry: E
                 log.warning("no run using %s heartbeated while starting: stopping", job.namespace)
                 stop.set()
                 return
-            registry.heartbeat(entry)
+            if entry is not None:
+                registry.heartbeat(entry)
             last_beat = time.monotonic()
         stop.wait(poll_s)
 
@@ -398,12 +447,12 @@ def _connect_host(bind_host: str) -> str:
     return "127.0.0.1" if bind_host in ("0.0.0.0", "") else bind_host
 
 
-def _died(job: ServerJob, engine: subprocess.Popen, group: NodeGroup | None = None) -> EngineFailed:
+def _died(job: ServerJob, engine: subprocess.Popen, group: NodeGroup | None = None, what: str = "engine") -> EngineFailed:
     reason = process.exit_description(engine.returncode)
     if group is not None:  # every node's log: the cause may sit on another node
-        return EngineFailed(f"engine of {job.service}/{job.replica} on node {group.rank} {reason}\n"
+        return EngineFailed(f"{what} of {job.service}/{job.replica} on node {group.rank} {reason}\n"
                             f"{multinode.log_tails(group.others() | {group.rank: group.beat})}",
-                            reason=f"node {group.rank} engine {reason}")
+                            reason=f"node {group.rank} {what} {reason}")
     log_file = job.engine_log
     return EngineFailed(
         f"engine of {job.service}/{job.replica} {reason}; log {log_file}:\n{process.log_tail(log_file)}",
@@ -430,10 +479,11 @@ def _listens(host: str, port: int) -> bool:
 
 
 def _run_worker(job: ServerJob, group: NodeGroup, model_path: str, api_key: str | None, signals: _Signals) -> None:
-    """A worker node: wait for the head to listen, check it is reachable, start the engine headless,
-    and keep beating until the head goes (then stop) or the engine dies (then say so and fail, so the
-    head fails the replica at once)."""
-    engine = None
+    """A worker node: wait for the head to listen, check it is reachable, start the engine headless
+    (with a Ray cluster: a Ray node, which is this node's engine), and keep beating until the head
+    goes (then stop) or the engine dies (then say so and fail, so the head fails the replica at once)."""
+    engine = ray = None
+    what = "Ray node" if job.multinode_backend == "ray" else "engine"
     try:
         deadline = time.monotonic() + job.startup_timeout_s
         while (head := group.head()) is None or head.state not in ("listening", "running"):
@@ -444,13 +494,18 @@ def _run_worker(job: ServerJob, group: NodeGroup, model_path: str, api_key: str 
                                   f"{job.startup_timeout_s:g} s (server.startup_timeout_s)")
             group.keep_alive()
         group.check_reach(head, job.advertise_interface)
-        launch = build_launch(job.engine, model_path, job.bind_host, free_port(job.bind_host), api_key,
-                              node=group.role(head))
+        if job.multinode_backend == "ray":
+            ray = RayNode.plan(ray_cluster.program(job.engine.env), group.addr, current_job_id(), group.rank,
+                               free_port, head=(head.addr, head.dist_port))
+            launch = ray.launch()
+        else:
+            launch = build_launch(job.engine, model_path, job.bind_host, free_port(job.bind_host), api_key,
+                                  node=group.role(head, job.multinode_backend))
         engine = _start_engine(job, launch, group.rank)
         group.say(state="running", engine_pid=engine.pid)
         while not signals.stop.wait(multinode.POLL_S):
             if engine.poll() is not None:
-                raise _died(job, engine, group)
+                raise _died(job, engine, group, what)
             gone = group.head_gone()
             if gone:
                 log.info("stopping node %d: %s", group.rank, gone)
@@ -464,6 +519,8 @@ def _run_worker(job: ServerJob, group: NodeGroup, model_path: str, api_key: str 
         job.registry.record_death(job.namespace, job.service, job.replica, current_job_id(), reason)
         raise
     finally:
-        if engine is not None:
+        if ray is not None and engine is not None:
+            ray.stop(engine, job.stop_grace_s)
+        elif engine is not None:
             process.stop(engine, job.stop_grace_s)
         group.leave()

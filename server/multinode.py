@@ -93,9 +93,9 @@ class NodeGroup:
         beats.pop(self.rank, None)
         return beats
 
-    def role(self, head: NodeBeat) -> NodeRole:
+    def role(self, head: NodeBeat, backend: str = "mp") -> NodeRole:
         return NodeRole(rank=self.rank, nnodes=self.nnodes, head_addr=head.addr, dist_port=head.dist_port,
-                        own_addr=self.addr)
+                        own_addr=self.addr, backend=backend)
 
     # ---------------------------------------------------------------- the head's view
 

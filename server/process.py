@@ -80,6 +80,26 @@ def stop(proc: subprocess.Popen, grace_s: float, stop_signal: int = signal.SIGTE
     proc.wait()
 
 
+def kill_marked(key: str, value: str) -> list[int]:
+    """SIGKILL to every process of this user whose environment holds ``key=value``, and their pids:
+    what a program's own daemons leave behind after its group is stopped (Ray's workers run in
+    process groups of their own, and rename their command line, but keep the environment)."""
+    marker = f"{key}={value}".encode()
+    killed = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        pid = int(environ.parent.name)
+        try:
+            if pid == os.getpid() or marker not in environ.read_bytes().split(b"\0"):
+                continue
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        except (OSError, ValueError):  # gone, or another user's
+            continue
+    if killed:
+        log.warning("killed %d leftover process(es) marked %s: %s", len(killed), marker.decode(), killed)
+    return killed
+
+
 def kill_when_alive(pid: int, group: bool, wait_s: float = 10.0) -> None:
     """Last resort for a process (or group) another job should have stopped: wait, then SIGKILL."""
     kill = os.killpg if group else os.kill

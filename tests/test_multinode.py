@@ -30,7 +30,14 @@ SLURM = ["cluster=slurm_testcluster", "server=vllm", "model=qwen3_8b"]
      "server.gpus_per_replica: 8 GPUs do not fit on one node (cluster.gpus_per_node=4); span nodes with "
      "server.nodes_per_replica=2"),
     (["server.nodes_per_replica=0"], "server.nodes_per_replica: must be >= 1"),
-    (["server.multinode_backend=ray"], "server.multinode_backend: 'ray' is not one of ['mp']"),
+    (["server.multinode_backend=ray-cluster"], "server.multinode_backend: 'ray-cluster' is not one of ['mp', 'ray']"),
+    # A Ray cluster per replica is vLLM's; its ranks still split evenly over the nodes.
+    (["server=sglang", "server.nodes_per_replica=2", "server.tensor_parallel_size=2", "server.gpus_per_replica=0",
+      "server.multinode_backend=ray"], "server.multinode_backend: ray is vLLM's (--distributed-executor-backend ray)"),
+    (["server.nodes_per_replica=2", "server.tensor_parallel_size=3", "server.gpus_per_replica=0",
+      "server.multinode_backend=ray"], "3 x 1 = 3 ranks cannot be split evenly over 2"),
+    (["server.nodes_per_replica=2", "server.data_parallel_size=3", "server.gpus_per_replica=0",
+      "server.multinode_backend=ray"], "server.data_parallel_size: 3 engines cannot be spread evenly over 2 nodes"),
 ])
 def test_multinode_arithmetic_is_refused_naming_the_keys(overrides, message):
     with pytest.raises(Exception) as e:
@@ -49,6 +56,14 @@ def test_two_nodes_of_eight_gpus_are_accepted(tp, pp, dp):
                     "server.gpus_per_replica=16", f"server.tensor_parallel_size={tp}",
                     f"server.pipeline_parallel_size={pp}", f"server.data_parallel_size={dp}")
     assert spec.server.parallel()[0] == 16
+
+
+@pytest.mark.parametrize("tp,pp,dp", [(8, 2, 1), (8, 1, 2)])
+def test_a_ray_cluster_per_replica_is_accepted_with_ray_installed(tp, pp, dp):
+    spec = spec_for(*SLURM, "cluster.gpus_per_node=8", "server.nodes_per_replica=2", "server.gpus_per_replica=16",
+                    f"server.tensor_parallel_size={tp}", f"server.pipeline_parallel_size={pp}",
+                    f"server.data_parallel_size={dp}", "server.multinode_backend=ray")
+    assert spec.server.multinode_backend == "ray"
 
 
 def test_the_fit_check_counts_the_nodes_of_a_job():
