@@ -484,6 +484,7 @@ def _run_worker(job: ServerJob, group: NodeGroup, model_path: str, api_key: str 
     goes (then stop) or the engine dies (then say so and fail, so the head fails the replica at once)."""
     engine = ray = None
     what = "Ray node" if job.multinode_backend == "ray" else "engine"
+    died = False
     try:
         deadline = time.monotonic() + job.startup_timeout_s
         while (head := group.head()) is None or head.state not in ("listening", "running"):
@@ -514,6 +515,7 @@ def _run_worker(job: ServerJob, group: NodeGroup, model_path: str, api_key: str 
     except (EngineFailed, NodeProblem) as e:
         reason = getattr(e, "reason", str(e))
         group.say(state="dead", reason=reason)
+        died = True
         # srun ends the head at once (--kill-on-bad-exit), maybe before it reads this beat: the
         # launcher's report takes the reason from here.
         job.registry.record_death(job.namespace, job.service, job.replica, current_job_id(), reason)
@@ -523,4 +525,9 @@ def _run_worker(job: ServerJob, group: NodeGroup, model_path: str, api_key: str 
             ray.stop(engine, job.stop_grace_s)
         elif engine is not None:
             process.stop(engine, job.stop_grace_s)
+        # A dead worker's beat stays until the head has read it (the head then dies too, or srun ends
+        # it): gone sooner, the head would fail the replica for "no beat" and record that instead.
+        deadline = time.monotonic() + multinode.STALE_S
+        while died and group.head_gone() is None and time.monotonic() < deadline:
+            time.sleep(multinode.POLL_S / 5)
         group.leave()
