@@ -114,3 +114,12 @@ def test_kill_marked_kills_only_the_marked(tmp_path):
         process.stop(other, 1)
         process.stop(marked, 1)
     assert Path("/proc").exists()
+
+
+def test_a_missing_ray_is_said_before_submission(monkeypatch, tmp_path):
+    from server.ray_cluster import missing
+    assert missing({}, (), None) is None  # the tests' environment has it (pyproject's test extra)
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "bin" / "python"))  # a Python without a ray beside it
+    path = {"PATH": f"{tmp_path}:/usr/bin:/bin"}
+    assert missing(path, (), None) == "ray is not on PATH"
+    assert missing(path, ["true"], "cluster.setup") == "ray is not on PATH after cluster.setup"
