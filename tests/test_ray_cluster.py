@@ -3,8 +3,11 @@ Ray node's ports pinned, distinct and remembered per node (two replicas on one n
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import subprocess
 import sys
-from pathlib import Path
+import tempfile
 
 import pytest
 
@@ -95,7 +98,6 @@ def test_the_temp_dir_stays_short_enough_for_rays_sockets(monkeypatch, tmp_path)
     long = tmp_path / ("x" * 80)
     long.mkdir()
     monkeypatch.setenv("TMPDIR", str(long))
-    import tempfile
     monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
     path = temp_dir_for("1234567_12", 3)
     assert str(path).startswith("/tmp/gl-ray-") and path.name.endswith("-1234567_12-3")
@@ -113,7 +115,6 @@ def test_kill_marked_kills_only_the_marked(tmp_path):
     finally:
         process.stop(other, 1)
         process.stop(marked, 1)
-    assert Path("/proc").exists()
 
 
 def test_a_missing_ray_is_said_before_submission(monkeypatch, tmp_path):
@@ -123,3 +124,28 @@ def test_a_missing_ray_is_said_before_submission(monkeypatch, tmp_path):
     path = {"PATH": f"{tmp_path}:/usr/bin:/bin"}
     assert missing(path, (), None) == "ray is not on PATH"
     assert missing(path, ["true"], "cluster.setup") == "ray is not on PATH after cluster.setup"
+
+
+def test_vllms_parser_takes_the_ray_commands():
+    """The seam with vLLM (its CPU build refuses to run on Ray, so the command is checked, not run):
+    vLLM's own serve parser and ``EngineArgs`` read the head's command as meant."""
+    spec = EngineSpec(served_name="m", tool_call_parser="hermes", env={"GLOO_SOCKET_IFNAME": "x"})
+    commands = [build_launch(dataclasses.replace(spec, **sizes), "/m", "0.0.0.0", 8000, node=ray_role()).argv[3:]
+                for sizes in ({"pipeline_parallel_size": 2}, {"data_parallel_size": 4})]
+    script = """if True:
+        import json, sys
+        from vllm.engine.arg_utils import EngineArgs
+        from vllm.entrypoints.launchers.cli_args import make_arg_parser
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
+        for argv in json.loads(sys.argv[1]):
+            e = EngineArgs.from_cli_args(make_arg_parser(FlexibleArgumentParser()).parse_args(argv))
+            print(json.dumps([e.distributed_executor_backend, e.data_parallel_backend, e.pipeline_parallel_size,
+                              e.data_parallel_size, e.data_parallel_size_local, e.data_parallel_address, e.nnodes,
+                              e.headless if hasattr(e, "headless") else None]))
+    """
+    out = subprocess.run([sys.executable, "-c", script, json.dumps(commands)], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    pp, dp = [json.loads(line) for line in out.stdout.splitlines()[-2:]]
+    assert pp[:5] == ["ray", "mp", 2, 1, None] and pp[6] == 1  # mp: vLLM's default for data parallel, unused
+    assert dp[:6] == ["ray", "ray", 1, 4, 2, HEAD] and dp[6] == 1
