@@ -7,8 +7,8 @@ ray``), and Ray places its ranks on the nodes. The order is mp's (server/multino
 GCS port takes connections, then the workers check they reach it and start theirs; the head starts
 the engine once Ray counts every node alive.
 
-Ports: every port a Ray node opens is given, none left to Ray's defaults (6379, 8265, 10001, ...)
-nor to its random picks, and each comes from ``server.job.free_port``, which remembers picks per
+Ports: every port a Ray node opens is given, none left to Ray's defaults (6379, 8265, 10001, the
+autoscaler's 44217, ...) nor to its random picks, and each comes from ``server.job.free_port``, which remembers picks per
 node: two replicas' Ray nodes on one shared node never collide. Workers' ports are an explicit list.
 Each node has its own ``--temp-dir``, short: Ray's Unix sockets live under it, and a socket path
 longer than 107 bytes cannot be bound.
@@ -108,6 +108,8 @@ class RayNode:
         for name, port in ports.items():
             argv += [f"--{name}", str(port)]
         env = {**RAY_ENV, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", MARKER: str(temp_dir)}
+        if head is None:  # the head's autoscaler monitor serves metrics on a port no flag sets (44217)
+            env["AUTOSCALER_METRIC_PORT"] = str(pick(addr))
         return cls(argv, env, temp_dir, ports.get("port") or head[1])
 
     def launch(self) -> EngineLaunch:

@@ -86,6 +86,7 @@ def test_every_ray_port_is_pinned_distinct_and_remembered(tmp_path):
         assert after(argv, "--node-ip-address") == "127.0.0.1" and "--disable-usage-stats" in argv
         assert plan.env[MARKER] == str(plan.temp_dir) and plan.env["RAY_USAGE_STATS_ENABLED"] == "0"
         assert after(argv, "--temp-dir") == str(plan.temp_dir)
+        ports += [int(plan.env["AUTOSCALER_METRIC_PORT"])] if "--head" in argv else []
     head, worker = plans[:2]
     assert {"--head", "--port", "--dashboard-port", "--ray-client-server-port"} <= set(head.argv)
     assert after(worker.argv, "--address") == f"127.0.0.1:{head.gcs_port}" and "--head" not in worker.argv

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from server.engines import EngineSpec
@@ -143,6 +144,21 @@ def test_a_ray_replica_serves_once_both_nodes_joined_and_dies_with_a_worker_ray_
 
     processes = ray_processes(replica.job_id)
     print(f"{len(processes)} Ray processes of the replica: {sorted(set(c.split()[0] for c in processes.values()))}")
+    # Every port a Ray process listens on is one the job picked (and free_port recorded for the node).
+    pinned = set()
+    for pid in processes:
+        args = Path(f"/proc/{pid}/cmdline").read_text().split("\0")
+        if "start" in args and "--block" in args:
+            pinned |= {int(args[i + 1]) for i, a in enumerate(args) if a.endswith("-port")}
+            pinned |= {int(p) for p in args[args.index("--worker-port-list") + 1].split(",")}
+            env = dict(v.split("=", 1) for v in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in v)
+            pinned |= {int(env[k]) for k in ("AUTOSCALER_METRIC_PORT",) if k in env}
+    listening = {pid: {c.laddr.port for c in psutil.Process(pid).net_connections("inet") if c.status == "LISTEN"}
+                 for pid in processes if psutil.pid_exists(pid)}
+    unpinned = {pid: (ports - pinned, Path(f"/proc/{pid}/cmdline").read_text()[:400]) for pid, ports in listening.items()
+                if ports - pinned}
+    assert not unpinned, unpinned
+    print(f"Ray listens on {len(set().union(*listening.values()))} ports, all among the {len(pinned)} pinned")
     worker_dir = f"-{replica.job_id}-1"
     (raylet,) = [pid for pid, cmd in processes.items() if "raylet" in cmd.split()[0] and worker_dir in
                  Path(f"/proc/{pid}/cmdline").read_text()]
