@@ -25,12 +25,8 @@ from server.ray_cluster import MARKER
 from server.registry import Registry
 
 NAMESPACE, SERVICE = "itest-ray", "standin"
-# The head's engine: first says how many nodes Ray counts alive as it starts (it must be all of
-# them), then runs the stand-in.
-COMMAND = ("{python} -c 'import runpy, sys; from server.ray_cluster import alive_nodes; "
-           "print(\"ray nodes alive at engine start:\", alive_nodes(sys.argv[1]), flush=True); "
-           "sys.argv = [\"standin\", *sys.argv[2:]]; runpy.run_module(\"server.standin\", run_name=\"__main__\")' "
-           "{ray_address} --host {host} --port {port} --model {served_name}")
+# The head's engine: a Ray driver placing a rank on every node, then the stand-in (tests/ray_driver_standin.py).
+COMMAND = "{python} -m tests.ray_driver_standin {nnodes} --host {host} --port {port} --model {served_name}"
 START_S = 120
 
 
@@ -136,8 +132,9 @@ def test_a_ray_replica_serves_once_both_nodes_joined_and_dies_with_a_worker_ray_
     assert all(head in ("listening", "running") for head, worker in seen if worker == "running"), seen
     assert seen[-1] == ("running", "running"), seen
     head_log = replica.job.node_log(0).read_text()
-    assert "ray nodes alive at engine start: 2" in head_log, replica.log(0)
-    assert head_log.index("ray start --block") < head_log.index("server.ray_cluster import alive_nodes")
+    assert "ray nodes alive at engine start: 2" in head_log and "ranks placed on 2 distinct nodes" in head_log, \
+        replica.log(0)
+    assert head_log.index("ray start --block") < head_log.index("tests.ray_driver_standin")
     (entry,) = replica.registry.entries(NAMESPACE, SERVICE)
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
     assert httpx.post(f"{entry.base_url}/chat/completions", json=body, timeout=10).status_code == 200
