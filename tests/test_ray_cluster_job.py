@@ -193,3 +193,26 @@ def test_stopping_a_ray_replica_leaves_no_ray_process(replica):
     print(f"stopped in {time.monotonic() - t0:.1f} s")
     no_ray_left(replica.job_id, timeout_s=1)
     assert not list(Path("/tmp").glob(f"gl-ray-*-{replica.job_id}-*"))
+
+
+def test_a_worker_job_killed_takes_its_ray_node_along_and_fails_the_replica(replica):
+    """The worker's server job SIGKILLed (no cleanup): the kernel stops its Ray node (parent-death
+    signal), Ray's own fate sharing the rest, and the head fails the replica for the silence."""
+    replica.start_until_ready()
+    worker = replica.nodes[1]
+    os.kill(worker.pid, signal.SIGKILL)
+    killed_at = time.monotonic()
+    while replica.registry.entries(NAMESPACE, SERVICE):
+        assert time.monotonic() - killed_at < 30, replica.log(0)
+        time.sleep(0.05)
+    dead_after = time.monotonic() - killed_at
+    print(f"worker's server job SIGKILLed -> replica dead in {dead_after:.2f} s: "
+          f"{replica.registry.death_note(NAMESPACE, SERVICE, 0, replica.job_id)}")
+    assert dead_after <= 5.0
+    t0 = time.monotonic()
+    deadline = t0 + 10
+    while any(f"-{replica.job_id}-1" in Path(f"/proc/{pid}/environ").read_text(errors="replace")
+              for pid in ray_processes(replica.job_id) if Path(f"/proc/{pid}").exists()):
+        assert time.monotonic() < deadline, ray_processes(replica.job_id)
+        time.sleep(0.1)
+    print(f"the worker's Ray processes gone {time.monotonic() - killed_at:.1f} s after its job was killed")
