@@ -8,8 +8,10 @@ GCS port takes connections, then the workers check they reach it and start their
 the engine once Ray counts every node alive.
 
 Ports: every port a Ray node opens is given, none left to Ray's defaults (6379, 8265, 10001, the
-autoscaler's 44217, ...) nor to its random picks, and each comes from ``server.job.free_port``, which remembers picks per
-node: two replicas' Ray nodes on one shared node never collide. Workers' ports are an explicit list.
+autoscaler's 44217, ...) nor to its random picks, and each comes from ``server.job.free_port``,
+which remembers picks per node: two replicas' Ray nodes on one shared node never collide. Workers'
+ports are an explicit list. (``--include-dashboard=false`` still starts a minimal dashboard: its
+port is given too.)
 Each node has its own ``--temp-dir``, short: Ray's Unix sockets live under it, and a socket path
 longer than 107 bytes cannot be bound.
 
@@ -18,7 +20,8 @@ it is never used. ``ray start --block`` keeps the GCS, the raylet, their agents 
 own process group, which ``process.stop`` signals (``RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0``:
 it then stops them at once instead of draining for 30 s); the raylet's workers (``ray::IDLE``, an
 engine's actors) have process groups of their own and die with the raylet (Ray's fate sharing).
-Whatever is left anyway carries this node's marker in its environment and is killed by it.
+Whatever is left anyway carries this node's marker in its environment and is killed by it (after
+a raylet killed with SIGKILL, one of its workers outlived the group: measured).
 """
 
 from __future__ import annotations
