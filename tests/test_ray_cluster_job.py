@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
 import time
@@ -122,6 +123,8 @@ def replica(tmp_path):
     yield r
     r.stop()
     no_ray_left(r.job_id)
+    for left in Path("/tmp").glob(f"gl-ray-*-{r.job_id}-*"):  # a node killed without cleanup leaves its own
+        shutil.rmtree(left, ignore_errors=True)
 
 
 def test_a_ray_replica_serves_once_both_nodes_joined_and_dies_with_a_worker_ray_node(replica):
