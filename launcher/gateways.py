@@ -130,12 +130,18 @@ class ServiceGateway:
             raise ServerFailed(f"gateway job {s.job.job_id}: {why}")
         entry = self.registry.entry(self.job.namespace, gateway_service(self.job.service), 0, str(s.job.job_id))
         s.state = entry.state if entry else state
+        overdue = state == "RUNNING" and time.monotonic() - s.submitted_at > self.settings.startup_timeout_s
         if entry is None or entry.state != "ready" or not self._sees_every_replica(entry):
-            if state == "RUNNING" and time.monotonic() - s.submitted_at > self.settings.startup_timeout_s:
+            if overdue:
                 raise ServerFailed(f"gateway job {s.job.job_id} not serving after {self.settings.startup_timeout_s:g}s "
                                    f"(server.startup_timeout_s)\n{self.backend.log_tail(s.job)}")
             return False
+        routed = self._ready_replicas()
         failed = [c for c in self._checks(entry) if not c.ok]
+        if failed and not overdue and not routed <= self._ready_replicas():
+            # A replica it routed to left while the checks ran (a rollover, a death): what failed may be
+            # that, not the gateway. Checked again once it sees every ready replica anew.
+            return False
         if failed:
             # The replicas passed the same checks directly: the gateway is what fails them.
             raise ServerFailed(f"gateway {entry.base_url} (job {s.job.job_id}) fails the readiness checks: "
@@ -143,6 +149,9 @@ class ServiceGateway:
         s.entry, s.state, s.ready_after_s = entry, "ready", time.monotonic() - s.submitted_at
         self._write_endpoint_file(entry.base_url)
         return True
+
+    def _ready_replicas(self) -> set[tuple[int, str]]:
+        return {(e.replica, e.job_id) for e in self.registry.ready(self.job.service, self.job.namespace)}
 
     def _sees_every_replica(self, entry: Entry) -> bool:
         """The gateway routes to every replica the registry holds ready, and there is one: it

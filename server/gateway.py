@@ -237,6 +237,7 @@ class Gateway:
                                       registry=m)
         self._usable_gauge = Gauge("gateway_usable_replicas", "Replicas that take new work", registry=m)
         self._waiting = Gauge("gateway_waiting_requests", "Requests waiting for a usable replica", registry=m)
+        self._waiting_now = 0  # the same, for in_flight()
         self._children: dict[tuple[str, int | str], tuple] = {}  # (route, status) -> (latency, requests)
 
     # ------------------------------------------------------------ replicas
@@ -310,9 +311,9 @@ class Gateway:
             return False
 
     def in_flight(self) -> int:
-        """Requests sent to a replica and not yet answered in full (a request still waiting for a
-        replica is waited for by uvicorn's graceful shutdown)."""
-        return sum(up.in_flight for up in self.upstreams.values())
+        """Requests not yet answered in full: sent to a replica, or waiting for one (every replica
+        between jobs; a draining gateway must see those through too: its shutdown would cancel them)."""
+        return sum(up.in_flight for up in self.upstreams.values()) + self._waiting_now
 
     # ------------------------------------------------------------ routing
 
@@ -346,17 +347,21 @@ class Gateway:
         if up is not None:
             return up
         deadline = time.monotonic() + self.settings.wait_s
-        with self._waiting.track_inprogress():
-            while up is None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return None
-                try:
-                    await asyncio.wait_for(self._usable_event.wait(), left)
-                except asyncio.TimeoutError:
-                    return None
-                up = self._pick(session)
-        return up
+        self._waiting_now += 1
+        try:
+            with self._waiting.track_inprogress():
+                while up is None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return None
+                    try:
+                        await asyncio.wait_for(self._usable_event.wait(), left)
+                    except asyncio.TimeoutError:
+                        return None
+                    up = self._pick(session)
+            return up
+        finally:
+            self._waiting_now -= 1
 
     def _session(self, request: Request, body: bytes) -> str | None:
         """The request's session key: the ``X-Session-ID`` header, else NeMo Gym's conversation id

@@ -418,6 +418,8 @@ def test_no_replica_waits_then_503_with_retry_after(tmp_path, standins, gateway)
         waiting = threading.Thread(target=lambda: results.append(c.post(CHAT, json=chat("x"))))
         waiting.start()
         until(lambda: "gateway_waiting_requests 1.0" in c.get("/metrics").text, what="request waiting")
+        # Counted as in flight: a draining gateway sees it through instead of cancelling it at shutdown.
+        assert slow.gateway.in_flight() == 1
         publish(tmp_path, [server])
         waiting.join(timeout=30)
     assert [r.status_code for r in results] == [200]
