@@ -121,7 +121,18 @@ class ServiceGateway:
         if self.backend.finished(s.job):
             self._ended(s)
             return False
-        return s.ready_after_s is not None or self._step(s)
+        if s.ready_after_s is not None or self._step(s):
+            return True
+        if s.state == "draining" and self.settings.replaces:
+            # Slurm's time-limit warning reached it before it was ever checked (the warning comes up
+            # to 60 s early: with a short limit, right after the start). A draining gateway takes no
+            # one: its successor starts now, not when this job ends.
+            if self.successor is None:
+                self.successor = self.submit()
+                self._say(f"gateway of {self.settings.service}: job {s.job.job_id} drains before it was ready "
+                          f"(its time-limit warning); successor job {self.successor.job.job_id} submitted")
+            self._step_successor()
+        return self.status.ready_after_s is not None
 
     def _step(self, s: GatewayStatus) -> bool:
         """One look at a starting gateway job: True once it passed the checks."""

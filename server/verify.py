@@ -24,6 +24,7 @@ import os
 import re
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -273,22 +274,14 @@ def readiness_checks(
     timeout_s: float = 30.0,
 ) -> list[CheckResult]:
     """The gate an endpoint passes before Gym traffic: ``models``, ``chat`` and every requested
-    check, one after the other, stopping after a failure of ``models`` or ``chat`` (nothing after
-    them can pass then, and their hint says what is wrong).
-
-    One at a time, not side by side: batched with other requests, vLLM 0.32's CPU build now and
-    then decodes a grammar-constrained answer wrongly (seen: a pinned tool call came back as another
-    check's JSON, a forced call's argument ran off into junk until max_tokens), about one check set
-    in 80 side by side and in 100 with only the tool checks taking turns, none of 100 alone. A gate
-    must judge the endpoint, not the engine's batching; alone, the set takes a second or two more
-    on the CPU model and nothing to speak of on a GPU."""
-    results = []
-    with make_client(api_key, timeout_s) as client:
-        for check in [check_models, check_chat, *selected_checks(tools, logprobs)]:
-            results.append(check(client, base_url, model))
-            if not results[-1].ok and check in (check_models, check_chat):
-                break
-    return results
+    check. All at once (the engine batches them, so the set takes about as long as its slowest
+    check); reported as if they ran in order up to a failure of ``models`` or ``chat``: nothing
+    after can pass then, and its hint says what is wrong."""
+    checks = [check_models, check_chat, *selected_checks(tools, logprobs)]
+    with make_client(api_key, timeout_s) as client, ThreadPoolExecutor(max_workers=len(checks)) as pool:
+        results = list(pool.map(lambda check: check(client, base_url, model), checks))
+    basic_failure = next((i for i, r in enumerate(results[:2]) if not r.ok), None)
+    return results if basic_failure is None else results[:basic_failure + 1]
 
 
 def results_table(base_url: str, model: str, results: list[CheckResult]) -> Table:
@@ -341,9 +334,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # A tool check asks the model for one sample, and a sample can go wrong where the endpoint is right:
-# vLLM's CPU build decoded a forced call outside its grammar about once in 30 check sets even alone
-# (greedy decoding there is not deterministic under load, and a 135M model has near-ties). A parser
-# or template that does not fit fails every time, so a second sample tells the two apart.
+# vLLM 0.32's CPU build now and then decodes a grammar-constrained answer wrongly (a pinned call came
+# back as another check's JSON, a forced call's argument ran off into junk until max_tokens): about
+# one check set in 80 with the checks side by side, and still one in 30 one at a time on a loaded
+# machine (greedy decoding there is not deterministic, and a 135M model has near-ties). A parser or
+# template that does not fit fails every time, so a second sample tells the two apart. (Running the
+# checks one at a time instead costs their sum, minutes on a slow engine, for no fewer failures.)
 TOOL_ATTEMPTS = 2
 
 
