@@ -461,10 +461,9 @@ def _died(job: ServerJob, engine: subprocess.Popen, group: NodeGroup | None = No
 
 
 def _join_group(job: ServerJob) -> NodeGroup:
-    rank = int(os.environ.get("SLURM_NODEID", "0"))
     try:
         return NodeGroup.join(job.registry, job.namespace, job.service, job.replica, current_job_id(), job.nodes,
-                              job.advertise_interface, str(job.node_log(rank)))
+                              job.advertise_interface, lambda rank: str(job.node_log(rank)))
     except NodeProblem as e:
         job.registry.record_death(job.namespace, job.service, job.replica, current_job_id(), str(e))
         raise

@@ -26,6 +26,7 @@ import struct
 import subprocess
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from server import process
 from server.engines import NodeRole
@@ -64,11 +65,12 @@ class NodeGroup:
 
     @classmethod
     def join(cls, registry: Registry, namespace: str, service: str, replica: int, job_id: str, nnodes: int,
-             interface: str | None, log: str) -> "NodeGroup":
+             interface: str | None, log_of: Callable[[int], str]) -> "NodeGroup":
+        """This node's place (rank = srun's node index), beating ``starting``; ``log_of(rank)``: its engine log."""
         rank = int(os.environ.get("SLURM_NODEID", "0"))
         addr = node_address(interface)
         beat = NodeBeat(rank=rank, host=socket.gethostname(), addr=addr, pid=os.getpid(), state="starting",
-                        heartbeat_at=time.time(), log=log)
+                        heartbeat_at=time.time(), log=log_of(rank))
         group = cls(registry, namespace, service, replica, job_id, rank, nnodes, addr, beat)
         group.say()
         return group
