@@ -43,6 +43,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import yaml
+
 from server import process, programs
 from server.checks import Checks
 from server.registry import NAMESPACE_ENV, ROOT_ENV, Registry
@@ -73,13 +75,33 @@ GYM_READY = re.compile(r"All \d+ / \d+ servers ready")
 # Gym resolves OmegaConf interpolations in its overrides: the key is read from ng_run's environment,
 # so the literal key never appears in an argv.
 GYM_API_KEY_OVERRIDE = "+policy_api_key=${oc.env:" + POLICY_API_KEY_ENV + "}"
-# Gym's vllm_model server, as its configs (responses_api_models/vllm_model/configs/*.yaml) define it.
-GYM_VLLM_MODEL = "responses_api_models/vllm_model/"
-GYM_VLLM_MODEL_KEY = "policy_model.responses_api_models.vllm_model"
+# Gym's vllm_model server, as its configs (responses_api_models/vllm_model/configs/*.yaml) define it:
+# <instance>.responses_api_models.vllm_model.<key>, base_url ${policy_base_url} when it is the policy.
+GYM_VLLM_MODEL_KEY = ".responses_api_models.vllm_model."
+GYM_POLICY_BASE_URL = "${policy_base_url}"
 # With an endpoint file Gym retries a refused connection this often, 0.5 s apart, then fails the
 # call; it re-reads the file at most every 10 s (endpoint_check_interval_s). Its default, 8 (4 s),
 # is shorter than that plus a replacement gateway's start: 40 (20 s) lets a call outlive both.
 GYM_ENDPOINT_RETRIES = 40
+# ng_run (0.5+) waits up to model_endpoint_readiness_timeout_seconds (default 600) for the policy
+# URL to accept a connection before it starts its servers. Our readiness gate proved that URL
+# answers chat completions before the job was submitted: a short wait, as long as a call's retries
+# above, still outlives a gateway being replaced; a service that is gone fails the job in 20 s, not 10 min.
+GYM_ENDPOINT_WAIT_S = 20
+# The Gym keys the gym job writes beyond config_paths and policy_*, with the first NeMo Gym release
+# that has each (older ones ignore an unknown model key and would silently lose what it does).
+# model_endpoint_readiness_timeout_seconds is a global key (nemo_gym/global_config.py); the others
+# are VLLMModelConfig fields (responses_api_models/vllm_model/app.py). tests/test_gym_keys.py holds
+# this table against the keys copied from each release's source.
+GYM_KEY_SINCE = {
+    "model_endpoint_readiness_timeout_seconds": (0, 5),
+    "endpoint_file": (0, 6),
+    "endpoint_connection_retries": (0, 6),
+    "supply_prefix_token_ids": (0, 6),
+    "forward_session_id_as_conversation_id": (0, 7),
+}
+# An installed distribution's metadata folder: its name carries the version (PEP 427/376).
+_GYM_DIST_INFO = re.compile(r"nemo_gym-(\d+)\.(\d+)(?:\.(\d+))?[^/]*\.dist-info")
 # Overrides the gym job writes itself; a user value would contradict them.
 GYM_OWNED_OVERRIDES = (
     "config_paths", "policy_base_url", "policy_api_key", "policy_model_name",
@@ -87,6 +109,37 @@ GYM_OWNED_OVERRIDES = (
 )
 
 _POLL_S = 0.2
+
+
+@dataclass(frozen=True)
+class GymInstall:
+    """The NeMo Gym installation an ``ng_run`` belongs to."""
+
+    version: tuple[int, ...]  # (major, minor, patch)
+    site: Path  # the site-packages holding nemo_gym, where Gym also finds its bundled configs
+
+    @property
+    def release(self) -> str:
+        return ".".join(map(str, self.version))
+
+
+def gym_install(ng_run: str | None) -> GymInstall | None:
+    """Where ``ng_run``'s NeMo Gym is installed, from the ``nemo_gym-<version>.dist-info`` of its
+    environment: ``<prefix>/bin/ng_run`` beside ``<prefix>/lib/python3.X/site-packages`` (a venv,
+    uv's, conda's, ``pip --user``'s). None when that layout does not hold or it is ambiguous."""
+    if not ng_run:
+        return None
+    found = [(m, d) for d in (Path(ng_run).parent.parent / "lib").glob("python3*/site-packages/nemo_gym-*.dist-info")
+             if (m := _GYM_DIST_INFO.fullmatch(d.name))]
+    if len(found) != 1:
+        return None
+    match, dist_info = found[0]
+    return GymInstall(tuple(int(n or 0) for n in match.groups()), dist_info.parent)
+
+
+def _has(install: GymInstall | None, key: str) -> bool:
+    """Whether that Gym release knows ``key`` (``GYM_KEY_SINCE``); unknown release: no."""
+    return install is not None and install.version[:2] >= GYM_KEY_SINCE[key]
 
 
 class CommandStopped(RuntimeError):
@@ -113,9 +166,18 @@ class Endpoints:
     api_key_file: str | None = None
     endpoint_file: str | None = None  # the gateway's URL, kept current by the launcher
 
+    def current_base_urls(self) -> list[str]:
+        """The gateway's URL as the endpoint file has it now, else ``base_urls``: a job that starts
+        (or is requeued) after a gateway rollover would otherwise be handed the old gateway."""
+        try:
+            current = Path(self.endpoint_file).read_text().strip() if self.endpoint_file else ""
+        except OSError:  # the launcher replaces it atomically; absent only while no gateway serves
+            current = ""
+        return [current] if current else self.base_urls
+
     def environ(self) -> dict[str, str]:
         env = {
-            POLICY_BASE_URLS_ENV: ",".join(self.base_urls), POLICY_MODEL_ENV: self.model,
+            POLICY_BASE_URLS_ENV: ",".join(self.current_base_urls()), POLICY_MODEL_ENV: self.model,
             ROOT_ENV: str(self.registry.root), NAMESPACE_ENV: self.namespace,
         }
         if self.endpoint_file:
@@ -286,28 +348,75 @@ class GymConfig(ProcessConfig):
     def program(self, name: str) -> str:
         return str(Path(self.gym_bin) / name) if self.gym_bin else name
 
-    def ng_run_argv(self, endpoints: Endpoints) -> list[str]:
-        urls = endpoints.base_urls
+    def install(self, outer_setup: Sequence[str] = ()) -> GymInstall | None:
+        """The Gym this config runs: its ``ng_run`` found as the job finds it."""
+        return gym_install(self.program("ng_run") if self.gym_bin else self.find_program("ng_run", outer_setup).path)
+
+    def policy_models(self, install: GymInstall | None = None) -> dict[str, dict]:
+        """Gym's ``vllm_model`` servers that talk to the service (``base_url: ${policy_base_url}``),
+        as ``config_paths`` and ``ng_run_args`` set them: server instance -> its keys, merged in
+        Gym's order (later files, then the overrides, win). A judge's vllm_model elsewhere is not
+        one. A relative path is looked for as Gym (0.7) does: in ``cwd``, then in the install
+        (``install``). A file that cannot be read here is skipped (ng_run says what is wrong with it)."""
+        roots = [Path(self.cwd or "."), *([install.site] if install else [])]
+        servers: dict[str, dict] = {}
+        for path in self.config_paths:
+            file = next((root / path for root in roots if (root / path).is_file()), None)
+            try:
+                loaded = yaml.safe_load(file.read_text()) if file else None
+            except (OSError, yaml.YAMLError):
+                continue
+            for instance, server in (loaded or {}).items() if isinstance(loaded, dict) else ():
+                model = server.get("responses_api_models", {}).get("vllm_model") if isinstance(server, dict) else None
+                if isinstance(model, dict):
+                    servers.setdefault(instance, {}).update(model)
+        for arg in self.ng_run_args:
+            key, _, value = arg.lstrip("+~").partition("=")
+            instance, _, name = key.partition(GYM_VLLM_MODEL_KEY)
+            if name and "." not in name and instance in servers:
+                servers[instance][name] = yaml.safe_load(value) if value else None
+        return {name: s for name, s in servers.items() if s.get("base_url") == GYM_POLICY_BASE_URL}
+
+    def records_token_ids(self, install: GymInstall | None = None) -> bool:
+        """Gym's training variant (``return_token_id_information: true``, as in
+        vllm_model_for_training.yaml): it asks for token ids and logprobs as ``token_id:N`` and
+        POSTs ``<root>/tokenize``, what the readiness gate then checks."""
+        return any(s.get("return_token_id_information") is True for s in self.policy_models(install).values())
+
+    def supplies_prefix(self, install: GymInstall | None = None) -> bool:
+        """``supply_prefix_token_ids: true`` (Gym 0.6+, vllm_model_supply_prefix.yaml): Gym sends
+        ``required_prefix_token_ids`` and fails a call whose ``prompt_token_ids`` do not begin with
+        them; stock vLLM ignores that extension, our gateway implements it."""
+        return any(s.get("supply_prefix_token_ids") is True for s in self.policy_models(install).values())
+
+    def ng_run_argv(self, endpoints: Endpoints, install: GymInstall | None = None) -> list[str]:
+        """``install``: the Gym that runs it (``gym_install``); keys its release lacks are not
+        written, None: only those every supported release has."""
+        urls = endpoints.current_base_urls()
         # One replica as a plain string: Gym's openai_model takes only a string, its vllm_model both.
         url = urls[0] if len(urls) == 1 else "[" + ",".join(urls) + "]"
         # Without a key Gym's model configs still interpolate ${policy_api_key}; OpenAI clients want a non-empty one.
         key = GYM_API_KEY_OVERRIDE if endpoints.api_key_file else "+policy_api_key=EMPTY"
+        wait = ([f"++model_endpoint_readiness_timeout_seconds={GYM_ENDPOINT_WAIT_S}"]
+                if _has(install, "model_endpoint_readiness_timeout_seconds") else [])
         return [
             self.program("ng_run"), f"+config_paths=[{','.join(self.config_paths)}]", f"+policy_base_url={url}",
-            f"+policy_model_name={endpoints.model}", key, *self._through_gateway(endpoints), *self.ng_run_args,
+            f"+policy_model_name={endpoints.model}", key, *wait, *self._through_gateway(endpoints, install),
+            *self.ng_run_args,
         ]
 
-    def _through_gateway(self, endpoints: Endpoints) -> list[str]:
+    def _through_gateway(self, endpoints: Endpoints, install: GymInstall | None) -> list[str]:
         """Gym's vllm_model behind our gateway: it re-reads the gateway's URL from the endpoint file
         when a successor serves elsewhere (responses_api_models/vllm_model/app.py, endpoint_file),
         and names each rollout (its session id as ``conversation_params.conversation_id``, which
         the gateway keys sessions by), so a rollout's turns stay on one replica. Only for configs
-        that define that model server: an override would create it in another config."""
-        if not endpoints.endpoint_file or not any(GYM_VLLM_MODEL in p for p in self.config_paths):
+        that define that model server (by its instance name): an override would create one."""
+        if not endpoints.endpoint_file:
             return []
-        return [f"++{GYM_VLLM_MODEL_KEY}.endpoint_file={endpoints.endpoint_file}",
-                f"++{GYM_VLLM_MODEL_KEY}.endpoint_connection_retries={GYM_ENDPOINT_RETRIES}",
-                f"++{GYM_VLLM_MODEL_KEY}.forward_session_id_as_conversation_id=true"]
+        writes = {"endpoint_file": endpoints.endpoint_file, "endpoint_connection_retries": GYM_ENDPOINT_RETRIES,
+                  "forward_session_id_as_conversation_id": "true"}
+        return [f"++{instance}{GYM_VLLM_MODEL_KEY}{k}={v}"
+                for instance in self.policy_models(install) for k, v in writes.items() if _has(install, k)]
 
     def collect_argv(self) -> list[str]:
         argv = [
@@ -327,6 +436,7 @@ class CommandResult:
     wall_s: float
     logs: list[str]
     output: str | None = None  # job=gym: the rollouts file
+    gym_version: str | None = None  # job=gym: the NeMo Gym release that ran, when it could be told
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -345,7 +455,7 @@ def command_argv(command: str | None, values: dict[str, str]) -> list[str]:
 
 def placeholder_values(endpoints: Endpoints, run_dir: str) -> dict[str, str]:
     return {
-        "base_urls": ",".join(endpoints.base_urls), "base_url": endpoints.base_urls[0], "model": endpoints.model,
+        "base_urls": ",".join(urls := endpoints.current_base_urls()), "base_url": urls[0], "model": endpoints.model,
         "run_dir": run_dir, "python": sys.executable,
     }
 
@@ -361,19 +471,31 @@ def run(cfg: CommandConfig | GymConfig) -> CommandResult:
     cfg.log_dir.mkdir(parents=True, exist_ok=True)
     runner = _Runner(cfg, stop)
     t0 = time.monotonic()
+    install = None
     if isinstance(cfg, GymConfig):
-        _gym(cfg, runner)
+        install = _gym(cfg, runner)
     else:
         argv = command_argv(cfg.command, placeholder_values(cfg.endpoints, cfg.run_dir))
         runner.check(runner.start("command", argv))
     return CommandResult(
         argv=[p.argv for p in runner.started], wall_s=time.monotonic() - t0, logs=[str(p.log) for p in runner.started],
         output=str(cfg.output) if isinstance(cfg, GymConfig) else None,
+        gym_version=install.release if install else None,
     )
 
 
-def _gym(cfg: GymConfig, runner: _Runner) -> None:
-    servers = runner.start("ng_run", cfg.ng_run_argv(cfg.endpoints), stop_signal=signal.SIGINT)
+def _gym(cfg: GymConfig, runner: _Runner) -> GymInstall | None:
+    install = cfg.install()
+    if install is None:
+        print("job=gym: cannot tell which NeMo Gym release ng_run is (no single nemo_gym-*.dist-info in "
+              "<its bin folder>/../lib/python3*/site-packages): only the overrides every release knows are written "
+              f"(not {', '.join(GYM_KEY_SINCE)})", file=sys.stderr, flush=True)
+    elif cfg.supplies_prefix(install) and not _has(install, "supply_prefix_token_ids"):
+        raise CommandFailed(
+            f"supply_prefix_token_ids is set, but NeMo Gym {install.release} has no such key (it came with "
+            f"{'.'.join(map(str, GYM_KEY_SINCE['supply_prefix_token_ids']))}) and would ignore it"
+        )
+    servers = runner.start("ng_run", cfg.ng_run_argv(cfg.endpoints, install), stop_signal=signal.SIGINT)
     try:
         runner.wait_for_line(servers, GYM_READY, cfg.startup_timeout_s)
         collect = runner.start("ng_collect_rollouts", cfg.collect_argv())
@@ -384,6 +506,7 @@ def _gym(cfg: GymConfig, runner: _Runner) -> None:
         runner.stop(servers)
     if not cfg.output.is_file():
         raise CommandFailed(f"ng_collect_rollouts succeeded but wrote no {cfg.output}; log {collect.log}")
+    return install
 
 
 class _Stop(threading.Event):

@@ -279,12 +279,14 @@ class Run:
         return views.servers_table(self.spec.server.service, self.replicas, live=live, gateway=gateway)
 
     def _checks(self, entry: Entry) -> list[CheckResult]:
-        """The gate follows the job: tool calling if its tasks offer tools, token ids/logprobs if it
-        records them (the built-in collector always does)."""
+        """The gate follows the job: tool calling if its tasks offer tools, token ids/logprobs (and
+        ``/tokenize``) if it records them (the built-in collector always does; Gym in its training
+        variant)."""
         job = self.spec.job
         return readiness_checks(
             entry.base_url, entry.model, api_key=entry.read_api_key(),
-            tools=isinstance(job, RolloutsJob) and job.uses_tools, logprobs=isinstance(job, RolloutsJob),
+            tools=isinstance(job, RolloutsJob) and job.uses_tools,
+            logprobs=isinstance(job, RolloutsJob) or (isinstance(job, CommandJob) and job.records_token_ids),
         )
 
     def _run_rollouts(self, job: RolloutsJob) -> None:
@@ -515,6 +517,7 @@ class Run:
                     "base_url": r.entry.base_url if r.entry else None,
                     "ready_after_s": None if r.ready_after_s is None else round(r.ready_after_s, 2),
                     "readiness_gate_s": None if r.gate_s is None else round(r.gate_s, 2),
+                    "checks": [c.name for c in r.checks],  # what the gate checked (server/verify.py)
                     # Replacements (launcher/fleet.py): how often, why each job before died, time not ready.
                     "restarts": r.restarts,
                     "deaths": r.deaths,

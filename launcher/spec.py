@@ -300,6 +300,10 @@ class CommandJob(_JobSubmission):
 
     process: Any
     kind: str = "command"
+    # job=gym, read from Gym's configs while normalising (jobs.command.GymConfig): its training
+    # variant (readiness then checks token ids, token_id:N logprobs, /tokenize), prefix supply.
+    records_token_ids: bool = False
+    supplies_prefix: bool = False
 
     def validate(self, checks: Checks) -> None:
         super().validate(checks)
@@ -404,6 +408,11 @@ def normalise(spec: RunSpec, checks: Checks) -> None:
             job.process.gym_bin = _absolute(job.process.gym_bin)
         if isinstance(job.process, GymConfig):
             job.process.input_jsonl = _home(job.process.input_jsonl)  # Gym reads it as written
+            # Gym (0.7) also finds a relative config path in its install; looking for it may run setup lines.
+            slurm = spec.cluster.kind == "slurm"
+            install = job.process.install(spec.cluster.setup if slurm else ()) if spec.run.check_programs else None
+            job.records_token_ids = job.process.records_token_ids(install)
+            job.supplies_prefix = job.process.supplies_prefix(install)
 
 
 
@@ -529,6 +538,11 @@ def _check_across(spec: RunSpec, checks: Checks) -> None:
             for role in roles:
                 build_launch(s.engine_spec(), m.path or "model", c.bind_host, 1, api_key=None, node=role)
     job = spec.job
+    if isinstance(job, CommandJob) and job.supplies_prefix:
+        checks.require(spec.gateway.enabled, "job.config_paths",
+                       "supply_prefix_token_ids (vllm_model_supply_prefix.yaml) needs the gateway: it implements "
+                       "required_prefix_token_ids, which stock vLLM does not, and Gym fails every call that "
+                       "continues a rollout without it; set gateway.enabled=true or drop that config")
     if isinstance(job, (RolloutsJob, CommandJob)):
         settings = job.collector if isinstance(job, RolloutsJob) else job.process
         checks.require(settings.service == s.service, "job.service",

@@ -89,6 +89,7 @@ class Faults:
     token_id_tokens: bool = True  # False: return_tokens_as_token_ids is ignored
     template_drops_calls: bool = False  # the chat template renders assistant turns without their tool calls
     detokenize: bool = True  # False: no /detokenize route (OpenAI-compatible servers other than vLLM)
+    tokenize_drops_tools: bool = False  # /tokenize renders messages without the tools (a proxy passing only messages)
 
 
 class ApiError(Exception):
@@ -239,7 +240,9 @@ def chat_completion(body: dict, model: str, faults: Faults | None = None) -> dic
     if body.get("n", 1) != 1:
         raise ApiError(400, "the stand-in answers n=1 only", "n")
     tools = body.get("tools")
-    if tools and faults.tool_parser is None:
+    # As vLLM: tools without a tool_choice mean "auto"; with "none" the prompt shows them, nothing is parsed.
+    parse_calls = bool(tools) and body.get("tool_choice", "auto") != "none"
+    if parse_calls and faults.tool_parser is None:
         raise ApiError(400, _NO_PARSER, "tool_choice")
     prompt_ids = encode(render_prompt(messages, tools, faults=faults))
     ids = encode(written_text(body, faults))
@@ -248,7 +251,7 @@ def chat_completion(body: dict, model: str, faults: Faults | None = None) -> dic
     if truncated:
         ids = ids[:limit]
     text = bytes(ids).decode(errors="replace")
-    calls = TOOL_PARSERS[faults.tool_parser](text) if tools else []
+    calls = TOOL_PARSERS[faults.tool_parser](text) if parse_calls else []
     message: dict[str, Any] = {"role": "assistant", "content": text}
     finish_reason = "length" if truncated else "stop"
     if calls:
@@ -300,7 +303,8 @@ def logprobs(ids: list[int], top: int, as_ids: bool = False) -> list[dict]:
 
 def tokenize(body: dict, faults: Faults | None = None) -> dict:
     if "messages" in body:
-        text = render_prompt(body["messages"], body.get("tools"), body.get("add_generation_prompt", True), faults)
+        tools = None if faults and faults.tokenize_drops_tools else body.get("tools")
+        text = render_prompt(body["messages"], tools, body.get("add_generation_prompt", True), faults)
     elif "prompt" in body:
         text = body["prompt"]
     else:

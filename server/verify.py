@@ -172,12 +172,20 @@ def check_logprobs(client: httpx.Client, base_url: str, model: str) -> CheckResu
 
 
 def check_tokenize(client: httpx.Client, base_url: str, model: str) -> CheckResult:
-    """``POST <root>/tokenize`` turns chat messages into prompt token ids."""
+    """``POST <root>/tokenize`` turns chat messages into the prompt token ids a chat completion of
+    the same messages generates from.
+
+    NeMo Gym's training variant sends exactly ``{model, messages, tools}`` there (plus
+    ``chat_template_kwargs`` when configured; no ``add_generation_prompt``, so the engine's default,
+    with the generation prompt), and records the answer as the prompt ids of the generation
+    (0.4 for every call; 0.7 when the chat answer carries no ``prompt_token_ids``:
+    responses_api_models/vllm_model/app.py, ``_TOKENIZE_CHAT_FIELDS``). Ids that differ from the
+    engine's own would be trained on as a prompt the model never saw."""
 
     def body() -> str:
         messages = [{"role": "user", "content": _PROMPT}]
         answer = _json(client.post(f"{_root(base_url)}/tokenize", json={
-            "model": model, "messages": messages, "add_generation_prompt": True,
+            "model": model, "messages": messages, "tools": [WEATHER_TOOL],
         }))
         tokens = answer.get("tokens")
         if not tokens or not all(isinstance(t, int) for t in tokens):
@@ -185,7 +193,20 @@ def check_tokenize(client: httpx.Client, base_url: str, model: str) -> CheckResu
                 f"/tokenize answered tokens={tokens!r}",
                 "NeMo Gym's training variant reads prompt token ids from /tokenize: serve with vLLM",
             )
-        return f"{len(tokens)} prompt tokens"
+        # "none": the prompt still shows the tools, and no tool parser is needed to answer.
+        used = _chat(client, base_url, model, tools=[WEATHER_TOOL], tool_choice="none", max_tokens=1,
+                     return_token_ids=True).get("prompt_token_ids")
+        if used is None:  # the logprobs check says the engine returns no token ids
+            return f"{len(tokens)} prompt tokens (chat completions return no prompt ids to compare)"
+        if used != tokens:
+            at = next((i for i, (a, b) in enumerate(zip(tokens, used)) if a != b), min(len(tokens), len(used)))
+            raise CheckFailed(
+                f"/tokenize gives {len(tokens)} prompt ids, the chat completion of the same messages and tools "
+                f"generated from {len(used)}; they differ from id {at} on",
+                "/tokenize must render messages and tools with the chat template chat completions use "
+                "(a proxy in front of the engine must pass tools through unchanged)",
+            )
+        return f"{len(tokens)} prompt tokens, the ids chat completions generate from"
 
     return _run("tokenize", body, client, base_url)
 

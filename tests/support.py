@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -221,10 +222,15 @@ NG_COLLECT = textwrap.dedent("""
 
 
 def gym_standins(tmp_path: Path) -> tuple[Path, Path, Path]:
-    """A bin folder with ng_run / ng_collect_rollouts stand-ins, a record folder, a task file."""
+    """A bin folder with ng_run / ng_collect_rollouts stand-ins, a record folder, a task file. The
+    venv around them looks like NeMo Gym 0.7.0's to the job (its dist-info, its vllm_model configs
+    from tests/data/nemo_gym), so it writes the overrides that release reads."""
     bin_dir, records = tmp_path / "gym venv" / "bin", tmp_path / "records"
     bin_dir.mkdir(parents=True)
     records.mkdir()
+    site = bin_dir.parent / "lib" / "python3.13" / "site-packages"
+    (site / "nemo_gym-0.7.0.dist-info").mkdir(parents=True)
+    shutil.copytree(ROOT / "tests" / "data" / "nemo_gym" / "0.7.0" / "responses_api_models", site / "responses_api_models")
     for name, source in (("ng_run", NG_RUN), ("ng_collect_rollouts", NG_COLLECT)):
         program = bin_dir / name
         program.write_text(f"#!{sys.executable}\n{source}")

@@ -78,6 +78,8 @@ def test_server_hash_depends_on_server_config_only():
 COMMAND = ["job=command", 'job.command="{python} eval.py --base-url {base_url} --out {run_dir}/x.json"']
 # Executables named ng_run and ng_collect_rollouts: what the program check looks for.
 GYM_BIN = ROOT / "tests" / "data" / "gym_bin"
+# NeMo Gym 0.7's own vllm_model configs (tests/data/nemo_gym/README.md).
+GYM_07_CONFIGS = ROOT / "tests" / "data" / "nemo_gym" / "0.7.0" / "responses_api_models" / "vllm_model" / "configs"
 GYM = [
     "job=gym", "job.config_paths=[resources_servers/x/configs/x.yaml]", "job.agent_name=x_agent",
     f"job.input_jsonl={ROOT / 'jobs' / 'tasks' / 'demo.jsonl'}", f"job.gym_bin={GYM_BIN}",
@@ -109,6 +111,8 @@ BAD = [
     ([*GYM, "job.ng_run_args=['+policy_api_key=secret']"], "job.ng_run_args"),
     ([*GYM, "job.collect_args=['++output_jsonl_fpath=x']"], "job.collect_args"),
     ([*GYM, "+job.command=x"], "job.command"),
+    ([*GYM, f"job.config_paths=[{GYM_07_CONFIGS}/vllm_model_for_training.yaml,{GYM_07_CONFIGS}/vllm_model_supply_prefix.yaml]",
+      "gateway=off"], "job.config_paths: supply_prefix_token_ids"),
     (["server.replicas=0"], "server.replicas"),
     (["server.rollover_lead_s=-1"], "server.rollover_lead_s"),
     (["server.rollover_lead_s=60", "cluster.signal_delay_s=120"], "server.rollover_lead_s"),  # after the warning
@@ -488,3 +492,12 @@ def test_a_leading_tilde_is_the_home_folder_in_every_path_key(tmp_path, monkeypa
     process = spec_for(*GYM, *(f"{k}='{v}'" for k, v in gym.items())).job.process
     assert (process.cwd, process.gym_bin, process.input_jsonl) == (
         str(tmp_path), str(tmp_path / "gym"), str(tmp_path / "gym.jsonl"))
+
+
+def test_gym_s_training_variant_and_prefix_supply_are_read_from_its_configs():
+    """They decide the readiness gate (token ids, token_id:N logprobs, /tokenize) and need the gateway."""
+    training = f"{GYM_07_CONFIGS}/vllm_model_for_training.yaml"
+    spec = spec_for(*GYM, f"job.config_paths=[{training},{GYM_07_CONFIGS}/vllm_model_supply_prefix.yaml]")
+    assert spec.job.records_token_ids and spec.job.supplies_prefix
+    plain = spec_for(*GYM, f"job.config_paths=[{GYM_07_CONFIGS}/vllm_model.yaml]", "gateway=off")
+    assert not plain.job.records_token_ids and not plain.job.supplies_prefix

@@ -14,9 +14,11 @@ import pytest
 
 from server import verify
 from server.registry import API_KEY_ENV
+from server.gateway import Gateway, GatewaySettings, GatewayThread
+from server.registry import Registry
 from server.standin import StandIn
 from server.verify import check_chat, readiness_checks
-from tests.support import ROOT
+from tests.support import MODEL as SUPPORT_MODEL, NAMESPACE, ROOT, SERVICE, publish
 
 MODEL = "standin"
 ALL_CHECKS = ["models", "chat", "logprobs", "tokenize", "tool_required", "tool_named", "tool_parser"]
@@ -173,6 +175,37 @@ def test_tokenize_missing(engine):
         result = verify.check_tokenize(client, url, MODEL)
     assert not result.ok and "HTTP 404" in result.detail
     assert result.hint.startswith("the engine has no /tokenize at")
+
+
+def test_tokenize_is_asked_as_nemo_gym_asks_and_agrees_with_chat(engine):
+    with verify.make_client() as client:
+        result = verify.check_tokenize(client, engine.base_url, MODEL)
+    assert result.ok and result.detail.endswith("prompt tokens, the ids chat completions generate from"), result
+    sent = next(e.body for e in engine.requests if e.path == "/tokenize")
+    # NeMo Gym 0.7's body (responses_api_models/vllm_model/app.py, _TOKENIZE_CHAT_FIELDS): no add_generation_prompt.
+    assert set(sent) == {"model", "messages", "tools"}
+
+
+def test_tokenize_that_renders_without_the_tools_fails(engine):
+    engine.faults.tokenize_drops_tools = True
+    result = by_name(readiness_checks(engine.base_url, MODEL, logprobs=True))["tokenize"]
+    assert not result.ok and "the chat completion of the same messages and tools generated from" in result.detail
+    assert result.hint.startswith("/tokenize must render messages and tools with the chat template")
+
+
+def test_the_token_checks_pass_through_the_gateway(tmp_path, standins):
+    """NeMo Gym calls the gateway's root /tokenize (not /v1/tokenize); the gate checks it there too."""
+    publish(tmp_path, standins(2))
+    gateway = Gateway(SERVICE, NAMESPACE, Registry(tmp_path), GatewaySettings(refresh_s=0.05, wait_s=2.0))
+    with GatewayThread(gateway) as gw:
+        results = by_name(readiness_checks(gw.url + "/v1", SUPPORT_MODEL, logprobs=True))
+    assert results["logprobs"].ok and results["tokenize"].ok, results
+    assert results["tokenize"].detail.endswith("the ids chat completions generate from")
+
+
+def test_tokenize_needs_no_tool_parser(engine):
+    engine.faults.tool_parser = None  # a vLLM without --enable-auto-tool-choice: tool_choice "none" still answers
+    assert by_name(readiness_checks(engine.base_url, MODEL, logprobs=True))["tokenize"].ok
 
 
 def test_cli_passes_with_a_table(engine, capsys):

@@ -104,20 +104,24 @@ def test_gym_runs_ng_run_then_collects_then_stops_ng_run(tmp_path, gateway):
     assert out.returncode == 0, out.stdout + out.stderr
 
     summary = json.loads((run_dir / "summary.json").read_text())
+    # Gym 0.7 (the stand-ins' venv says so): its own endpoint wait cut short, our gate did that.
+    extra = ["++model_endpoint_readiness_timeout_seconds=20"]
     if gateway == "off":  # the replicas, Gym's vllm_model spreads rollouts over them itself
         endpoints = ["+policy_base_url=[" + ",".join(s["base_url"] for s in summary["servers"]) + "]"]
     else:  # the gateway's one URL; Gym follows its endpoint file and names each rollout
         model = "++policy_model.responses_api_models.vllm_model"
         endpoints = [f"+policy_base_url={summary['gateway']['base_url']}"]
-        extra = [f"{model}.endpoint_file={run_dir / 'policy.url'}", f"{model}.endpoint_connection_retries=40",
-                 f"{model}.forward_session_id_as_conversation_id=true"]
+        extra += [f"{model}.endpoint_file={run_dir / 'policy.url'}", f"{model}.endpoint_connection_retries=40",
+                  f"{model}.forward_session_id_as_conversation_id=true"]
     ng_run = json.loads((records / "ng_run.json").read_text())
     assert ng_run["argv"][1:] == [
         "+config_paths=[resources_servers/example/configs/example.yaml,"
         "responses_api_models/vllm_model/configs/vllm_model_for_training.yaml]",
-        *endpoints, f"+policy_model_name={SERVED}", "+policy_api_key=${oc.env:POLICY_API_KEY}",
-        *(extra if gateway != "off" else []),
+        *endpoints, f"+policy_model_name={SERVED}", "+policy_api_key=${oc.env:POLICY_API_KEY}", *extra,
     ]
+    # The training config (found in the Gym install): the gate checked token ids, logprobs, /tokenize.
+    assert all({"logprobs", "tokenize"} <= set(s["checks"]) for s in summary["servers"]), summary["servers"]
+    assert summary["job"]["gym_version"] == "0.7.0"
     assert ng_run["models_status"] == 200  # the key reached it through the environment
     assert ng_run["path"].startswith(f"{bin_dir}:") and ng_run["uv_python_downloads"] == "never"
     collect = json.loads((records / "ng_collect_rollouts.json").read_text())
