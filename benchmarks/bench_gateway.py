@@ -120,9 +120,9 @@ def publish(root: Path, url: str, replica: int = 0) -> None:
     ))
 
 
-def gateway_process(root: Path) -> tuple[subprocess.Popen, str]:
+def gateway_process(root: Path, *flags: str) -> tuple[subprocess.Popen, str]:
     return start([sys.executable, "-m", "server.gateway", "--service", SERVICE, "--namespace", NAMESPACE,
-                  "--registry-root", str(root), "--port", "0", "--health-interval-s", "60"], "serving at ")
+                  "--registry-root", str(root), "--port", "0", "--health-interval-s", "60", *flags], "serving at ")
 
 
 # ---------------------------------------------------------------- load
@@ -366,12 +366,28 @@ def main() -> None:
 
 def vllm_rows(procs: list[subprocess.Popen], rounds: int) -> None:
     """Gateway vs direct against one real vLLM replica (its own registry and gateway)."""
+    # The embedded default's engine flags (conf/server/vllm_cpu.yaml), no tool parser needed here.
+    url = start_vllm(procs, EngineSpec(served_name=MODEL, max_model_len=2048, kv_cache_memory_bytes=268435456,
+                                       enforce_eager=True, enable_auto_tool_choice=False))
+    with tempfile.TemporaryDirectory() as root:
+        publish(Path(root), url)
+        gateway, gateway_url = gateway_process(Path(root))
+        procs.append(gateway)
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "Count to twenty."}], "max_tokens": 16,
+                "temperature": 0, "ignore_eos": True}
+        print(f"gateway vs direct against vLLM (CPU build), 16 tokens per answer, {rounds} alternating rounds")
+        for concurrency in (16, 256):
+            for stream in (False, True):
+                row(f"vLLM, c={concurrency}, {'streaming' if stream else 'not streaming'}", asyncio.run(compare(
+                    url, gateway_url, gateway.pid, {**body, "stream": stream}, concurrency, concurrency * 2, rounds,
+                    stream)))
+
+
+def start_vllm(procs: list[subprocess.Popen], spec: EngineSpec) -> str:
+    """A real vLLM (CPU build) serving the embedded SmolLM2 (appended to ``procs``); its root URL once healthy."""
     from server.job import free_port
     from server.models import prepare
 
-    # The embedded default's engine flags (conf/server/vllm_cpu.yaml), no tool parser needed here.
-    spec = EngineSpec(served_name=MODEL, max_model_len=2048, kv_cache_memory_bytes=268435456, enforce_eager=True,
-                      enable_auto_tool_choice=False)
     port = free_port("127.0.0.1")
     launch = build_launch(spec, str(prepare("smollm2_135m")), "127.0.0.1", port)
     log = tempfile.NamedTemporaryFile(prefix="bench-vllm-", suffix=".log", delete=False)
@@ -388,18 +404,7 @@ def vllm_rows(procs: list[subprocess.Popen], rounds: int) -> None:
         if engine.poll() is not None or time.monotonic() > deadline:
             raise SystemExit(f"vLLM did not start; its log: {log.name}")
         time.sleep(1)
-    with tempfile.TemporaryDirectory() as root:
-        publish(Path(root), url)
-        gateway, gateway_url = gateway_process(Path(root))
-        procs.append(gateway)
-        body = {"model": MODEL, "messages": [{"role": "user", "content": "Count to twenty."}], "max_tokens": 16,
-                "temperature": 0, "ignore_eos": True}
-        print(f"gateway vs direct against vLLM (CPU build), 16 tokens per answer, {rounds} alternating rounds")
-        for concurrency in (16, 256):
-            for stream in (False, True):
-                row(f"vLLM, c={concurrency}, {'streaming' if stream else 'not streaming'}", asyncio.run(compare(
-                    url, gateway_url, gateway.pid, {**body, "stream": stream}, concurrency, concurrency * 2, rounds,
-                    stream)))
+    return url
 
 
 if __name__ == "__main__":

@@ -140,9 +140,14 @@ class EndpointPool:
         json: dict,
         session_key: str,
         headers: dict | None = None,
+        *,
+        method: str = "POST",
+        root: bool = False,
     ) -> tuple[Entry, httpx.Response]:
-        """POST ``json`` to ``{base_url}{path}`` of the session's replica; returns the replica that
-        answered and its answer. Any status other than 502/503 is the caller's to judge.
+        """POST ``json`` to ``{base_url}{path}`` of the session's replica (``root``: to
+        ``{root_url}{path}``, for routes outside ``/v1``; ``method``: GET with ``json`` None);
+        returns the replica that answered and its answer. Any status other than 502/503 is the
+        caller's to judge.
 
         A non-streaming ``client.post`` reads the whole body before it returns, so it either hands
         the caller a complete response or raises with nothing handed out. Retrying only on raised
@@ -158,8 +163,9 @@ class EndpointPool:
                 stats.retries += 1
             stats.in_flight += 1
             try:
-                response = await client.post(
-                    f"{entry.base_url}{path}", json=json, headers=self._headers(entry, headers)
+                response = await client.request(
+                    method, f"{entry.root_url if root else entry.base_url}{path}", json=json,
+                    headers=self._headers(entry, headers),
                 )
             except UNREACHABLE_ERRORS:
                 self._fail(entry)

@@ -56,9 +56,10 @@ import httpx
 
 from jobs import tools, verifiers
 from jobs.pool import EndpointPool, NoEndpointError
+from server import onpolicy
 from server.replicas import REPLICA_HEADER, SESSION_HEADER
 from server.checks import Checks
-from server.registry import NAMESPACE_ENV, ROOT_ENV, Entry, Registry
+from server.registry import GATEWAY_ENGINE, NAMESPACE_ENV, ROOT_ENV, Entry, Registry
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,9 @@ class CollectorConfig:
     max_turns: int = 4  # model calls per conversation
     top_logprobs: int = 0
     request_timeout_s: float = 120.0
+    # Each next turn's prompt begins with exactly the ids of the previous prompt + generation
+    # (server/onpolicy.py): through a gateway it splices (gateway.on_policy), else the collector.
+    on_policy: bool = True
     sampling: SamplingParams = field(default_factory=SamplingParams)
 
     def validate(self, checks: Checks) -> None:
@@ -111,6 +115,10 @@ class CollectSummary:
     rollouts_path: str
     failures_path: str
     replicas: dict[str, dict]  # replica id -> this run's requests, failures, retries (jobs.pool.ReplicaStats)
+    # This run's rows: consecutive model calls whose next prompt begins with the previous prompt +
+    # generation, of those checked (server.onpolicy.prefix_contiguity).
+    prefix_contiguous: int = 0
+    prefix_checked: int = 0
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -284,7 +292,7 @@ def collect(cfg: CollectorConfig) -> CollectSummary:
     """
     tasks = load_tasks(cfg.tasks)
     pool = EndpointPool(cfg.service, cfg.namespace, cfg.registry)
-    model = served_model(pool)
+    served = served_model(pool)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     rollouts_path, failures_path = out / ROLLOUTS_FILE, out / FAILURES_FILE
@@ -294,7 +302,7 @@ def collect(cfg: CollectorConfig) -> CollectSummary:
             _JsonlAppender(failures_path, truncate=True) as failed:
         earlier = read_rollouts(rollouts_path, {t.id for t in tasks})
         todo = [_Attempt(t, r) for t in tasks for r in range(cfg.num_repeats) if (t.id, r) not in earlier]
-        run = _Run(cfg, pool, model, ok, failed)
+        run = _Run(cfg, pool, served, ok, failed)
         finished = asyncio.run(run.all(todo, stop))
     wall_s = time.monotonic() - start
     if not finished:
@@ -317,13 +325,15 @@ def collect(cfg: CollectorConfig) -> CollectSummary:
         rollouts_path=str(rollouts_path),
         failures_path=str(failures_path),
         replicas={str(r): dataclasses.asdict(s) for r, s in pool.stats().items()},
+        prefix_contiguous=run.contiguity[0],
+        prefix_checked=run.contiguity[1],
     )
 
 
-def served_model(pool: EndpointPool) -> str:
-    """The model name requests carry: a service's replicas share one model config, hence one name."""
-    entry = pool.pick("")  # no replica at all is a setup problem: say so once, not once per rollout
-    return entry.model
+def served_model(pool: EndpointPool) -> Entry:
+    """An entry of the service: its model name is what requests carry (a service's replicas share
+    one model config, hence one name), its engine says whether it is a gateway."""
+    return pool.pick("")  # no replica at all is a setup problem: say so once, not once per rollout
 
 
 def read_rollouts(path: Path, task_ids: set[str]) -> dict[tuple[str, int], float]:
@@ -496,12 +506,16 @@ class _Run:
     """State shared by the conversations of one ``collect`` call (one event loop, so no locks)."""
 
     def __init__(
-        self, cfg: CollectorConfig, pool: EndpointPool, model: str, rollouts: _JsonlAppender,
+        self, cfg: CollectorConfig, pool: EndpointPool, served: Entry, rollouts: _JsonlAppender,
         failures: _JsonlAppender,
     ) -> None:
         self.cfg = cfg
         self.pool = pool
-        self.model = model
+        self.model = served.model
+        # A gateway splices itself (gateway.on_policy); replicas straight: this collector does.
+        self.splices = cfg.on_policy and served.engine != GATEWAY_ENGINE
+        self.model_info: onpolicy.ModelInfo | None = None
+        self.contiguity = (0, 0)
         self.rollouts = rollouts
         self.failures_file = failures
         self.stop = _StopSignals()  # all() gets the one collect() installed
@@ -563,6 +577,9 @@ class _Run:
                 return self.fail(attempt, "exception", f"{type(e).__name__}: {e}")
             self.rewards.append(row["reward"])
             self.rollouts.write({"task_id": attempt.task.id, "repeat": attempt.repeat, **row})
+            contiguous, checked = onpolicy.prefix_contiguity(
+                [[(t["prompt_token_ids"], t["generation_token_ids"]) for t in row["turns"]]])
+            self.contiguity = (self.contiguity[0] + contiguous, self.contiguity[1] + checked)
 
     async def converse(self, client: httpx.AsyncClient, attempt: _Attempt) -> dict:
         task = attempt.task
@@ -572,6 +589,8 @@ class _Run:
         usage = {"prompt_tokens": 0, "completion_tokens": 0}
         for turn in range(self.cfg.max_turns):
             body = self.request_body(task, messages, first=turn == 0)
+            if self.cfg.on_policy and turns and turns[-1]["prompt_token_ids"] and turns[-1]["generation_token_ids"]:
+                body[onpolicy.PREFIX_FIELD] = turns[-1]["prompt_token_ids"] + turns[-1]["generation_token_ids"]
             data = await self.post(client, attempt, body, turn)
             record, message = _parse_reply(data)
             turns.append(record)
@@ -619,9 +638,11 @@ class _Run:
         # ignores it). The request id: the engine's logs name each turn (vLLM logs it with
         # --enable-log-requests, as chatcmpl-<id>), so which replica served what can be read there.
         session = quote(attempt.session_key, safe="/")  # header values are ASCII; task ids may not be
+        headers = {SESSION_HEADER: session, "X-Request-Id": f"{session}/{turn}-{secrets.token_hex(3)}"}
+        if self.splices and onpolicy.PREFIX_FIELD in body:
+            return await self.spliced(client, attempt, body, headers, turn)
         attempt.entry, response = await self.pool.post(
-            client, "/chat/completions", body, session_key=attempt.session_key,
-            headers={SESSION_HEADER: session, "X-Request-Id": f"{session}/{turn}-{secrets.token_hex(3)}"},
+            client, "/chat/completions", body, session_key=attempt.session_key, headers=headers,
         )
         attempt.replica = _replica_of(attempt.entry, response)
         url = f"{attempt.entry.base_url}/chat/completions"
@@ -632,6 +653,40 @@ class _Run:
         except ValueError:
             text = response.text[:200]
             raise RolloutError("invalid_response", f"{url} answered with non-JSON: {text!r}") from None
+
+    async def spliced(self, client: httpx.AsyncClient, attempt: _Attempt, body: dict, headers: dict,
+                      turn: int) -> dict:
+        """The turn through ``server.onpolicy.chat``, each of its steps a pool request (failover
+        included; the steps are stateless, so they may land on different replicas)."""
+
+        async def call(method: str, path: str, payload) -> tuple[int, object]:
+            attempt.entry, response = await self.pool.post(
+                client, path, payload, session_key=attempt.session_key, headers=headers, method=method, root=True)
+            attempt.replica = attempt.entry.replica
+            try:
+                return response.status_code, response.json()
+            except ValueError:
+                raise RolloutError("invalid_response", f"{attempt.entry.root_url}{path} answered {response.status_code} "
+                                   f"with non-JSON: {response.text[:200]!r}") from None
+
+        try:
+            if self.model_info is None:
+                self.model_info = await onpolicy.model_info(call)
+            status, data = await onpolicy.chat(call, body, self.model_info)
+        except onpolicy.Unsupported as e:
+            # As the gateway does: said once, and the turns go as they are (the summary's contiguity
+            # figure shows what that cost). The replicas share one engine config: it holds for all.
+            if self.splices:
+                log.warning("on-policy splicing unsupported by the replicas, turns are sent unchanged: %s", e)
+                self.splices = False
+            return await self.post(client, attempt, body, turn)
+        except RuntimeError as e:
+            raise RolloutError("http_error", str(e)) from None
+        if status >= 400:
+            raise RolloutError("http_error", f"HTTP {status} from {attempt.entry.root_url}: {str(data)[:500]}")
+        if not data[onpolicy.RESPONSE_FIELD]["spliced"]:
+            log.warning("rollout %s: turn not spliced: %s", attempt.session_key, data[onpolicy.RESPONSE_FIELD]["reason"])
+        return data
 
     def fail(self, attempt: _Attempt, reason: str, error: str) -> None:
         self.failed += 1

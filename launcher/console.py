@@ -75,6 +75,7 @@ def summary_table(summary: dict) -> Table:
         ("failures", collection.get("failures")),
         ("mean reward", _fmt(collection.get("mean_reward"))),
         ("generated tokens/s", _fmt(collection.get("generated_tokens_per_s"))),
+        ("multi-turn prefix contiguity", _contiguity(collection)),
         ("requests per replica", _per_replica(collection.get("replicas"))),
     ]
     resumed = summary.get("resumed_from")
@@ -112,6 +113,16 @@ def _per_replica(replicas: dict | None) -> str | None:
         extra = [f"{stats[k]} {word}" for k, word in (("failures", "failed"), ("retries", "retried")) if stats.get(k)]
         parts.append(f"{replica}: {stats['requests']}" + (f" ({', '.join(extra)})" if extra else ""))
     return ", ".join(parts)
+
+
+def _contiguity(collection: dict) -> str | None:
+    """``12/12 (100%)``: consecutive model calls whose next prompt begins with the previous prompt +
+    generation (server.onpolicy.prefix_contiguity); None when no rollout had two calls."""
+    checked = collection.get("prefix_checked")
+    if not checked:
+        return None
+    contiguous = collection["prefix_contiguous"]
+    return f"{contiguous}/{checked} ({100 * contiguous / checked:.0f}%)"
 
 
 def _fmt(value: float | None) -> str | None:

@@ -547,6 +547,12 @@ def _check_across(spec: RunSpec, checks: Checks) -> None:
         settings = job.collector if isinstance(job, RolloutsJob) else job.process
         checks.require(settings.service == s.service, "job.service",
                        f"{settings.service!r} names no service of this run (server.service is {s.service!r})")
+    if isinstance(job, RolloutsJob) and job.collector.on_policy and spec.gateway.enabled:
+        # Through a gateway the collector leaves splicing to it: one that passes ids on unchanged
+        # would leave job.on_policy a promise nobody keeps.
+        checks.require(spec.gateway.on_policy, "job.on_policy",
+                       "the collector's requests go through the gateway, and gateway.on_policy=false passes "
+                       "their token ids on unchanged: set gateway.on_policy=true, or job.on_policy=false")
     if isinstance(job, RolloutsJob) and s.max_model_len is not None:
         max_tokens = job.collector.sampling.max_tokens
         checks.require(max_tokens < s.max_model_len, "job.sampling.max_tokens",

@@ -285,6 +285,9 @@ def vllm_command(spec: EngineSpec, model_path: str, host: str, port: int, entryp
     cmd = [sys.executable, "-m", entrypoint, "--model", model_path]
     cmd += ["--served-model-name", spec.served_name, "--host", host, "--port", str(port)]
     cmd += ["--dtype", spec.dtype]
+    # The routes on-policy splicing chains (server/onpolicy.py): render, generate from token ids,
+    # derender; and the tokenizer's EOS, which marks where turns end.
+    cmd += ["--enable-scale-out", "--enable-tokenizer-info-endpoint"]
     if spec.max_model_len is not None:
         cmd += ["--max-model-len", str(spec.max_model_len)]
     if spec.kv_cache_memory_bytes is not None:

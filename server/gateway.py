@@ -74,6 +74,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from starlette.routing import Route
 
 from server.checks import Checks, ConfigError
+from server import onpolicy
 from server.job import current_job_id
 from server.multinode import advertised_host
 from server.registry import GATEWAY_ENGINE, NAMESPACE_ENV, Entry, Registry, gateway_service
@@ -128,6 +129,9 @@ class GatewaySettings:
     wait_s: float = 30.0  # how long a request waits for a usable replica before 503
     health_interval_s: float = 5.0  # active health checks of the replicas
     refresh_s: float = 1.0  # registry re-read
+    # Chat completions whose earlier turns carry their token ids get a prompt that begins with
+    # exactly those ids (server/onpolicy.py); off: passed on unchanged, as every other request.
+    on_policy: bool = True
 
     def validate(self, checks: Checks) -> None:
         checks.require(bool(self.host), "host", "must name an address to listen on")
@@ -214,6 +218,9 @@ class Gateway:
         self._usable_event: asyncio.Event | None = None
         self._key: str | None = None  # what clients must send; None: the service takes no key
         self._http: aiohttp.ClientSession | None = None
+        # The service's EOS id and context once fetched, or why its replicas cannot splice (they share
+        # one engine config, so the first answer holds for all).
+        self._model_info: onpolicy.ModelInfo | onpolicy.Unsupported | None = None
         self.url: str | None = None  # http://host:port, once serving
         self._metrics()
         self.app = self._app()
@@ -237,6 +244,10 @@ class Gateway:
                                       registry=m)
         self._usable_gauge = Gauge("gateway_usable_replicas", "Replicas that take new work", registry=m)
         self._waiting = Gauge("gateway_waiting_requests", "Requests waiting for a usable replica", registry=m)
+        self._on_policy_outcomes = Counter(
+            "gateway_on_policy", "Chat completions carrying prior token ids, by outcome: spliced, mismatch "
+            "(generated from the re-rendered prompt), unsupported (passed on unchanged), error", ["outcome"],
+            registry=m)
         self._waiting_now = 0  # the same, for in_flight()
         self._children: dict[tuple[str, int | str], tuple] = {}  # (route, status) -> (latency, requests)
 
@@ -399,19 +410,44 @@ class Gateway:
         request = Request(scope, receive)
         body = await request.body()
         session = self._session(request, body)
+        if route == "/v1/chat/completions" and self.settings.on_policy and onpolicy.has_prefix(body):
+            try:
+                fields = json.loads(body)
+            except ValueError:
+                fields = None  # the replica answers it, as vLLM would
+            if isinstance(fields, dict) and onpolicy.required_prefix(fields) is not None:
+                return await self._on_policy(scope, receive, send, request, body, fields, session, started)
         headers = {k: v for k, v in request.headers.items() if k not in _HOP_BY_HOP}
         query = scope["query_string"]
         target = f"{route}?{query.decode('latin-1')}" if query else route
+        try:
+            answer = await self._send(request, scope["method"], target, body, headers, session, stream=True)
+        except _Refused as refused:
+            return await self._refuse(scope, receive, send, route, started, refused.response)
+        if answer.first is None:
+            self._done(route, started, answer.status)
+            await send({"type": "http.response.start", "status": answer.status, "headers": answer.headers})
+            await send({"type": "http.response.body", "body": answer.data})
+            return
+        # Outside the retries: once the stream's first bytes go out, a failure aborts it, never retries.
+        await _Relay(answer.upstream, answer.first, answer.headers,
+                     self._streamed(answer.up, route, started, answer.status))(receive, send)
+
+    async def _send(self, request: Request, method: str, target: str, body: bytes, headers: dict[str, str],
+                    session: str | None, stream: bool = False) -> _Answer:
+        """``body`` to a replica, with the failover rules (module docstring); ``_Refused`` carries the
+        gateway's own answer (401, 502, 503). With ``stream`` an event stream comes back as its
+        first chunk and the open upstream response, the replica still counted in flight."""
         attempt, checked = 0, False
         while True:
             up = await self._wait_pick(session)
             if up is None:
-                return await self._refuse(scope, receive, send, route, started, _error(
+                raise _Refused(_error(
                     503, self.view.why_empty(self.settings.wait_s), "ServiceUnavailableError",
                     {"Retry-After": str(math.ceil(self.settings.health_interval_s))}))
             if not checked:  # after a pick: a gateway started before its replicas learns the key from them
                 if not self._authorized(request):
-                    return await self._refuse(scope, receive, send, route, started, _error(
+                    raise _Refused(_error(
                         401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "AuthenticationError"))
                 checked = True
             if attempt:
@@ -420,7 +456,7 @@ class Gateway:
             up.gauge.inc()
             streaming = False
             try:
-                upstream = await self._http.request(scope["method"], up.url + target, data=body,
+                upstream = await self._http.request(method, up.url + target, data=body,
                                                     headers={**headers, **up.auth} if up.auth else headers)
                 try:
                     status = upstream.status
@@ -430,11 +466,11 @@ class Gateway:
                         continue
                     out_headers = [(k, v) for k, v in upstream.raw_headers if k.lower() not in _NOT_PASSED_BACK]
                     out_headers.append((_REPLICA_HEADER, up.key.encode()))
-                    if upstream.content_type == "text/event-stream":
+                    if stream and upstream.content_type == "text/event-stream":
                         # The first chunk decides: a replica gone before it is retried elsewhere.
                         first = await upstream.content.readany()
                         streaming = True
-                        break
+                        return _Answer(status, out_headers, b"", up, upstream, first)
                     data = await upstream.read()
                 finally:
                     if not streaming:
@@ -442,9 +478,9 @@ class Gateway:
             except UNREACHABLE_ERRORS as e:
                 self._eject(up, f"{type(e).__name__}: {e}")
                 if attempt >= self.settings.max_retries:
-                    return await self._refuse(scope, receive, send, route, started, _error(
+                    raise _Refused(_error(
                         502, f"replica {up.key} of {self.service!r} unreachable after {attempt + 1} attempts: "
-                             f"{type(e).__name__}", "BadGatewayError"))
+                             f"{type(e).__name__}", "BadGatewayError")) from None
                 attempt += 1
                 continue
             finally:
@@ -452,12 +488,71 @@ class Gateway:
                     self._release(up)
             if not (status < 200 or status in (204, 304)):  # as Starlette's Response: a length where a body may be
                 out_headers.append((b"content-length", b"%d" % len(data)))
-            self._done(route, started, status)
-            await send({"type": "http.response.start", "status": status, "headers": out_headers})
-            await send({"type": "http.response.body", "body": data})
+            return _Answer(status, out_headers, data, up)
+
+    async def _on_policy(self, scope, receive, send, request: Request, body: bytes, fields: dict,
+                         session: str | None, started: float) -> None:
+        """A chat completion continuing a conversation whose earlier turns carry their token ids:
+        its prompt begins with exactly those ids (``server.onpolicy``). Each step (render, generate,
+        derender) goes through ``_send``, so a replica that fails mid-way costs a retry, not the
+        request; they are stateless, so steps may land on different replicas of the service."""
+        route = "/v1/chat/completions"
+        # The client's key is checked by _send; the replicas get theirs from the upstream's auth.
+        headers = {"content-type": "application/json"}
+        if "x-request-id" in request.headers:
+            headers["x-request-id"] = request.headers["x-request-id"]
+        replica = []
+
+        async def call(method: str, path: str, payload) -> tuple[int, object]:
+            answer = await self._send(request, method, path, b"" if payload is None else json.dumps(payload).encode(),
+                                      headers, session)
+            replica[:] = [answer.up.key]
+            try:
+                return answer.status, json.loads(answer.data)
+            except ValueError:
+                return answer.status, {"error": {"message": answer.data[:300].decode(errors="replace"),
+                                                 "type": "BadGatewayError", "param": None, "code": answer.status}}
+
+        try:
+            if self._model_info is None:
+                try:
+                    self._model_info = await onpolicy.model_info(call)
+                except onpolicy.Unsupported as e:
+                    log.warning("%s: on-policy splicing unsupported, requests pass unchanged: %s", self.service, e)
+                    self._model_info = e
+            if isinstance(self._model_info, onpolicy.Unsupported):
+                raise self._model_info
+            status, data = await onpolicy.chat(call, fields, self._model_info)
+            outcome = "spliced" if data.get(onpolicy.RESPONSE_FIELD, {}).get("spliced") else "mismatch"
+            if status >= 400:
+                outcome = "error"
+            elif outcome == "mismatch":
+                log.warning("on-policy splice not possible, generated from the re-rendered prompt: %s",
+                            data[onpolicy.RESPONSE_FIELD]["reason"])
+        except _Refused as refused:
+            return await self._refuse(scope, receive, send, route, started, refused.response)
+        except onpolicy.Unsupported as e:
+            # Said, counted and passed on as it came: the replica's own chat route answers.
+            self._on_policy_outcomes.labels("unsupported").inc()
+            try:
+                answer = await self._send(request, "POST", route, body,
+                                          {k: v for k, v in request.headers.items() if k not in _HOP_BY_HOP}, session)
+            except _Refused as refused:
+                return await self._refuse(scope, receive, send, route, started, refused.response)
+            answer.headers.append((onpolicy.HEADER.encode(), f"unsupported: {e}".encode()))
+            self._done(route, started, answer.status)
+            await send({"type": "http.response.start", "status": answer.status, "headers": answer.headers})
+            await send({"type": "http.response.body", "body": answer.data})
             return
-        # Outside the retries: once the stream's first bytes go out, a failure aborts it, never retries.
-        await _Relay(upstream, first, out_headers, self._streamed(up, route, started, status))(receive, send)
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:  # a body or an answer not shaped as expected
+            status, data, outcome = 400, onpolicy.error(f"on-policy splicing failed: {type(e).__name__}: {e}",
+                                                        onpolicy.PREFIX_FIELD), "error"
+        self._on_policy_outcomes.labels(outcome).inc()
+        headers = {onpolicy.HEADER: outcome}
+        if replica:
+            headers[REPLICA_HEADER] = replica[0]
+        self._done(route, started, status)
+        await JSONResponse(data, status, headers)(scope, receive, send)
 
     async def _refuse(self, scope, receive, send, route: str, started: float, response: Response) -> None:
         """Answer with the gateway's own ``response`` (an error) instead of a replica's."""
@@ -563,6 +658,26 @@ class _Endpoint:
 
     def __call__(self, scope, receive, send):
         return self.handle(scope, receive, send)
+
+
+class _Refused(Exception):
+    """The gateway answers itself (``response``), instead of a replica."""
+
+    def __init__(self, response: Response) -> None:
+        self.response = response
+
+
+@dataclass(slots=True)
+class _Answer:
+    """A replica's answer: whole (``data``), or an event stream's ``first`` chunk with the open
+    ``upstream`` response (the replica ``up`` still counted in flight until the relay ends)."""
+
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    data: bytes
+    up: Upstream
+    upstream: aiohttp.ClientResponse | None = None
+    first: bytes | None = None
 
 
 class _Relay:
@@ -785,7 +900,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--registry-root", default=None, help="default: $GYMLAUNCH_REGISTRY_ROOT or ~/.gymlaunch/registry")
     parser.add_argument("--ttl-s", type=float, default=Registry.ttl_s, help="heartbeat age after which an entry is stale")
     for field in dataclasses.fields(GatewaySettings):
-        parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default)
+        flag = f"--{field.name.replace('_', '-')}"
+        if isinstance(field.default, bool):  # type=bool would read "false" as True
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default)
+        else:
+            parser.add_argument(flag, type=type(field.default), default=field.default)
     args = parser.parse_args(argv)
     if not args.namespace:
         parser.error(f"--namespace is required (or set ${NAMESPACE_ENV})")

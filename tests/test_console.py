@@ -53,3 +53,12 @@ def test_a_gateway_that_never_got_ready_is_named_by_its_job_in_the_summary():
     text = _render(summary_table({"run_id": "r", "namespace": "r", "status": "failed", "gateway": gateway,
                                  "phases": {}, "summary_path": "s.json"}))
     assert "job 1000002, never ready" in text and "None" not in text
+
+
+def test_the_summary_gives_the_multi_turn_prefix_contiguity_when_some_rollout_had_two_calls():
+    from launcher.console import summary_table
+    base = {"run_id": "r", "namespace": "r", "status": "succeeded", "phases": {}, "summary_path": "s.json"}
+    text = _render(summary_table({**base, "collection": {"prefix_contiguous": 11, "prefix_checked": 12}}))
+    assert "multi-turn prefix contiguity" in text and "11/12 (92%)" in text
+    assert "contiguity" not in _render(summary_table({**base, "collection": {"prefix_contiguous": 0,
+                                                                            "prefix_checked": 0}}))

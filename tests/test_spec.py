@@ -351,6 +351,15 @@ def test_the_gateway_is_on_by_default_listens_where_the_replicas_do_and_can_be_t
     assert not spec_for("gateway.enabled=false", "gateway.wait_s=-1").gateway.enabled
 
 
+def test_on_policy_is_on_for_the_gateway_and_the_collector_and_they_must_agree():
+    spec = spec_for()
+    assert spec.gateway.on_policy and spec.job.collector.on_policy
+    with pytest.raises(SpecError, match="job.on_policy: .*gateway.on_policy=false passes their token ids on unchanged"):
+        spec_for("gateway.on_policy=false")
+    assert not spec_for("gateway.on_policy=false", "job.on_policy=false").job.collector.on_policy
+    assert spec_for("gateway=off").job.collector.on_policy  # no gateway: the collector splices itself
+
+
 def _schemas():
     repo = ConfigStore.instance().repo["schema"]
     nodes = {name.removesuffix(".yaml"): node.node for name, node in repo.items() if name.endswith(".yaml")}
