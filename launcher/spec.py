@@ -539,10 +539,12 @@ def _check_across(spec: RunSpec, checks: Checks) -> None:
                 build_launch(s.engine_spec(), m.path or "model", c.bind_host, 1, api_key=None, node=role)
     job = spec.job
     if isinstance(job, CommandJob) and job.supplies_prefix:
-        checks.require(spec.gateway.enabled, "job.config_paths",
-                       "supply_prefix_token_ids (vllm_model_supply_prefix.yaml) needs the gateway: it implements "
-                       "required_prefix_token_ids, which stock vLLM does not, and Gym fails every call that "
-                       "continues a rollout without it; set gateway.enabled=true or drop that config")
+        checks.require(spec.gateway.enabled and spec.gateway.on_policy, "job.config_paths",
+                       "supply_prefix_token_ids (vllm_model_supply_prefix.yaml) needs the gateway with "
+                       "gateway.on_policy=true: it implements required_prefix_token_ids, which stock vLLM does "
+                       "not, and Gym fails every call that continues a rollout without it; drop that config "
+                       f"or set gateway.enabled=true and gateway.on_policy=true (now {spec.gateway.enabled} and "
+                       f"{spec.gateway.on_policy})")
     if isinstance(job, (RolloutsJob, CommandJob)):
         settings = job.collector if isinstance(job, RolloutsJob) else job.process
         checks.require(settings.service == s.service, "job.service",

@@ -113,6 +113,8 @@ BAD = [
     ([*GYM, "+job.command=x"], "job.command"),
     ([*GYM, f"job.config_paths=[{GYM_07_CONFIGS}/vllm_model_for_training.yaml,{GYM_07_CONFIGS}/vllm_model_supply_prefix.yaml]",
       "gateway=off"], "job.config_paths: supply_prefix_token_ids"),
+    ([*GYM, f"job.config_paths=[{GYM_07_CONFIGS}/vllm_model_for_training.yaml,{GYM_07_CONFIGS}/vllm_model_supply_prefix.yaml]",
+      "gateway.on_policy=false"], "job.config_paths: supply_prefix_token_ids"),
     (["server.replicas=0"], "server.replicas"),
     (["server.rollover_lead_s=-1"], "server.rollover_lead_s"),
     (["server.rollover_lead_s=60", "cluster.signal_delay_s=120"], "server.rollover_lead_s"),  # after the warning

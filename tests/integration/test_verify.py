@@ -74,6 +74,8 @@ def test_cli_passes_every_check_on_the_policy_server(policy_server):
     for check in ("models", "chat", "logprobs", "tokenize", "tool_required", "tool_named", "tool_parser"):
         assert "│ pass " in row(done.stdout, check), done.stdout
     assert "reads the template's call '<tool_call>" in row(done.stdout, "tool_parser")
+    # /tokenize asked as NeMo Gym asks it (messages and tools), compared with what chat generated from.
+    assert "the ids chat completions generate from" in row(done.stdout, "tokenize"), done.stdout
 
 
 def test_cli_fails_on_a_tool_parser_that_does_not_fit_the_model(wrong_parser_server):
