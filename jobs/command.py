@@ -80,8 +80,11 @@ GYM_API_KEY_OVERRIDE = "+policy_api_key=${oc.env:" + POLICY_API_KEY_ENV + "}"
 GYM_VLLM_MODEL_KEY = ".responses_api_models.vllm_model."
 GYM_POLICY_BASE_URL = "${policy_base_url}"
 # With an endpoint file Gym retries a refused connection this often, 0.5 s apart, then fails the
-# call; it re-reads the file at most every 10 s (endpoint_check_interval_s). Its default, 8 (4 s),
-# is shorter than that plus a replacement gateway's start: 40 (20 s) lets a call outlive both.
+# call (nemo_gym/server_utils.py, request). The retries go to the address the call started with: Gym
+# re-reads the file only when a call starts, at most every 10 s (vllm_model/app.py, _resolve_client,
+# endpoint_check_interval_s), so calls started after a replacement gateway published itself go there.
+# Its default, 8 (4 s), is shorter than a replacement's start at the same address (gateway.port
+# fixed, same node): 40 (20 s) lets a call outlive that.
 GYM_ENDPOINT_RETRIES = 40
 # ng_run (0.5+) waits up to model_endpoint_readiness_timeout_seconds (default 600) for the policy
 # URL to accept a connection before it starts its servers. Our readiness gate proved that URL
