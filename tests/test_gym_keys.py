@@ -9,13 +9,17 @@ folder layout: ``<prefix>/bin/ng_run`` beside ``<prefix>/lib/python3.X/site-pack
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
 
-from jobs.command import GYM_KEY_SINCE, GYM_VLLM_MODEL_KEY, Endpoints, GymConfig, GymInstall, gym_install
+from jobs.command import (
+    GYM_KEY_SINCE, GYM_VLLM_MODEL_KEY, CommandFailed, Endpoints, GymConfig, GymInstall, gym_install, run,
+)
 from server.registry import Registry
 
 DATA = Path(__file__).resolve().parent / "data" / "nemo_gym"
@@ -172,3 +176,23 @@ def test_a_judge_s_vllm_model_is_not_pointed_at_the_service(tmp_path):
     argv = cfg.ng_run_argv(endpoints(tmp_path), cfg.install())
     assert not any(a.startswith("++judge_model.") for a in argv)
     assert sum(a.startswith("++policy_model.") for a in argv) == 3
+
+
+@pytest.fixture
+def own_signals():
+    """run() takes SIGTERM/SIGINT/SIGUSR2 for the job; given back to pytest afterwards."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)}
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)
+
+
+def test_prefix_supply_on_a_gym_without_it_fails_before_anything_starts(tmp_path, own_signals):
+    """Gym 0.4 would ignore supply_prefix_token_ids: the run would look verified and not be."""
+    cfg = gym(tmp_path, [TRAINING], ["++policy_model.responses_api_models.vllm_model.supply_prefix_token_ids=true"],
+              gym_bin=fake_install(tmp_path, "0.4.0").parent)
+    cfg = dataclasses.replace(cfg, run_dir=str(tmp_path / "run"), endpoints=endpoints(tmp_path))
+    with pytest.raises(CommandFailed, match=r"supply_prefix_token_ids is set, but NeMo Gym 0\.4\.0 has no such "
+                                            r"key \(it came with 0\.6\)"):
+        run(cfg)
+    assert not (tmp_path / "run" / "logs" / "ng_run.log").exists()  # nothing was started
