@@ -42,6 +42,8 @@ class NemoGym:
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Provisioning starts as soon as a selected test needs Gym, in the background: a cold install
     (minutes) overlaps the tests that run before it; the ``nemo_gym`` fixture waits for it."""
+    if session.config.option.collectonly:
+        return
     if any("nemo_gym" in getattr(item, "fixturenames", ()) for item in session.items):
         log = tempfile.TemporaryFile("w+")  # its progress and timings, read back by the fixture
         session.config.stash[_GYM_KEY] = (subprocess.Popen(
@@ -60,12 +62,13 @@ def nemo_gym(pytestconfig) -> NemoGym:
     provisioning, log, started = pytestconfig.stash[_GYM_KEY]
     t0 = time.monotonic()
     out, _ = provisioning.communicate()
+    waited_s = time.monotonic() - t0
     log.seek(0)
     told = log.read()
     assert provisioning.returncode == 0, f"provisioning NeMo Gym {GYM_VERSION} failed:\n{told}"
     print(f"\n[gym] {told.strip()}; provisioning took {time.monotonic() - started:.1f} s from session start, "
-          f"this test waited {time.monotonic() - t0:.1f} s", file=sys.stderr)
-    return NemoGym(GYM_VERSION, Path(out.strip()), provision.ng_run_overrides(GYM_VERSION), time.monotonic() - t0)
+          f"this test waited {waited_s:.1f} s for it", file=sys.stderr)
+    return NemoGym(GYM_VERSION, Path(out.strip()), provision.ng_run_overrides(GYM_VERSION), waited_s)
 
 
 @pytest.fixture

@@ -61,7 +61,9 @@ def base_python(version: str) -> Path:
     if line not in PYTHON_FOR:
         raise SystemExit(f"no interpreter known for NeMo Gym {version}; supported lines: {sorted(PYTHON_FOR)}")
     wanted = PYTHON_FOR[line]
-    root = subprocess.run(["pyenv", "root"], capture_output=True, text=True, check=True).stdout.strip()
+    root = os.environ.get("PYENV_ROOT") or (
+        subprocess.run(["pyenv", "root"], capture_output=True, text=True, check=True).stdout.strip()
+        if shutil.which("pyenv") else str(Path.home() / ".pyenv"))
     python = Path(root) / "versions" / wanted / "bin" / f"python{wanted.rsplit('.', 1)[0]}"
     if not os.access(python, os.X_OK):
         raise SystemExit(f"NeMo Gym {version} needs Python {wanted}; pyenv has no {python}")
