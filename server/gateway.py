@@ -94,6 +94,8 @@ PROXIED = {
     "/v1/chat/completions": ["POST"], "/v1/completions": ["POST"], "/v1/responses": ["POST"],
     "/v1/models": ["GET"], "/tokenize": ["POST"], "/detokenize": ["POST"],
 }
+# The routes whose prompt gateway.on_policy splices (server/onpolicy.py), and how.
+_SPLICED = {"/v1/chat/completions": onpolicy.chat, "/tokenize": onpolicy.tokenize}
 # aiohttp's counterpart of server.replicas.UNREACHABLE_ERRORS: refused, reset or closed before the
 # whole answer arrived (ClientPayloadError: a body cut short). No read timeout is set, so none of
 # these is a slow replica.
@@ -410,7 +412,7 @@ class Gateway:
         request = Request(scope, receive)
         body = await request.body()
         session = self._session(request, body)
-        if route == "/v1/chat/completions" and self.settings.on_policy and onpolicy.has_prefix(body):
+        if route in _SPLICED and self.settings.on_policy and onpolicy.has_prefix(body):
             try:
                 fields = json.loads(body)
             except ValueError:
@@ -492,11 +494,11 @@ class Gateway:
 
     async def _on_policy(self, scope, receive, send, request: Request, body: bytes, fields: dict,
                          session: str | None, started: float) -> None:
-        """A chat completion continuing a conversation whose earlier turns carry their token ids:
-        its prompt begins with exactly those ids (``server.onpolicy``). Each step (render, generate,
-        derender) goes through ``_send``, so a replica that fails mid-way costs a retry, not the
-        request; they are stateless, so steps may land on different replicas of the service."""
-        route = "/v1/chat/completions"
+        """A chat completion (or ``/tokenize``) continuing a conversation whose earlier turns carry
+        their token ids: its prompt begins with exactly those ids (``server.onpolicy``). Each step
+        (render, generate, derender) goes through ``_send``, so a replica that fails mid-way costs a
+        retry, not the request; they are stateless, so steps may land on different replicas."""
+        route = scope["path"]
         # The client's key is checked by _send; the replicas get theirs from the upstream's auth.
         headers = {"content-type": "application/json"}
         if "x-request-id" in request.headers:
@@ -522,7 +524,7 @@ class Gateway:
                     self._model_info = e
             if isinstance(self._model_info, onpolicy.Unsupported):
                 raise self._model_info
-            status, data = await onpolicy.chat(call, fields, self._model_info)
+            status, data = await _SPLICED[route](call, fields, self._model_info)
             outcome = "spliced" if data.get(onpolicy.RESPONSE_FIELD, {}).get("spliced") else "mismatch"
             if status >= 400:
                 outcome = "error"

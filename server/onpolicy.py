@@ -147,6 +147,30 @@ def _raise_for(status: int, body: Any, route: str) -> None:
         raise RuntimeError(f"{route} answered {status}: {str(body)[:300]}")
 
 
+async def _render(call: Call, plain: dict, prefix: list[int], info: ModelInfo) -> tuple[int, dict, list[int], dict]:
+    """Render ``plain`` and splice ``prefix`` in: (status, the rendered request or vLLM's error,
+    the prompt ids, the outcome for ``on_policy``)."""
+    messages = plain["messages"]
+    last = max((i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "assistant"),
+               default=len(messages) - 1)
+    # Rendered without the output cap, set once the spliced prompt's length is known: vLLM refuses a
+    # cap that does not fit beside the re-rendered prompt (NeMo RL sets it to 1 meanwhile).
+    uncapped = {k: v for k, v in plain.items() if k not in ("max_tokens", "max_completion_tokens")}
+    prefix_request = {**uncapped, "messages": messages[: last + 1], "add_generation_prompt": False}
+    (status, rendered), (prefix_status, rendered_prefix) = await asyncio.gather(
+        call("POST", RENDER, uncapped), call("POST", RENDER, prefix_request))
+    if status == 404 or prefix_status == 404:
+        raise Unsupported(f"the server has no {RENDER} (vLLM: --enable-scale-out)")
+    if status >= 400 or prefix_status >= 400:
+        return (status, rendered, [], {}) if status >= 400 else (prefix_status, rendered_prefix, [], {})
+    template = rendered["token_ids"]
+    try:
+        ids = splice(info.eos_token_id, prefix, rendered_prefix["token_ids"], template)
+        return status, rendered, ids, {"spliced": True, "prefix_tokens": len(prefix)}
+    except Mismatch as e:
+        return status, rendered, template, {"spliced": False, "reason": str(e)}
+
+
 async def chat(call: Call, request: dict, info: ModelInfo) -> tuple[int, dict]:
     """A chat completion whose prompt begins with the request's prefix: (status, body). Statuses
     and bodies of vLLM's own errors come back unchanged; ``Unsupported`` when the server lacks
@@ -155,36 +179,17 @@ async def chat(call: Call, request: dict, info: ModelInfo) -> tuple[int, dict]:
     tokens with ``return_tokens_as_token_ids``) plus the message's ``prompt_token_ids``,
     ``generation_token_ids`` and ``generation_log_probs`` (NeMo Gym and NeMo RL read them there)
     and ``on_policy``."""
-    prefix = required_prefix(request)
     plain = plain_request(request)
     if plain.get("stream"):
         return 400, error("on-policy splicing answers whole responses: send stream=false, or turn "
-                           "gateway.on_policy off", "stream")
-    messages = plain["messages"]
-    last = max((i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "assistant"),
-               default=len(messages) - 1)
-    # Rendered without the output cap, set below once the spliced prompt's length is known: vLLM
-    # refuses a cap that does not fit beside the re-rendered prompt (NeMo RL sets it to 1 meanwhile).
-    uncapped = {k: v for k, v in plain.items() if k not in ("max_tokens", "max_completion_tokens")}
-    prefix_request = {**uncapped, "messages": messages[: last + 1], "add_generation_prompt": False}
-    (status, rendered), (prefix_status, rendered_prefix) = await asyncio.gather(
-        call("POST", RENDER, uncapped), call("POST", RENDER, prefix_request))
-    if status == 404 or prefix_status == 404:
-        raise Unsupported(f"the server has no {RENDER} (vLLM: --enable-scale-out)")
+                          "gateway.on_policy off", "stream")
+    status, rendered, ids, outcome = await _render(call, plain, required_prefix(request) or [], info)
     if status >= 400:
         return status, rendered
-    if prefix_status >= 400:
-        return prefix_status, rendered_prefix
-    template = rendered["token_ids"]
-    try:
-        ids = splice(info.eos_token_id, prefix or [], rendered_prefix["token_ids"], template)
-        outcome = {"spliced": True, "prefix_tokens": len(prefix or [])}
-    except Mismatch as e:
-        ids, outcome = template, {"spliced": False, "reason": str(e)}
     room = info.max_model_len - len(ids)
     if room <= 0:
         return 400, error(f"the prompt ({len(ids)} tokens after splicing) fills the model's context of "
-                           f"{info.max_model_len} tokens", "messages")
+                          f"{info.max_model_len} tokens", "messages")
     asked = plain.get("max_completion_tokens") or plain.get("max_tokens")
     rendered["sampling_params"]["max_tokens"] = min(asked, room) if asked else room  # prompt + output fit
     rendered["token_ids"] = ids
@@ -200,6 +205,17 @@ async def chat(call: Call, request: dict, info: ModelInfo) -> tuple[int, dict]:
     _as_vllm_chat(plain, info, ids, generated, completion)
     completion[RESPONSE_FIELD] = outcome
     return 200, completion
+
+
+async def tokenize(call: Call, request: dict, info: ModelInfo) -> tuple[int, dict]:
+    """``/tokenize`` of a chat whose earlier turns carry their ids: the prompt ids ``chat`` would
+    generate from (the same render, the same splice), in vLLM's answer shape. NeMo Gym reads a
+    turn's prompt ids here when an answer's message does not carry them."""
+    status, rendered, ids, outcome = await _render(call, plain_request(request), required_prefix(request) or [], info)
+    if status >= 400:
+        return status, rendered
+    return 200, {"count": len(ids), "max_model_len": info.max_model_len, "tokens": ids, "token_strs": None,
+                 RESPONSE_FIELD: outcome}
 
 
 def _as_vllm_chat(request: dict, info: ModelInfo, prompt_ids: list[int], generated: dict, completion: dict) -> None:

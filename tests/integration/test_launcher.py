@@ -1,6 +1,7 @@
 """``python -m launcher`` end to end, as a user runs it: real Hydra, submitit, vLLM, HTTP."""
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -47,6 +48,12 @@ def test_demo_end_to_end(registry_root, tmp_path):
         for turn in row["turns"]:
             assert turn["generation_token_ids"] and len(turn["generation_logprobs"]) == len(turn["generation_token_ids"])
     assert any(row["tool_calls"] for row in rows), "the demo's tool loop never ran"
+    # Through the gateway, every next turn began with the previous prompt + generation ids (before
+    # splicing existed: 0 of 12 after a tool call).
+    collection = summary["collection"]
+    assert collection["prefix_checked"] > 0 and collection["prefix_contiguous"] == collection["prefix_checked"]
+    n = collection["prefix_checked"]
+    assert re.search(rf"multi-turn prefix contiguity\s*│\s*{n}/{n} \(100%\)", out), out
     assert (run_dir / "logs" / "policy-0.engine.log").stat().st_size > 0
     # The launcher's own log has the run's events; submitit's template folder is not left empty.
     launcher_log = (run_dir / "launcher.log").read_text()

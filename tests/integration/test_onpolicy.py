@@ -98,6 +98,10 @@ def test_the_gateway_splices_a_gym_style_turn_after_a_tool_call(gateways):
             assert [t["token"] for t in content] == [f"token_id:{i}" for i in ids]
             assert choice["message"]["generation_log_probs"] == [t["logprob"] for t in content]
             assert data["usage"]["prompt_tokens"] == len(prompt)
+            # NeMo Gym reads a turn's prompt ids from /tokenize when the message lacks them: the same ids.
+            tokens = httpx.post(f"{gw.url}/tokenize", json={"model": SERVED_NAME, "messages": messages, "tools": TOOLS},
+                                headers=headers, timeout=60).json()
+            assert tokens["tokens"] == prompt and tokens[onpolicy.RESPONSE_FIELD]["spliced"]
     print(f"\n[on-policy gateway] turn after a tool call contiguous: on {contiguous['on']}/{len(cities)}, "
           f"off {contiguous['off']}/{len(cities)}")
     assert contiguous["on"] == len(cities)
