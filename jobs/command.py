@@ -215,8 +215,8 @@ class ProcessConfig:
     def log_dir(self) -> Path:
         return Path(self.run_dir) / "logs"
 
-    def bin_dir(self) -> str | None:
-        """A folder to put first on the programs' PATH."""
+    def path_first(self) -> str | None:
+        """Folders (``os.pathsep``-joined) to put first on the programs' PATH."""
         return None
 
     def check_programs(
@@ -228,9 +228,9 @@ class ProcessConfig:
 
     def find_program(self, program: str, outer_setup: Sequence[str] = ()) -> programs.Found:
         """``program`` looked up as ``_Runner`` will start it: this environment plus ``env``,
-        ``bin_dir()`` first on PATH, in ``cwd``, after the setup lines."""
+        ``path_first()`` first on PATH, in ``cwd``, after the setup lines."""
         return programs.find(program, env=self.env, cwd=self.cwd, setup=self.setup, shell_setup=outer_setup,
-                             path_first=self.bin_dir())
+                             path_first=self.path_first())
 
     def _setup_key(self, checks: Checks, outer_setup: Sequence[str], outer_key: str) -> str | None:
         keys = [outer_key] if outer_setup else []
@@ -344,9 +344,15 @@ class GymConfig(ProcessConfig):
     def output(self) -> Path:
         return Path(self.run_dir) / GYM_OUTPUT
 
-    def bin_dir(self) -> str | None:
-        # ng_run's uv looks for the Gym venv's interpreter (python3.12) on PATH.
-        return self.gym_bin
+    def path_first(self) -> str | None:
+        """``gym_bin``, then the folder of the interpreter its venv was made from: ng_run builds a uv
+        venv per Gym server for the exact Python version of Gym's venv, and uv (downloads off) accepts
+        only a base interpreter, never the venv's own python3.12 ("No interpreter found for Python
+        3.12.1 in managed installations or search path")."""
+        if self.gym_bin is None:
+            return None
+        base = venv_base_dir(Path(self.gym_bin).expanduser())
+        return os.pathsep.join([self.gym_bin, base] if base else [self.gym_bin])
 
     def program(self, name: str) -> str:
         return str(Path(self.gym_bin) / name) if self.gym_bin else name
@@ -431,6 +437,35 @@ class GymConfig(ProcessConfig):
         if self.num_samples_in_parallel is not None:
             argv.append(f"+num_samples_in_parallel={self.num_samples_in_parallel}")
         return argv + list(self.collect_args)
+
+
+def gym_model_calls(row: dict) -> list[tuple[list[int], list[int]]]:
+    """The model calls of one ``ng_collect_rollouts`` output row, in order: each call's
+    ``(prompt_token_ids, generation_token_ids)``, as Gym's training model configs record them on the
+    output items of ``row["response"]``. A call that produced several items (text and a tool call)
+    may carry its ids on each of them: those count once."""
+    calls: list[tuple[list[int], list[int]]] = []
+    for item in (row.get("response") or {}).get("output") or []:
+        if "prompt_token_ids" not in item:
+            continue  # a tool result, or an item of a model without token ids
+        call = ([int(t) for t in item["prompt_token_ids"]], [int(t) for t in item["generation_token_ids"]])
+        if not calls or calls[-1] != call:
+            calls.append(call)
+    return calls
+
+
+def venv_base_dir(bin_dir: Path) -> str | None:
+    """The folder of the interpreter the venv holding ``bin_dir`` was made from (``home`` in its
+    ``pyvenv.cfg``); None when ``bin_dir`` is not a venv's."""
+    try:
+        lines = (bin_dir.parent / "pyvenv.cfg").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        key, sep, value = line.partition("=")
+        if sep and key.strip() == "home":
+            return value.strip()
+    return None
 
 
 @dataclass
@@ -547,8 +582,8 @@ class _Runner:
         self.started: list[_Process] = []
         # Unbuffered: ng_run's readiness line and a crashing program's last words reach the log at once.
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **cfg.env, **cfg.endpoints.environ()}
-        if cfg.bin_dir():
-            self.env["PATH"] = f"{cfg.bin_dir()}{os.pathsep}{self.env.get('PATH', '')}"
+        if cfg.path_first():
+            self.env["PATH"] = f"{cfg.path_first()}{os.pathsep}{self.env.get('PATH', '')}"
 
     def start(self, name: str, argv: list[str], stop_signal: int = signal.SIGTERM) -> _Process:
         log = self.cfg.log_dir / f"{name}.log"

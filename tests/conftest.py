@@ -3,12 +3,19 @@ tests/integration/ gets it here, so ``pytest -m "not integration"`` runs the qui
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from server.standin import Faults, StandIn
-from tests.support import MODEL
+from tests.gym import provision
+from tests.support import MODEL, ROOT
 
 INTEGRATION = Path(__file__).resolve().parent / "integration"
 
@@ -17,6 +24,51 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if INTEGRATION in item.path.parents:
             item.add_marker(pytest.mark.integration)
+
+
+# --- real NeMo Gym (tests/gym/provision.py) -------------------------------------------------------
+
+GYM_VERSION = "0.4.0"
+
+
+@dataclass
+class NemoGym:
+    version: str
+    bin: Path  # ng_run, ng_collect_rollouts
+    ng_run_args: list[str]  # the provisioned server venvs and uv cache
+    waited_s: float  # how long the test that first needed it waited
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Provisioning starts as soon as a selected test needs Gym, in the background: a cold install
+    (minutes) overlaps the tests that run before it; the ``nemo_gym`` fixture waits for it."""
+    if session.config.option.collectonly:
+        return
+    if any("nemo_gym" in getattr(item, "fixturenames", ()) for item in session.items):
+        log = tempfile.TemporaryFile("w+")  # its progress and timings, read back by the fixture
+        session.config.stash[_GYM_KEY] = (subprocess.Popen(
+            [sys.executable, "-m", "tests.gym.provision", GYM_VERSION], cwd=ROOT, stdout=subprocess.PIPE,
+            stderr=log, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        ), log, time.monotonic())
+
+
+_GYM_KEY = pytest.StashKey[tuple]()
+
+
+@pytest.fixture(scope="session")
+def nemo_gym(pytestconfig) -> NemoGym:
+    """NeMo Gym ``GYM_VERSION`` installed and cached (tests/gym/provision.py); fails, with the
+    provisioning's log, when it cannot be."""
+    provisioning, log, started = pytestconfig.stash[_GYM_KEY]
+    t0 = time.monotonic()
+    out, _ = provisioning.communicate()
+    waited_s = time.monotonic() - t0
+    log.seek(0)
+    told = log.read()
+    assert provisioning.returncode == 0, f"provisioning NeMo Gym {GYM_VERSION} failed:\n{told}"
+    print(f"\n[gym] {told.strip()}; provisioning took {time.monotonic() - started:.1f} s from session start, "
+          f"this test waited {waited_s:.1f} s for it", file=sys.stderr)
+    return NemoGym(GYM_VERSION, Path(out.strip()), provision.ng_run_overrides(GYM_VERSION), waited_s)
 
 
 @pytest.fixture
