@@ -31,6 +31,7 @@ Imports nothing from launcher/.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import shlex
@@ -46,6 +47,7 @@ from typing import Sequence
 import yaml
 
 from server import process, programs
+from server.onpolicy import prefix_contiguity
 from server.checks import Checks
 from server.registry import NAMESPACE_ENV, ROOT_ENV, Registry
 from server.templates import fill_command
@@ -454,6 +456,18 @@ def gym_model_calls(row: dict) -> list[tuple[list[int], list[int]]]:
     return calls
 
 
+def gym_prefix_contiguity(output: Path) -> tuple[int, int]:
+    """(contiguous, checked) over the consecutive model calls of each row of Gym's ``output``
+    (``server.onpolicy.prefix_contiguity``); rows without ids are not checked, a torn line neither."""
+    rollouts = []
+    for line in output.read_text().splitlines():
+        try:
+            rollouts.append(gym_model_calls(json.loads(line)))
+        except (ValueError, TypeError, KeyError):
+            continue
+    return prefix_contiguity(rollouts)
+
+
 def venv_base_dir(bin_dir: Path) -> str | None:
     """The folder of the interpreter the venv holding ``bin_dir`` was made from (``home`` in its
     ``pyvenv.cfg``); None when ``bin_dir`` is not a venv's."""
@@ -538,7 +552,8 @@ def _gym(cfg: GymConfig, runner: _Runner) -> GymInstall | None:
         runner.wait_for_line(servers, GYM_READY, cfg.startup_timeout_s)
         collect = runner.start("ng_collect_rollouts", cfg.collect_argv())
         runner.check(
-            collect, hint="ng_collect_rollouts writes nothing when a single rollout fails; see its log for which"
+            collect, hint="ng_collect_rollouts fails the whole collection when one model call fails; see its log "
+                          "for which"
         )
     finally:
         runner.stop(servers)

@@ -18,7 +18,7 @@ from rich.live import Live
 from rich.markup import escape
 from rich.text import Text
 
-from jobs.command import Endpoints, GymConfig, run as run_command
+from jobs.command import Endpoints, GymConfig, gym_prefix_contiguity, run as run_command
 from jobs.requeue import Requeueable
 from jobs.rollouts import collect
 from launcher import console as views
@@ -339,7 +339,9 @@ class Run:
         self.job_result = result.to_json()
         if isinstance(process, GymConfig):
             output = Path(result.output)
-            self.collection = {"rollouts_written": GrowingLines(output)(), "rollouts_path": str(output)}
+            contiguous, checked = gym_prefix_contiguity(output)
+            self.collection = {"rollouts_written": GrowingLines(output)(), "rollouts_path": str(output),
+                               "prefix_contiguous": contiguous, "prefix_checked": checked}
 
     def _watch(self, submitted, show: Callable[[str], None]) -> None:
         """Until the job that uses the service ends: the service watched (and healed) every poll, the

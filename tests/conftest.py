@@ -28,7 +28,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 # --- real NeMo Gym (tests/gym/provision.py) -------------------------------------------------------
 
-GYM_VERSION = "0.4.0"
+# The fixture for each Gym line the suite runs, and the release it installs.
+GYM_VERSIONS = {"nemo_gym": "0.4.0", "nemo_gym_07": "0.7.0"}
 
 
 @dataclass
@@ -36,18 +37,23 @@ class NemoGym:
     version: str
     bin: Path  # ng_run, ng_collect_rollouts
     ng_run_args: list[str]  # the provisioned server venvs and uv cache
+    env: dict[str, str]  # more environment for Gym's programs (job.env)
     waited_s: float  # how long the test that first needed it waited
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Provisioning starts as soon as a selected test needs Gym, in the background: a cold install
-    (minutes) overlaps the tests that run before it; the ``nemo_gym`` fixture waits for it."""
+    (minutes) overlaps the tests that run before it; the ``nemo_gym*`` fixtures wait for it. The
+    versions one after the other (one process): on 2 cores two installs at once would only slow
+    the tests running meanwhile."""
     if session.config.option.collectonly:
         return
-    if any("nemo_gym" in getattr(item, "fixturenames", ()) for item in session.items):
-        log = tempfile.TemporaryFile("w+")  # its progress and timings, read back by the fixture
+    needed = [version for fixture, version in GYM_VERSIONS.items()
+              if any(fixture in getattr(item, "fixturenames", ()) for item in session.items)]
+    if needed:
+        log = tempfile.TemporaryFile("w+")  # its progress and timings, read back by the fixtures
         session.config.stash[_GYM_KEY] = (subprocess.Popen(
-            [sys.executable, "-m", "tests.gym.provision", GYM_VERSION], cwd=ROOT, stdout=subprocess.PIPE,
+            [sys.executable, "-m", "tests.gym.provision", *needed], cwd=ROOT, stdout=subprocess.PIPE,
             stderr=log, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
         ), log, time.monotonic())
 
@@ -55,20 +61,30 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 _GYM_KEY = pytest.StashKey[tuple]()
 
 
-@pytest.fixture(scope="session")
-def nemo_gym(pytestconfig) -> NemoGym:
-    """NeMo Gym ``GYM_VERSION`` installed and cached (tests/gym/provision.py); fails, with the
+def _gym(pytestconfig, version: str) -> NemoGym:
+    """NeMo Gym ``version`` installed and cached (tests/gym/provision.py); fails, with the
     provisioning's log, when it cannot be."""
     provisioning, log, started = pytestconfig.stash[_GYM_KEY]
     t0 = time.monotonic()
-    out, _ = provisioning.communicate()
+    provisioning.wait()
     waited_s = time.monotonic() - t0
     log.seek(0)
     told = log.read()
-    assert provisioning.returncode == 0, f"provisioning NeMo Gym {GYM_VERSION} failed:\n{told}"
+    assert provisioning.returncode == 0, f"provisioning NeMo Gym failed:\n{told}"
     print(f"\n[gym] {told.strip()}; provisioning took {time.monotonic() - started:.1f} s from session start, "
           f"this test waited {waited_s:.1f} s for it", file=sys.stderr)
-    return NemoGym(GYM_VERSION, Path(out.strip()), provision.ng_run_overrides(GYM_VERSION), waited_s)
+    return NemoGym(version, provision.current(version) / "venv" / "bin", provision.ng_run_overrides(version),
+                   provision.gym_env(version), waited_s)
+
+
+@pytest.fixture(scope="session")
+def nemo_gym(pytestconfig) -> NemoGym:
+    return _gym(pytestconfig, GYM_VERSIONS["nemo_gym"])
+
+
+@pytest.fixture(scope="session")
+def nemo_gym_07(pytestconfig) -> NemoGym:
+    return _gym(pytestconfig, GYM_VERSIONS["nemo_gym_07"])
 
 
 @pytest.fixture

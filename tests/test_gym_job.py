@@ -3,12 +3,13 @@ from a Gym output row."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-from jobs.command import Endpoints, GymConfig, _Runner, _Stop, gym_model_calls, venv_base_dir
+from jobs.command import Endpoints, GymConfig, _Runner, _Stop, gym_model_calls, gym_prefix_contiguity, venv_base_dir
 from server.registry import Registry
 
 
@@ -67,3 +68,11 @@ def test_gym_model_calls_are_read_in_order_once_each():
     assert gym_model_calls(row) == [([1, 2], [3, 4]), ([1, 2, 3, 5, 6], [7]), ([1, 2, 3, 5, 6, 7, 8], [9])]
     assert gym_model_calls({"response": {"output": [{"type": "message", "content": []}]}}) == []
     assert gym_model_calls({"response": None}) == []
+
+
+def test_the_gym_runs_contiguity_counts_each_rows_consecutive_calls_and_skips_a_torn_line(tmp_path):
+    contiguous = {"response": {"output": [*_call_items([1], [2], "function_call"), *_call_items([1, 2, 5], [6], "message")]}}
+    broken = {"response": {"output": [*_call_items([1], [2], "function_call"), *_call_items([1, 3, 5], [6], "message")]}}
+    output = tmp_path / "gym_rollouts.jsonl"
+    output.write_text("\n".join(json.dumps(r) for r in (contiguous, broken, contiguous)) + '\n{"response": {"out')
+    assert gym_prefix_contiguity(output) == (2, 3)

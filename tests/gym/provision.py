@@ -2,7 +2,7 @@
 cached outside the clone (``$GYMLAUNCH_CACHE``, default ~/.cache/gymlaunch), so a second run does
 not reinstall.
 
-    python -m tests.gym.provision 0.4.0      # prints the Gym venv's bin folder (ng_run, ng_collect_rollouts)
+    python -m tests.gym.provision 0.4.0 [0.7.0]   # prints each Gym venv's bin folder (ng_run, ng_collect_rollouts)
 
 Under ``<cache>/nemo-gym/<version>/``: ``current`` is a symlink to a finished ``build-<stamp>/``
 holding ``venv/`` (``nemo-gym==<version>`` and uv, made from the pyenv interpreter that Gym line
@@ -30,7 +30,13 @@ from pathlib import Path
 
 # The interpreter each supported Gym line installs into: 0.4 needs Python >= 3.12 (0.5+ want >= 3.13.14,
 # which this machine does not have). No interpreter can be downloaded here: it comes from pyenv.
-PYTHON_FOR = {"0.4": "3.12.1"}
+PYTHON_FOR = {"0.4": "3.12.1", "0.7": "3.13.0"}
+# Lines that declare a Requires-Python floor above that interpreter: 0.5+ say >= 3.13.14, the newest patch
+# when Gym moved from 3.12 to 3.13 (Gym PR #2194), not a feature it needs. pip installs them with
+# --ignore-requires-python; ng_run's `uv pip install` (each server's venv) resolves as if for the floor
+# (`[pip] python-version` in a uv.toml named by UV_CONFIG_FILE): only the resolver's floor moves, the venvs
+# run the interpreter above.
+RELAXED_FLOOR = {"0.7": "3.13.14"}
 # The Gym configs whose servers' venvs are built with Gym itself: those the tests run
 # (tests/integration/test_gym_real.py); ng_run builds any other server's venv when it first starts it.
 SERVER_CONFIGS = (
@@ -54,6 +60,13 @@ def ng_run_overrides(version: str) -> list[str]:
     """``ng_run`` overrides that use the provisioned server venvs and uv cache."""
     return [f"+uv_venv_dir={current(version).resolve() / 'servers'}", "+skip_venv_if_present=true",
             f"+uv_cache_dir={cache_root() / 'uv'}"]
+
+
+def gym_env(version: str) -> dict[str, str]:
+    """Environment Gym's programs need beyond ``GYM_ENV``: a line with a relaxed floor keeps uv
+    resolving as for it, should ng_run install anything into a server's venv."""
+    uv_toml = current(version).resolve() / "uv.toml"
+    return {"UV_CONFIG_FILE": str(uv_toml)} if uv_toml.is_file() else {}
 
 
 def base_python(version: str) -> Path:
@@ -80,9 +93,15 @@ def _build(version: str, build: Path, log: Path) -> dict[str, float]:
         def run(*argv: str, cwd: Path | None = None) -> None:
             subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, check=True, env=env, cwd=cwd)
 
+        relaxed = RELAXED_FLOOR.get(".".join(version.split(".")[:2]))
+        if relaxed:
+            build.mkdir(parents=True)
+            (build / "uv.toml").write_text(f'[pip]\npython-version = "{relaxed}"\n')
+            env["UV_CONFIG_FILE"] = str(build / "uv.toml")
         t0 = time.monotonic()
         run(str(python), "-m", "venv", str(build / "venv"))
-        run(str(bin_dir / "python"), "-m", "pip", "install", "--quiet", f"nemo-gym=={version}", "uv")
+        run(str(bin_dir / "python"), "-m", "pip", "install", "--quiet", *(["--ignore-requires-python"] if relaxed else []),
+            f"nemo-gym=={version}", "uv")
         took["gym venv"] = time.monotonic() - t0
         t0 = time.monotonic()
         # Gym's own dry run: each server's uv venv built (serially), no server started. Placeholder
@@ -123,12 +142,13 @@ def provision(version: str) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("version", help="the nemo-gym release, e.g. 0.4.0")
+    parser.add_argument("versions", nargs="+", help="nemo-gym releases, e.g. 0.4.0 0.7.0 (built in turn)")
     args = parser.parse_args()
-    started = time.monotonic()
-    bin_dir = provision(args.version)
-    print(f"NeMo Gym {args.version} ready in {time.monotonic() - started:.1f} s", file=sys.stderr)
-    print(bin_dir)
+    for version in args.versions:
+        started = time.monotonic()
+        bin_dir = provision(version)
+        print(f"NeMo Gym {version} ready in {time.monotonic() - started:.1f} s", file=sys.stderr)
+        print(bin_dir)
 
 
 if __name__ == "__main__":
