@@ -52,6 +52,8 @@ RENDER = "/v1/chat/completions/render"
 GENERATE = "/inference/v1/generate"
 DERENDER = "/v1/chat/completions/derender"
 
+# A route the server does not have.
+MISSING = (404, 405)
 # (method, path from the server's root, JSON body or None) -> (status, parsed JSON body)
 Call = Callable[[str, str, Any], Awaitable[tuple[int, Any]]]
 
@@ -128,7 +130,7 @@ async def model_info(call: Call) -> ModelInfo:
     """The EOS id and context length of the served model (one fetch per gateway or collector)."""
     (s1, models), (s2, tokenizer) = await asyncio.gather(call("GET", "/v1/models", None),
                                                          call("GET", "/tokenizer_info", None))
-    if s2 == 404:
+    if s2 in MISSING:
         raise Unsupported("the server has no /tokenizer_info (vLLM: --enable-tokenizer-info-endpoint)")
     _raise_for(s1, models, "/v1/models")
     _raise_for(s2, tokenizer, "/tokenizer_info")
@@ -159,7 +161,7 @@ async def _render(call: Call, plain: dict, prefix: list[int], info: ModelInfo) -
     prefix_request = {**uncapped, "messages": messages[: last + 1], "add_generation_prompt": False}
     (status, rendered), (prefix_status, rendered_prefix) = await asyncio.gather(
         call("POST", RENDER, uncapped), call("POST", RENDER, prefix_request))
-    if status == 404 or prefix_status == 404:
+    if status in MISSING or prefix_status in MISSING:
         raise Unsupported(f"the server has no {RENDER} (vLLM: --enable-scale-out)")
     if status >= 400 or prefix_status >= 400:
         return (status, rendered, [], {}) if status >= 400 else (prefix_status, rendered_prefix, [], {})

@@ -109,6 +109,21 @@ def test_routes_pass_through_unchanged(served):
         assert [x.path for x in server.requests][-2:] == ["/v1/completions", CHAT]
 
 
+def test_ids_to_splice_on_an_engine_without_the_routes_pass_on_unchanged_and_say_so(served):
+    # The stand-in has no render/generate/derender (server/onpolicy.py needs vLLM's): found out once,
+    # then every such request goes as it came, with the header saying why, and is counted.
+    (server,), gw = served(1)
+    with http(gw) as c:
+        for turn in range(2):
+            sent = chat(f"turn {turn}", required_prefix_token_ids=[1, 2, 3])
+            r = c.post(CHAT, json=sent)
+            assert r.status_code == 200 and r.json() == server.requests[-1].answer
+            assert server.requests[-1].body == sent
+            assert r.headers["x-gymlaunch-on-policy"].startswith("unsupported: the server has no /tokenizer_info")
+        metrics = c.get("/metrics").text
+    assert 'gateway_on_policy_total{outcome="unsupported"} 2.0' in metrics
+
+
 def test_the_key_is_required_and_sent_to_the_replicas(tmp_path, standins, gateway):
     registry = Registry(tmp_path)
     key_file = registry.create_api_key(NS)
