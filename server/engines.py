@@ -78,8 +78,11 @@ class NodeRole:
 
 # mp: the engine's own processes on every node; ray: a Ray cluster per replica (NodeRole).
 MULTINODE_BACKENDS = ("mp", "ray")
-# Every Ray process of a replica, its engine's driver too: no usage report leaves the cluster.
-RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0"}
+# Every Ray process of a replica, its engine's driver too: no usage report leaves the cluster. The
+# auth mode pinned: an auth token another Ray left in ~/.ray (NeMo Gym's own Ray writes one) would
+# otherwise turn token auth on in some of the replica's processes and not in others (Ray 2.60: a
+# worker node then fails with InvalidAuthToken). The replica's cluster is its own, on pinned ports.
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
 # The placeholders NodeRole.values() fills in.
 NODE_PLACEHOLDERS = ("node_rank", "nnodes", "head_addr", "dist_port", "own_addr", "ray_address")
 

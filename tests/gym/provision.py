@@ -43,8 +43,11 @@ SERVER_CONFIGS = (
     "resources_servers/example_single_tool_call/configs/example_single_tool_call.yaml",
     "responses_api_models/vllm_model/configs/vllm_model_for_training.yaml",
 )
-# Gym's environment for its own programs: uv (ng_run's per-server venvs) never downloads a Python.
-GYM_ENV = {"UV_PYTHON_DOWNLOADS": "never", "WANDB_MODE": "disabled", "RAY_TMPDIR": "/tmp/ray"}
+# Gym's environment for its own programs: uv (ng_run's per-server venvs) never downloads a Python;
+# Gym's Ray (its own, one node) without token auth, which would write ~/.ray/auth_token into the
+# home of whoever runs the tests.
+GYM_ENV = {"UV_PYTHON_DOWNLOADS": "never", "WANDB_MODE": "disabled", "RAY_TMPDIR": "/tmp/ray",
+           "RAY_AUTH_MODE": "disabled"}
 
 
 def cache_root() -> Path:
@@ -63,10 +66,11 @@ def ng_run_overrides(version: str) -> list[str]:
 
 
 def gym_env(version: str) -> dict[str, str]:
-    """Environment Gym's programs need beyond ``GYM_ENV``: a line with a relaxed floor keeps uv
-    resolving as for it, should ng_run install anything into a server's venv."""
+    """Environment the tests give Gym's programs beyond conf/job/gym.yaml's: no Ray token auth (as
+    ``GYM_ENV``), and for a line with a relaxed floor uv resolving as for it, should ng_run install
+    anything into a server's venv."""
     uv_toml = current(version).resolve() / "uv.toml"
-    return {"UV_CONFIG_FILE": str(uv_toml)} if uv_toml.is_file() else {}
+    return {"RAY_AUTH_MODE": "disabled", **({"UV_CONFIG_FILE": str(uv_toml)} if uv_toml.is_file() else {})}
 
 
 def base_python(version: str) -> Path:
