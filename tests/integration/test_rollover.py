@@ -127,8 +127,8 @@ def test_the_collector_job_is_requeued_at_its_time_limit_and_resumes_locally(tmp
 
 
 def test_the_collector_job_is_requeued_at_its_time_limit_on_slurm(slurm_cluster, tmp_path):
-    """On Slurm the same job id is requeued (pending for Slurm's requeue delay, about 2.5 minutes)
-    and the launcher follows it: a 2-minute limit (whose warning comes 50 to 20 s before its end),
+    """On Slurm the same job id is requeued (pending for Slurm's requeue delay: cred_expire + 1 s,
+    31 s on the test cluster, tests/slurm/common.sh) and the launcher follows it: a 2-minute limit (whose warning comes 50 to 20 s before its end),
     about 120 s of work, so one requeue."""
     run_dir = tmp_path / "run"
     out, summary = _collector_requeued(run_dir, 2, 6, *SLURM, env=slurm_cluster.env)
