@@ -62,14 +62,15 @@ def test_two_replicas_on_slurm_with_fake_gpus_are_one_job_array(slurm_cluster, t
 
 
 def test_a_failing_server_job_fails_the_run_fast(slurm_cluster, tmp_path):
+    """An engine that exits at once, naming what it lacks (vLLM's own complaint about a model path
+    reaching the output: test_launcher.py's dying server)."""
     not_a_model = tmp_path / "not-a-model"
-    not_a_model.mkdir()
-    proc = launcher(slurm_cluster, tmp_path / "registry", tmp_path / "run", "model.embedded=null",
-                    f"model.path={not_a_model}", "job=none")
+    fails = f'server.command="{{python}} -c \\"import sys; sys.exit(\'no model in {not_a_model}\')\\""'
+    proc = launcher(slurm_cluster, tmp_path / "registry", tmp_path / "run", *STANDIN_SERVER, fails, "job=none")
     out, _ = proc.communicate(timeout=600)
     exited = datetime.now()
     assert proc.returncode == 1, out
-    assert "ended while starting" in out and str(not_a_model) in out  # the engine's log tail
+    assert "ended while starting" in out and f"no model in {not_a_model}" in out  # the engine's log tail
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     (job_id,) = [s["job_id"] for s in summary["servers"]]
     state, end = sacct(slurm_cluster, job_id, "State,End")[0]
