@@ -28,7 +28,7 @@ from submitit.core.utils import FailedJobError
 
 from launcher import slurm_fit
 from launcher.spec import ClusterSpec, SpecError
-from server.process import log_tail
+from server.process import alive, log_tail
 
 log = logging.getLogger(__name__)
 
@@ -268,14 +268,10 @@ class LocalBackend(Backend):
 
     @classmethod
     def alive_ids(cls, job_ids: Sequence[str]) -> list[str]:
-        alive = []
-        for pid in _pids(job_ids):
-            try:
-                os.kill(pid, 0)
-                alive.append(str(pid))
-            except ProcessLookupError:
-                pass
-        return alive
+        # Not a zombie: a controller that ended stays one while the process that started it lives on
+        # without reaping it (a sweep's later point, which joined the jobs an earlier point submitted,
+        # then waited 30 s on each of them at the sweep's end).
+        return [str(pid) for pid in _pids(job_ids) if alive(pid)]
 
     @classmethod
     def submitted_from(cls, job_ids: Sequence[str], folder: Path) -> list[str]:

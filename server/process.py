@@ -105,7 +105,7 @@ def kill_when_alive(pid: int, group: bool, wait_s: float = 10.0) -> None:
     kill = os.killpg if group else os.kill
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
-        if not _alive(pid, group):
+        if not alive(pid, group):
             return
         time.sleep(0.2)
     try:
@@ -114,7 +114,7 @@ def kill_when_alive(pid: int, group: bool, wait_s: float = 10.0) -> None:
         pass
 
 
-def _alive(pid: int, group: bool) -> bool:
+def alive(pid: int, group: bool = False) -> bool:
     """Whether the process (or a process of the group) ``pid`` still runs. A zombie does not: it has
     exited and waits for its parent, often init, to reap it (the engine's workers, orphaned when the
     engine exits; some inits reap only every second or so), and no signal changes that."""

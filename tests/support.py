@@ -166,6 +166,17 @@ def engines_on_port(port: int) -> list[int]:
     return [pid for pid, cmd in engine_pids().items() if f"--port {port} " in cmd + " "]
 
 
+def assert_run_left_nothing(registry_root: Path, summary: dict) -> None:
+    """A finished run (its summary.json) left no registry entry, API key, lock file or vLLM."""
+    assert Registry(registry_root).entries(summary["namespace"]) == []
+    assert not (registry_root / summary["namespace"]).exists()  # nor its API key
+    assert not (registry_root / f".{summary['namespace']}.lock").exists()  # nor a lock file
+    for server in summary["servers"]:
+        if server["base_url"]:
+            port = int(server["base_url"].rsplit(":", 1)[1].split("/")[0])
+            assert engines_on_port(port) == [], f"vLLM still running on port {port}"
+
+
 def auth(entry: Entry) -> dict[str, str]:
     return {"Authorization": f"Bearer {entry.read_api_key()}"}
 

@@ -26,8 +26,9 @@ REPEATS = 8  # 192 rollouts: the replacement (a vLLM start, ~30 s) is back while
 
 
 def test_an_engine_killed_mid_collection_is_replaced_and_every_rollout_is_written_once(tmp_path):
-    """Without the gateway (gateway=off): the collector's own pool fails over between the replicas
-    (test_gateway_run.py kills an engine behind the gateway)."""
+    """Without the gateway (gateway=off): the collector's own pool fails over between the replicas: it
+    saw replica 1 die under it, and lost no conversation (test_gateway_run.py kills an engine behind
+    the gateway)."""
     registry_root, run_dir = tmp_path / "registry", tmp_path / "run"
     proc = start_launcher(registry_root, f"hydra.run.dir={run_dir}", "server.replicas=2", f"job.num_repeats={REPEATS}",
                           "gateway=off")
@@ -50,6 +51,7 @@ def test_an_engine_killed_mid_collection_is_replaced_and_every_rollout_is_writte
     # None lost to the kill: a failure here can only be the 135M model's own (looping on tool calls).
     assert {f["reason"] for f in failures} <= {"turn_limit", "tool_error"}, failures
     assert len(rows) >= 24 * REPEATS - 3
+    assert summary["collection"]["replicas"]["1"]["failures"] >= 1  # the pool saw it die and ejected it
     (replaced,) = [s for s in summary["servers"] if s["replica"] == 1]
     assert replaced["restarts"] == 1 and "signal 9" in replaced["deaths"][0]["reason"], replaced
     assert replaced["deaths"][0]["job_id"] != replaced["job_id"]  # a new job serves replica 1

@@ -1,17 +1,13 @@
-"""``python -m launcher`` end to end, as a user runs it: real Hydra, submitit, vLLM, HTTP."""
+"""``python -m launcher`` end to end, as a user runs it: real Hydra, submitit, vLLM, HTTP. A serve-only
+run (``job=none``) and its Ctrl-C: test_readme.py, which runs it as the README says."""
 
 import json
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
-
-from server.registry import Registry
-from tests.support import ROOT, auth, engines_on_port
+from tests.support import ROOT, assert_run_left_nothing
 
 
 def launcher(run_dir: Path, *overrides: str, **popen) -> subprocess.Popen:
@@ -19,16 +15,6 @@ def launcher(run_dir: Path, *overrides: str, **popen) -> subprocess.Popen:
         [sys.executable, "-m", "launcher", f"hydra.run.dir={run_dir}", *overrides],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen,
     )
-
-
-def assert_nothing_left(registry_root: Path, summary: dict) -> None:
-    assert Registry(registry_root).entries(summary["namespace"]) == []
-    assert not (registry_root / summary["namespace"]).exists()  # nor its API key
-    assert not (registry_root / f".{summary['namespace']}.lock").exists()  # nor a lock file
-    for server in summary["servers"]:
-        if server["base_url"]:
-            port = int(server["base_url"].rsplit(":", 1)[1].split("/")[0])
-            assert engines_on_port(port) == [], f"vLLM still running on port {port}"
 
 
 def test_demo_end_to_end(registry_root, tmp_path):
@@ -59,39 +45,7 @@ def test_demo_end_to_end(registry_root, tmp_path):
     launcher_log = (run_dir / "launcher.log").read_text()
     assert "submitted policy/0" in launcher_log and "ready at http" in launcher_log, launcher_log
     assert not (run_dir / "submitit" / "%j").exists()
-    assert_nothing_left(registry_root, summary)
-
-
-def test_serve_only_until_ctrl_c(registry_root, tmp_path):
-    run_dir = tmp_path / "run"
-    proc = launcher(run_dir, "job=none")
-    lines = []
-    url = None
-    deadline = time.monotonic() + 600
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith("serving policy at "):
-            url = line.split()[3]
-            break
-        assert time.monotonic() < deadline, "".join(lines)
-    assert url, "".join(lines)
-    assert httpx.get(f"{url}/models", timeout=30).status_code == 401  # a key is generated per run
-    entry = next(e for e in Registry(registry_root).entries() if e.base_url == url)
-    key = entry.read_api_key()
-    models = httpx.get(f"{url}/models", timeout=30, headers=auth(entry)).json()
-    assert [m["id"] for m in models["data"]] == ["smollm2-135m-instruct"]
-    key_file = Path(entry.api_key_file)
-    assert key_file.stat().st_mode & 0o777 == 0o600 and key_file.parent.stat().st_mode & 0o777 == 0o700
-    proc.send_signal(signal.SIGINT)
-    rest, _ = proc.communicate(timeout=120)
-    out = "".join(lines) + rest
-    assert proc.returncode == 0, out
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["status"] == "stopped"
-    assert_nothing_left(registry_root, summary)
-    assert not key_file.exists()
-    written = [p for p in run_dir.rglob("*") if p.is_file()]
-    assert written and all(key.encode() not in p.read_bytes() for p in written)  # logs, pickles, summary
+    assert_run_left_nothing(registry_root, summary)
 
 
 def test_a_dying_server_fails_the_run_fast_with_its_log(registry_root, tmp_path):
@@ -105,4 +59,4 @@ def test_a_dying_server_fails_the_run_fast_with_its_log(registry_root, tmp_path)
     assert str(not_a_model) in out  # vLLM's own complaint, from the log tail
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "failed" and "rollouts" not in summary["phases"]
-    assert_nothing_left(registry_root, summary)
+    assert_run_left_nothing(registry_root, summary)

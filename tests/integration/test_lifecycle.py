@@ -76,3 +76,4 @@ def test_a_sweep_with_one_server_config_starts_one_pool(tmp_path):
     assert Registry(root).namespaces() == [] and not standin_pids(port)
     assert list(root.iterdir()) == []  # no lock file either
     assert "stopped: no run of the sweep uses them any more" in out.stdout
+    assert "did not stop in time" not in out.stdout  # each job seen gone once it ended

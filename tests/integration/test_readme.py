@@ -15,11 +15,12 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from server.models import default_cache_dir
 from server.registry import Registry
-from tests.support import ROOT, SLURM_SCRIPTS, gym_standins
+from tests.support import ROOT, SLURM_SCRIPTS, assert_run_left_nothing, gym_standins
 
 MARK = "<!-- tests/integration/test_readme.py runs this block as written -->"
 
@@ -96,7 +97,10 @@ def test_the_gym_recipe_as_written(shell):
 
 
 def test_serve_only_then_the_curl_block_from_another_shell(shell):
+    """Also what a serve-only run owes its key: refused without it, a file only its user reads, gone
+    after the Ctrl-C and in no file the run wrote; the run `stopped`, nothing of it left."""
     home, work, env = shell
+    root = Path(env["GYMLAUNCH_REGISTRY_ROOT"])
     launcher = subprocess.Popen(["bash", "-c", "exec python -m launcher job=none"], cwd=work, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -108,6 +112,11 @@ def test_serve_only_then_the_curl_block_from_another_shell(shell):
             assert time.monotonic() < deadline, "".join(lines)
         printed = "".join(lines)
         assert "serving policy at http://" in printed and "API key: " in printed, printed
+        url = re.search(r"serving policy at (\S+)", printed)[1]
+        assert httpx.get(f"{url}/models", timeout=30).status_code == 401  # a key is generated per run
+        entry = next(e for e in Registry(root).entries() if e.base_url == url)
+        key, key_file = entry.read_api_key(), Path(entry.api_key_file)
+        assert key_file.stat().st_mode & 0o777 == 0o600 and key_file.parent.stat().st_mode & 0o777 == 0o700
 
         # The curl line the launcher printed works as printed, and the README's block from another shell.
         printed_curl = bash(lines[-1].strip() + " --fail -s", work, env, timeout_s=60)
@@ -122,7 +131,14 @@ def test_serve_only_then_the_curl_block_from_another_shell(shell):
         launcher.send_signal(signal.SIGINT)
         out, _ = launcher.communicate(timeout=120)
     assert launcher.returncode == 0, out  # a serve-only run ends with Ctrl-C
-    assert Registry(env["GYMLAUNCH_REGISTRY_ROOT"]).namespaces() == []
+    assert Registry(root).namespaces() == []
+    run_dir = work / out.strip().splitlines()[-1].removeprefix("run folder: ")  # relative to work, if it is
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "stopped"
+    assert_run_left_nothing(root, summary)
+    assert not key_file.exists()
+    written = [p for p in run_dir.rglob("*") if p.is_file()]
+    assert written and all(key.encode() not in p.read_bytes() for p in written)  # logs, pickles, summary
 
 
 def test_the_slurm_test_cluster_recipe_as_written(slurm_cluster, shell):

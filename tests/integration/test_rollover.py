@@ -121,14 +121,15 @@ def _collector_requeued(run_dir: Path, timeout_min: int, repeats: int, *override
 
 def test_the_collector_job_is_requeued_at_its_time_limit_and_resumes_locally(tmp_path):
     """Locally submitit's controller starts the job again at once (the launcher sees it run on): a
-    1-minute limit, about 80 s of work."""
-    _, summary = _collector_requeued(tmp_path / "run", timeout_min=1, repeats=4)
+    1-minute limit, whose warning comes 40 s after the job started, and about 60 s of work (sleeps
+    of the stand-in, however fast the machine)."""
+    _, summary = _collector_requeued(tmp_path / "run", timeout_min=1, repeats=3)
     print(f"[requeue local] collection {summary['phases']['rollouts']:.1f}s against a 60 s job limit")
 
 
 def test_the_collector_job_is_requeued_at_its_time_limit_on_slurm(slurm_cluster, tmp_path):
-    """On Slurm the same job id is requeued (pending for Slurm's requeue delay, about 2.5 minutes)
-    and the launcher follows it: a 2-minute limit (whose warning comes 50 to 20 s before its end),
+    """On Slurm the same job id is requeued (pending for Slurm's requeue delay: cred_expire + 1 s,
+    31 s on the test cluster, tests/slurm/common.sh) and the launcher follows it: a 2-minute limit (whose warning comes 50 to 20 s before its end),
     about 120 s of work, so one requeue."""
     run_dir = tmp_path / "run"
     out, summary = _collector_requeued(run_dir, 2, 6, *SLURM, env=slurm_cluster.env)

@@ -12,7 +12,7 @@ from datetime import datetime
 from pathlib import Path
 
 from server.registry import Registry
-from tests.support import queued, start_launcher, sweep, sweep_summaries
+from tests.support import STANDIN_SERVER, queued, start_launcher, sweep, sweep_summaries
 
 # Small requests so servers and the collector share the 8 (fake) CPUs of the test node.
 SLURM = ["cluster=slurm", "server.gpus_per_replica=1", "cluster.gpus_per_node=4", "cluster.cpus_per_task=1",
@@ -42,9 +42,11 @@ def wait_for_line(proc: subprocess.Popen, prefix: str, timeout_s: float) -> list
     raise AssertionError(f"no line starting {prefix!r}:\n" + "".join(lines))
 
 
-def test_demo_on_slurm_with_fake_gpus_and_a_job_array(slurm_cluster, tmp_path):
+def test_two_replicas_on_slurm_with_fake_gpus_are_one_job_array(slurm_cluster, tmp_path):
+    """The stand-in engine: the array, the gres and the teardown are the launcher's and Slurm's; real
+    vLLM on a fake GPU of this cluster runs in test_readme.py (the embedded default, as written)."""
     root, run_dir = tmp_path / "registry", tmp_path / "run"
-    proc = launcher(slurm_cluster, root, run_dir, "server.replicas=2")
+    proc = launcher(slurm_cluster, root, run_dir, *STANDIN_SERVER, "server.replicas=2")
     out, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, out
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -60,14 +62,15 @@ def test_demo_on_slurm_with_fake_gpus_and_a_job_array(slurm_cluster, tmp_path):
 
 
 def test_a_failing_server_job_fails_the_run_fast(slurm_cluster, tmp_path):
+    """An engine that exits at once, naming what it lacks (vLLM's own complaint about a model path
+    reaching the output: test_launcher.py's dying server)."""
     not_a_model = tmp_path / "not-a-model"
-    not_a_model.mkdir()
-    proc = launcher(slurm_cluster, tmp_path / "registry", tmp_path / "run", "model.embedded=null",
-                    f"model.path={not_a_model}", "job=none")
+    fails = f'server.command="{{python}} -c \\"import sys; sys.exit(\'no model in {not_a_model}\')\\""'
+    proc = launcher(slurm_cluster, tmp_path / "registry", tmp_path / "run", *STANDIN_SERVER, fails, "job=none")
     out, _ = proc.communicate(timeout=600)
     exited = datetime.now()
     assert proc.returncode == 1, out
-    assert "ended while starting" in out and str(not_a_model) in out  # the engine's log tail
+    assert "ended while starting" in out and f"no model in {not_a_model}" in out  # the engine's log tail
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     (job_id,) = [s["job_id"] for s in summary["servers"]]
     state, end = sacct(slurm_cluster, job_id, "State,End")[0]
@@ -92,8 +95,10 @@ def test_ctrl_c_during_readiness_leaves_nothing(slurm_cluster, tmp_path):
 
 
 def test_a_killed_launchers_server_jobs_end_after_the_grace_period(slurm_cluster, tmp_path):
+    """The stand-in engine: the server job watches its launcher's heartbeat whatever its engine, and
+    stops a vLLM engine as on any teardown (test_launcher.py stops real ones)."""
     root = tmp_path / "registry"
-    proc = launcher(slurm_cluster, root, tmp_path / "run", "job=none", "registry.heartbeat_s=1",
+    proc = launcher(slurm_cluster, root, tmp_path / "run", *STANDIN_SERVER, "job=none", "registry.heartbeat_s=1",
                     "registry.ttl_s=5", "registry.orphan_grace_s=5")
     wait_for_line(proc, "serving policy at ", timeout_s=600)
     (namespace,) = Registry(root).namespaces()

@@ -129,7 +129,10 @@ SlurmdPort=$((PORT_BASE + 1))
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=socket=$MUNGE_SOCKET
+# cred_expire (default 120 s): a step's credential must reach its slurmd within it, and a requeued
+# job waits that long before it may start again (slurmctld sets its begin time to now + cred_expire + 1).
+# 30 s: still far beyond a credential's trip to a local slurmd, and a requeue test waits 1.5 min less.
+AuthInfo=socket=$MUNGE_SOCKET,cred_expire=30
 CredType=cred/munge
 StateSaveLocation=$DIR/state
 SlurmdSpoolDir=$DIR/spool/%n
@@ -150,7 +153,10 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 DefMemPerCPU=$5
 SchedulerType=sched/backfill
-SchedulerParameters=batch_sched_delay=0
+# sched_interval (default 60 s): the full scheduling pass, the one that starts a job that became
+# eligible by the clock alone (a requeued job's begin time passing); submissions and job ends already
+# trigger a pass of their own. A few dozen jobs at most here: a pass every 2 s costs nothing.
+SchedulerParameters=batch_sched_delay=0,sched_interval=2
 SlurmdParameters=config_overrides
 ReturnToService=2
 KillWait=5
