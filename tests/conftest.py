@@ -52,8 +52,9 @@ def pytest_collection_finish(session: pytest.Session) -> None:
               if any(fixture in getattr(item, "fixturenames", ()) for item in session.items)]
     if needed:
         log = tempfile.TemporaryFile("w+")  # its progress and timings, read back by the fixtures
+        # Niced: the tests running meanwhile (a replica replaced while a collection lasts) keep the cores.
         session.config.stash[_GYM_KEY] = (subprocess.Popen(
-            [sys.executable, "-m", "tests.gym.provision", *needed], cwd=ROOT, stdout=subprocess.PIPE,
+            ["nice", "-n", "19", sys.executable, "-m", "tests.gym.provision", *needed], cwd=ROOT, stdout=subprocess.PIPE,
             stderr=log, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
         ), log, time.monotonic())
 
