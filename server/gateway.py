@@ -412,13 +412,18 @@ class Gateway:
         request = Request(scope, receive)
         body = await request.body()
         session = self._session(request, body)
+        said: list[tuple[bytes, bytes]] = []  # what the gateway adds to the replica's headers
         if route in _SPLICED and self.settings.on_policy and onpolicy.has_prefix(body):
             try:
                 fields = json.loads(body)
             except ValueError:
                 fields = None  # the replica answers it, as vLLM would
             if isinstance(fields, dict) and onpolicy.required_prefix(fields) is not None:
-                return await self._on_policy(scope, receive, send, request, body, fields, session, started)
+                unsupported = await self._on_policy(scope, receive, send, request, fields, session, started)
+                if unsupported is None:
+                    return
+                # Said, counted and passed on as it came: the replica's own route answers.
+                said.append((onpolicy.HEADER.encode(), f"unsupported: {unsupported}".encode()))
         headers = {k: v for k, v in request.headers.items() if k not in _HOP_BY_HOP}
         query = scope["query_string"]
         target = f"{route}?{query.decode('latin-1')}" if query else route
@@ -426,6 +431,7 @@ class Gateway:
             answer = await self._send(request, scope["method"], target, body, headers, session, stream=True)
         except _Refused as refused:
             return await self._refuse(scope, receive, send, route, started, refused.response)
+        answer.headers += said
         if answer.first is None:
             self._done(route, started, answer.status)
             await send({"type": "http.response.start", "status": answer.status, "headers": answer.headers})
@@ -492,12 +498,13 @@ class Gateway:
                 out_headers.append((b"content-length", b"%d" % len(data)))
             return _Answer(status, out_headers, data, up)
 
-    async def _on_policy(self, scope, receive, send, request: Request, body: bytes, fields: dict,
-                         session: str | None, started: float) -> None:
+    async def _on_policy(self, scope, receive, send, request: Request, fields: dict, session: str | None,
+                         started: float) -> onpolicy.Unsupported | None:
         """A chat completion (or ``/tokenize``) continuing a conversation whose earlier turns carry
         their token ids: its prompt begins with exactly those ids (``server.onpolicy``). Each step
         (render, generate, derender) goes through ``_send``, so a replica that fails mid-way costs a
-        retry, not the request; they are stateless, so steps may land on different replicas."""
+        retry, not the request; they are stateless, so steps may land on different replicas.
+        Returns why not (answering nothing) when the replicas cannot splice: the caller proxies."""
         route = scope["path"]
         # The client's key is checked by _send; the replicas get theirs from the upstream's auth.
         headers = {"content-type": "application/json"}
@@ -525,27 +532,19 @@ class Gateway:
             if isinstance(self._model_info, onpolicy.Unsupported):
                 raise self._model_info
             status, data = await _SPLICED[route](call, fields, self._model_info)
-            outcome = "spliced" if data.get(onpolicy.RESPONSE_FIELD, {}).get("spliced") else "mismatch"
             if status >= 400:
                 outcome = "error"
-            elif outcome == "mismatch":
+            elif data[onpolicy.RESPONSE_FIELD]["spliced"]:
+                outcome = "spliced"
+            else:
+                outcome = "mismatch"
                 log.warning("on-policy splice not possible, generated from the re-rendered prompt: %s",
                             data[onpolicy.RESPONSE_FIELD]["reason"])
         except _Refused as refused:
             return await self._refuse(scope, receive, send, route, started, refused.response)
         except onpolicy.Unsupported as e:
-            # Said, counted and passed on as it came: the replica's own chat route answers.
             self._on_policy_outcomes.labels("unsupported").inc()
-            try:
-                answer = await self._send(request, "POST", route, body,
-                                          {k: v for k, v in request.headers.items() if k not in _HOP_BY_HOP}, session)
-            except _Refused as refused:
-                return await self._refuse(scope, receive, send, route, started, refused.response)
-            answer.headers.append((onpolicy.HEADER.encode(), f"unsupported: {e}".encode()))
-            self._done(route, started, answer.status)
-            await send({"type": "http.response.start", "status": answer.status, "headers": answer.headers})
-            await send({"type": "http.response.body", "body": answer.data})
-            return
+            return e
         except (ValueError, KeyError, TypeError, RuntimeError) as e:  # a body or an answer not shaped as expected
             status, data, outcome = 400, onpolicy.error(f"on-policy splicing failed: {type(e).__name__}: {e}",
                                                         onpolicy.PREFIX_FIELD), "error"
