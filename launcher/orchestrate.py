@@ -42,8 +42,12 @@ log = logging.getLogger(__name__)
 _POLL_S = 0.2  # the job loop's look at the service and the job: cheap (cached sacct, a few stats)
 
 
-class Interrupted(Exception):
-    """Ctrl-C or SIGTERM reached the launcher, or ``launcher.down`` stopped its run from another shell."""
+class Interrupted(BaseException):
+    """Ctrl-C or SIGTERM reached the launcher, or ``launcher.down`` stopped its run from another shell.
+
+    A BaseException, as KeyboardInterrupt: the signal handler raises it wherever the main thread is,
+    and library code there may catch every Exception (submitit's sacct poll does, and logged
+    "Bypassing sacct error SIGINT" while the run went on serving: a Ctrl-C lost)."""
 
     def __init__(self, why: str, from_another_shell: bool = False) -> None:
         super().__init__(why)
