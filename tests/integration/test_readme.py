@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import pytest
 
 from server.models import default_cache_dir
 from server.registry import Registry
+from server.verify import readiness_checks
 from tests.support import ROOT, SLURM_SCRIPTS, assert_run_left_nothing, gym_standins
 
 MARK = "<!-- tests/integration/test_readme.py runs this block as written -->"
@@ -98,11 +100,15 @@ def test_the_gym_recipe_as_written(shell):
 
 def test_serve_only_then_the_curl_block_from_another_shell(shell):
     """Also what a serve-only run owes its key: refused without it, a file only its user reads, gone
-    after the Ctrl-C and in no file the run wrote; the run `stopped`, nothing of it left."""
+    after the Ctrl-C and in no file the run wrote; the run `stopped`, nothing of it left. And what
+    the registry owes its readers: no URL before it serves (polled from the launcher's start)."""
     home, work, env = shell
     root = Path(env["GYMLAUNCH_REGISTRY_ROOT"])
     launcher = subprocess.Popen(["bash", "-c", "exec python -m launcher job=none"], cwd=work, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # From the launcher's first moment, another shell asks the registry for the service's URL, as the
+    # README tells users to: every URL it ever prints must already serve.
+    poller = UrlPoller(env, work).start()
     try:
         lines, deadline = [], time.monotonic() + 600
         for line in launcher.stdout:
@@ -127,7 +133,12 @@ def test_serve_only_then_the_curl_block_from_another_shell(shell):
         assert isinstance(answer["choices"][0]["message"]["content"], str)
         assert answer["prompt_token_ids"] and answer["choices"][0]["token_ids"]
         assert answer["choices"][0]["logprobs"]["content"]
+        handed_out = poller.stop()
+        assert url in handed_out, handed_out  # the gateway, once the launcher says it serves
+        for handed, results in handed_out.items():
+            assert all(r.ok for r in results), (handed, [r for r in results if not r.ok])
     finally:
+        poller.stop()
         launcher.send_signal(signal.SIGINT)
         out, _ = launcher.communicate(timeout=120)
     assert launcher.returncode == 0, out  # a serve-only run ends with Ctrl-C
@@ -139,6 +150,42 @@ def test_serve_only_then_the_curl_block_from_another_shell(shell):
     assert not key_file.exists()
     written = [p for p in run_dir.rglob("*") if p.is_file()]
     assert written and all(key.encode() not in p.read_bytes() for p in written)  # logs, pickles, summary
+
+
+class UrlPoller:
+    """``python -m server.registry urls policy`` in a loop, on a thread; each URL it prints is put
+    through the gate's checks at once (models, chat, tool calls, logprobs and token ids,
+    ``/tokenize``), with the key the registry names: their results by URL, first try only."""
+
+    def __init__(self, env: dict, cwd: Path) -> None:
+        self.env, self.cwd = env, cwd
+        self.checked: dict[str, list] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def start(self) -> "UrlPoller":
+        self._thread.start()
+        return self
+
+    def stop(self) -> dict[str, list]:
+        self._stop.set()
+        self._thread.join()
+        return self.checked
+
+    def _registry(self, *args: str) -> str | None:
+        done = subprocess.run([sys.executable, "-m", "server.registry", *args], cwd=self.cwd, env=self.env,
+                              capture_output=True, text=True, timeout=60)
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            for url in (self._registry("urls", "policy") or "").split(","):
+                if url and url not in self.checked:
+                    key_file = self._registry("key-file", "policy")
+                    self.checked[url] = readiness_checks(
+                        url, "smollm2-135m-instruct", api_key=Path(key_file).read_text().strip() if key_file else None,
+                        tools=True, logprobs=True)
+            self._stop.wait(0.2)
 
 
 def test_the_slurm_test_cluster_recipe_as_written(slurm_cluster, shell):
