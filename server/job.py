@@ -19,12 +19,14 @@ Imports nothing from launcher/.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
 import os
 import signal
 import socket
+import stat
 import subprocess
 import tempfile
 import threading
@@ -45,9 +47,13 @@ log = logging.getLogger(__name__)
 
 _PORT_ATTEMPTS = 3
 # free_port: picks remembered this long per node (longer than any engine takes to bind its port).
-_PICKED_PORTS = Path(tempfile.gettempdir()) / f"gymlaunch-picked-ports-{os.getuid()}.json"
+_PICKED_PORTS = "gymlaunch-picked-ports.json"  # in the user's private folder on the node (_private_node_dir)
 _PICK_WINDOW_S = 1800.0
 _PICK_ATTEMPTS = 50
+# Holding the picks' lock takes milliseconds: longer means a stuck (or hostile) holder, and a port
+# picked without the record beats a job that never starts.
+_PICK_LOCK_TIMEOUT_S = 10.0
+_fallback_dir: Path | None = None  # a process's own private folder when the shared-by-name one is not ours
 _DRAIN_POLL_S = 0.5
 # A draining replica stops no sooner than this after its entry turned ``draining``, even with nothing
 # in flight: clients re-read the registry every few seconds (jobs.pool.EndpointPool.refresh_s, 2 s),
@@ -324,11 +330,19 @@ def free_port(host: str) -> int:
     The engine binds the port later (vLLM after loading its weights: minutes), and once our probe
     socket is closed the kernel may hand the same port to the next job that asks: with 64 replicas
     starting at once on one node, two picked the same port, the second engine failed to bind and
-    its job took the first one's /health answer for its own. A node-local record (flock'ed file in
-    the temp folder) keeps picks apart.
+    its job took the first one's /health answer for its own. A node-local record (a flock'ed file
+    in the user's private folder, ``_private_node_dir``) keeps picks apart. Nothing another local
+    user can do to that record stops a pick: a file that is not ours, a link or a lock held too
+    long is logged and the port picked without the record.
     """
-    with open(_PICKED_PORTS, "a+") as record:
-        fcntl.flock(record, fcntl.LOCK_EX)  # released when the file closes
+    record = _open_picks()
+    if record is None:
+        return _pick(host, {})
+    with record:
+        if not _lock(record):
+            log.warning("the picked-ports record %s stayed locked for %.0fs: picking a port without it",
+                        record.name, _PICK_LOCK_TIMEOUT_S)
+            return _pick(host, {})
         record.seek(0)
         try:
             picked = {int(p): t for p, t in json.loads(record.read() or "{}").items()}
@@ -336,17 +350,78 @@ def free_port(host: str) -> int:
             picked = {}
         now = time.time()
         picked = {p: t for p, t in picked.items() if now - t < _PICK_WINDOW_S}
-        for _ in range(_PICK_ATTEMPTS):
-            with socket.socket() as s:
-                s.bind((host, 0))
-                port = s.getsockname()[1]
-            if port not in picked:
-                break
+        port = _pick(host, picked)
         picked[port] = now
         record.seek(0)
         record.truncate()
         json.dump(picked, record)
+    return port  # the lock goes with the file's close
+
+
+def _pick(host: str, picked: dict[int, float]) -> int:
+    for _ in range(_PICK_ATTEMPTS):
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if port not in picked:
+            break
     return port
+
+
+def _open_picks():
+    """The picked-ports record, opened without following a link and checked to be this user's own
+    regular file; None (logged) when it cannot be."""
+    path = _private_node_dir() / _PICKED_PORTS
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as e:  # ELOOP: a link planted in its place
+        log.warning("cannot open the picked-ports record %s (%s): picking a port without it", path, e)
+        return None
+    st = os.fstat(fd)
+    if st.st_uid != os.getuid() or not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        log.warning("the picked-ports record %s is not this user's own file: picking a port without it", path)
+        return None
+    return os.fdopen(fd, "r+")
+
+
+def _lock(record) -> bool:
+    deadline = time.monotonic() + _PICK_LOCK_TIMEOUT_S
+    while True:
+        try:
+            fcntl.flock(record, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+
+
+def _private_node_dir() -> Path:
+    """A folder on this node only this user can write: ``$XDG_RUNTIME_DIR`` when it is one, else
+    ``<tmp>/gymlaunch-<uid>`` (made 0700). The temp folder is shared by every local user, who may
+    have made that name first (a folder or a link of theirs): then a fresh private folder of this
+    process's own, picks then kept apart within this process only (logged)."""
+    global _fallback_dir
+    uid = os.getuid()
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    shared = Path(tempfile.gettempdir()) / f"gymlaunch-{uid}"
+    for folder in ([Path(runtime)] if runtime else []) + [shared]:
+        if folder == shared:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(folder, 0o700)
+        try:
+            st = os.lstat(folder)
+        except OSError:  # an XDG_RUNTIME_DIR inherited from another node, say
+            continue
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == uid and not st.st_mode & 0o077:
+            return folder
+        if folder == shared:
+            log.warning("%s is not a private folder of this user's (owner uid %d, mode %o): using one of "
+                        "this process's own", folder, st.st_uid, stat.S_IMODE(st.st_mode))
+    if _fallback_dir is None:
+        _fallback_dir = Path(tempfile.mkdtemp(prefix=f"gymlaunch-{uid}-"))
+    return _fallback_dir
 
 
 def _resolve_model(job: ServerJob) -> str:
