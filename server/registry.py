@@ -233,8 +233,7 @@ class Registry:
 
     def validate(self, checks: Checks) -> None:
         problem = _root_problem(self.root)
-        checks.require(problem is None, "root", f"{problem}" + ("" if os.environ.get(ROOT_ENV) is None else
-                                                                f" (from ${ROOT_ENV})"))
+        checks.require(problem is None, "root", f"{problem}")
         if not checks.above(self, "heartbeat_s", 0):
             return
         twice = f"at least twice {checks.key('heartbeat_s')} ({self.heartbeat_s})"
@@ -660,16 +659,18 @@ def _job_key(service: str, replica: int, job_id: str) -> str:
 
 
 def _private_dirs(folder: Path) -> None:
-    """Create ``folder`` and its missing parents as 0700: entries point at keys."""
-    missing = []
-    while not folder.is_dir():
-        missing.append(folder)
-        folder = folder.parent
-    for d in reversed(missing):
+    """Create ``folder`` and its missing parents as 0700: entries point at keys. A parent that
+    another writer pruned a moment ago (``_prune_empty``) is made again."""
+    for attempt in range(_WRITE_ATTEMPTS):
         try:
-            d.mkdir(mode=0o700)
-        except FileExistsError:  # another writer made it first
-            pass
+            folder.mkdir(mode=0o700)
+            return
+        except FileExistsError:  # there already (a file in the way: the write below it says so)
+            return
+        except FileNotFoundError:
+            if attempt == _WRITE_ATTEMPTS - 1:
+                raise
+            _private_dirs(folder.parent)
 
 
 def _subdirs(folder: Path) -> list[str]:
