@@ -6,37 +6,19 @@ used. (The same hiccup in a whole launcher run: tests/integration/test_registry_
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
-from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 from server.checks import Checks
 from server.job import EngineFailed, EntryHeartbeat
 from server.registry import Entry, Registry, gateway_service
-from tests.support import ROOT, entry
+from tests.support import ROOT, entry, replaced_by_a_file
 
 PUBLISHES = 600  # per writer: before, 6 to 17 of 2,000 publishes failed with two writers
-
-
-@contextmanager
-def replaced_by_a_file(folder: Path, away: Path) -> Iterator[None]:
-    """A hiccup of the shared filesystem that fails for root too: ``folder`` is a plain file for a
-    while, so that every write below it gets NotADirectoryError; then it is back as it was (kept
-    meanwhile at ``away``, outside the registry)."""
-    folder.rename(away)
-    folder.write_text("")
-    try:
-        yield
-    finally:
-        folder.unlink(missing_ok=True)
-        away.rename(folder)
 
 
 def test_two_writers_publishing_and_removing_in_one_service_folder_never_fail(tmp_path):
