@@ -25,7 +25,10 @@
 Writers replace a file atomically (temp file + fsync + ``os.replace``), so a
 reader sees either the old or the new file, never half of one. Readers take no
 lock: on shared filesystems locks are slow and sometimes broken, and a reader
-that meets a file it cannot parse skips it with a warning. An entry whose
+that meets a file it cannot parse, or a field of the wrong type, skips it with
+a warning. Two writers in one folder: one's ``remove`` may prune the folder
+the other is about to write in; that writer makes it again and retries.
+Namespace and service names (they become folders) match ``NAME_RULE``. An entry whose
 heartbeat is older than ``ttl_s`` is not handed out: its server job may have
 died without removing it. Server jobs stop themselves when no owner of their
 namespace heartbeated for ``orphan_grace_s`` (the launcher was killed, or its
