@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -618,7 +619,7 @@ def _typed(cls: type, data: object):
                      f.default_factory is dataclasses.MISSING and f.name not in data)
     if missing:
         raise ValueError(f"missing keys {missing}")
-    hints = typing.get_type_hints(cls)
+    hints = _type_hints(cls)
     values = {}
     for f in fields:
         if f.name in data:
@@ -626,6 +627,9 @@ def _typed(cls: type, data: object):
                 raise ValueError(f"{f.name}: expected {_type_name(hints[f.name])}, got {data[f.name]!r}")
             values[f.name] = data[f.name]
     return cls(**values)
+
+
+_type_hints = functools.cache(typing.get_type_hints)  # per record class; clients parse often
 
 
 def _is_a(value: object, hint: object) -> bool:
