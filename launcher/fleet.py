@@ -38,7 +38,7 @@ import submitit
 from launcher.executors import Backend, Resources
 from launcher.readiness import JOB_FIELDS, Gate, ReplicaStatus, ServerFailed, death_report, step
 from server.job import ServerJob, run as run_server
-from server.registry import Entry, JobRecord, Registry
+from server.registry import Entry, JobRecord, Registry, hiccup_tolerated
 from server.verify import CheckResult
 
 log = logging.getLogger(__name__)
@@ -257,7 +257,7 @@ class Fleet:
         s = self.settings
         old = r.job
         state = self.backend.state(old)
-        self.registry.remove(s.namespace, s.service, r.replica, str(old.job_id))  # a killed job leaves it
+        self._remove_entry(r.replica, old)  # a killed job leaves it
         successor = self._successors.pop(r.replica, None) or ReplicaStatus(replica=r.replica,
                                                                            job=self._submit(r.replica))
         self._take_over(r, successor)
@@ -271,7 +271,7 @@ class Fleet:
         """Jobs that handed over: gone once ended (a job killed while draining could not remove its entry)."""
         for replica, job in list(self._draining):
             if self.backend.finished(job):
-                self.registry.remove(self.settings.namespace, self.settings.service, replica, str(job.job_id))
+                self._remove_entry(replica, job)
                 self._draining.remove((replica, job))
 
     def _died(self, r: ReplicaStatus, when: str) -> None:
@@ -302,8 +302,7 @@ class Fleet:
         log.info("%s", self._last_report)  # the whole report in the run's log, even when replaced
         replica = self.replicas[dead.replica]
         replica.deaths.append({"job_id": str(dead.job.job_id), "reason": reason, "when": when, "at": time.time()})
-        # A server job that was killed could not remove its entry: clients must not be sent there.
-        self.registry.remove(s.namespace, s.service, dead.replica, str(dead.job.job_id))
+        self._remove_entry(dead.replica, dead.job)
         if not s.replaces:
             raise ServerFailed(self._last_report)
         return reason
@@ -331,9 +330,17 @@ class Fleet:
         job = self.backend.submit(run_server, self._server_job(replica), self._resources)
         record = self.registry.recorded_jobs(self.settings.namespace)
         if record is not None:  # launcher.down and joining runs find the new job too
-            self.registry.record_jobs(self.settings.namespace, JobRecord(
-                kind=record.kind, job_ids=[*record.job_ids, str(job.job_id)], server_hash=record.server_hash))
+            with hiccup_tolerated(f"recording job {job.job_id}"):  # this run stops it all the same
+                self.registry.record_jobs(self.settings.namespace, JobRecord(
+                    kind=record.kind, job_ids=[*record.job_ids, str(job.job_id)], server_hash=record.server_hash))
         return job
+
+    def _remove_entry(self, replica: int, job: submitit.Job) -> None:
+        """The entry of a job that ended: a killed server job could not remove its own, and clients
+        must not be sent there. A hiccup of the registry must not end the run: the entry then goes
+        stale (clients skip it) and goes with the namespace at the end."""
+        with hiccup_tolerated(f"removing the entry of job {job.job_id}"):
+            self.registry.remove(self.settings.namespace, self.settings.service, replica, str(job.job_id))
 
     @staticmethod
     def _take_over(r: ReplicaStatus, new: ReplicaStatus) -> None:

@@ -77,6 +77,7 @@ class Run:
         self.fleet: Fleet | None = None
         self.gateway: ServiceGateway | None = None  # gateway.enabled: the service's one URL
         self.joined = False
+        self.released = False  # the teardown stopped the servers: their namespace must go
         self.took_over = False  # joined the servers of the run this one resumes: they are this run's now
         self.resumed_from: dict | None = None  # run.resume: the interrupted run's id and the rows it left
         self.log_dir = self.run_dir / "logs"
@@ -131,9 +132,19 @@ class Run:
         except (ServerFailed, JobFailed, SubmissionRefused) as e:
             status, error = "failed", str(e)
             self._say(f"[red bold]failed:[/] {escape(str(e))}")
+        except Exception as e:  # noqa: BLE001 - whatever it was, the run is torn down and summarised
+            log.exception("the run failed unexpectedly")
+            status, error = "failed", f"{type(e).__name__}: {e}"
+            self._say(f"[red bold]failed:[/] {escape(error)} (traceback in {escape(str(self.run_dir))}/launcher.log)")
         finally:
             with _signals_ignored(), self._phase("teardown"):
-                self._teardown(status)
+                try:
+                    self._teardown(status)
+                except Exception as e:  # noqa: BLE001 - the summary is written all the same
+                    log.exception("teardown failed")
+                    status, error = "failed", error or f"teardown failed: {type(e).__name__}: {e}"
+                    self._say(f"[red bold]teardown failed:[/] {escape(str(e))}")
+                self._remove_namespace_left()
             self.backend.tidy()
         summary = self._write_summary(status, error)
         self.console.print(views.summary_table(summary))
@@ -478,7 +489,23 @@ class Run:
                 pools.keep(self.pool)
             self._say(escape(f"servers of {self.namespace} kept for the sweep's next points (stopped when the sweep ends)"))
         else:
-            pools.release(self.pool, say)
+            self.released = pools.release(self.pool, say)
+
+    def _remove_namespace_left(self) -> None:
+        """The namespace of servers this run stopped (entries, API key) is gone at the end, also when a
+        hiccup of the shared filesystem kept the teardown from removing it: tried again for up to
+        ``registry.ttl_s``, then reported."""
+        if not self.released:
+            return
+        deadline = time.monotonic() + self.registry.ttl_s
+        while self.registry.namespace_exists(self.namespace):
+            if time.monotonic() > deadline:
+                self._say(escape(f"registry namespace {self.namespace} could not be removed: remove "
+                                 f"{self.registry.root / self.namespace} by hand"), "red")
+                return
+            log.warning("registry namespace %s still there after teardown; removing it again", self.namespace)
+            time.sleep(self.registry.heartbeat_s)
+            self.registry.remove_namespace(self.namespace)
 
     # ------------------------------------------------------------ helpers
 

@@ -53,7 +53,8 @@ class ServerPool:
         """Let go of the pool; stop it if no other run uses it. Returns True if it was stopped."""
         with self.registry.pool_lock(self.namespace) if self.shared else nullcontext():
             self.heartbeat.stop()
-            others = self.registry.live_owners(self.namespace)
+            # Not this run's own file, should a hiccup have kept it from going.
+            others = [o for o in self.registry.live_owners(self.namespace) if o != self.heartbeat.run_id]
             if others:
                 say(f"servers of {self.namespace} stay up for runs {others}")
                 return False

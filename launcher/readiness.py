@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -12,6 +13,8 @@ import submitit
 from launcher.executors import Backend
 from server.registry import Entry, Registry
 from server.verify import CheckResult
+
+log = logging.getLogger(__name__)
 
 
 
@@ -115,7 +118,11 @@ def step(
         status.checks = results if results is not None else status.checks
         if results and all(c.ok for c in results):
             # Only now may clients use it: its server job turns the entry `ready` (server/job.py).
-            registry.admit(namespace, service, status.replica, entry.job_id)
+            try:
+                registry.admit(namespace, service, status.replica, entry.job_id)
+            except OSError as e:  # a hiccup of the shared filesystem: admitted at the next look
+                log.warning("admitting job %s failed (%s); trying again", entry.job_id, e)
+                return "waiting"
             status.ready_after_s = time.monotonic() - status.submitted_at
             status.gate_s = time.monotonic() - status.healthy_at
             status.state = "ready"

@@ -48,7 +48,7 @@ from server.engines import BUILDERS, MULTINODE_BACKENDS, EngineSpec, NodeRole, b
 from server.gateway import GatewaySettings
 from server.job import ServerSettings
 from server.models import EMBEDDED_MODELS
-from server.registry import Registry
+from server.registry import Registry, name_problem
 
 CHAT_TEMPLATES = Path(__file__).resolve().parent.parent / "server" / "chat_templates"
 TASK_SETS = Path(__file__).resolve().parent.parent / "jobs" / "tasks"
@@ -70,6 +70,9 @@ class RunInfo:
     resume: Optional[str]
 
     def validate(self, checks: Checks) -> None:
+        # It names the run's folder (outputs/<name>/...), its registry namespace and its jobs.
+        problem = name_problem(self.name)
+        checks.require(problem is None, "name", f"{problem}: it names the run's folders")
         if self.resume is not None:
             checks.require((Path(self.resume) / ".hydra" / "config.yaml").is_file(), "resume",
                            f"{self.resume} has no saved config (.hydra/config.yaml): not a run folder")
@@ -183,8 +186,8 @@ class ServerSpec(EngineSpec, ServerSettings):
 
     def validate(self, checks: Checks) -> None:
         super().validate(checks)
-        checks.require(bool(self.service) and "/" not in self.service, "service",
-                       f"{self.service!r} must be a non-empty name without '/'")
+        problem = name_problem(self.service)
+        checks.require(problem is None, "service", f"{problem}: it names the service's registry folder")
         checks.at_least(self, "replicas", 1)
         checks.at_least(self, "max_restarts", 0)
         checks.above(self, "no_replica_grace_s", 0)

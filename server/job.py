@@ -19,12 +19,14 @@ Imports nothing from launcher/.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
 import os
 import signal
 import socket
+import stat
 import subprocess
 import tempfile
 import threading
@@ -39,15 +41,19 @@ from server import multinode, process, ray_cluster
 from server.engines import EngineLaunch, EngineSpec, build_launch, engine_version, host_port
 from server.multinode import NodeGroup, NodeProblem
 from server.ray_cluster import RayNode
-from server.registry import Entry, Registry
+from server.registry import Entry, Registry, hiccup_tolerated
 
 log = logging.getLogger(__name__)
 
 _PORT_ATTEMPTS = 3
 # free_port: picks remembered this long per node (longer than any engine takes to bind its port).
-_PICKED_PORTS = Path(tempfile.gettempdir()) / f"gymlaunch-picked-ports-{os.getuid()}.json"
+_PICKED_PORTS = "gymlaunch-picked-ports.json"  # in the user's private folder on the node (_private_node_dir)
 _PICK_WINDOW_S = 1800.0
 _PICK_ATTEMPTS = 50
+# Holding the picks' lock takes milliseconds: longer means a stuck (or hostile) holder, and a port
+# picked without the record beats a job that never starts.
+_PICK_LOCK_TIMEOUT_S = 10.0
+_fallback_dir: Path | None = None  # a process's own private folder when the shared-by-name one is not ours
 _DRAIN_POLL_S = 0.5
 # A draining replica stops no sooner than this after its entry turned ``draining``, even with nothing
 # in flight: clients re-read the registry every few seconds (jobs.pool.EndpointPool.refresh_s, 2 s),
@@ -95,7 +101,13 @@ class ServerJob(ServerSettings):
     multinode_backend: str = "mp"  # mp: an engine on every node; ray: a Ray node on every node (ray_cluster.py)
 
     def orphaned(self) -> bool:
-        return self.registry.orphaned(self.namespace)
+        """No run uses the namespace any more. Owners that cannot be read for a moment (a hiccup of
+        the shared filesystem) are not taken for none: looked at again at the next beat."""
+        try:
+            return self.registry.orphaned(self.namespace)
+        except OSError as e:
+            log.warning("owners of %s not readable (%s); looking again at the next beat", self.namespace, e)
+            return False
 
     @property
     def engine_log(self) -> Path:
@@ -148,17 +160,18 @@ def run(job: ServerJob) -> None:
             launch = build_launch(job.engine, model_path, job.bind_host, port, api_key, node=role)
             engine = watch.engine = _start_engine(job, launch)
             entry = _entry(job, port, engine.pid, group)
-            registry.publish(entry)
+            beat = EntryHeartbeat(registry, entry)
+            beat()
             try:
                 if group is not None and ray is None:
                     group.say(engine_pid=engine.pid)
-                    _wait_until(lambda: _listens(group.addr, group.beat.dist_port), 0.2, watch, entry,
-                                signals.stop, registry)
+                    _wait_until(lambda: _listens(group.addr, group.beat.dist_port), 0.2, watch, beat, signals.stop)
                     group.say(state="listening")  # the workers start now
-                _wait_healthy(job, watch, entry, launch.health_path, signals.stop, registry)
+                _wait_healthy(job, watch, beat, launch.health_path, signals.stop)
                 break
             except EngineFailed as e:
-                registry.remove(job.namespace, job.service, job.replica, entry.job_id)
+                with hiccup_tolerated(f"removing the entry of job {entry.job_id}"):  # it goes stale anyway
+                    registry.remove(job.namespace, job.service, job.replica, entry.job_id)
                 retry = job.port is None and "address already in use" in str(e).lower()
                 if not retry or attempt == _PORT_ATTEMPTS - 1:
                     raise
@@ -167,22 +180,26 @@ def run(job: ServerJob) -> None:
         if group is not None:
             group.say(state="running")
         if job.gated and not signals.stop.is_set():
-            _wait_admitted(job, watch, entry, signals.stop, registry)
+            _wait_admitted(job, watch, beat, signals.stop)
         if signals.stop.is_set():
             return
-        registry.heartbeat(entry, state="ready")
+        beat(state="ready")
         log.info("replica %s/%d ready at %s", job.service, job.replica, entry.base_url)
-        _serve(job, watch, entry, registry, signals)
+        _serve(job, watch, beat, signals)
     except (EngineFailed, NodeProblem) as e:
         reason = getattr(e, "reason", str(e))
-        # Said where the launcher's fleet looks, so the replacement's report says why.
-        registry.record_death(job.namespace, job.service, job.replica, current_job_id(), reason)
+        # Said where the launcher's fleet looks, so the replacement's report says why (the
+        # scheduler's state says less, should the registry be what failed).
+        with hiccup_tolerated("recording why the replica died"):
+            registry.record_death(job.namespace, job.service, job.replica, current_job_id(), reason)
         if group is not None:
             group.say(state="dead", reason=reason)  # the workers stop theirs at once
         raise
     finally:
-        # Its own entry only: a successor of the same replica may already serve beside it.
-        registry.remove(job.namespace, job.service, job.replica, current_job_id())
+        # Its own entry only: a successor of the same replica may already serve beside it. Left
+        # behind by a hiccup, it goes stale, and the launcher removes a dead job's entry.
+        with hiccup_tolerated(f"removing the entry of job {current_job_id()}"):
+            registry.remove(job.namespace, job.service, job.replica, current_job_id())
         if engine is not None:
             process.stop(engine, job.stop_grace_s)
         if ray is not None:
@@ -231,7 +248,42 @@ class _Watch:
         self.group.keep_alive()
 
 
-def _serve(job: ServerJob, watch: _Watch, entry: Entry, registry: Registry, signals: _Signals) -> None:
+class EntryHeartbeat:
+    """Publishes a replica's entry again (``Registry.heartbeat``), surviving shared-filesystem hiccups.
+
+    A write that fails (an ``OSError``: the folder unreachable or replaced for a moment) is logged
+    and tried again at the next beat: the new state, if any, is kept and written then. Failing for
+    longer than ``ttl_s`` is a real failure: clients already take the entry for stale and send the
+    replica nothing, so the job fails (``EngineFailed``) and the launcher's fleet replaces it, maybe
+    on a node whose filesystem works, rather than a replica serving no one holding its GPUs.
+    """
+
+    def __init__(self, registry: Registry, entry: Entry) -> None:
+        self.registry, self.entry = registry, entry
+        self._failing_since: float | None = None
+
+    def __call__(self, state: str | None = None) -> None:
+        try:
+            self.registry.heartbeat(self.entry, state)
+        except OSError as e:
+            now = time.monotonic()
+            self._failing_since = self._failing_since or now
+            failing_s = now - self._failing_since
+            if failing_s > self.registry.ttl_s:
+                raise EngineFailed(f"its registry entry could not be written for {failing_s:.0f}s, longer than "
+                                   f"registry.ttl_s ({self.registry.ttl_s:g}s): {e}",
+                                   reason=f"registry unwritable for {failing_s:.0f}s ({type(e).__name__})") from e
+            log.warning("heartbeat of %s/%d not written (%s); trying again at the next beat",
+                        self.entry.service, self.entry.replica, e)
+            return
+        if self._failing_since is not None:
+            log.info("heartbeat written again after %.1fs of failures", time.monotonic() - self._failing_since)
+            self._failing_since = None
+
+
+def _serve(job: ServerJob, watch: _Watch, beat: EntryHeartbeat, signals: _Signals) -> None:
+    registry = job.registry
+    entry = beat.entry
     drain_deadline = settled_at = None
     last_beat = time.monotonic()
     while not signals.stop.wait(_DRAIN_POLL_S if drain_deadline else watch.poll_s):
@@ -248,13 +300,13 @@ def _serve(job: ServerJob, watch: _Watch, entry: Entry, registry: Registry, sign
             log.info("draining: no new sessions, up to %.0fs for in-flight requests", job.drain_grace_s)
             drain_deadline = time.monotonic() + job.drain_grace_s
             settled_at = time.monotonic() + min(_DRAIN_SETTLE_S, job.drain_grace_s)
-            registry.heartbeat(entry, state="draining")
+            beat(state="draining")
         if drain_deadline is not None:
             in_flight = in_flight_requests(entry, job.bind_host)
             if (in_flight == 0 and time.monotonic() >= settled_at) or time.monotonic() >= drain_deadline:
                 log.info("drained (%s requests in flight); stopping", in_flight)
                 return
-        registry.heartbeat(entry)
+        beat()
 
 
 def in_flight_requests(entry: Entry, bind_host: str) -> float | None:
@@ -278,11 +330,19 @@ def free_port(host: str) -> int:
     The engine binds the port later (vLLM after loading its weights: minutes), and once our probe
     socket is closed the kernel may hand the same port to the next job that asks: with 64 replicas
     starting at once on one node, two picked the same port, the second engine failed to bind and
-    its job took the first one's /health answer for its own. A node-local record (flock'ed file in
-    the temp folder) keeps picks apart.
+    its job took the first one's /health answer for its own. A node-local record (a flock'ed file
+    in the user's private folder, ``_private_node_dir``) keeps picks apart. Nothing another local
+    user can do to that record stops a pick: a file that is not ours, a link or a lock held too
+    long is logged and the port picked without the record.
     """
-    with open(_PICKED_PORTS, "a+") as record:
-        fcntl.flock(record, fcntl.LOCK_EX)  # released when the file closes
+    record = _open_picks()
+    if record is None:
+        return _pick(host, {})
+    with record:
+        if not _lock(record):
+            log.warning("the picked-ports record %s stayed locked for %.0fs: picking a port without it",
+                        record.name, _PICK_LOCK_TIMEOUT_S)
+            return _pick(host, {})
         record.seek(0)
         try:
             picked = {int(p): t for p, t in json.loads(record.read() or "{}").items()}
@@ -290,17 +350,78 @@ def free_port(host: str) -> int:
             picked = {}
         now = time.time()
         picked = {p: t for p, t in picked.items() if now - t < _PICK_WINDOW_S}
-        for _ in range(_PICK_ATTEMPTS):
-            with socket.socket() as s:
-                s.bind((host, 0))
-                port = s.getsockname()[1]
-            if port not in picked:
-                break
+        port = _pick(host, picked)
         picked[port] = now
         record.seek(0)
         record.truncate()
         json.dump(picked, record)
+    return port  # the lock goes with the file's close
+
+
+def _pick(host: str, picked: dict[int, float]) -> int:
+    for _ in range(_PICK_ATTEMPTS):
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if port not in picked:
+            break
     return port
+
+
+def _open_picks():
+    """The picked-ports record, opened without following a link and checked to be this user's own
+    regular file; None (logged) when it cannot be."""
+    path = _private_node_dir() / _PICKED_PORTS
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as e:  # ELOOP: a link planted in its place
+        log.warning("cannot open the picked-ports record %s (%s): picking a port without it", path, e)
+        return None
+    st = os.fstat(fd)
+    if st.st_uid != os.getuid() or not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        log.warning("the picked-ports record %s is not this user's own file: picking a port without it", path)
+        return None
+    return os.fdopen(fd, "r+")
+
+
+def _lock(record) -> bool:
+    deadline = time.monotonic() + _PICK_LOCK_TIMEOUT_S
+    while True:
+        try:
+            fcntl.flock(record, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+
+
+def _private_node_dir() -> Path:
+    """A folder on this node only this user can write: ``$XDG_RUNTIME_DIR`` when it is one, else
+    ``<tmp>/gymlaunch-<uid>`` (made 0700). The temp folder is shared by every local user, who may
+    have made that name first (a folder or a link of theirs): then a fresh private folder of this
+    process's own, picks then kept apart within this process only (logged)."""
+    global _fallback_dir
+    uid = os.getuid()
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    shared = Path(tempfile.gettempdir()) / f"gymlaunch-{uid}"
+    for folder in ([Path(runtime)] if runtime else []) + [shared]:
+        if folder == shared:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(folder, 0o700)
+        try:
+            st = os.lstat(folder)
+        except OSError:  # an XDG_RUNTIME_DIR inherited from another node, say
+            continue
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == uid and not st.st_mode & 0o077:
+            return folder
+        if folder == shared:
+            log.warning("%s is not a private folder of this user's (owner uid %d, mode %o): using one of "
+                        "this process's own", folder, st.st_uid, stat.S_IMODE(st.st_mode))
+    if _fallback_dir is None:
+        _fallback_dir = Path(tempfile.mkdtemp(prefix=f"gymlaunch-{uid}-"))
+    return _fallback_dir
 
 
 def _resolve_model(job: ServerJob) -> str:
@@ -341,10 +462,10 @@ def _start_ray_cluster(job: ServerJob, group: NodeGroup, watch: _Watch, signals:
         return alive >= job.nodes
 
     _wait_until(within_startup(lambda: _listens(group.addr, node.gcs_port), lambda: f"Ray's GCS not listening at "
-                               f"{address}"), 0.2, watch, None, signals.stop, job.registry)
+                               f"{address}"), 0.2, watch, None, signals.stop)
     group.say(state="listening")
     _wait_until(within_startup(all_alive, lambda: f"Ray counts {alive} of {job.nodes} nodes alive"), 0.5, watch,
-                None, signals.stop, job.registry)
+                None, signals.stop)
     log.info("Ray cluster at %s: %d nodes alive", address, alive)
     return node
 
@@ -388,11 +509,9 @@ def current_job_id() -> str:
     return env.get("SLURM_JOB_ID") or env.get("SUBMITIT_LOCAL_JOB_ID") or f"pid:{os.getpid()}"
 
 
-def _wait_healthy(
-    job: ServerJob, watch: _Watch, entry: Entry, health_path: str, stop: threading.Event, registry: Registry,
-) -> None:
+def _wait_healthy(job: ServerJob, watch: _Watch, beat: EntryHeartbeat, health_path: str, stop: threading.Event) -> None:
     deadline = time.monotonic() + job.startup_timeout_s
-    health = f"http://{_connect_host(job.bind_host)}:{entry.port}{health_path}"
+    health = f"http://{_connect_host(job.bind_host)}:{beat.entry.port}{health_path}"
     with httpx.Client(timeout=5.0) as client:
         def healthy() -> bool:
             try:
@@ -409,20 +528,19 @@ def _wait_healthy(
             return False
 
         # /health is cheap: the sooner seen, the sooner the gate runs.
-        _wait_until(healthy, 0.2, watch, entry, stop, registry)
+        _wait_until(healthy, 0.2, watch, beat, stop)
 
 
-def _wait_admitted(job: ServerJob, watch: _Watch, entry: Entry, stop: threading.Event, registry: Registry) -> None:
+def _wait_admitted(job: ServerJob, watch: _Watch, beat: EntryHeartbeat, stop: threading.Event) -> None:
     """``healthy`` until the launcher's readiness gate admits this job (a replacement is handed out
     only after the same checks as the first replicas). The launcher bounds how long that takes."""
-    registry.heartbeat(entry, state="healthy")
-    job_id = entry.job_id
-    _wait_until(lambda: registry.admitted(job.namespace, job.service, job.replica, job_id), 0.1,
-                watch, entry, stop, registry)
+    beat(state="healthy")
+    registry, job_id = job.registry, beat.entry.job_id
+    _wait_until(lambda: registry.admitted(job.namespace, job.service, job.replica, job_id), 0.1, watch, beat, stop)
 
 
-def _wait_until(done: Callable[[], bool], poll_s: float, watch: _Watch, entry: Entry | None,
-                stop: threading.Event, registry: Registry) -> None:
+def _wait_until(done: Callable[[], bool], poll_s: float, watch: _Watch, beat: EntryHeartbeat | None,
+                stop: threading.Event) -> None:
     """Poll ``done`` until it holds or ``stop`` is set, watching the engine; starting can take minutes
     (weights, compilation), so the entry (once there is one) keeps heartbeating, and an orphaned job
     stops itself."""
@@ -432,13 +550,13 @@ def _wait_until(done: Callable[[], bool], poll_s: float, watch: _Watch, entry: E
         watch()
         if done():
             return
-        if time.monotonic() - last_beat >= registry.heartbeat_s:
+        if time.monotonic() - last_beat >= job.registry.heartbeat_s:
             if job.orphaned():
                 log.warning("no run using %s heartbeated while starting: stopping", job.namespace)
                 stop.set()
                 return
-            if entry is not None:
-                registry.heartbeat(entry)
+            if beat is not None:
+                beat()
             last_beat = time.monotonic()
         stop.wait(poll_s)
 

@@ -25,7 +25,10 @@
 Writers replace a file atomically (temp file + fsync + ``os.replace``), so a
 reader sees either the old or the new file, never half of one. Readers take no
 lock: on shared filesystems locks are slow and sometimes broken, and a reader
-that meets a file it cannot parse skips it with a warning. An entry whose
+that meets a file it cannot parse, or a field of the wrong type, skips it with
+a warning. Two writers in one folder: one's ``remove`` may prune the folder
+the other is about to write in; that writer makes it again and retries.
+Namespace and service names (they become folders) match ``NAME_RULE``. An entry whose
 heartbeat is older than ``ttl_s`` is not handed out: its server job may have
 died without removing it. Server jobs stop themselves when no owner of their
 namespace heartbeated for ``orphan_grace_s`` (the launcher was killed, or its
@@ -42,14 +45,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import fcntl
+import functools
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import sys
 import threading
 import time
+import types
+import typing
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +87,31 @@ _NODES = ".nodes"  # the nodes of replicas that span several: <service>-<replica
 # as for a replica. ``@`` cannot start a service name a client asks for by mistake.
 GATEWAY_SUFFIX = "@gateway"
 GATEWAY_ENGINE = "gateway"
+# Namespaces and services become folder names below the root: no separator, no leading dot (hidden
+# records, "." and ".."), no ".." anywhere, so that no name reaches outside its namespace.
+NAME_RULE = "[A-Za-z0-9][A-Za-z0-9._-]* without '..'"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# A writer whose folder is pruned under it (another writer removed the last entry) makes it again:
+# this many times in a row would be a remover in a loop, not a race.
+_WRITE_ATTEMPTS = 10
+
+
+def name_problem(name: object) -> str | None:
+    """Why ``name`` cannot be a namespace or service name (a folder below the registry root); None if it can."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
+        return f"{name!r} must match {NAME_RULE}"
+    return None
+
+
+def check_name(what: str, name: object) -> str:
+    """``name`` when it is a valid ``what`` (namespace, service); else ``ValueError``. A service may
+    be a gateway's (``<service>@gateway``)."""
+    bare = name[: -len(GATEWAY_SUFFIX)] if what == "service" and isinstance(name, str) and \
+        name.endswith(GATEWAY_SUFFIX) else name
+    problem = name_problem(bare)
+    if problem:
+        raise ValueError(f"registry {what} {problem}")
+    return name
 
 
 def gateway_service(service: str) -> str:
@@ -138,13 +170,11 @@ class Entry:
 
     @classmethod
     def from_json(cls, data: dict) -> "Entry":
-        names = {f.name for f in dataclasses.fields(cls)}
-        missing = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING} - data.keys()
-        if missing:
-            raise ValueError(f"missing keys {sorted(missing)}")
-        entry = cls(**{k: v for k, v in data.items() if k in names})
+        """``ValueError`` naming the field when one is missing or not of its type (``heartbeat_at:
+        "soon"`` would break every reader that compares it)."""
+        entry = _typed(cls, data)
         if entry.state not in STATES:
-            raise ValueError(f"unknown state {entry.state!r}")
+            raise ValueError(f"state: unknown state {entry.state!r}")
         return entry
 
 
@@ -206,6 +236,8 @@ class Registry:
         self.root = Path(self.root).expanduser() if self.root else default_root()
 
     def validate(self, checks: Checks) -> None:
+        problem = _root_problem(self.root)
+        checks.require(problem is None, "root", f"{problem}")
         if not checks.above(self, "heartbeat_s", 0):
             return
         twice = f"at least twice {checks.key('heartbeat_s')} ({self.heartbeat_s})"
@@ -217,7 +249,7 @@ class Registry:
     def path(self, namespace: str, service: str, replica: int, job_id: str) -> Path:
         # Per job, not per replica: a replica's successor publishes beside the job it takes over
         # from, and the old one's drain removes its own entry only.
-        return self.root / namespace / service / f"{replica}-{job_id}.json"
+        return self._service_dir(namespace, service) / f"{replica}-{_file_part('job id', job_id)}.json"
 
     def publish(self, entry: Entry) -> Path:
         """Write (or replace) ``entry`` atomically."""
@@ -235,7 +267,7 @@ class Registry:
 
     def remove(self, namespace: str, service: str, replica: int, job_id: str | None = None) -> bool:
         """Remove the entry of ``replica``'s job ``job_id`` (None: of every job of it); whether one was there."""
-        folder = self.root / namespace / service
+        folder = self._service_dir(namespace, service)
         paths = [self.path(namespace, service, replica, job_id)] if job_id is not None else \
             list(folder.glob(f"{replica}-*.json"))
         removed = False
@@ -290,7 +322,7 @@ class Registry:
         """
         found: dict[str, Scanned] = {}
         try:
-            listing = os.scandir(self.root / namespace / service)
+            listing = os.scandir(self._service_dir(namespace, service))
         except (FileNotFoundError, NotADirectoryError):
             return found
         with listing:
@@ -319,23 +351,28 @@ class Registry:
     def remove_namespace(self, namespace: str) -> int:
         """Remove ``namespace`` whole (entries, key, run records); returns how many entries were left."""
         entries = self.entries(namespace)
-        for e in entries:
-            self.remove(e.namespace, e.service, e.replica, e.job_id)
-        shutil.rmtree(self.root / namespace, ignore_errors=True)
+        for e in entries:  # first, so that no client reads an entry whose key is gone
+            with hiccup_tolerated(f"removing entry {e.service}/{e.replica}-{e.job_id}"):  # rmtree's turn next
+                self.remove(e.namespace, e.service, e.replica, e.job_id)
+        shutil.rmtree(self._namespace_dir(namespace), ignore_errors=True)
         return len(entries)
+
+    def namespace_exists(self, namespace: str) -> bool:
+        """Whether anything is left of ``namespace`` (a run's teardown checks that its removal took)."""
+        return os.path.lexists(self._namespace_dir(namespace))
 
     def create_api_key(self, namespace: str) -> Path:
         """A fresh random key for the namespace's endpoints, readable by this user only."""
-        path = self.root / namespace / _API_KEY_FILE
+        path = self._namespace_dir(namespace) / _API_KEY_FILE
         _write_atomic(path, secrets.token_urlsafe(32).encode())
         return path
 
     def record_jobs(self, namespace: str, record: JobRecord) -> None:
-        _write_atomic(self.root / namespace / _JOBS_FILE, json.dumps(dataclasses.asdict(record)).encode())
+        _write_atomic(self._namespace_dir(namespace) / _JOBS_FILE, json.dumps(dataclasses.asdict(record)).encode())
 
     def recorded_jobs(self, namespace: str) -> JobRecord | None:
         try:
-            return JobRecord(**json.loads((self.root / namespace / _JOBS_FILE).read_text()))
+            return _typed(JobRecord, json.loads((self._namespace_dir(namespace) / _JOBS_FILE).read_text()))
         except (FileNotFoundError, ValueError, TypeError):
             return None
 
@@ -349,7 +386,7 @@ class Registry:
         path no longer names the file it locked, and locks again. (filelock cannot tell, hence
         fcntl here.)
         """
-        path = self.root / f".{namespace}.lock"
+        path = self.root / f".{check_name('namespace', namespace)}.lock"
         _private_dirs(self.root)
         while True:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -363,26 +400,27 @@ class Registry:
         try:
             yield
         finally:
-            if not (self.root / namespace).is_dir():
+            if not self._namespace_dir(namespace).is_dir():
                 path.unlink(missing_ok=True)
             os.close(fd)  # releases the lock
 
     def record_death(self, namespace: str, service: str, replica: int, job_id: str, reason: str) -> None:
         """Why a replica's engine died (``killed by signal 9 (SIGKILL)``), for whoever replaces it."""
-        _write_atomic(self.root / namespace / _DEATHS / f"{service}-{replica}-{job_id}", reason.encode())
+        _write_atomic(self._namespace_dir(namespace) / _DEATHS / _job_key(service, replica, job_id), reason.encode())
 
     def death_note(self, namespace: str, service: str, replica: int, job_id: str) -> str | None:
         try:
-            return (self.root / namespace / _DEATHS / f"{service}-{replica}-{job_id}").read_text()
-        except FileNotFoundError:
+            return (self._namespace_dir(namespace) / _DEATHS / _job_key(service, replica, job_id)).read_text()
+        except OSError:  # none written, or unreadable for now: the scheduler's state says the rest
             return None
 
     def admit(self, namespace: str, service: str, replica: int, job_id: str) -> None:
         """The launcher's gate passed this job's engine: its server job may publish it ``ready``."""
-        _write_atomic(self.root / namespace / _ADMITTED / f"{service}-{replica}-{job_id}", b"")
+        _write_atomic(self._namespace_dir(namespace) / _ADMITTED / _job_key(service, replica, job_id), b"")
 
     def admitted(self, namespace: str, service: str, replica: int, job_id: str) -> bool:
-        return (self.root / namespace / _ADMITTED / f"{service}-{replica}-{job_id}").exists()
+        # os.path.exists: False on any OSError (a hiccup), where Path.exists raises some.
+        return os.path.exists(self._namespace_dir(namespace) / _ADMITTED / _job_key(service, replica, job_id))
 
     def publish_node(self, namespace: str, service: str, replica: int, job_id: str, beat: NodeBeat) -> None:
         """Write (or replace) one node's beat of a replica spanning nodes; stamps ``heartbeat_at``."""
@@ -395,7 +433,7 @@ class Registry:
         beats = {}
         for path in self._node_dir(namespace, service, replica, job_id).glob("*.json"):
             try:
-                beat = NodeBeat(**json.loads(path.read_bytes()))
+                beat = _typed(NodeBeat, json.loads(path.read_bytes()))
             except (OSError, ValueError, TypeError):
                 continue
             beats[beat.rank] = beat
@@ -407,29 +445,31 @@ class Registry:
         _prune_empty(folder, stop=self.root)
 
     def _node_dir(self, namespace: str, service: str, replica: int, job_id: str) -> Path:
-        return self.root / namespace / _NODES / f"{service}-{replica}-{job_id}"
+        return self._namespace_dir(namespace) / _NODES / _job_key(service, replica, job_id)
 
     def request_stop(self, namespace: str, by: str) -> None:
         """Ask every run using ``namespace`` to stop (``launcher.down``); ``by`` says who asked."""
-        if (self.root / namespace).is_dir():
-            _write_atomic(self.root / namespace / _STOP_FILE, by.encode())
+        if self._namespace_dir(namespace).is_dir():
+            _write_atomic(self._namespace_dir(namespace) / _STOP_FILE, by.encode())
 
     def stop_request(self, namespace: str) -> str | None:
         """Who asked the runs of ``namespace`` to stop, if anyone did (or removed the namespace)."""
         try:
-            return (self.root / namespace / _STOP_FILE).read_text() or "launcher.down"
+            return (self._namespace_dir(namespace) / _STOP_FILE).read_text() or "launcher.down"
         except FileNotFoundError:
-            return None if (self.root / namespace).is_dir() else f"its registry namespace {namespace} was removed"
+            return None if self._namespace_dir(namespace).is_dir() else f"its registry namespace {namespace} was removed"
+        except OSError:  # the folder unreadable for a moment: no one is known to have asked
+            return None
 
     # ------------------------------------------------------------ owners
 
     def touch_owner(self, namespace: str, run_id: str) -> None:
-        folder = self.root / namespace / _OWNERS
+        folder = self._namespace_dir(namespace) / _OWNERS
         _private_dirs(folder)
-        (folder / run_id).touch()
+        (folder / _file_part("run id", run_id)).touch()
 
     def remove_owner(self, namespace: str, run_id: str) -> None:
-        (self.root / namespace / _OWNERS / run_id).unlink(missing_ok=True)
+        (self._namespace_dir(namespace) / _OWNERS / _file_part("run id", run_id)).unlink(missing_ok=True)
 
     def live_owners(self, namespace: str, now: float | None = None) -> list[str]:
         """Runs using ``namespace`` whose heartbeat is younger than ``orphan_grace_s``."""
@@ -437,7 +477,7 @@ class Registry:
         grace_s = self.orphan_grace_s if self.orphan_grace_s is not None else float("inf")
         alive = []
         try:
-            for path in (self.root / namespace / _OWNERS).iterdir():
+            for path in (self._namespace_dir(namespace) / _OWNERS).iterdir():
                 try:
                     if now - path.stat().st_mtime <= grace_s:
                         alive.append(path.name)
@@ -450,7 +490,7 @@ class Registry:
     def owner_age(self, namespace: str, run_id: str) -> float | None:
         """Seconds since ``run_id`` last heartbeated as an owner of ``namespace``; None if it is no owner."""
         try:
-            return time.time() - (self.root / namespace / _OWNERS / run_id).stat().st_mtime
+            return time.time() - (self._namespace_dir(namespace) / _OWNERS / run_id).stat().st_mtime
         except FileNotFoundError:
             return None
 
@@ -463,13 +503,19 @@ class Registry:
 
     # ------------------------------------------------------------ helpers
 
+    def _namespace_dir(self, namespace: str) -> Path:
+        return self.root / check_name("namespace", namespace)
+
+    def _service_dir(self, namespace: str, service: str) -> Path:
+        return self._namespace_dir(namespace) / check_name("service", service)
+
     def _files(self, namespace: str | None, service: str | None) -> Iterator[Path]:
         namespaces = [namespace] if namespace else self.namespaces()
         for ns in namespaces:
-            ns_dir = self.root / ns
+            ns_dir = self._namespace_dir(ns)
             services = [service] if service else _subdirs(ns_dir)
             for svc in services:
-                svc_dir = ns_dir / svc
+                svc_dir = ns_dir / check_name("service", svc)
                 if svc_dir.is_dir():
                     yield from svc_dir.glob("*.json")
 
@@ -491,7 +537,9 @@ class OwnerHeartbeat:
         """Stop beating and remove the owner file: this run no longer uses the namespace."""
         self._stop.set()
         self._thread.join()
-        self.registry.remove_owner(self.namespace, self.run_id)
+        # Left behind by a hiccup, the file ages out after orphan_grace_s, as a killed launcher's does.
+        with hiccup_tolerated(f"removing owner file of run {self.run_id}"):
+            self.registry.remove_owner(self.namespace, self.run_id)
 
     def _beat(self) -> None:
         while not self._stop.wait(self.registry.heartbeat_s):
@@ -499,6 +547,17 @@ class OwnerHeartbeat:
                 self.registry.touch_owner(self.namespace, self.run_id)
             except OSError:  # a hiccup of the shared filesystem: the next beat may work
                 pass
+
+
+@contextmanager
+def hiccup_tolerated(what: str) -> Iterator[None]:
+    """For a registry write its caller can do without (it tidies up, or is done again later): a
+    shared-filesystem hiccup (any ``OSError``) is logged, not raised, so that it cannot take a
+    launcher's fleet or teardown down."""
+    try:
+        yield
+    except OSError as e:
+        log.warning("registry: %s failed (%s); carrying on", what, e)
 
 
 def read_entry(path: Path) -> Entry | None:
@@ -514,10 +573,19 @@ def read_entry(path: Path) -> Entry | None:
 
 def _write_atomic(target: Path, data: bytes) -> None:
     """Replace ``target`` with ``data`` (mode 0600): readers see the old file or the new one, whole."""
-    _private_dirs(target.parent)
     # Hidden temp name: readers only look at visible ``*.json`` files.
     tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    for attempt in range(_WRITE_ATTEMPTS):
+        _private_dirs(target.parent)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            break
+        except FileNotFoundError:
+            # Another writer removed the last entry of this folder and pruned it (``_prune_empty``)
+            # between our mkdir and this open: make it again. Once our temp file is in it, the
+            # folder is not empty and no prune can remove it.
+            if attempt == _WRITE_ATTEMPTS - 1:
+                raise
     try:
         os.write(fd, data)
         os.fsync(fd)
@@ -527,17 +595,89 @@ def _write_atomic(target: Path, data: bytes) -> None:
     _fsync_dir(target.parent)
 
 
+def _root_problem(root: Path) -> str | None:
+    """Why the registry cannot live in ``root`` (this user could neither make nor write it); None if
+    it can. Only looks: nothing is created."""
+    existing = root
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    where = f"{root}" if existing == root else f"{root} cannot be created: {existing}"
+    if not existing.is_dir():
+        return f"{where} is not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{where} is not writable by this user"
+    return None
+
+
+def _typed(cls: type, data: object):
+    """``cls(**data)`` with each field checked against its annotation; ``ValueError`` naming the
+    field otherwise. Readers of the shared filesystem get whatever a writer (or a person) left there."""
+    if not isinstance(data, dict):
+        raise ValueError(f"not a JSON object: {type(data).__name__}")
+    fields = dataclasses.fields(cls)
+    missing = sorted(f.name for f in fields if f.default is dataclasses.MISSING and
+                     f.default_factory is dataclasses.MISSING and f.name not in data)
+    if missing:
+        raise ValueError(f"missing keys {missing}")
+    hints = _type_hints(cls)
+    values = {}
+    for f in fields:
+        if f.name in data:
+            if not _is_a(data[f.name], hints[f.name]):
+                raise ValueError(f"{f.name}: expected {_type_name(hints[f.name])}, got {data[f.name]!r}")
+            values[f.name] = data[f.name]
+    return cls(**values)
+
+
+_type_hints = functools.cache(typing.get_type_hints)  # per record class; clients parse often
+
+
+def _is_a(value: object, hint: object) -> bool:
+    """Whether a JSON value fits a field's annotation (the few kinds the registry's records use)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_a(value, arg) for arg in typing.get_args(hint))
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_is_a(v, item) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is float:  # JSON writes 1.0 as 1 after some tools' round trips
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _type_name(hint: object) -> str:
+    return getattr(hint, "__name__", None) or str(hint)
+
+
+def _file_part(what: str, value: object) -> str:
+    """A job or run id inside a file name: nothing in it may make the name a path."""
+    if not isinstance(value, str) or value in ("", ".", "..") or "/" in value or "\0" in value:
+        raise ValueError(f"registry {what} {value!r} cannot be part of a file name")
+    return value
+
+
+def _job_key(service: str, replica: int, job_id: str) -> str:
+    """The name of a job's records (death note, admission, nodes) in its namespace."""
+    return f"{check_name('service', service)}-{replica}-{_file_part('job id', job_id)}"
+
+
 def _private_dirs(folder: Path) -> None:
-    """Create ``folder`` and its missing parents as 0700: entries point at keys."""
-    missing = []
-    while not folder.is_dir():
-        missing.append(folder)
-        folder = folder.parent
-    for d in reversed(missing):
+    """Create ``folder`` and its missing parents as 0700: entries point at keys. A parent that
+    another writer pruned a moment ago (``_prune_empty``) is made again."""
+    for attempt in range(_WRITE_ATTEMPTS):
         try:
-            d.mkdir(mode=0o700)
-        except FileExistsError:  # another writer made it first
-            pass
+            folder.mkdir(mode=0o700)
+            return
+        except FileExistsError:  # there already (a file in the way: the write below it says so)
+            return
+        except FileNotFoundError:
+            if attempt == _WRITE_ATTEMPTS - 1:
+                raise
+            _private_dirs(folder.parent)
 
 
 def _subdirs(folder: Path) -> list[str]:

@@ -10,7 +10,9 @@ import subprocess
 import sys
 import textwrap
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from server.engines import VLLM_ENTRYPOINT, VLLM_SERVE_ENTRYPOINT, EngineSpec
 from server.registry import Entry, Registry
@@ -39,6 +41,23 @@ def publish(root: Path, servers: list) -> list[Entry]:
     for e in entries:
         registry.publish(e)
     return entries
+
+
+@contextmanager
+def replaced_by_a_file(folder: Path, away: Path) -> Iterator[None]:
+    """A hiccup of the shared filesystem that fails for root too (chmod would not): ``folder`` is a
+    plain file for a while, so that every write below it gets NotADirectoryError; then it is back
+    (kept meanwhile at ``away``, outside the registry)."""
+    folder.rename(away)
+    folder.write_text("")
+    try:
+        yield
+    finally:
+        folder.unlink()
+        try:
+            away.rename(folder)
+        except OSError:  # a writer made the folder again first: its entries are republished anyway
+            shutil.rmtree(away)
 
 
 # ---------------------------------------------------------------- processes on this machine

@@ -66,9 +66,20 @@ RUN_DIR = "hydra.run.dir={tmp}/run"
                      "options: openai_command, sglang, vllm, vllm_cpu"),
     (["+experiment=dem"], "+experiment=dem: no option 'dem' in group experiment; did you mean +experiment=demo?"),
     (["server.replicas=0", RUN_DIR], "server.replicas: must be >= 1, got 0"),
+    # Names that become paths: before, the namespace and its key were made two levels above the
+    # registry root (and the run folder outside outputs/), entries were written into the root.
+    (["run.name=../../escape"], "run.name: '../../escape' must match [A-Za-z0-9][A-Za-z0-9._-]* without '..'"),
+    (["server.service=..", RUN_DIR], "server.service: '..' must match [A-Za-z0-9][A-Za-z0-9._-]* without '..'"),
+    # A registry root in a file's place, or below one: before, a traceback (exit 1) and a run folder.
+    (["registry.root={tmp}/file"], "registry.root: {tmp}/file is not a folder"),
+    (["registry.root={tmp}/file/registry", RUN_DIR],
+     "registry.root: {tmp}/file/registry cannot be created: {tmp}/file is not a folder"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else "")
 def test_a_mistake_is_refused_with_the_fix_and_leaves_nothing(tmp_path, args, expected):
-    assert_refused(launcher(tmp_path, *(a.format(tmp=tmp_path) for a in args)), tmp_path, expected)
+    (tmp_path / "file").write_text("")
+    assert_refused(launcher(tmp_path, *(a.format(tmp=tmp_path) for a in args)), tmp_path,
+                   expected.format(tmp=tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cwd", "file"]  # nothing made beside the folder either
 
 
 def test_every_unknown_key_is_named_at_once(tmp_path):
