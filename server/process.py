@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import resource
 import signal
 import subprocess
 import time
@@ -158,3 +159,26 @@ def log_tail(path: Path, lines: int = 40) -> str:
     except FileNotFoundError:
         return f"(no log at {path})"
     return "\n".join(text.splitlines()[-lines:]) if text else f"(empty log {path})"
+
+
+def open_files_limit() -> int:
+    """The soft ``RLIMIT_NOFILE``: descriptors this process may hold."""
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def raise_open_files_limit() -> int:
+    """Raise the soft open-file limit to the hard one (a process may; clusters often leave the soft
+    at 1,024 while allowing far more), so that a server's connections do not run out of descriptors
+    at a thousand clients. Children inherit it. Returns the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:  # the kernel caps it at fs.nr_open
+        hard = int(Path("/proc/sys/fs/nr_open").read_text())
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+        except (ValueError, OSError) as e:
+            log.warning("open-file limit stays %d (hard %d): %s", soft, hard, e)
+            return soft
+        log.info("open-file limit raised from %d to %d", soft, hard)
+        return hard
+    return soft
