@@ -77,7 +77,6 @@ from starlette.routing import Route
 
 from server.checks import Checks, ConfigError
 from server import connections, onpolicy
-from server.connections import BoundedHttp
 from server.job import current_job_id
 from server.multinode import advertised_host
 from server.process import open_files_limit, raise_open_files_limit
@@ -633,8 +632,8 @@ class Gateway:
         fit = connections.max_connections(open_files)
         cap = self.settings.max_connections or fit
         if cap > fit:
-            log.warning("max_connections=%d does not fit in %d open files (%d do): raise the hard limit "
-                        "(ulimit -Hn)", cap, open_files, fit)
+            log.warning("max_connections=%d: only %d fit in %d open files; raise the hard limit (ulimit -Hn)",
+                        cap, fit, open_files)
         else:
             log.info("serving at most %d client connections (open-file limit %d)", cap, open_files)
         closed = self._connections_closed
@@ -666,7 +665,7 @@ class Gateway:
             # connections too and answers 503 to a valid request while they hold their descriptors.
             open_files = open_files_limit()
             limits = self._connection_limits(open_files)
-            config = uvicorn.Config(self.app, http=functools.partial(BoundedHttp, limits=limits), ws="none",
+            config = uvicorn.Config(self.app, http=functools.partial(connections.BoundedHttp, limits=limits), ws="none",
                                     access_log=False, log_level="warning", server_header=False, lifespan="off",
                                     timeout_keep_alive=self.settings.keep_alive_s,
                                     backlog=connections.backlog(open_files), timeout_graceful_shutdown=1,
