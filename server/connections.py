@@ -147,7 +147,8 @@ class BoundedHttp(HttpToolsProtocol):
             self.limits.unserved.pop(self, None)  # being served: not closed for a newcomer
         else:  # a body that outlived its answer, now idle: uvicorn re-arms its timer only after answers
             self._unset_keepalive_if_required()
-            self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
+            self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
+                                                                self.timeout_keep_alive_handler)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()

@@ -33,10 +33,10 @@ anew. With no usable replica a request waits up to ``wait_s``, then gets 503 wit
 Statuses the gateway itself answers (OpenAI's error shape): 401 (missing or wrong key), 404 (no
 such route), 408 (headers or body not received within ``header_timeout_s``/``body_timeout_s``:
 server/connections.py), 431 (headers over ``connections.MAX_HEADER_BYTES``), 502 (every attempt
-found its replica unreachable), 503 + ``Retry-After`` (no usable replica within ``wait_s``). Every other status is the replica's, passed through (after
-``max_retries`` a replica's own 502/503 too). NeMo Gym 0.7's client (``NeMoGymAsyncOpenAI``)
-tries 404, 408, 429, 500, 502, 503, 504 and 520 three times in all, 0.5 s apart (``Retry-After``
-unread), and 401 once; a model call that still fails fails its rollout, and with it the whole
+found its replica unreachable), 503 + ``Retry-After`` (no usable replica within ``wait_s``).
+Every other status is the replica's, passed through (after ``max_retries`` a replica's own
+502/503 too). NeMo Gym 0.7's client (``NeMoGymAsyncOpenAI``) tries 404, 408, 429, 500, 502, 503,
+504 and 520 three times in all, 0.5 s apart (``Retry-After`` unread), and 401 once; a model call that still fails fails its rollout, and with it the whole
 ``ng_collect_rollouts`` run: so a 503 here ends a Gym rollout after about 3 x ``wait_s``
 (docs/architecture.md, the gateway's entry, has each status and the NeMo Gym source).
 
