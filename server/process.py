@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
 _TAIL_BYTES = 64 * 1024
+_MAX_OPEN_FILES = 1 << 20
 
 
 def start(
@@ -167,18 +168,20 @@ def open_files_limit() -> int:
 
 
 def raise_open_files_limit() -> int:
-    """Raise the soft open-file limit to the hard one (a process may; clusters often leave the soft
-    at 1,024 while allowing far more), so that a server's connections do not run out of descriptors
-    at a thousand clients. Children inherit it. Returns the limit now in force."""
+    """Raise the soft open-file limit to the hard one, at most 2^20 (a process may; clusters often
+    leave the soft at 1,024 while allowing far more), so that a server's connections do not run out
+    of descriptors at a thousand clients. Children inherit it. Returns the limit now in force."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY:  # the kernel caps it at fs.nr_open
-        hard = int(Path("/proc/sys/fs/nr_open").read_text())
-    if soft != resource.RLIM_INFINITY and soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
-        except (ValueError, OSError) as e:
-            log.warning("open-file limit stays %d (hard %d): %s", soft, hard, e)
-            return soft
-        log.info("open-file limit raised from %d to %d", soft, hard)
-        return hard
-    return soft
+    # At most 2^20 (the kernel's default fs.nr_open): some programs loop over every possible
+    # descriptor (closing them before an exec), and containers may allow a billion. (Never
+    # RLIM_INFINITY: Linux refuses open-file limits above fs.nr_open.)
+    target = min(hard, _MAX_OPEN_FILES)
+    if soft >= target:
+        return soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as e:
+        log.warning("open-file limit stays %d (hard %d): %s", soft, hard, e)
+        return soft
+    log.info("open-file limit raised from %d to %d", soft, target)
+    return target
