@@ -31,11 +31,12 @@ anew. With no usable replica a request waits up to ``wait_s``, then gets 503 wit
 ``Retry-After``.
 
 Statuses the gateway itself answers (OpenAI's error shape): 401 (missing or wrong key), 404 (no
-such route), 502 (every attempt found its replica unreachable), 503 + ``Retry-After`` (no usable
-replica within ``wait_s``). Every other status is the replica's, passed through (after
-``max_retries`` a replica's own 502/503 too). NeMo Gym 0.7's client (``NeMoGymAsyncOpenAI``)
-tries 404, 408, 429, 500, 502, 503, 504 and 520 three times in all, 0.5 s apart (``Retry-After``
-unread), and 401 once; a model call that still fails fails its rollout, and with it the whole
+such route), 408 (headers or body not received within ``header_timeout_s``/``body_timeout_s``:
+server/connections.py), 431 (headers over ``connections.MAX_HEADER_BYTES``), 502 (every attempt
+found its replica unreachable), 503 + ``Retry-After`` (no usable replica within ``wait_s``).
+Every other status is the replica's, passed through (after ``max_retries`` a replica's own
+502/503 too). NeMo Gym 0.7's client (``NeMoGymAsyncOpenAI``) tries 404, 408, 429, 500, 502, 503,
+504 and 520 three times in all, 0.5 s apart (``Retry-After`` unread), and 401 once; a model call that still fails fails its rollout, and with it the whole
 ``ng_collect_rollouts`` run: so a 503 here ends a Gym rollout after about 3 x ``wait_s``
 (docs/architecture.md, the gateway's entry, has each status and the NeMo Gym source).
 
@@ -50,6 +51,7 @@ import argparse
 import asyncio
 import collections
 import dataclasses
+import functools
 import gc
 import json
 import logging
@@ -74,9 +76,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from starlette.routing import Route
 
 from server.checks import Checks, ConfigError
-from server import onpolicy
+from server import connections, onpolicy
 from server.job import current_job_id
 from server.multinode import advertised_host
+from server.process import open_files_limit, raise_open_files_limit
 from server.registry import GATEWAY_ENGINE, NAMESPACE_ENV, Entry, Registry, gateway_service
 from server.replicas import REPLICA_HEADER, RETRY_STATUSES, SESSION_HEADER, ReplicaView
 
@@ -134,6 +137,16 @@ class GatewaySettings:
     # Chat completions whose earlier turns carry their token ids get a prompt that begins with
     # exactly those ids (server/onpolicy.py); off: passed on unchanged, as every other request.
     on_policy: bool = True
+    # Client connections (server/connections.py). 0: as many as the open-file limit leaves room for
+    # (raised to the hard limit at start; each connection serving a request holds a replica's too).
+    max_connections: int = 0
+    # A client on the cluster's network sends its headers in one packet, its body at network speed:
+    # a connection slower than this is holding a descriptor, not sending a request (408, closed).
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
+    # Idle between requests. Longer than clients' own pools keep a connection (aiohttp 15 s, httpx
+    # 5 s): the client, not the gateway, closes it, so that no request races a closing connection.
+    keep_alive_s: float = 60.0
 
     def validate(self, checks: Checks) -> None:
         checks.require(bool(self.host), "host", "must name an address to listen on")
@@ -143,6 +156,10 @@ class GatewaySettings:
         checks.at_least(self, "wait_s", 0)
         checks.above(self, "health_interval_s", 0)
         checks.above(self, "refresh_s", 0)
+        checks.at_least(self, "max_connections", 0)
+        checks.above(self, "header_timeout_s", 0)
+        checks.above(self, "body_timeout_s", 0)
+        checks.above(self, "keep_alive_s", 0)
 
 
 class Upstream:
@@ -249,6 +266,11 @@ class Gateway:
         self._on_policy_outcomes = Counter(
             "gateway_on_policy", "Chat completions carrying prior token ids, by outcome: spliced, mismatch "
             "(generated from the re-rendered prompt), unsupported (passed on unchanged), error", ["outcome"],
+            registry=m)
+        self._connections_closed = Counter(
+            "gateway_connections_closed", "Client connections the gateway closed, by reason: header_timeout, "
+            "body_timeout, header_too_large, evicted (room for a newcomer), refused (at max_connections, none to "
+            "evict)", ["reason"],
             registry=m)
         self._waiting_now = 0  # the same, for in_flight()
         self._children: dict[tuple[str, int | str], tuple] = {}  # (route, status) -> (latency, requests)
@@ -419,7 +441,10 @@ class Gateway:
             except ValueError:
                 fields = None  # the replica answers it, as vLLM would
             if isinstance(fields, dict) and onpolicy.required_prefix(fields) is not None:
-                unsupported = await self._on_policy(scope, receive, send, request, fields, session, started)
+                with _UntilClientLeaves(receive) as client:
+                    unsupported = await self._on_policy(scope, receive, send, request, fields, session, started)
+                if client.cut_short:
+                    return self._done(route, started, "aborted")
                 if unsupported is None:
                     return
                 # Said, counted and passed on as it came: the replica's own route answers.
@@ -428,9 +453,12 @@ class Gateway:
         query = scope["query_string"]
         target = f"{route}?{query.decode('latin-1')}" if query else route
         try:
-            answer = await self._send(request, scope["method"], target, body, headers, session, stream=True)
+            with _UntilClientLeaves(receive) as client:
+                answer = await self._send(request, scope["method"], target, body, headers, session, stream=True)
         except _Refused as refused:
             return await self._refuse(scope, receive, send, route, started, refused.response)
+        if client.cut_short:  # its replica's request closed: the engine aborts it
+            return self._done(route, started, "aborted")
         answer.headers += said
         if answer.first is None:
             self._done(route, started, answer.status)
@@ -601,6 +629,18 @@ class Gateway:
 
         return app
 
+    def _connection_limits(self, open_files: int) -> connections.Limits:
+        fit = connections.max_connections(open_files)
+        cap = self.settings.max_connections or fit
+        if cap > fit:
+            log.warning("max_connections=%d: only %d fit in %d open files; raise the hard limit (ulimit -Hn)",
+                        cap, fit, open_files)
+        else:
+            log.info("serving at most %d client connections (open-file limit %d)", cap, open_files)
+        closed = self._connections_closed
+        return connections.Limits(cap, self.settings.header_timeout_s, self.settings.body_timeout_s,
+                                  lambda reason: closed.labels(reason).inc())
+
     async def serve(self, sock: socket.socket, on_started: Callable[[uvicorn.Server], None] | None = None) -> None:
         """Serve on the bound ``sock`` until the uvicorn server exits (SIGINT/SIGTERM when in the
         main thread, or its ``should_exit``); ``on_started`` gets that server once requests are taken."""
@@ -621,10 +661,16 @@ class Gateway:
             # proxy_headers off: nothing here reads the client's address or scheme, and uvicorn's
             # X-Forwarded-* middleware is one more layer per request. A short graceful shutdown: a
             # gateway stops when its run tears down (its replicas stop too, nothing in flight can
-            # finish) or after draining (run_job: nothing in flight by then).
-            config = uvicorn.Config(self.app, http="httptools", access_log=False, log_level="warning",
-                                    server_header=False, lifespan="off", timeout_keep_alive=60,
-                                    timeout_graceful_shutdown=1, proxy_headers=False)
+            # finish) or after draining (run_job: nothing in flight by then). No WebSockets: none
+            # of the routes is one. uvicorn's limit_concurrency is not the cap: it counts idle
+            # connections too and answers 503 to a valid request while they hold their descriptors.
+            open_files = open_files_limit()
+            limits = self._connection_limits(open_files)
+            config = uvicorn.Config(self.app, http=functools.partial(connections.BoundedHttp, limits=limits), ws="none",
+                                    access_log=False, log_level="warning", server_header=False, lifespan="off",
+                                    timeout_keep_alive=self.settings.keep_alive_s,
+                                    backlog=connections.backlog(open_files), timeout_graceful_shutdown=1,
+                                    proxy_headers=False)
             server = uvicorn.Server(config)
             if threading.current_thread() is threading.main_thread():
                 # The process is the gateway's own (its CLI; GatewayThread shares a test's): what
@@ -691,39 +737,55 @@ class _Relay:
     def __init__(self, upstream: aiohttp.ClientResponse, first: bytes, headers: list[tuple[bytes, bytes]],
                  on_end: Callable[[bool], None]) -> None:
         self.upstream, self.first, self.headers, self.on_end = upstream, first, headers, on_end
-        self.client_left = False
 
     async def __call__(self, receive, send) -> None:
         finished = False
-        # uvicorn's receive() answers http.disconnect once the client left (or the response is
-        # complete): a task of its own, as Starlette's StreamingResponse does, without its anyio
-        # task group per response.
-        watcher = asyncio.get_running_loop().create_task(self._watch(receive, asyncio.current_task()))
         try:
-            await send({"type": "http.response.start", "status": self.upstream.status, "headers": self.headers})
-            if self.first:
-                await send({"type": "http.response.body", "body": self.first, "more_body": True})
-            async for chunk in self.upstream.content.iter_any():
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-            finished = True
-        except asyncio.CancelledError:
-            if not self.client_left:
-                raise
-            asyncio.current_task().uncancel()  # our own watcher's doing: the response ends here
+            with _UntilClientLeaves(receive):
+                await send({"type": "http.response.start", "status": self.upstream.status, "headers": self.headers})
+                if self.first:
+                    await send({"type": "http.response.body", "body": self.first, "more_body": True})
+                async for chunk in self.upstream.content.iter_any():
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                finished = True
         finally:
-            watcher.cancel()
             if finished:
                 self.upstream.release()
             else:  # the client left, or the replica failed: close, so that the engine stops generating
                 self.upstream.close()
             self.on_end(finished)
 
-    async def _watch(self, receive, relay: asyncio.Task) -> None:
-        while (await receive())["type"] != "http.disconnect":
+
+class _UntilClientLeaves:
+    """``with _UntilClientLeaves(receive):`` runs its block until the client leaves, then cancels it
+    where it waits (for a replica, its answer, its next chunk) and goes on after the block;
+    ``cut_short`` says so. Only once the request's body was read: receive() then answers
+    http.disconnect when the client left (or the response is complete). A task of its own, as
+    Starlette's StreamingResponse does, without its anyio task group per response."""
+
+    __slots__ = ("_receive", "_watcher", "_left", "cut_short")
+
+    def __init__(self, receive) -> None:
+        self._receive = receive
+        self._left = self.cut_short = False
+
+    def __enter__(self) -> _UntilClientLeaves:
+        self._watcher = asyncio.get_running_loop().create_task(self._watch(asyncio.current_task()))
+        return self
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        self._watcher.cancel()
+        if self._left and kind is asyncio.CancelledError:
+            asyncio.current_task().uncancel()  # our own watcher's doing: the work ends here
+            self.cut_short = True
+        return self.cut_short
+
+    async def _watch(self, work: asyncio.Task) -> None:
+        while (await self._receive())["type"] != "http.disconnect":
             pass
-        self.client_left = True
-        relay.cancel()
+        self._left = True
+        work.cancel()
 
 
 class GatewayThread:
@@ -820,6 +882,7 @@ def run_job(job: GatewayJob) -> None:
     gateway keeps serving for ``_DRAIN_SETTLE_S`` (clients following an endpoint file re-read it
     that often) and until nothing is in flight, at most ``_DRAIN_GRACE_S``, then ends."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    raise_open_files_limit()
     drain = threading.Event()
     signal.signal(signal.SIGUSR2, lambda signum, frame: drain.set())
     registry = job.registry
@@ -918,6 +981,7 @@ def main(argv: list[str] | None = None) -> int:
         print(e, file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    raise_open_files_limit()
     gateway = Gateway(args.service, args.namespace, Registry(args.registry_root, ttl_s=args.ttl_s), settings)
     sock = listen(settings.host, settings.port)
 

@@ -135,6 +135,7 @@ class EngineFailed(RuntimeError):
 def run(job: ServerJob) -> None:
     """Serve until told to stop. Raises ``EngineFailed`` if the engine dies."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    process.raise_open_files_limit()  # for the engine too, which inherits it
     signals = _Signals()
     registry = job.registry
     api_key = Path(job.api_key_file).read_text().strip() if job.api_key_file else None

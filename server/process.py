@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import resource
 import signal
 import subprocess
 import time
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
 _TAIL_BYTES = 64 * 1024
+_MAX_OPEN_FILES = 1 << 20
 
 
 def start(
@@ -158,3 +160,28 @@ def log_tail(path: Path, lines: int = 40) -> str:
     except FileNotFoundError:
         return f"(no log at {path})"
     return "\n".join(text.splitlines()[-lines:]) if text else f"(empty log {path})"
+
+
+def open_files_limit() -> int:
+    """The soft ``RLIMIT_NOFILE``: descriptors this process may hold."""
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def raise_open_files_limit() -> int:
+    """Raise the soft open-file limit to the hard one, at most 2^20 (a process may; clusters often
+    leave the soft at 1,024 while allowing far more), so that a server's connections do not run out
+    of descriptors at a thousand clients. Children inherit it. Returns the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # At most 2^20 (the kernel's default fs.nr_open): some programs loop over every possible
+    # descriptor (closing them before an exec), and containers may allow a billion. (Never
+    # RLIM_INFINITY: Linux refuses open-file limits above fs.nr_open.)
+    target = min(hard, _MAX_OPEN_FILES)
+    if soft >= target:
+        return soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as e:
+        log.warning("open-file limit stays %d (hard %d): %s", soft, hard, e)
+        return soft
+    log.info("open-file limit raised from %d to %d", soft, target)
+    return target
