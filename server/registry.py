@@ -346,7 +346,7 @@ class Registry:
     def namespaces(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        return _subdirs(self.root, "namespace")
 
     def remove_namespace(self, namespace: str) -> int:
         """Remove ``namespace`` whole (entries, key, run records); returns how many entries were left."""
@@ -513,7 +513,7 @@ class Registry:
         namespaces = [namespace] if namespace else self.namespaces()
         for ns in namespaces:
             ns_dir = self._namespace_dir(ns)
-            services = [service] if service else _subdirs(ns_dir)
+            services = [service] if service else _subdirs(ns_dir, "service")
             for svc in services:
                 svc_dir = ns_dir / check_name("service", svc)
                 if svc_dir.is_dir():
@@ -680,12 +680,23 @@ def _private_dirs(folder: Path) -> None:
             _private_dirs(folder.parent)
 
 
-def _subdirs(folder: Path) -> list[str]:
-    """Service folders: hidden ones hold a namespace's own records (owners)."""
+def _subdirs(folder: Path, what: str) -> list[str]:
+    """The namespace or service folders in ``folder``: hidden ones hold records (owners, locks), and
+    a folder whose name no writer of ours could have made (someone's ``mkdir 'a b'``) is no one's
+    namespace or service: passed over, so that it breaks no listing."""
     try:
-        return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        names = [p.name for p in folder.iterdir() if p.is_dir()]
     except FileNotFoundError:
         return []
+    return sorted(name for name in names if _valid(what, name))
+
+
+def _valid(what: str, name: str) -> bool:
+    try:
+        check_name(what, name)
+    except ValueError:
+        return False
+    return True
 
 
 def _fsync_dir(folder: Path) -> None:

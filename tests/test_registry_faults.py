@@ -96,6 +96,16 @@ def test_a_gateways_service_name_is_a_name(tmp_path):
     assert [e.service for e in registry.entries()] == ["policy@gateway"]
 
 
+def test_a_folder_no_writer_could_have_named_breaks_no_listing(tmp_path):
+    """Someone's ``mkdir 'a b'`` in the root or in a namespace is no namespace or service: passed over."""
+    registry = Registry(tmp_path)
+    registry.publish(entry(0))
+    (tmp_path / "a b").mkdir()
+    (tmp_path / "run1" / "x y").mkdir()
+    assert registry.namespaces() == ["run1"]
+    assert [(e.namespace, e.service) for e in registry.entries()] == [("run1", "policy")]
+
+
 @pytest.mark.parametrize("make", ["a file", "under a file"])
 def test_a_registry_root_that_cannot_be_used_is_named(tmp_path, make):
     (tmp_path / "file").write_text("")
