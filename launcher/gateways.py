@@ -2,9 +2,11 @@
 
 The gateway (server/gateway.py) runs as a job of its own beside the replicas, with the
 ``gateway.*`` requests (no GPU). It publishes itself in the registry as service
-``<service>@gateway``. The run waits for that entry and for the gateway to route to every ready
-replica, then puts it through the same readiness checks as a replica (through its URL: the checks
-reach a replica behind it), and only then hands its URL to the job that uses the service.
+``<service>@gateway``. The run waits for that entry (``healthy``: it serves, but clients are not
+handed it yet) and for the gateway to route to every ready replica, then puts it through the same
+readiness checks as a replica (through its URL: the checks reach a replica behind it), admits it
+(``Registry.admit``: its entry turns ``ready``, as a replica's does) and only then hands its URL to
+the job that uses the service. Every call the run makes to it but ``/health`` sends the key.
 
 Its URL lives in the endpoint file (``<run folder>/<service>.url``), which NeMo Gym's vllm_model
 re-reads, and in the registry, which the built-in collector re-reads. A gateway near its time limit
@@ -29,7 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from launcher.executors import Backend, Resources
 from launcher.fleet import FleetSettings, ended_at_limit, rollover_lead
 from launcher.readiness import ServerFailed
-from server.gateway import GatewayJob, run_job
+from server.gateway import GatewayJob, GatewayKeyError, gateway_key, run_job
 from server.registry import Entry, JobRecord, Registry, gateway_service
 from server.verify import CheckResult
 
@@ -142,7 +144,9 @@ class ServiceGateway:
         entry = self.registry.entry(self.job.namespace, gateway_service(self.job.service), 0, str(s.job.job_id))
         s.state = entry.state if entry else state
         overdue = state == "RUNNING" and time.monotonic() - s.submitted_at > self.settings.startup_timeout_s
-        if entry is None or entry.state != "ready" or not self._sees_every_replica(entry):
+        # `healthy`: it serves, and waits for this gate (server.job.wait_admitted) before it turns
+        # `ready`, the state clients are handed it in; `ready` already: a joined pool's.
+        if entry is None or entry.state not in ("healthy", "ready") or not self._sees_every_replica(entry):
             if overdue:
                 raise ServerFailed(f"gateway job {s.job.job_id} not serving after {self.settings.startup_timeout_s:g}s "
                                    f"(server.startup_timeout_s)\n{self.backend.log_tail(s.job)}")
@@ -157,6 +161,8 @@ class ServiceGateway:
             # The replicas passed the same checks directly: the gateway is what fails them.
             raise ServerFailed(f"gateway {entry.base_url} (job {s.job.job_id}) fails the readiness checks: "
                                + "; ".join(f"{c.name}: {c.detail}" for c in failed))
+        # Only now may clients use it: its job turns the entry `ready` (server/gateway.py run_job).
+        self.registry.admit(entry.namespace, entry.service, entry.replica, entry.job_id)
         s.entry, s.state, s.ready_after_s = entry, "ready", time.monotonic() - s.submitted_at
         self._write_endpoint_file(entry.base_url)
         return True
@@ -253,8 +259,9 @@ class ServiceGateway:
             if s is None or s.entry is None:
                 continue
             try:
-                text = httpx.get(f"{s.entry.root_url}/metrics", timeout=5.0, trust_env=False).text
-            except httpx.HTTPError:
+                text = httpx.get(f"{s.entry.root_url}/metrics", headers=self._auth(), timeout=5.0,
+                                 trust_env=False).raise_for_status().text
+            except (httpx.HTTPError, GatewayKeyError):
                 continue
             for family in text_string_to_metric_families(text):
                 if family.name not in _SUMMARY_COUNTERS:
@@ -265,6 +272,11 @@ class ServiceGateway:
                         into = counts.setdefault(family.name.removeprefix("gateway_"), {})
                         into[key] = into.get(key, 0) + int(sample.value)
         self.counts = counts
+
+    def _auth(self) -> dict[str, str]:
+        """The key the gateway takes (every route but its health route needs it)."""
+        key = gateway_key(self.job.api_key_file)
+        return {"Authorization": f"Bearer {key}"} if key else {}
 
     def _write_endpoint_file(self, url: str) -> None:
         # Replaced whole (a reader never sees half a URL): write beside, then rename.

@@ -58,7 +58,6 @@ import logging
 import math
 import os
 import re
-import secrets
 import signal
 import socket
 import sys
@@ -73,14 +72,16 @@ import uvloop
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.exceptions import HTTPException
 from starlette.routing import Route
 
+from server.auth import HEALTH_PATH, UNAUTHORIZED_BODY, authorization, carries_key
 from server.checks import Checks, ConfigError
 from server import connections, onpolicy
-from server.job import current_job_id
+from server.job import EngineFailed, EntryHeartbeat, current_job_id, wait_admitted
 from server.multinode import advertised_host
 from server.process import open_files_limit, raise_open_files_limit
-from server.registry import GATEWAY_ENGINE, NAMESPACE_ENV, Entry, Registry, gateway_service
+from server.registry import API_KEY_ENV, GATEWAY_ENGINE, NAMESPACE_ENV, Entry, Registry, gateway_service
 from server.replicas import REPLICA_HEADER, RETRY_STATUSES, SESSION_HEADER, ReplicaView
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,16 @@ _MAX_SESSIONS = 1 << 18
 _DRAIN_SETTLE_S = 15.0
 _DRAIN_GRACE_S = 120.0
 _DRAIN_POLL_S = 0.5
+# A session key (``X-Session-ID``, or the body's conversation id or ``user``) longer than this is
+# refused (400), not stored: every key is kept until _MAX_SESSIONS newer ones pushed it out, so
+# its size bounds the table (2**18 x 256 B = 64 MiB at most). Refused rather than ignored: a key
+# silently dropped would silently cost the session its replica. Clients use UUIDs (36 bytes) or
+# "<task>/<repeat>" ids.
+_MAX_SESSION_KEY_BYTES = 256
+# The gateway's own refusals before any routing: the key (auth.py's check), or a gateway that may
+# not serve at all (``Gateway.keyless``).
+_UNAUTHORIZED_HEADERS = [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer"),
+                         (b"content-length", b"%d" % len(UNAUTHORIZED_BODY))]
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
 
@@ -147,6 +158,11 @@ class GatewaySettings:
     # Idle between requests. Longer than clients' own pools keep a connection (aiohttp 15 s, httpx
     # 5 s): the client, not the gateway, closes it, so that no request races a closing connection.
     keep_alive_s: float = 60.0
+    # A request body larger than this is refused (413) before it is read whole, once its key was
+    # checked. 64 MiB: above OpenAI's own 50 MB request limit (images as base64), and ~10x a long
+    # NeMo Gym training conversation (each assistant message carries its prompt's ids again: 30
+    # turns of a 32k context, ~6 MB); it bounds what one keyed request costs the gateway.
+    max_body_bytes: int = 64 << 20
 
     def validate(self, checks: Checks) -> None:
         checks.require(bool(self.host), "host", "must name an address to listen on")
@@ -160,6 +176,7 @@ class GatewaySettings:
         checks.above(self, "header_timeout_s", 0)
         checks.above(self, "body_timeout_s", 0)
         checks.above(self, "keep_alive_s", 0)
+        checks.at_least(self, "max_body_bytes", 1)
 
 
 class Upstream:
@@ -220,12 +237,33 @@ class LoadIndex:
         return self._levels[n]
 
 
+class GatewayKeyError(RuntimeError):
+    """The gateway cannot know the key its clients must send: it refuses to serve."""
+
+
+def gateway_key(api_key_file: str | None) -> str | None:
+    """The key the gateway's clients must send: ``api_key_file``'s (which must hold one), else
+    ``$GYMLAUNCH_API_KEY``; None: the gateway takes no key (``server.api_key: null``)."""
+    if api_key_file is None:
+        return os.environ.get(API_KEY_ENV) or None
+    try:
+        key = open(api_key_file).read().strip()
+    except OSError as e:
+        raise GatewayKeyError(f"the gateway's API key file {api_key_file} cannot be read: {e}") from None
+    if not key:
+        raise GatewayKeyError(f"the gateway's API key file {api_key_file} is empty")
+    return key
+
+
 class Gateway:
-    """The proxy of ``service``'s replicas in ``namespace``; ``app`` is its ASGI application."""
+    """The proxy of ``service``'s replicas in ``namespace``; ``app`` is its ASGI application.
+    ``api_key``: what its clients must send (``gateway_key``); None: no key, and then it serves
+    only while no entry of its service names a key file (``keyless``)."""
 
     def __init__(self, service: str, namespace: str, registry: Registry | None = None,
-                 settings: GatewaySettings | None = None) -> None:
+                 settings: GatewaySettings | None = None, api_key: str | None = None) -> None:
         self.service, self.namespace = service, namespace
+        self._key = api_key.encode() if api_key else None
         self.registry = registry or Registry()
         self.settings = settings or GatewaySettings()
         self.view = ReplicaView(service, namespace, self.registry)
@@ -235,14 +273,15 @@ class Gateway:
         self._turn = 0
         self._sessions: collections.OrderedDict[str, Upstream] = collections.OrderedDict()
         self._usable_event: asyncio.Event | None = None
-        self._key: str | None = None  # what clients must send; None: the service takes no key
+        self.keyless: str | None = None  # why a gateway without a key refuses every request (``_sync``)
         self._http: aiohttp.ClientSession | None = None
         # The service's EOS id and context once fetched, or why its replicas cannot splice (they share
         # one engine config, so the first answer holds for all).
         self._model_info: onpolicy.ModelInfo | onpolicy.Unsupported | None = None
         self.url: str | None = None  # http://host:port, once serving
         self._metrics()
-        self.app = self._app()
+        self._routes = self._app()
+        self.app = self  # its ASGI application: __call__, the front door
 
     # ------------------------------------------------------------ metrics
 
@@ -295,9 +334,13 @@ class Gateway:
             else:
                 self._index.discard(up)
         self._ring = [self.upstreams[k] for k in sorted(self.view.usable)]
-        if known:
-            # The namespace's key (every entry names the same file); kept when all entries are gone.
-            self._key = self.view.api_key(next(iter(known.values())))
+        # Fail closed: a gateway started without a key in front of replicas that take one would
+        # hand every caller the replicas' key. Checked on every refresh (an entry of any state,
+        # stale too): the key comes from how the gateway was started, never from an entry.
+        named = self._key is None and next((e.api_key_file for e in known.values() if e.api_key_file), None)
+        self.keyless = (f"this gateway was started without an API key, but the replicas of {self.service!r} "
+                        f"take one ({named}): it refuses every request; start it with its key "
+                        f"(--api-key-file, ${API_KEY_ENV}, GatewayJob.api_key_file)") if named else None
         self._usable_gauge.set(len(self._ring))
         if self._usable_event is not None:
             if self._ring:
@@ -313,13 +356,23 @@ class Gateway:
         self._sync()
 
     async def _every(self, interval_s: float, step) -> None:
-        """``step()`` every ``interval_s``, for as long as the gateway serves."""
+        """``step()`` every ``interval_s``, for as long as the gateway serves. Nothing ends the loop
+        but the gateway's end (a cancel): a loop that died would leave the gateway serving on what it
+        last knew, silently (a replica added later never seen, an ejected one never back)."""
+        failing = None  # the last failure logged in full; the same again costs one line
         while True:
             await asyncio.sleep(interval_s)
             try:
                 await step()
+                failing = None
             except OSError as e:  # a hiccup of the shared filesystem (an entry, a key file): keep what we know
                 log.warning("%s failed: %s", step.__name__, e)
+            except Exception as e:  # anything else (an entry not shaped as expected): said, then retried
+                if repr(e) != failing:
+                    log.exception("%s failed; retried every %gs", step.__name__, interval_s)
+                    failing = repr(e)
+                else:
+                    log.warning("%s failed again: %r", step.__name__, e)
 
     async def _refresh(self) -> None:
         self.view.apply(await asyncio.to_thread(self.view.scan))
@@ -344,6 +397,14 @@ class Gateway:
                 return r.status == 200
         except (aiohttp.ClientError, asyncio.TimeoutError):
             return False
+
+    def refuse_if_keyless(self) -> None:
+        """At start: ``GatewayKeyError`` when the service's entries name a key file and this gateway
+        has no key (it would refuse every request; better said at once than served closed)."""
+        self.view.refresh()
+        self._sync()
+        if self.keyless is not None:
+            raise GatewayKeyError(self.keyless)
 
     def in_flight(self) -> int:
         """Requests not yet answered in full: sent to a replica, or waiting for one (every replica
@@ -400,61 +461,103 @@ class Gateway:
 
     def _session(self, request: Request, body: bytes) -> str | None:
         """The request's session key: the ``X-Session-ID`` header, else NeMo Gym's conversation id
-        (``conversation_params.conversation_id``), else the body's ``user``; None without one."""
+        (``conversation_params.conversation_id``), else the body's ``user``; None without one.
+        ``_Refused`` (400) for a key over ``_MAX_SESSION_KEY_BYTES`` or a body that does not parse."""
         if self.settings.policy != "sticky_least_loaded":
             return None
         session = request.headers.get(SESSION_HEADER)
-        if session is not None or not _SESSION_FIELDS.search(body):
-            return session
-        try:
-            fields = json.loads(body)
-        except ValueError:
-            return None
-        if not isinstance(fields, dict):
-            return None
-        params = fields.get("conversation_params")
-        for key in (params.get("conversation_id") if isinstance(params, dict) else None, fields.get("user")):
-            if isinstance(key, str) and key:
-                return key
-        return None
+        if session is None and _SESSION_FIELDS.search(body):
+            fields = _parsed(body)
+            params = fields.get("conversation_params") if isinstance(fields, dict) else None
+            keys = (params.get("conversation_id") if isinstance(params, dict) else None,
+                    fields.get("user") if isinstance(fields, dict) else None)
+            session = next((key for key in keys if isinstance(key, str) and key), None)
+        if session is not None and len(session.encode()) > _MAX_SESSION_KEY_BYTES:
+            raise _Refused(_error(400, f"the session key (header {SESSION_HEADER}, else the body's "
+                                       f"conversation_params.conversation_id or user) is longer than "
+                                       f"{_MAX_SESSION_KEY_BYTES} bytes", "BadRequestError"))
+        return session
 
     # ------------------------------------------------------------ proxying
 
-    def _authorized(self, request: Request) -> bool:
-        if self._key is None:
-            return True
-        given = request.headers.get("authorization", "")
-        return secrets.compare_digest(given.encode(), f"Bearer {self._key}".encode())
+    async def __call__(self, scope, receive, send) -> None:
+        """The front door: every request but the health route shows the key here first, before routing (an unknown route is 401 too, not 404), before its body is read,
+        before it waits for a replica or records a session."""
+        if scope["type"] in ("http", "websocket") and scope["path"] != HEALTH_PATH:
+            if self._key is not None and not carries_key(authorization(scope), self._key):
+                if scope["type"] == "websocket":
+                    return await send({"type": "websocket.close", "code": 1008})  # policy violation
+                # Unknown paths counted as one: a caller must not grow the metrics by inventing paths.
+                self._done(scope["path"] if scope["path"] in PROXIED else "other", time.perf_counter(), 401)
+                await send({"type": "http.response.start", "status": 401, "headers": _UNAUTHORIZED_HEADERS})
+                return await send({"type": "http.response.body", "body": UNAUTHORIZED_BODY})
+            if self.keyless is not None:
+                return await _error(503, self.keyless, "ServiceUnavailableError")(scope, receive, send)
+        await self._routes(scope, receive, send)
+
+    async def _body(self, scope, receive) -> bytes:
+        """The request's body, read only once its key was checked, at most ``max_body_bytes`` (413,
+        from its Content-Length before a byte is read). Its deadline is the connection's
+        (``body_timeout_s``, server/connections.py: 408, closed), which ends this read too."""
+        limit = self.settings.max_body_bytes
+        too_large = _Refused(_error(413, f"the request body is larger than the gateway takes ({limit} bytes, "
+                                         "gateway.max_body_bytes)", "RequestTooLargeError"))
+        declared = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise too_large
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _Refused(_error(400, "the client left before its body arrived", "BadRequestError"))
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                return b"".join(chunks)
+
+    def _to_splice(self, route: str, body: bytes) -> dict | None:
+        """The parsed request when its prompt is to begin with prior token ids (server/onpolicy.py);
+        None: proxied as it came. ``_Refused`` (400) for ids that cannot be a prompt's."""
+        if route not in _SPLICED or not self.settings.on_policy or not onpolicy.has_prefix(body):
+            return None
+        fields = _parsed(body)
+        try:
+            return fields if isinstance(fields, dict) and onpolicy.required_prefix(fields) is not None else None
+        except onpolicy.BadIds as e:
+            raise _Refused(JSONResponse(onpolicy.error(str(e), e.param), 400)) from None
 
     async def _proxy(self, scope, receive, send) -> None:
         """The proxied routes, as a plain ASGI endpoint: FastAPI's request handling (dependencies,
-        its Request and Response objects) cost more than the proxying itself."""
+        its Request and Response objects) cost more than the proxying itself. The key was checked
+        by the front door (``__call__``)."""
         route = scope["path"]  # one of PROXIED: matched routes only come here
         started = time.perf_counter()
         request = Request(scope, receive)
-        body = await request.body()
-        session = self._session(request, body)
         said: list[tuple[bytes, bytes]] = []  # what the gateway adds to the replica's headers
-        if route in _SPLICED and self.settings.on_policy and onpolicy.has_prefix(body):
-            try:
-                fields = json.loads(body)
-            except ValueError:
-                fields = None  # the replica answers it, as vLLM would
-            if isinstance(fields, dict) and onpolicy.required_prefix(fields) is not None:
-                with _UntilClientLeaves(receive) as client:
-                    unsupported = await self._on_policy(scope, receive, send, request, fields, session, started)
-                if client.cut_short:
-                    return self._done(route, started, "aborted")
-                if unsupported is None:
-                    return
-                # Said, counted and passed on as it came: the replica's own route answers.
-                said.append((onpolicy.HEADER.encode(), f"unsupported: {unsupported}".encode()))
+        try:
+            body = await self._body(scope, receive)
+            session = self._session(request, body)
+            fields = self._to_splice(route, body)
+        except _Refused as refused:
+            return await self._refuse(scope, receive, send, route, started, refused.response)
+        if fields is not None:
+            with _UntilClientLeaves(receive) as client:
+                unsupported = await self._on_policy(scope, receive, send, request, fields, session, started)
+            if client.cut_short:
+                return self._done(route, started, "aborted")
+            if unsupported is None:
+                return
+            # Said, counted and passed on as it came: the replica's own route answers.
+            said.append((onpolicy.HEADER.encode(), f"unsupported: {unsupported}".encode()))
         headers = {k: v for k, v in request.headers.items() if k not in _HOP_BY_HOP}
         query = scope["query_string"]
         target = f"{route}?{query.decode('latin-1')}" if query else route
         try:
             with _UntilClientLeaves(receive) as client:
-                answer = await self._send(request, scope["method"], target, body, headers, session, stream=True)
+                answer = await self._send(scope["method"], target, body, headers, session, stream=True)
         except _Refused as refused:
             return await self._refuse(scope, receive, send, route, started, refused.response)
         if client.cut_short:  # its replica's request closed: the engine aborts it
@@ -469,23 +572,18 @@ class Gateway:
         await _Relay(answer.upstream, answer.first, answer.headers,
                      self._streamed(answer.up, route, started, answer.status))(receive, send)
 
-    async def _send(self, request: Request, method: str, target: str, body: bytes, headers: dict[str, str],
+    async def _send(self, method: str, target: str, body: bytes, headers: dict[str, str],
                     session: str | None, stream: bool = False) -> _Answer:
         """``body`` to a replica, with the failover rules (module docstring); ``_Refused`` carries the
-        gateway's own answer (401, 502, 503). With ``stream`` an event stream comes back as its
+        gateway's own answer (502, 503). With ``stream`` an event stream comes back as its
         first chunk and the open upstream response, the replica still counted in flight."""
-        attempt, checked = 0, False
+        attempt = 0
         while True:
             up = await self._wait_pick(session)
             if up is None:
                 raise _Refused(_error(
                     503, self.view.why_empty(self.settings.wait_s), "ServiceUnavailableError",
                     {"Retry-After": str(math.ceil(self.settings.health_interval_s))}))
-            if not checked:  # after a pick: a gateway started before its replicas learns the key from them
-                if not self._authorized(request):
-                    raise _Refused(_error(
-                        401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "AuthenticationError"))
-                checked = True
             if attempt:
                 self._retries.inc()
             self._index.change(up, +1)
@@ -534,14 +632,14 @@ class Gateway:
         retry, not the request; they are stateless, so steps may land on different replicas.
         Returns why not (answering nothing) when the replicas cannot splice: the caller proxies."""
         route = scope["path"]
-        # The client's key is checked by _send; the replicas get theirs from the upstream's auth.
+        # The client's key was checked at the front door (__call__); the replicas get theirs from the upstream's auth.
         headers = {"content-type": "application/json"}
         if "x-request-id" in request.headers:
             headers["x-request-id"] = request.headers["x-request-id"]
         replica = []
 
         async def call(method: str, path: str, payload) -> tuple[int, object]:
-            answer = await self._send(request, method, path, b"" if payload is None else json.dumps(payload).encode(),
+            answer = await self._send(method, path, b"" if payload is None else json.dumps(payload).encode(),
                                       headers, session)
             replica[:] = [answer.up.key]
             try:
@@ -626,6 +724,13 @@ class Gateway:
         @app.get("/metrics")
         async def metrics() -> Response:
             return Response(generate_latest(self.metrics), media_type=CONTENT_TYPE_LATEST)
+
+        @app.exception_handler(HTTPException)
+        async def own_error(request: Request, e: HTTPException) -> Response:
+            # No such route (404), or not with that method (405): in OpenAI's shape, as the replicas'.
+            kind = {404: "NotFoundError", 405: "MethodNotAllowedError"}.get(e.status_code, "BadRequestError")
+            message = f"no route {request.method} {request.url.path}" if e.status_code in (404, 405) else str(e.detail)
+            return _error(e.status_code, message, kind, e.headers)
 
         return app
 
@@ -849,6 +954,16 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _parsed(body: bytes) -> object:
+    """The request body as JSON; ``_Refused`` (400) when it does not parse: not JSON, or nested
+    deeper than the parser recurses (RecursionError, an exception like any other here)."""
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError) as e:
+        raise _Refused(_error(400, f"the request body is not JSON the gateway can parse: {str(e)[:200]}",
+                              "BadRequestError")) from None
+
+
 def _error(status: int, message: str, kind: str, headers: dict[str, str] | None = None) -> JSONResponse:
     """OpenAI's error shape, as the replicas answer theirs."""
     return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": status}}, status,
@@ -869,24 +984,50 @@ class GatewayJob:
     settings: GatewaySettings
     advertise_host: str | None = None  # host written into the entry's URL; None: as advertise_interface says
     advertise_interface: str | None = None  # None (and no advertise_host): this node's hostname
-    api_key_file: str | None = None  # the namespace's key (the replicas' entries name it too)
+    api_key_file: str | None = None  # the namespace's key: what clients must send (``gateway_key``)
     cluster: str = ""  # the cluster kind submitting the job (local | slurm), recorded in the entry
+
+    def orphaned(self) -> bool:
+        return self.registry.orphaned(self.namespace)
+
+
+class _NothingToWatch:
+    """``server.job.wait_admitted``'s watch for a gateway job: nothing of its own can die while it
+    waits (uvicorn serves in this process, and its end ends the wait); ``job`` names the namespace
+    that must keep an owner."""
+
+    def __init__(self, job: GatewayJob) -> None:
+        self.job = job
+
+    def __call__(self) -> None:
+        pass
 
 
 def run_job(job: GatewayJob) -> None:
     """Serve until SIGTERM/SIGINT, or until no run owns the namespace any more (as a server job,
-    after ``registry.orphan_grace_s``). The entry (service ``<service>@gateway``) turns ``ready``
-    once requests are taken, heartbeats meanwhile and is removed at the end. SIGUSR2 (Slurm's
-    warning before the time limit, or the launcher once this gateway's successor is ready) drains:
-    the entry turns ``draining`` so that clients reading the registry move to the successor, the
-    gateway keeps serving for ``_DRAIN_SETTLE_S`` (clients following an endpoint file re-read it
-    that often) and until nothing is in flight, at most ``_DRAIN_GRACE_S``, then ends."""
+    after ``registry.orphan_grace_s``). The entry (service ``<service>@gateway``) turns ``healthy``
+    once requests are taken, and ``ready`` (clients are handed its URL) once the launcher's readiness
+    gate admitted it, as a replica's (``server.job.wait_admitted``); it heartbeats meanwhile and is
+    removed at the end. SIGUSR2 (Slurm's warning before the time limit, or the launcher once this
+    gateway's successor is ready) drains: the entry turns ``draining`` so that clients reading the
+    registry move to the successor, the gateway keeps serving for ``_DRAIN_SETTLE_S`` (clients
+    following an endpoint file re-read it that often) and until nothing is in flight, at most
+    ``_DRAIN_GRACE_S``, then ends. ``GatewayKeyError`` before anything is published when the job's
+    key file is unreadable or empty, or names none while the replicas' entries do."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     raise_open_files_limit()
-    drain = threading.Event()
-    signal.signal(signal.SIGUSR2, lambda signum, frame: drain.set())
+    stop, drain = threading.Event(), threading.Event()
+    # The wait for admission ends on a drain too (a gateway told to drain first is never ready), or at the end.
+    unadmitted = threading.Event()
+
+    def on_drain(signum: int, frame: object) -> None:
+        drain.set()
+        unadmitted.set()
+
+    signal.signal(signal.SIGUSR2, on_drain)
     registry = job.registry
-    gateway = Gateway(job.service, job.namespace, registry, job.settings)
+    gateway = Gateway(job.service, job.namespace, registry, job.settings, gateway_key(job.api_key_file))
+    gateway.refuse_if_keyless()
     sock = listen(job.settings.host, job.settings.port)
     now = time.time()
     entry = Entry(
@@ -898,11 +1039,21 @@ def run_job(job: GatewayJob) -> None:
         cluster=job.cluster,
     )
     registry.publish(entry)
-    stop = threading.Event()
 
     def heartbeat(server: uvicorn.Server) -> None:
-        registry.heartbeat(entry, state="ready")
-        log.info("gateway of %s ready at %s", job.service, entry.base_url)
+        log.info("gateway of %s serving at %s; handed out once the launcher admits it", job.service, entry.base_url)
+        try:
+            wait_admitted(_NothingToWatch(job), EntryHeartbeat(registry, entry), unadmitted)
+        except EngineFailed as e:  # its entry unwritable for longer than registry.ttl_s: no client can find it
+            log.error("stopping: %s", e)
+            server.should_exit = True
+            return
+        if unadmitted.is_set() and not drain.is_set():  # the end, or no run owns the namespace any more
+            server.should_exit = True
+            return
+        if not drain.is_set():
+            registry.heartbeat(entry, state="ready")
+            log.info("gateway of %s ready at %s", job.service, entry.base_url)
         settled_at = deadline = None
         while not stop.wait(_DRAIN_POLL_S if deadline else registry.heartbeat_s):
             if registry.orphaned(job.namespace):
@@ -930,6 +1081,7 @@ def run_job(job: GatewayJob) -> None:
         serve_until_stopped(gateway, sock, started)
     finally:
         stop.set()
+        unadmitted.set()
         registry.remove(entry.namespace, entry.service, entry.replica, entry.job_id)
 
 
@@ -963,6 +1115,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--namespace", default=os.environ.get(NAMESPACE_ENV), help=f"default: ${NAMESPACE_ENV}")
     parser.add_argument("--registry-root", default=None, help="default: $GYMLAUNCH_REGISTRY_ROOT or ~/.gymlaunch/registry")
     parser.add_argument("--ttl-s", type=float, default=Registry.ttl_s, help="heartbeat age after which an entry is stale")
+    parser.add_argument("--api-key-file", default=None,
+                        help=f"the key clients must send (default: ${API_KEY_ENV}; neither: no key, refused while "
+                             "the replicas take one)")
     for field in dataclasses.fields(GatewaySettings):
         flag = f"--{field.name.replace('_', '-')}"
         if isinstance(field.default, bool):  # type=bool would read "false" as True
@@ -982,7 +1137,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     raise_open_files_limit()
-    gateway = Gateway(args.service, args.namespace, Registry(args.registry_root, ttl_s=args.ttl_s), settings)
+    try:
+        gateway = Gateway(args.service, args.namespace, Registry(args.registry_root, ttl_s=args.ttl_s), settings,
+                          gateway_key(args.api_key_file))
+        gateway.refuse_if_keyless()
+    except GatewayKeyError as e:
+        print(e, file=sys.stderr)
+        return 2
     sock = listen(settings.host, settings.port)
 
     def announce(server: uvicorn.Server) -> None:

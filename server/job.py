@@ -181,7 +181,7 @@ def run(job: ServerJob) -> None:
         if group is not None:
             group.say(state="running")
         if job.gated and not signals.stop.is_set():
-            _wait_admitted(job, watch, beat, signals.stop)
+            wait_admitted(watch, beat, signals.stop)
         if signals.stop.is_set():
             return
         beat(state="ready")
@@ -532,12 +532,15 @@ def _wait_healthy(job: ServerJob, watch: _Watch, beat: EntryHeartbeat, health_pa
         _wait_until(healthy, 0.2, watch, beat, stop)
 
 
-def _wait_admitted(job: ServerJob, watch: _Watch, beat: EntryHeartbeat, stop: threading.Event) -> None:
+def wait_admitted(watch: _Watch, beat: EntryHeartbeat, stop: threading.Event) -> None:
     """``healthy`` until the launcher's readiness gate admits this job (a replacement is handed out
-    only after the same checks as the first replicas). The launcher bounds how long that takes."""
+    only after the same checks as the first replicas). The launcher bounds how long that takes.
+    A replica's server job and a gateway's (server/gateway.py) wait alike; ``watch`` raises when
+    the job can no longer serve, and ``watch.job`` names the namespace that must keep an owner."""
     beat(state="healthy")
-    registry, job_id = job.registry, beat.entry.job_id
-    _wait_until(lambda: registry.admitted(job.namespace, job.service, job.replica, job_id), 0.1, watch, beat, stop)
+    entry, registry = beat.entry, beat.registry
+    _wait_until(lambda: registry.admitted(entry.namespace, entry.service, entry.replica, entry.job_id), 0.1,
+                watch, beat, stop)
 
 
 def _wait_until(done: Callable[[], bool], poll_s: float, watch: _Watch, beat: EntryHeartbeat | None,

@@ -67,6 +67,15 @@ class Mismatch(ValueError):
     """The prefix and the re-rendered messages disagree on where the turns end."""
 
 
+class BadIds(ValueError):
+    """Token ids in the request that cannot be a prompt's (``param`` names the field): the
+    client's error (400), never a mismatch."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     eos_token_id: int
@@ -80,14 +89,25 @@ def has_prefix(body: bytes) -> bool:
 
 
 def required_prefix(request: dict) -> list[int] | None:
-    """The ids the prompt must begin with, or None (nothing to splice: a first turn)."""
+    """The ids the prompt must begin with, or None (nothing to splice: a first turn). ``BadIds``
+    when they are not lists of non-negative ints (the engine checks the vocabulary's end)."""
     ids = request.get(PREFIX_FIELD)
     if ids:
-        return list(ids)
-    for message in reversed(request.get("messages") or []):
+        return _ids(ids, PREFIX_FIELD)
+    messages = request.get("messages") or []
+    for i in reversed(range(len(messages) if isinstance(messages, list) else 0)):
+        message = messages[i]
         if isinstance(message, dict) and message.get("prompt_token_ids") is not None:
-            return list(message["prompt_token_ids"]) + list(message.get("generation_token_ids") or [])
+            return (_ids(message["prompt_token_ids"], f"messages[{i}].prompt_token_ids")
+                    + _ids(message.get("generation_token_ids") or [], f"messages[{i}].generation_token_ids"))
     return None
+
+
+def _ids(value: Any, param: str) -> list[int]:
+    # bool is an int, and no token id.
+    if not isinstance(value, list) or any(type(token) is not int or token < 0 for token in value):
+        raise BadIds(f"{param} must be a list of non-negative integer token ids", param)
+    return value
 
 
 def plain_request(request: dict) -> dict:

@@ -297,13 +297,23 @@ class Registry:
         now = time.time()
         return [e for e in self.entries(namespace, service) if e.state == "ready" and e.is_fresh(self.ttl_s, now)]
 
+    def handed_out(self, service: str, namespace: str | None = None) -> list[Entry]:
+        """The ready entries a client may be given: a gateway's (``S@gateway``) only while a replica
+        of ``S`` is ready in its namespace, since without one it answers nothing but 503."""
+        ready = self.ready(service, namespace)
+        if not service.endswith(GATEWAY_SUFFIX) or not ready:
+            return ready
+        backed = {e.namespace for e in self.ready(service.removesuffix(GATEWAY_SUFFIX), namespace)}
+        return [e for e in ready if e.namespace in backed]
+
     def wait(
         self, service: str, count: int, timeout_s: float, namespace: str | None = None, poll_s: float = 0.5
     ) -> list[Entry]:
-        """Block until ``count`` replicas of ``service`` are ready; ``TimeoutError`` otherwise."""
+        """Block until ``count`` replicas of ``service`` are ready (``handed_out``); ``TimeoutError``
+        otherwise."""
         deadline = time.monotonic() + timeout_s
         while True:
-            ready = self.ready(service, namespace)
+            ready = self.handed_out(service, namespace)
             if len(ready) >= count:
                 return ready
             if time.monotonic() >= deadline:
@@ -739,10 +749,10 @@ def resolve_namespace(registry: Registry, service: str, namespace: str | None) -
 
 
 def urls(registry: Registry, service: str, namespace: str | None, replicas: bool = False) -> list[str]:
-    """The base URL of ``service``'s gateway when one serves it; else (or with ``replicas``) the base
-    URLs of its ready replicas."""
+    """The base URL of ``service``'s gateway when one serves it (a ready replica behind it); else (or
+    with ``replicas``) the base URLs of its ready replicas."""
     namespace = resolve_namespace(registry, service, namespace)
-    gateways = [] if replicas else registry.ready(gateway_service(service), namespace)
+    gateways = [] if replicas else registry.handed_out(gateway_service(service), namespace)
     return [e.base_url for e in gateways[-1:] or registry.ready(service, namespace)]
 
 

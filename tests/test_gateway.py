@@ -54,9 +54,9 @@ def gateway(tmp_path):
     """``start(**settings)``: a gateway of SERVICE in NS over tmp_path's registry, on a thread."""
     started: list[GatewayThread] = []
 
-    def start(**settings) -> GatewayThread:
+    def start(api_key: str | None = None, **settings) -> GatewayThread:
         settings = {"refresh_s": 0.05, "health_interval_s": 0.2, "wait_s": 2.0, **settings}
-        gw = GatewayThread(Gateway(SERVICE, NS, Registry(tmp_path), GatewaySettings(**settings))).start()
+        gw = GatewayThread(Gateway(SERVICE, NS, Registry(tmp_path), GatewaySettings(**settings), api_key)).start()
         started.append(gw)
         return gw
 
@@ -130,19 +130,23 @@ def test_the_key_is_required_and_sent_to_the_replicas(tmp_path, standins, gatewa
     key = key_file.read_text()
     (server,) = standins(1, api_key=key)
     registry.publish(entry(0, server.port, api_key_file=str(key_file)))
-    gw = gateway()
+    gw = gateway(api_key=key)
     with http(gw) as c:
-        for headers in ({}, {"Authorization": "Bearer wrong"}):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": key}):
             r = c.post(CHAT, json=chat("hi"), headers=headers)
-            assert r.status_code == 401
+            assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
             assert set(r.json()["error"]) == {"message", "type", "param", "code"}
             assert c.post("/tokenize", json={"prompt": "x"}, headers=headers).status_code == 401
+            assert c.get("/metrics", headers=headers).status_code == 401
         assert server.requests == []  # refused at the gateway
         r = c.post(CHAT, json=chat("hi"), headers={"Authorization": f"Bearer {key}"})
         assert r.status_code == 200
         assert header(server.requests[0], "Authorization") == f"Bearer {key}"
-        assert c.get("/health").status_code == 200  # the gateway's own routes take no key
-        assert key not in c.get("/metrics").text
+        # The scheme in any case (RFC 9110 11.1), as vLLM's own check takes it.
+        assert c.post(CHAT, json=chat("hi"), headers={"Authorization": f"bearer {key}"}).status_code == 200
+        assert c.get("/health").status_code == 200  # the one route without the key
+        metrics = c.get("/metrics", headers={"Authorization": f"Bearer {key}"}).text
+        assert key not in metrics and 'gateway_requests_total{route="/v1/chat/completions",status="401"} 3.0' in metrics
 
 
 # ---------------------------------------------------------------- streaming
