@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from http.server import BaseHTTPRequestHandler
@@ -20,8 +23,9 @@ import pytest
 
 from server import standin
 from server.checks import Checks
-from server.gateway import Gateway, GatewaySettings, GatewayThread, LoadIndex, Upstream
-from server.registry import Registry
+from server.gateway import (PROXIED, Gateway, GatewayKeyError, GatewaySettings, GatewayThread, LoadIndex, Upstream,
+                            gateway_key)
+from server.registry import Registry, gateway_service, urls
 from server.standin import StandIn
 from tests.support import MODEL, NAMESPACE as NS, ROOT, SERVICE, entry, publish
 
@@ -147,6 +151,190 @@ def test_the_key_is_required_and_sent_to_the_replicas(tmp_path, standins, gatewa
         assert c.get("/health").status_code == 200  # the one route without the key
         metrics = c.get("/metrics", headers={"Authorization": f"Bearer {key}"}).text
         assert key not in metrics and 'gateway_requests_total{route="/v1/chat/completions",status="401"} 3.0' in metrics
+
+
+# ---------------------------------------------------------------- the front door: key first, then the body
+
+
+# Every route a client may try: the proxied ones, the gateway's own, and one it does not have.
+ROUTES = [(method, path) for path, methods in PROXIED.items() for method in methods] + [
+    ("GET", "/metrics"), ("GET", "/nope"), ("POST", "/v1/embeddings"), ("DELETE", CHAT)]
+
+
+def keyed(tmp_path) -> tuple[str, str]:
+    """The namespace's key and its file, as a run creates them."""
+    key_file = Registry(tmp_path).create_api_key(NS)
+    return key_file.read_text().strip(), str(key_file)
+
+
+@pytest.mark.parametrize("replicas", ["none ready", "one ready"])
+def test_without_the_key_every_route_but_health_is_401_at_once(tmp_path, standins, gateway, replicas):
+    """Refused before routing (unknown routes too), before the body is read, before a replica is
+    waited for (wait_s 2 s here) and before a session is recorded: within 50 ms each (the best of
+    3 tries: the test's own threads share the gateway's interpreter, and may hold it meanwhile)."""
+    key, key_file = keyed(tmp_path)
+    (server,) = standins(1, api_key=key)
+    registry = Registry(tmp_path)
+    registry.publish(entry(0, server.port, api_key_file=key_file,
+                           state="ready" if replicas == "one ready" else "starting"))
+    gw = gateway(api_key=key)
+    body = json.dumps(chat("x", user="u1")).encode()
+    with http(gw) as c:
+        c.get("/health")  # the connection, opened once
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {key}"}):
+            for method, path in ROUTES:
+                took = []
+                for _ in range(3):
+                    started = time.perf_counter()
+                    r = c.request(method, path, content=body, headers={**headers, "X-Session-ID": "s1"})
+                    took.append(time.perf_counter() - started)
+                    assert r.status_code == 401, (method, path, r.status_code, r.text)
+                    assert r.json()["error"]["code"] == 401 and r.json()["error"]["type"] == "AuthenticationError"
+                assert min(took) < 0.05, f"{method} {path}: 401 after {min(took) * 1000:.0f} ms at best"
+        assert c.get("/health").status_code == (200 if replicas == "one ready" else 503)
+        metrics = c.get("/metrics", headers={"Authorization": f"Bearer {key}"}).text
+    assert server.requests == []
+    assert "gateway_sessions 0.0" in metrics and "gateway_waiting_requests 0.0" in metrics
+
+
+def test_a_gateway_without_a_key_refuses_while_its_replicas_take_one(tmp_path, standins, gateway):
+    """An old `starting` entry naming no key file (sorted first) next to a ready replica that takes
+    the namespace's key: a gateway started without the key refuses, a gateway with it asks for it."""
+    key, key_file = keyed(tmp_path)
+    (server,) = standins(1, api_key=key)
+    registry = Registry(tmp_path)
+    registry.publish(entry(0, 9, state="starting", heartbeat_at=time.time() - 3600))
+    registry.publish(entry(1, server.port, api_key_file=key_file))
+    open_gw = gateway()
+    with http(open_gw) as c:
+        until(lambda: c.get("/health").json()["usable_replicas"] == 1, what="the replica seen")
+        for method, path in ROUTES:
+            r = c.request(method, path, json=chat("x"))
+            assert r.status_code == 503 and "started without an API key" in r.json()["error"]["message"], r.text
+    assert server.requests == []  # never proxied with the replicas' key
+    with pytest.raises(GatewayKeyError, match=re.escape(key_file)):
+        Gateway(SERVICE, NS, registry).refuse_if_keyless()
+    keyed_gw = gateway(api_key=key)
+    with http(keyed_gw) as c:
+        assert c.post(CHAT, json=chat("x")).status_code == 401
+        assert c.post(CHAT, json=chat("x"), headers={"Authorization": f"Bearer {key}"}).status_code == 200
+
+
+def test_the_key_comes_from_how_the_gateway_is_started(tmp_path, monkeypatch):
+    key, key_file = keyed(tmp_path)
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    assert gateway_key(key_file) == key
+    for bad, why in ((str(empty), "is empty"), (str(tmp_path / "missing"), "cannot be read")):
+        with pytest.raises(GatewayKeyError, match=f"{re.escape(bad)} {why}"):
+            gateway_key(bad)
+    monkeypatch.setenv("GYMLAUNCH_API_KEY", "from-env")
+    assert gateway_key(None) == "from-env" and gateway_key(key_file) == key
+    monkeypatch.delenv("GYMLAUNCH_API_KEY")
+    assert gateway_key(None) is None  # server.api_key: null: open on purpose
+    # The CLI refuses at once (exit 2): an empty key file, or no key while the replicas take one.
+    Registry(tmp_path).publish(entry(0, 9, api_key_file=key_file))
+    cli = [sys.executable, "-m", "server.gateway", "--service", SERVICE, "--namespace", NS,
+           "--registry-root", str(tmp_path)]
+    env = {k: v for k, v in os.environ.items() if k != "GYMLAUNCH_API_KEY"}
+    for extra, said in ((["--api-key-file", str(empty)], f"{empty} is empty"), ([], "started without an API key")):
+        out = subprocess.run(cli + extra, cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
+        assert out.returncode == 2 and said in out.stderr, out.stderr
+
+
+def raw_request(gw: GatewayThread, head: str, body: bytes = b"", wait_s: float = 10.0) -> tuple[int, dict]:
+    """One request over a raw socket (a body cut short, a length the client does not keep to):
+    the status and JSON body of the answer."""
+    host, port = gw.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=wait_s) as sock:
+        sock.sendall(head.replace("\n", "\r\n").encode() + b"\r\n" + body)
+        answer = b""
+        while b"\r\n\r\n" not in answer or len(answer.split(b"\r\n\r\n", 1)[1]) < int(
+                re.search(rb"content-length: (\d+)", answer.lower()).group(1)):
+            chunk = sock.recv(65536)
+            assert chunk, answer
+            answer += chunk
+    status = int(answer.split(b" ", 2)[1])
+    return status, json.loads(answer.split(b"\r\n\r\n", 1)[1])
+
+
+def test_bodies_and_session_keys_are_bounded_after_the_key(tmp_path, standins, gateway):
+    key, key_file = keyed(tmp_path)
+    (server,) = standins(1, api_key=key)
+    Registry(tmp_path).publish(entry(0, server.port, api_key_file=key_file))
+    gw = gateway(api_key=key, max_body_bytes=4096, body_timeout_s=0.5)
+    auth = {"Authorization": f"Bearer {key}"}
+    with http(gw, headers=auth) as c:
+        big = json.dumps(chat("x" * 5000)).encode()
+        r = c.post(CHAT, content=big)  # said by its Content-Length
+        assert r.status_code == 413 and r.json()["error"]["type"] == "RequestTooLargeError"
+        r = c.post(CHAT, content=iter([big[:3000], big[3000:]]))  # chunked: counted as it comes
+        assert r.status_code == 413, r.text
+        r = c.post(CHAT, json=chat("x"), headers={"X-Session-ID": "s" * 257})
+        assert r.status_code == 400 and "X-Session-ID" in r.json()["error"]["message"].replace("x-session-id", "X-Session-ID")
+        r = c.post(CHAT, json={**chat("x"), "conversation_params": {"conversation_id": "c" * 257}})
+        assert r.status_code == 400, r.text
+        assert c.post(CHAT, json=chat("x"), headers={"X-Session-ID": "s" * 256}).status_code == 200
+        # A body that does not come whole within body_timeout_s: 408.
+        started = time.monotonic()
+        status, answer = raw_request(gw, f"POST {CHAT} HTTP/1.1\nHost: x\nAuthorization: Bearer {key}\n"
+                                         "Content-Type: application/json\nContent-Length: 100\n", b'{"model": ')
+        assert status == 408 and answer["error"]["code"] == 408 and time.monotonic() - started < 5
+        metrics = c.get("/metrics").text
+    assert len(server.requests) == 1
+    assert "gateway_sessions 1.0" in metrics  # the one session that fit
+
+
+def test_bodies_the_gateway_cannot_parse_or_use_are_400(tmp_path, standins, gateway):
+    """Parsed only where the gateway needs the body (a session field, prior token ids): too deep
+    for the parser, not JSON, or token ids that cannot be a prompt's: 400 in OpenAI's shape."""
+    (server,) = standins(1)
+    publish(tmp_path, [server])
+    gw = gateway()
+    deep = b'{"user": "u", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    deep_ids = b'{"required_prefix_token_ids": [1], "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    with http(gw, headers={"Content-Type": "application/json"}) as c:
+        for body in (deep, deep_ids, b'{"user": "u", "messages": [}'):
+            r = c.post(CHAT, content=body)
+            assert r.status_code == 400 and r.json()["error"]["type"] == "BadRequestError", r.text[:300]
+        for ids, param in ((5, "required_prefix_token_ids"), ([1, -2], "required_prefix_token_ids"),
+                           ([1, "2"], "required_prefix_token_ids"), ([True], "required_prefix_token_ids")):
+            r = c.post(CHAT, json=chat("x", required_prefix_token_ids=ids))
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+        turns = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "prompt_token_ids": "7",
+                                                     "generation_token_ids": [1]}, {"role": "user", "content": "c"}]
+        r = c.post(CHAT, json={**chat("x"), "messages": turns})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages[1].prompt_token_ids", r.text
+        r = c.post("/tokenize", json={"prompt": "x", "required_prefix_token_ids": {"a": 1}})
+        assert r.status_code == 400, r.text
+    assert server.requests == []
+
+
+def test_the_gateways_own_404_and_405_are_in_openai_shape(served):
+    _, gw = served(1)
+    with http(gw) as c:
+        r = c.get("/nope")
+        assert r.status_code == 404 and r.json() == {"error": {
+            "message": "no route GET /nope", "type": "NotFoundError", "param": None, "code": 404}}
+        r = c.get(CHAT)
+        assert r.status_code == 405 and r.json()["error"]["type"] == "MethodNotAllowedError"
+
+
+def test_the_refresh_loop_survives_an_entry_it_cannot_use(tmp_path, standins, gateway, caplog):
+    """A mistyped entry (`heartbeat_at: "soon"`) once killed the registry refresh, silently: a
+    replica published later was never routed to."""
+    gw = gateway()
+    bad = Registry(tmp_path).publish(entry(5, 9))
+    bad.write_text(bad.read_text().replace(re.search(r'"heartbeat_at": [\d.]+', bad.read_text()).group(0),
+                                           '"heartbeat_at": "soon"'))
+    # Noticed (the loop's own log, or the registry skipping the entry when it reads it).
+    until(lambda: any(r.levelno >= logging.WARNING for r in caplog.records), what="the bad entry noticed")
+    bad.unlink()
+    (server,) = standins(1)
+    publish(tmp_path, [server])
+    with http(gw) as c:
+        until(lambda: c.get("/health").json()["usable_replicas"] == 1, what="the replica published later")
+        assert c.post(CHAT, json=chat("x")).status_code == 200
 
 
 # ---------------------------------------------------------------- streaming
@@ -526,3 +714,80 @@ def test_the_cli_prints_its_url_and_stops_on_sigterm(tmp_path, standins):
     bad = subprocess.run([sys.executable, "-m", "server.gateway", "--service", SERVICE, "--namespace", NS,
                           "--policy", "random"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "policy: must be one of" in bad.stderr
+
+
+# ---------------------------------------------------------------- handed out only when it serves
+
+
+GATEWAY = gateway_service(SERVICE)
+
+
+def registry_cli(root, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "server.registry", "--root", str(root), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_urls_and_wait_never_hand_out_a_gateway_with_no_ready_replica(tmp_path):
+    registry = Registry(tmp_path)
+    gateway = entry(0, 4000, service=GATEWAY)
+    registry.publish(gateway)
+    replica = entry(0, 4001, state="healthy")  # not yet through the launcher's gate
+    registry.publish(replica)
+    assert urls(registry, SERVICE, NS) == [] and registry.handed_out(GATEWAY, NS) == []
+    out = registry_cli(tmp_path, "urls", SERVICE)
+    assert out.returncode == 1 and out.stdout == "", out.stdout
+    out = registry_cli(tmp_path, "--namespace", NS, "wait", GATEWAY, "--timeout", "0.3")
+    assert out.returncode == 1 and out.stdout == "" and "0/1" in out.stderr, out.stdout + out.stderr
+
+    registry.heartbeat(replica, state="ready")
+    assert urls(registry, SERVICE, NS) == [gateway.base_url]
+    assert registry_cli(tmp_path, "urls", SERVICE).stdout.strip() == gateway.base_url
+    assert registry_cli(tmp_path, "--namespace", NS, "wait", GATEWAY, "--timeout", "5").stdout.strip() == gateway.base_url
+    # A replica ready in another namespace backs no gateway here.
+    registry.remove(NS, SERVICE, 0)
+    registry.publish(entry(0, 4002, namespace="other"))
+    assert urls(registry, SERVICE, NS) == []
+
+
+@pytest.fixture
+def gateway_job(tmp_path):
+    """``run_job`` of SERVICE's gateway in NS, as a run's gateway job runs it, in a process of its own."""
+    code = textwrap.dedent(f"""
+        from server.gateway import GatewayJob, GatewaySettings, run_job
+        from server.registry import Registry
+        run_job(GatewayJob(namespace={NS!r}, service={SERVICE!r}, model={MODEL!r}, advertise_host="127.0.0.1",
+                           registry=Registry({str(tmp_path)!r}, heartbeat_s=0.2, ttl_s=5, orphan_grace_s=None),
+                           settings=GatewaySettings(refresh_s=0.05)))
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    yield proc
+    if proc.poll() is None:
+        proc.kill()
+    proc.communicate()
+
+
+def test_the_gateway_job_stays_healthy_until_the_launcher_admits_it(tmp_path, standins, gateway_job):
+    registry = Registry(tmp_path)
+    (server,) = standins(1)
+    (replica,) = publish(tmp_path, [server])
+
+    def gateway_entry():
+        found = registry.entries(NS, GATEWAY)
+        return found[0] if found else None
+
+    until(lambda: (e := gateway_entry()) is not None and e.state != "starting", timeout_s=30, what="the gateway serving")
+    first = gateway_entry()
+    assert first.state == "healthy"
+    # Still healthy (not handed out) across heartbeats, while the replica is ready behind it.
+    until(lambda: gateway_entry().heartbeat_at > first.heartbeat_at + 0.5, what="three heartbeats")
+    assert gateway_entry().state == "healthy"
+    assert urls(registry, SERVICE, NS) == [replica.base_url]
+
+    registry.admit(NS, GATEWAY, 0, first.job_id)
+    until(lambda: gateway_entry().state == "ready", what="ready once admitted")
+    assert urls(registry, SERVICE, NS) == [first.base_url]
+    gateway_job.send_signal(signal.SIGTERM)
+    out, _ = gateway_job.communicate(timeout=30)
+    assert gateway_job.returncode == 0, out
+    assert gateway_entry() is None
