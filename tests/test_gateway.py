@@ -198,26 +198,33 @@ def test_without_the_key_every_route_but_health_is_401_at_once(tmp_path, standin
 
 
 def test_a_gateway_without_a_key_refuses_while_its_replicas_take_one(tmp_path, standins, gateway):
-    """An old `starting` entry naming no key file (sorted first) next to a ready replica that takes
-    the namespace's key: a gateway started without the key refuses, a gateway with it asks for it."""
+    """The key comes from how the gateway is started, never from an entry: an entry naming an empty
+    key file (once: no key, so no auth, and 200 to anyone), or an old `starting` entry naming none,
+    does not open it."""
     key, key_file = keyed(tmp_path)
-    (server,) = standins(1, api_key=key)
+    empty = tmp_path / "truncated_key"
+    empty.write_text("")
+    (server,) = standins(1)
     registry = Registry(tmp_path)
-    registry.publish(entry(0, 9, state="starting", heartbeat_at=time.time() - 3600))
-    registry.publish(entry(1, server.port, api_key_file=key_file))
+    registry.publish(entry(0, server.port, api_key_file=str(empty)))
     open_gw = gateway()
     with http(open_gw) as c:
         until(lambda: c.get("/health").json()["usable_replicas"] == 1, what="the replica seen")
         for method, path in ROUTES:
             r = c.request(method, path, json=chat("x"))
             assert r.status_code == 503 and "started without an API key" in r.json()["error"]["message"], r.text
-    assert server.requests == []  # never proxied with the replicas' key
-    with pytest.raises(GatewayKeyError, match=re.escape(key_file)):
+    assert server.requests == []  # never proxied
+    with pytest.raises(GatewayKeyError, match=re.escape(str(empty))):
         Gateway(SERVICE, NS, registry).refuse_if_keyless()
+
+    (keyed_server,) = standins(1, api_key=key)
+    registry.publish(entry(0, 9, state="starting", heartbeat_at=time.time() - 3600))  # names no key file
+    registry.publish(entry(1, keyed_server.port, api_key_file=key_file))
     keyed_gw = gateway(api_key=key)
     with http(keyed_gw) as c:
-        assert c.post(CHAT, json=chat("x")).status_code == 401
-        assert c.post(CHAT, json=chat("x"), headers={"Authorization": f"Bearer {key}"}).status_code == 200
+        until(lambda: c.get("/health").json()["known_replicas"] == 2, what="both entries seen")
+        assert c.post(CHAT, json=chat("x"), headers={"X-Session-ID": "s"}).status_code == 401
+    assert keyed_server.requests == []
 
 
 def test_the_key_comes_from_how_the_gateway_is_started(tmp_path, monkeypatch):
