@@ -34,9 +34,10 @@ TOOL_ATTEMPTS = 2
 def gateways(policy_server, registry_root):
     """The same replica behind a gateway that splices and one that does not."""
     registry = Registry(registry_root, ttl_s=10)
-    with GatewayThread(Gateway("policy", policy_server.namespace, registry, GatewaySettings(refresh_s=0.2))) as on, \
+    key = policy_server.read_api_key()
+    with GatewayThread(Gateway("policy", policy_server.namespace, registry, GatewaySettings(refresh_s=0.2), key)) as on, \
             GatewayThread(Gateway("policy", policy_server.namespace, registry,
-                                  GatewaySettings(refresh_s=0.2, on_policy=False))) as off:
+                                  GatewaySettings(refresh_s=0.2, on_policy=False), key)) as off:
         yield on, off, auth(policy_server)
 
 
