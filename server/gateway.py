@@ -1,12 +1,13 @@
 """One URL for a service: an OpenAI-compatible reverse proxy in front of its replicas.
 
     python -m server.gateway --service policy --namespace NS [--registry-root R] [--port 0]
-                             [--policy sticky_least_loaded] [--max-retries 3] [--wait-s 30] ...
+                             [--api-key-file F] [--policy sticky_least_loaded] [--max-retries 3] ...
 
 prints ``gateway for service 'policy' (namespace NS) serving at http://HOST:PORT/v1`` once it
 listens. A run starts it as a job of its own (``GatewayJob``, ``run_job``; the ``gateway:``
-config group), published in the registry as service ``<service>@gateway``, and hands its URL
-to the job that uses the service.
+config group), published in the registry as service ``<service>@gateway``: ``healthy`` while
+the launcher's readiness gate checks it, ``ready`` (handed out) once the gate admitted it, as a
+replica. The run then hands its URL to the job that uses the service.
 
 Replicas are the service's registry entries (``server.replicas.ReplicaView``, re-read every
 ``refresh_s`` on a thread), usable while ``ready``, heartbeating and not ejected. Routes:
@@ -30,19 +31,28 @@ until its ``/health`` answers (checked every ``health_interval_s``) or its entry
 anew. With no usable replica a request waits up to ``wait_s``, then gets 503 with
 ``Retry-After``.
 
-Statuses the gateway itself answers (OpenAI's error shape): 401 (missing or wrong key), 404 (no
-such route), 408 (headers or body not received within ``header_timeout_s``/``body_timeout_s``:
-server/connections.py), 431 (headers over ``connections.MAX_HEADER_BYTES``), 502 (every attempt
-found its replica unreachable), 503 + ``Retry-After`` (no usable replica within ``wait_s``).
-Every other status is the replica's, passed through (after ``max_retries`` a replica's own
-502/503 too). NeMo Gym 0.7's client (``NeMoGymAsyncOpenAI``) tries 404, 408, 429, 500, 502, 503,
-504 and 520 three times in all, 0.5 s apart (``Retry-After`` unread), and 401 once; a model call that still fails fails its rollout, and with it the whole
-``ng_collect_rollouts`` run: so a 503 here ends a Gym rollout after about 3 x ``wait_s``
-(docs/architecture.md, the gateway's entry, has each status and the NeMo Gym source).
+Statuses the gateway itself answers (OpenAI's error shape): 401 (missing or wrong key), 400 (a
+session key over 256 bytes; a body it must parse that does not parse; token ids that cannot be a
+prompt's), 404/405 (no such route, or not with that method), 408 (headers or body not received
+within ``header_timeout_s``/``body_timeout_s``: server/connections.py), 413 (a body over
+``max_body_bytes``), 431 (headers over ``connections.MAX_HEADER_BYTES``), 502 (every attempt
+found its replica unreachable), 503 + ``Retry-After`` (no usable replica within ``wait_s``;
+without ``Retry-After``: a gateway without a key in front of replicas that take one). Every other
+status is the replica's, passed through (after ``max_retries`` a replica's own 502/503 too). NeMo
+Gym 0.7's client (``NeMoGymAsyncOpenAI``) tries 404, 408, 429, 500, 502, 503, 504 and 520 three
+times in all, 0.5 s apart (``Retry-After`` unread), and 401 once; a model call that still fails
+fails its rollout, and with it the whole ``ng_collect_rollouts`` run: so a 503 here ends a Gym
+rollout after about 3 x ``wait_s`` (docs/architecture.md, the gateway's entry, has each status
+and the NeMo Gym source).
 
-Auth: when the service's entries name a key file (the namespace's key), every proxied route
-requires ``Authorization: Bearer <key>`` and the gateway sends the same key to the replicas; the
-key is read from that file (or ``$GYMLAUNCH_API_KEY``), never from argv, and never logged.
+Auth: the key is the one the gateway is started with (``GatewayJob.api_key_file``,
+``--api-key-file``, else ``$GYMLAUNCH_API_KEY``: ``gateway_key``), never an entry's; read from a
+file or the environment, never from argv, and never logged. Every route but ``/health`` requires
+``Authorization: Bearer <key>`` (the scheme in any case), checked first (``Gateway.__call__``,
+server/auth.py): before routing, before the body is read, before a replica is waited for or a
+session recorded. No key while the service's entries name a key file: refused (at start, and 503
+per request), never an open proxy; no key and no key file anywhere (``server.api_key: null``):
+open on purpose. The replicas get the key their entries name.
 """
 
 from __future__ import annotations
