@@ -45,8 +45,8 @@ fails its rollout, and with it the whole ``ng_collect_rollouts`` run: so a 503 h
 rollout after about 3 x ``wait_s`` (docs/architecture.md, the gateway's entry, has each status
 and the NeMo Gym source).
 
-Auth: the key is the one the gateway is started with (``GatewayJob.api_key_file``,
-``--api-key-file``, else ``$GYMLAUNCH_API_KEY``: ``gateway_key``), never an entry's; read from a
+Auth: the key is the one the gateway is started with (``GatewayJob.api_key_file``; by hand
+``--api-key-file``, else ``$GYMLAUNCH_API_KEY``), never an entry's; read from a
 file or the environment, never from argv, and never logged. Every route but ``/health`` requires
 ``Authorization: Bearer <key>`` (the scheme in any case), checked first (``Gateway.__call__``,
 server/auth.py): before routing, before the body is read, before a replica is waited for or a
@@ -137,8 +137,7 @@ _DRAIN_POLL_S = 0.5
 # silently dropped would silently cost the session its replica. Clients use UUIDs (36 bytes) or
 # "<task>/<repeat>" ids.
 _MAX_SESSION_KEY_BYTES = 256
-# The gateway's own refusals before any routing: the key (auth.py's check), or a gateway that may
-# not serve at all (``Gateway.keyless``).
+# The front door's 401 (RFC 9110 11.6.1: with the scheme the gateway takes), built once.
 _UNAUTHORIZED_HEADERS = [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer"),
                          (b"content-length", b"%d" % len(UNAUTHORIZED_BODY))]
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
@@ -252,10 +251,11 @@ class GatewayKeyError(RuntimeError):
 
 
 def gateway_key(api_key_file: str | None) -> str | None:
-    """The key the gateway's clients must send: ``api_key_file``'s (which must hold one), else
-    ``$GYMLAUNCH_API_KEY``; None: the gateway takes no key (``server.api_key: null``)."""
+    """The key the gateway's clients must send: ``api_key_file``'s, which must hold one; None (no
+    file): the gateway takes no key (``server.api_key: null``). A run's gateway job knows its file
+    (``GatewayJob.api_key_file``); by hand, ``--api-key-file`` or ``$GYMLAUNCH_API_KEY``."""
     if api_key_file is None:
-        return os.environ.get(API_KEY_ENV) or None
+        return None
     try:
         key = open(api_key_file).read().strip()
     except OSError as e:
@@ -491,8 +491,10 @@ class Gateway:
     # ------------------------------------------------------------ proxying
 
     async def __call__(self, scope, receive, send) -> None:
-        """The front door: every request but the health route shows the key here first, before routing (an unknown route is 401 too, not 404), before its body is read,
-        before it waits for a replica or records a session."""
+        """The front door: every request but the health route shows the key here first, before
+        routing (an unknown route is 401 too, not 404), before its body is read, before it waits
+        for a replica or records a session. A gateway that must not serve at all (``keyless``)
+        answers 503 here."""
         if scope["type"] in ("http", "websocket") and scope["path"] != HEALTH_PATH:
             if self._key is not None and not carries_key(authorization(scope), self._key):
                 if scope["type"] == "websocket":
@@ -681,6 +683,8 @@ class Gateway:
         except onpolicy.Unsupported as e:
             self._on_policy_outcomes.labels("unsupported").inc()
             return e
+        except onpolicy.BadIds as e:  # ids beyond the vocabulary, known once the model's info is
+            status, data, outcome = 400, onpolicy.error(str(e), e.param), "error"
         except (ValueError, KeyError, TypeError, RuntimeError) as e:  # a body or an answer not shaped as expected
             status, data, outcome = 400, onpolicy.error(f"on-policy splicing failed: {type(e).__name__}: {e}",
                                                         onpolicy.PREFIX_FIELD), "error"
@@ -1148,8 +1152,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     raise_open_files_limit()
     try:
-        gateway = Gateway(args.service, args.namespace, Registry(args.registry_root, ttl_s=args.ttl_s), settings,
-                          gateway_key(args.api_key_file))
+        key = gateway_key(args.api_key_file) if args.api_key_file else os.environ.get(API_KEY_ENV) or None
+        gateway = Gateway(args.service, args.namespace, Registry(args.registry_root, ttl_s=args.ttl_s), settings, key)
         gateway.refuse_if_keyless()
     except GatewayKeyError as e:
         print(e, file=sys.stderr)

@@ -81,6 +81,7 @@ class ModelInfo:
     eos_token_id: int
     eos_token: str
     max_model_len: int
+    vocab_size: int | None = None  # one more than the largest id the engine takes; None: not known
 
 
 def has_prefix(body: bytes) -> bool:
@@ -88,25 +89,28 @@ def has_prefix(body: bytes) -> bool:
     return any(marker in body for marker in PREFIX_MARKERS)
 
 
-def required_prefix(request: dict) -> list[int] | None:
+def required_prefix(request: dict, vocab_size: int | None = None) -> list[int] | None:
     """The ids the prompt must begin with, or None (nothing to splice: a first turn). ``BadIds``
-    when they are not lists of non-negative ints (the engine checks the vocabulary's end)."""
+    when they are not lists of non-negative ints below ``vocab_size`` (when known): ids no engine
+    would take are the client's error, never a mismatch."""
     ids = request.get(PREFIX_FIELD)
     if ids:
-        return _ids(ids, PREFIX_FIELD)
+        return _ids(ids, PREFIX_FIELD, vocab_size)
     messages = request.get("messages") or []
     for i in reversed(range(len(messages) if isinstance(messages, list) else 0)):
         message = messages[i]
         if isinstance(message, dict) and message.get("prompt_token_ids") is not None:
-            return (_ids(message["prompt_token_ids"], f"messages[{i}].prompt_token_ids")
-                    + _ids(message.get("generation_token_ids") or [], f"messages[{i}].generation_token_ids"))
+            return (_ids(message["prompt_token_ids"], f"messages[{i}].prompt_token_ids", vocab_size)
+                    + _ids(message.get("generation_token_ids") or [], f"messages[{i}].generation_token_ids", vocab_size))
     return None
 
 
-def _ids(value: Any, param: str) -> list[int]:
+def _ids(value: Any, param: str, vocab_size: int | None) -> list[int]:
     # bool is an int, and no token id.
     if not isinstance(value, list) or any(type(token) is not int or token < 0 for token in value):
         raise BadIds(f"{param} must be a list of non-negative integer token ids", param)
+    if vocab_size is not None and value and max(value) >= vocab_size:
+        raise BadIds(f"{param} holds token id {max(value)}, beyond the model's vocabulary ({vocab_size} ids)", param)
     return value
 
 
@@ -161,7 +165,33 @@ async def model_info(call: Call) -> ModelInfo:
     if not isinstance(eos, str) or len(tokens.get("tokens") or []) != 1:
         raise Unsupported(f"the tokenizer's eos_token {eos!r} is not one token")
     return ModelInfo(eos_token_id=tokens["tokens"][0], eos_token=eos,
-                     max_model_len=int(models["data"][0]["max_model_len"]))
+                     max_model_len=int(models["data"][0]["max_model_len"]),
+                     vocab_size=await _vocab_size(call, models["data"][0]["id"]))
+
+
+async def _vocab_size(call: Call, model: str) -> int | None:
+    """One more than the largest token id the engine takes, by bisection on vLLM's own check: a
+    chat render whose ``kv_transfer_params`` carry ``prompt_token_ids`` (ids handed on by a
+    prefill stage) has them validated against the larger of the tokenizer's and the model's
+    vocabulary, with no templating (vLLM 0.32 renderers/online_renderer.py); no route tells the
+    size itself (``/tokenizer_info`` holds the tokenizer's settings, not its vocabulary). About 32
+    renders, once per gateway or collector. None when the server does not answer so (it takes any
+    id, or refuses even id 0): then only the engine's own check, at generation, bounds them."""
+
+    async def takes(token_id: int) -> bool:
+        status, _ = await call("POST", RENDER, {"model": model, "messages": [{"role": "user", "content": "x"}],
+                                                "kv_transfer_params": {"prompt_token_ids": [token_id]}})
+        if status in MISSING:
+            raise Unsupported(f"the server has no {RENDER} (vLLM: --enable-scale-out)")
+        return status < 400
+
+    low, high = 0, 1 << 31  # low: taken (any vocabulary has id 0); high: beyond any vocabulary
+    if not await takes(low) or await takes(high):
+        return None
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if await takes(mid) else (low, mid)
+    return high
 
 
 def _raise_for(status: int, body: Any, route: str) -> None:
@@ -205,7 +235,7 @@ async def chat(call: Call, request: dict, info: ModelInfo) -> tuple[int, dict]:
     if plain.get("stream"):
         return 400, error("on-policy splicing answers whole responses: send stream=false, or turn "
                           "gateway.on_policy off", "stream")
-    status, rendered, ids, outcome = await _render(call, plain, required_prefix(request) or [], info)
+    status, rendered, ids, outcome = await _render(call, plain, required_prefix(request, info.vocab_size) or [], info)
     if status >= 400:
         return status, rendered
     room = info.max_model_len - len(ids)
@@ -233,7 +263,8 @@ async def tokenize(call: Call, request: dict, info: ModelInfo) -> tuple[int, dic
     """``/tokenize`` of a chat whose earlier turns carry their ids: the prompt ids ``chat`` would
     generate from (the same render, the same splice), in vLLM's answer shape. NeMo Gym reads a
     turn's prompt ids here when an answer's message does not carry them."""
-    status, rendered, ids, outcome = await _render(call, plain_request(request), required_prefix(request) or [], info)
+    status, rendered, ids, outcome = await _render(call, plain_request(request),
+                                                   required_prefix(request, info.vocab_size) or [], info)
     if status >= 400:
         return status, rendered
     return 200, {"count": len(ids), "max_model_len": info.max_model_len, "tokens": ids, "token_strs": None,

@@ -22,6 +22,20 @@ def test_prefix_from_the_extension_field_first_then_the_last_message_with_ids():
     assert onpolicy.required_prefix({"messages": messages[:1]}) is None
 
 
+def test_ids_that_cannot_be_a_prompts_are_the_clients_error():
+    for request, param in (({onpolicy.PREFIX_FIELD: 5}, onpolicy.PREFIX_FIELD),
+                           ({onpolicy.PREFIX_FIELD: [1, -1]}, onpolicy.PREFIX_FIELD),
+                           ({onpolicy.PREFIX_FIELD: [1, True]}, onpolicy.PREFIX_FIELD),
+                           ({"messages": [{"role": "assistant", "prompt_token_ids": [1], "generation_token_ids": "2"}]},
+                            "messages[0].generation_token_ids")):
+        with pytest.raises(onpolicy.BadIds) as refused:
+            onpolicy.required_prefix(request)
+        assert refused.value.param == param
+    assert onpolicy.required_prefix({onpolicy.PREFIX_FIELD: [0, 99]}, vocab_size=100) == [0, 99]
+    with pytest.raises(onpolicy.BadIds, match="token id 100, beyond the model's vocabulary"):
+        onpolicy.required_prefix({onpolicy.PREFIX_FIELD: [0, 100]}, vocab_size=100)
+
+
 def test_plain_request_drops_the_id_fields_and_keeps_the_rest():
     request = {
         "model": "m", onpolicy.PREFIX_FIELD: [1], "tools": [{"type": "function"}],

@@ -1,7 +1,7 @@
 """What a caller without the key costs the gateway: nothing that grows with what it sends. The
 gateway runs as its own process (``python -m server.gateway``), its memory read from /proc; a
 stand-in replica that takes the namespace's key is ready behind it. Each case bounded in count
-and time."""
+and time. And token ids no engine would take, refused by a gateway in front of real vLLM."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from server.gateway import Gateway, GatewaySettings, GatewayThread
 from server.registry import Registry
 from tests.support import MODEL, NAMESPACE as NS, ROOT, SERVICE, entry
 
@@ -122,3 +123,34 @@ def test_3000_requests_with_a_60_kb_session_id_without_the_key_store_nothing(gat
     assert statuses == [401] * 3000
     assert float(sessions) == 0
     assert after - before < GROWTH_BOUND_MB
+
+
+# ---------------------------------------------------------------- token ids against real vLLM
+
+
+def test_token_ids_beyond_the_vocabulary_are_400_not_a_mismatch(policy_server, registry_root):
+    """The vocabulary's end as vLLM's own check draws it (server/onpolicy.py ``_vocab_size``):
+    SmolLM2's 49,152 ids. Ids beyond it were spliced or, not matching the turns, answered 200
+    `mismatch` from the re-rendered prompt."""
+    key = policy_server.read_api_key()
+    settings = GatewaySettings(refresh_s=0.2)
+    with GatewayThread(Gateway("policy", policy_server.namespace, Registry(registry_root, ttl_s=10), settings,
+                               key)) as gw:
+        turns = [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi."},
+                 {"role": "user", "content": "Again."}]
+
+        def chat(**extra) -> httpx.Response:
+            return httpx.post(f"{gw.url}{CHAT}", headers={"Authorization": f"Bearer {key}"}, timeout=180, json={
+                "model": policy_server.model, "messages": turns, "max_tokens": 4, **extra})
+
+        for ids in ([1, 49152], [1, 10**9]):
+            r = chat(required_prefix_token_ids=ids)
+            assert r.status_code == 400, r.text
+            error = r.json()["error"]
+            assert error["param"] == "required_prefix_token_ids" and "49152 ids" in error["message"], error
+        with_ids = [*turns[:1], {**turns[1], "prompt_token_ids": [1, 2], "generation_token_ids": [49152]}, turns[2]]
+        r = httpx.post(f"{gw.url}/tokenize", headers={"Authorization": f"Bearer {key}"}, timeout=180,
+                       json={"model": policy_server.model, "messages": with_ids})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages[1].generation_token_ids", r.text
+        # The last id of the vocabulary is one: not refused for its value (a mismatch of turns at most).
+        assert chat(required_prefix_token_ids=[1, 49151]).status_code == 200
