@@ -121,7 +121,7 @@ def test_ids_of_another_history_are_said_and_counted_not_spliced(gateways):
     assert data[onpolicy.RESPONSE_FIELD]["spliced"] is False
     assert "turn ends" in data[onpolicy.RESPONSE_FIELD]["reason"]
     assert data["choices"][0]["message"]["generation_token_ids"]  # still answered, from the re-rendered prompt
-    metrics = httpx.get(f"{on.url}/metrics", timeout=10).text
+    metrics = httpx.get(f"{on.url}/metrics", headers=headers, timeout=10).text  # every route but /health takes the key
     assert 'gateway_on_policy_total{outcome="mismatch"} 1.0' in metrics, metrics
 
 
