@@ -49,6 +49,7 @@ class GatewayStatus:
     entry: Entry | None = None
     submitted_at: float = field(default_factory=time.monotonic)
     ready_after_s: float | None = None  # from submission to passing the checks
+    admitted: bool = False  # this run's gate passed it (Registry.admit); its entry turns `ready` next
     # Kept across the gateway's jobs (ServiceGateway._carry).
     restarts: int = 0
     deaths: list[dict] = field(default_factory=list)
@@ -144,25 +145,35 @@ class ServiceGateway:
         entry = self.registry.entry(self.job.namespace, gateway_service(self.job.service), 0, str(s.job.job_id))
         s.state = entry.state if entry else state
         overdue = state == "RUNNING" and time.monotonic() - s.submitted_at > self.settings.startup_timeout_s
+        def not_serving() -> ServerFailed:
+            return ServerFailed(f"gateway job {s.job.job_id} not serving after {self.settings.startup_timeout_s:g}s "
+                                f"(server.startup_timeout_s)\n{self.backend.log_tail(s.job)}")
+
         # `healthy`: it serves, and waits for this gate (server.job.wait_admitted) before it turns
         # `ready`, the state clients are handed it in; `ready` already: a joined pool's.
         if entry is None or entry.state not in ("healthy", "ready") or not self._sees_every_replica(entry):
             if overdue:
-                raise ServerFailed(f"gateway job {s.job.job_id} not serving after {self.settings.startup_timeout_s:g}s "
-                                   f"(server.startup_timeout_s)\n{self.backend.log_tail(s.job)}")
+                raise not_serving()
             return False
-        routed = self._ready_replicas()
-        failed = [c for c in self._checks(entry) if not c.ok]
-        if failed and not overdue and not routed <= self._ready_replicas():
-            # A replica it routed to left while the checks ran (a rollover, a death): what failed may be
-            # that, not the gateway. Checked again once it sees every ready replica anew.
+        if not s.admitted:
+            routed = self._ready_replicas()
+            failed = [c for c in self._checks(entry) if not c.ok]
+            if failed and not overdue and not routed <= self._ready_replicas():
+                # A replica it routed to left while the checks ran (a rollover, a death): what failed may be
+                # that, not the gateway. Checked again once it sees every ready replica anew.
+                return False
+            if failed:
+                # The replicas passed the same checks directly: the gateway is what fails them.
+                raise ServerFailed(f"gateway {entry.base_url} (job {s.job.job_id}) fails the readiness checks: "
+                                   + "; ".join(f"{c.name}: {c.detail}" for c in failed))
+            # Only now may clients use it: its job turns the entry `ready` (server/gateway.py run_job).
+            self.registry.admit(entry.namespace, entry.service, entry.replica, entry.job_id)
+            s.admitted = True
+        if entry.state != "ready":
+            # Within a poll or two: the endpoint file and the registry then name it together.
+            if overdue:
+                raise not_serving()
             return False
-        if failed:
-            # The replicas passed the same checks directly: the gateway is what fails them.
-            raise ServerFailed(f"gateway {entry.base_url} (job {s.job.job_id}) fails the readiness checks: "
-                               + "; ".join(f"{c.name}: {c.detail}" for c in failed))
-        # Only now may clients use it: its job turns the entry `ready` (server/gateway.py run_job).
-        self.registry.admit(entry.namespace, entry.service, entry.replica, entry.job_id)
         s.entry, s.state, s.ready_after_s = entry, "ready", time.monotonic() - s.submitted_at
         self._write_endpoint_file(entry.base_url)
         return True

@@ -257,6 +257,8 @@ def test_rollouts_through_the_gateway_record_the_replica_that_answered(tmp_path)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["collection"]["replicas"].keys() == {"0"}  # the collector saw one endpoint: the gateway
     assert summary["gateway"]["base_url"].endswith("/v1") and summary["gateway"]["restarts"] == 0
+    # Its /metrics (scraped at teardown, with the key) counted every rollout's model calls.
+    assert summary["gateway"]["counts"]["requests"].get("200", 0) >= len(rows), summary["gateway"]["counts"]
 
 
 def test_a_gateway_near_its_time_limit_hands_over_to_a_successor_with_no_failed_request(tmp_path):
