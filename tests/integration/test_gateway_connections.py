@@ -50,7 +50,8 @@ def gateway_process(tmp_path):
     flags = [f"--{name.replace('_', '-')}={value}" for name, value in TIMEOUTS.items()]
     proc = subprocess.Popen(
         [sys.executable, "-m", "server.gateway", "--service", SERVICE, "--namespace", NAMESPACE,
-         "--registry-root", str(tmp_path), "--port", "0", "--refresh-s", "0.2", *flags],
+         "--registry-root", str(tmp_path), "--port", "0", "--refresh-s", "0.2", "--api-key-file", str(key_file),
+         *flags],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=(err := log.open("w")), text=True,
         preexec_fn=_lowered_fd_limit, env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
@@ -119,9 +120,9 @@ def _wait_closed(socks: dict[socket.socket, str], deadline: float) -> dict[str, 
     return left
 
 
-def _metric(url: str, name: str) -> dict[str, float]:
-    """A metric's samples, by their labels' text."""
-    text = httpx.get(f"{url}/metrics", trust_env=False, timeout=10).text
+def _metric(url: str, name: str, key: str) -> dict[str, float]:
+    """A metric's samples, by their labels' text (the gateway's /metrics takes the key)."""
+    text = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {key}"}, trust_env=False, timeout=10).text
     return {m[1] or "": float(m[2]) for m in re.finditer(rf"^{name}(?:{{(.*)}})? (\S+)$", text, re.M)}
 
 
@@ -160,7 +161,7 @@ def test_silent_and_slow_connections_at_a_low_fd_limit_neither_starve_clients_no
         answered += 1
     # Every flood connection closed by the gateway, within the slowest deadline of the last one opened.
     left = _wait_closed(socks, time.monotonic() + TIMEOUTS["body_timeout_s"] + 3)
-    closed = _metric(url, "gateway_connections_closed_total")
+    closed = _metric(url, "gateway_connections_closed_total", key)
     print(f"\n[connections] {len(socks)} opened in {flooded_s:.1f} s, {answered} valid requests answered, "
           f"gateway fds at most {most_fds} of {HARD_LIMIT}, closed by reason {closed}, still open {left}")
     assert left == {}
@@ -176,7 +177,7 @@ def _running(replica, gw_url: str) -> tuple[float, float]:
     """Requests running on the engine (vLLM's /metrics) and in flight through the gateway."""
     text = httpx.get(f"{replica.root_url}/metrics", headers=auth(replica), trust_env=False, timeout=10).text
     engine = sum(float(m[1]) for m in re.finditer(r"^vllm:num_requests_running\{.*\} (\S+)$", text, re.M))
-    return engine, sum(_metric(gw_url, "gateway_replica_in_flight").values())
+    return engine, sum(_metric(gw_url, "gateway_replica_in_flight", replica.read_api_key()).values())
 
 
 def test_a_non_streaming_client_that_leaves_stops_its_generation(policy_server, registry_root):
@@ -184,7 +185,7 @@ def test_a_non_streaming_client_that_leaves_stops_its_generation(policy_server, 
     body = {"model": SERVED_NAME, "messages": [{"role": "user", "content": "Tell a very long story."}],
             "max_tokens": 1500, "ignore_eos": True, "temperature": 0}
     with GatewayThread(Gateway("policy", replica.namespace, Registry(registry_root, ttl_s=10),
-                               GatewaySettings(refresh_s=0.2))) as gw:
+                               GatewaySettings(refresh_s=0.2), replica.read_api_key())) as gw:
         host, port = gw.url.removeprefix("http://").split(":")
         client = socket.create_connection((host, int(port)), timeout=10)
         payload = json.dumps(body).encode()
