@@ -749,11 +749,15 @@ def resolve_namespace(registry: Registry, service: str, namespace: str | None) -
 
 
 def urls(registry: Registry, service: str, namespace: str | None, replicas: bool = False) -> list[str]:
-    """The base URL of ``service``'s gateway when one serves it (a ready replica behind it); else (or
-    with ``replicas``) the base URLs of its ready replicas."""
+    """The base URL of ``service``'s gateway when one serves it (ready, a ready replica behind it),
+    none while its gateway is not serving yet (the service's one URL, or none: never a URL that
+    does not serve, nor the replicas behind the gateway's back); with no gateway (or with
+    ``replicas``) the base URLs of its ready replicas."""
     namespace = resolve_namespace(registry, service, namespace)
-    gateways = [] if replicas else registry.handed_out(gateway_service(service), namespace)
-    return [e.base_url for e in gateways[-1:] or registry.ready(service, namespace)]
+    now = time.time()
+    if not replicas and any(e.is_fresh(registry.ttl_s, now) for e in registry.entries(namespace, gateway_service(service))):
+        return [e.base_url for e in registry.handed_out(gateway_service(service), namespace)[-1:]]
+    return [e.base_url for e in registry.ready(service, namespace)]
 
 
 def key_file(registry: Registry, service: str, namespace: str | None) -> str | None:
@@ -800,7 +804,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "urls":
             found = urls(registry, args.service, args.namespace, args.replicas)
             if not found:
-                print(f"no ready replica of service {args.service!r} in {registry.root}", file=sys.stderr)
+                print(f"no ready replica of service {args.service!r} in {registry.root} (or its gateway not "
+                      "serving yet)", file=sys.stderr)
                 return 1
         else:
             namespace = resolve_namespace(registry, args.service, args.namespace)

@@ -789,7 +789,8 @@ def test_the_gateway_job_stays_healthy_until_the_launcher_admits_it(tmp_path, st
     # Still healthy (not handed out) across heartbeats, while the replica is ready behind it.
     until(lambda: gateway_entry().heartbeat_at > first.heartbeat_at + 0.5, what="three heartbeats")
     assert gateway_entry().state == "healthy"
-    assert urls(registry, SERVICE, NS) == [replica.base_url]
+    # Neither the gateway nor, behind its back, the replica: the service's one URL comes once it serves.
+    assert urls(registry, SERVICE, NS) == [] and urls(registry, SERVICE, NS, replicas=True) == [replica.base_url]
 
     registry.admit(NS, GATEWAY, 0, first.job_id)
     until(lambda: gateway_entry().state == "ready", what="ready once admitted")
