@@ -789,6 +789,13 @@ def main(argv: list[str] | None = None) -> int:
     options_anywhere(parser, sub)
     args = parser.parse_args(argv)
 
+    for what, name in (("namespace", args.namespace), ("service", getattr(args, "service", None))):
+        if name is None:
+            continue
+        try:
+            check_name(what, name)
+        except ValueError as e:  # a usage error (exit 2), as argparse's own
+            parser.error(str(e))
     registry = Registry(args.root, ttl_s=args.ttl)
     if args.command == "list":
         _print_table(registry.entries(args.namespace), registry.ttl_s)

@@ -90,6 +90,13 @@ def test_names_that_would_make_a_path_elsewhere_are_refused(tmp_path, name):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("command", [["--namespace", "../x", "list"], ["urls", ".."]])
+def test_the_cli_refuses_such_a_name_as_a_usage_error(tmp_path, command):
+    out = subprocess.run([sys.executable, "-m", "server.registry", "--root", str(tmp_path), *command],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "must match" in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
 def test_a_gateways_service_name_is_a_name(tmp_path):
     registry = Registry(tmp_path)
     registry.publish(entry(0, service=gateway_service("policy")))
