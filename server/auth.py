@@ -41,10 +41,16 @@ def carries_key(authorization_value: bytes | None, key: bytes) -> bool:
     return scheme.lower() == b"bearer" and secrets.compare_digest(token.strip(), key)
 
 
+# What a health probe sends; anything else on the health path needs the key like any other route.
+HEALTH_METHODS = ("GET", "HEAD")
+
+
 def is_health(scope: dict) -> bool:
-    """Whether the request is for the health route, as Starlette's router would see its path
-    (``root_path`` taken off, as in ``starlette.routing.get_route_path``). Only this exact path
-    is exempt: anything else, ``/health/`` or ``/health_generate`` included, needs the key."""
+    """Whether the request is a probe of the health route, its path as Starlette's router would
+    see it (``root_path`` taken off, as in ``starlette.routing.get_route_path``). Only this exact
+    path is exempt: anything else, ``/health/`` or ``/health_generate`` included, needs the key."""
+    if scope.get("type") != "http" or scope.get("method") not in HEALTH_METHODS:
+        return False
     path, root = scope.get("path", ""), scope.get("root_path", "")
     if root and path.startswith(root + "/"):
         path = path[len(root):]
@@ -73,14 +79,14 @@ class RequireKey:
 
     async def __call__(self, scope: dict, receive, send) -> None:
         kind = scope["type"]
-        if kind == "lifespan" or (is_health(scope) and kind == "http"):
+        if kind == "lifespan" or is_health(scope):
             await self.app(scope, receive, send)
         elif kind in ("http", "websocket") and carries_key(authorization(scope), self.key):
             await self.app(scope, receive, send)
         elif kind == "http":
             await _send_unauthorized(send, "http.response")
         elif kind == "websocket":
-            if "websocket.http.response" in scope.get("extensions") or {}:
+            if "websocket.http.response" in (scope.get("extensions") or {}):
                 await _send_unauthorized(send, "websocket.http.response")
             else:
                 await send({"type": "websocket.close", "code": 1008})

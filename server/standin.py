@@ -62,7 +62,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable
 
-from server.auth import UNAUTHORIZED_BODY, carries_key
+from server.auth import HEALTH_METHODS, UNAUTHORIZED_BODY, carries_key
 
 MAX_MODEL_LEN = 32768  # reported only: byte tokens make long prompts, and nothing here runs out of memory
 CHOSEN_LOGPROB = -0.25  # the written token is always the most likely one
@@ -478,7 +478,7 @@ class _Handler(BaseHTTPRequestHandler):
         read (server/auth.py, as the engines' middleware checks it). A refused request's body is
         never read, so its connection cannot carry another request: it closes after the 401."""
         key = self.server.api_key
-        if not key or self.path.split("?", 1)[0] == self.server.health_path:
+        if not key or (self.command in HEALTH_METHODS and self.path.split("?", 1)[0] == self.server.health_path):
             return True
         given = self.headers.get("Authorization")
         if carries_key(given.encode() if given is not None else None, key.encode()):
