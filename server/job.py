@@ -317,7 +317,7 @@ def in_flight_requests(entry: Entry, bind_host: str) -> float | None:
     every route but health does); None if unknown."""
     try:
         key = entry.read_api_key()
-        text = httpx.get(f"http://{_connect_host(bind_host)}:{entry.port}/metrics", timeout=5.0,
+        text = httpx.get(f"http://{host_port(_connect_host(bind_host), entry.port)}/metrics", timeout=5.0,
                          headers={"Authorization": f"Bearer {key}"} if key else None).raise_for_status().text
     except (httpx.HTTPError, OSError):
         return None
@@ -523,7 +523,7 @@ def current_job_id() -> str:
 
 def _wait_healthy(job: ServerJob, watch: _Watch, beat: EntryHeartbeat, health_path: str, stop: threading.Event) -> None:
     deadline = time.monotonic() + job.startup_timeout_s
-    health = f"http://{_connect_host(job.bind_host)}:{beat.entry.port}{health_path}"
+    health = f"http://{host_port(_connect_host(job.bind_host), beat.entry.port)}{health_path}"
     with httpx.Client(timeout=5.0) as client:
         def healthy() -> bool:
             try:

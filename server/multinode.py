@@ -171,7 +171,8 @@ def advertised_host(advertise_host: str | None, interface: str | None) -> str:
 
 def listen_address(advertised: str) -> str:
     """Where a job listens when ``cluster.bind_host`` is null: the address its advertised host (the
-    one in its registry URL) has on this node, so that it serves there and on no other interface.
+    one in its registry URL) has on this node (a name: its IPv4 address, as ``node_address``), so
+    that it serves there and on no other interface.
     A name resolving here only to a loopback address (Debian's ``127.0.1.1 <hostname>`` line, or a
     cluster that is one machine) cannot tell where other nodes reach it: then every interface, with
     a warning naming the settings that would say (an explicit loopback address is kept)."""
@@ -180,7 +181,7 @@ def listen_address(advertised: str) -> str:
     except ValueError:
         pass
     try:
-        address = socket.getaddrinfo(advertised, None, type=socket.SOCK_STREAM)[0][4][0]
+        address = socket.getaddrinfo(advertised, None, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
     except OSError as e:
         raise NodeProblem(f"the advertised host {advertised!r} does not resolve on {socket.gethostname()} ({e}); "
                           f"set cluster.advertise_host, cluster.advertise_interface or cluster.bind_host") from None
