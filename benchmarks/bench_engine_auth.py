@@ -1,6 +1,6 @@
 """What the engines' key check (server.auth.RequireKey, loaded into vLLM with --middleware) adds to a request.
 
-    python benchmarks/bench_engine_auth.py [--requests 200]
+    python benchmarks/bench_engine_auth.py [--requests 200] [--control]
 
 Two real vLLM engines (CPU build, the embedded SmolLM2, the embedded default's flags), the same
 key in both (vLLM's own check on in both): one as the project starts it (``--middleware
@@ -12,8 +12,8 @@ alternating order, one at a time (no queueing: what is measured is a request's o
 2. the middleware's own cost, in process: a request through ``RequireKey`` into a bare ASGI app
    vs into that app directly (microseconds, free of the engines' noise).
 
-On a 2-core machine the engines share the cores with the client: compare the in-process row and
-the p50 differences with the spread between runs.
+On a 2-core machine the engines share the cores with the client: compare the p50 differences with
+the noise floor, which ``--control`` measures (both engines without the middleware: an A/A run).
 """
 
 from __future__ import annotations
@@ -103,6 +103,7 @@ def in_process_cost(requests: int = 20000) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=200, help="per engine and kind of request")
+    parser.add_argument("--control", action="store_true", help="both engines without the middleware (noise floor)")
     args = parser.parse_args()
 
     guarded, bare = in_process_cost()
@@ -114,10 +115,11 @@ def main() -> None:
     procs: list[subprocess.Popen] = []
     try:
         # One after the other: two starting at once on 2 cores take twice as long each.
-        urls = {"with": start_vllm(procs, spec, KEY), "without": start_vllm(
-            procs, spec, KEY, without=("--middleware", VLLM_KEY_MIDDLEWARE))}
-        print(f"vLLM (CPU build) with / without the middleware, {args.requests} requests each, alternating, "
-              "p50 / p90")
+        bare = ("--middleware", VLLM_KEY_MIDDLEWARE)
+        urls = {"with": start_vllm(procs, spec, KEY, without=bare if args.control else ()),
+                "without": start_vllm(procs, spec, KEY, without=bare)}
+        print(f"vLLM (CPU build) with / without the middleware{' (control: neither has it)' if args.control else ''}, "
+              f"{args.requests} requests each, alternating, p50 / p90")
         for tokens in (1, 8):
             chat = {"model": MODEL, "messages": [{"role": "user", "content": "Count to twenty."}],
                     "max_tokens": tokens, "temperature": 0, "ignore_eos": True}

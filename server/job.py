@@ -142,8 +142,11 @@ def run(job: ServerJob) -> None:
     model_path = _resolve_model(job)
     Path(job.log_dir).mkdir(parents=True, exist_ok=True)
     group = _join_group(job) if job.nodes > 1 else None
-    # Resolved once: the engine's --host, the port probe and our own requests to it all mean this address.
-    job.bind_host = job.bind_host or multinode.listen_address(_advertised_host(job, group))
+    # Resolved once: the engine's --host, the port probe and our own requests to it all mean this
+    # address. A worker serves no HTTP (its engine ignores --host): its own address stands in.
+    if not job.bind_host:
+        worker = group is not None and group.rank > 0
+        job.bind_host = group.addr if worker else multinode.listen_address(_advertised_host(job, group))
     if group is not None and group.rank > 0:
         return _run_worker(job, group, model_path, api_key, signals)
     engine = ray = None

@@ -2,6 +2,8 @@
 vLLM's own ``--api-key`` guards only /v1, /v2, /inference and /cohere; server.auth.RequireKey, loaded
 with ``--middleware``, guards the rest. The routes come from the engine's own /openapi.json."""
 
+import socket
+
 import httpx
 import pytest
 
@@ -39,6 +41,19 @@ def answers_without_the_key(entry: Entry, headers: dict[str, str]) -> dict[str, 
 def test_every_route_but_health_needs_the_key(policy_server, headers):
     assert answers_without_the_key(policy_server, headers) == {f"GET {HEALTH_PATH}": 200}
     assert {"/invocations", "/tokenize", "/detokenize", "/metrics", "/v1/chat/completions"} <= set(routes(policy_server))
+
+
+@pytest.mark.parametrize("path", ["/invocations", "/v1/chat/completions", "/tokenize"])
+def test_a_request_without_the_key_is_refused_before_its_body_is_read(policy_server, path):
+    # 50 MB announced, none sent: the 401 comes without waiting for the body, so no layer of vLLM's app
+    # outside ours (its SageMaker bootstrap adds middleware after --middleware's) reads it first.
+    with socket.create_connection((policy_server.host, policy_server.port), timeout=10) as s:
+        s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  f"Content-Length: 52428800\r\n\r\n".encode())
+        answer = b""
+        while not answer.endswith(UNAUTHORIZED_BODY) and (chunk := s.recv(4096)):  # head and body: two writes
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 401 ") and answer.endswith(UNAUTHORIZED_BODY)
 
 
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}], ids=["no key", "wrong key"])
