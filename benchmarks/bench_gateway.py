@@ -354,14 +354,19 @@ def main() -> None:
             if args.vllm:
                 vllm_rows(procs, args.rounds)
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop(procs)
+
+
+def stop(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM to every process started, SIGKILL to one not gone within 10 s."""
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def vllm_rows(procs: list[subprocess.Popen], rounds: int) -> None:
@@ -383,15 +388,19 @@ def vllm_rows(procs: list[subprocess.Popen], rounds: int) -> None:
                     stream)))
 
 
-def start_vllm(procs: list[subprocess.Popen], spec: EngineSpec) -> str:
-    """A real vLLM (CPU build) serving the embedded SmolLM2 (appended to ``procs``); its root URL once healthy."""
+def start_vllm(
+    procs: list[subprocess.Popen], spec: EngineSpec, api_key: str | None = None, without: tuple[str, ...] = (),
+) -> str:
+    """A real vLLM (CPU build) serving the embedded SmolLM2 (appended to ``procs``); its root URL once
+    healthy. ``without``: words of the project's command line left out (a baseline without a flag)."""
     from server.job import free_port
     from server.models import prepare
 
     port = free_port("127.0.0.1")
-    launch = build_launch(spec, str(prepare("smollm2_135m")), "127.0.0.1", port)
+    launch = build_launch(spec, str(prepare("smollm2_135m")), "127.0.0.1", port, api_key)
+    argv = [word for word in launch.argv if word not in without]
     log = tempfile.NamedTemporaryFile(prefix="bench-vllm-", suffix=".log", delete=False)
-    engine = subprocess.Popen(launch.argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **launch.env})
+    engine = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **launch.env})
     procs.append(engine)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600

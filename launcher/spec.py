@@ -84,7 +84,9 @@ class ClusterSpec:
     sets what each option changes."""
 
     kind: str  # local: this machine, through submitit's local executor; slurm: a Slurm cluster
-    bind_host: str = "127.0.0.1"  # where servers listen
+    # where servers and the gateway listen; None: the address of the host they advertise (advertise_host,
+    # advertise_interface or the node's hostname, as server.multinode.listen_address resolves it)
+    bind_host: str | None = "127.0.0.1"
     advertise_host: str | None = None  # host written into registry URLs; None: the node's hostname
     # A replica spanning nodes (server.nodes_per_replica > 1): the interface whose IPv4 address its nodes
     # give each other (e.g. ib0); None: the address Slurm reaches each node at (scontrol's NodeAddr)
@@ -392,7 +394,7 @@ def normalise(spec: RunSpec, checks: Checks) -> None:
     (its value stays as written) and the others go on."""
     if spec.policy is not None:
         apply_policy(spec.policy, spec.server)
-    if spec.gateway.host is None:  # where the replicas listen: reachable from the same nodes
+    if spec.gateway.host is None:  # where the replicas listen (null too): reachable from the same nodes
         spec.gateway.host = spec.cluster.bind_host
     # The engine takes the path as written; ~ means nothing to it (a hub id has no ~).
     spec.model.path = _home(spec.model.path)
@@ -539,7 +541,8 @@ def _check_across(spec: RunSpec, checks: Checks) -> None:
             roles = [NodeRole(r, n, "127.0.0.1", 1, "127.0.0.1", s.multinode_backend) for r in ranks] if n > 1 \
                 else [None]
             for role in roles:
-                build_launch(s.engine_spec(), m.path or "model", c.bind_host, 1, api_key=None, node=role)
+                build_launch(s.engine_spec(), m.path or "model", c.bind_host or "127.0.0.1", 1, api_key=None,
+                             node=role)
     job = spec.job
     if isinstance(job, CommandJob) and job.supplies_prefix:
         checks.require(spec.gateway.enabled and spec.gateway.on_policy, "job.config_paths",

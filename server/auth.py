@@ -9,6 +9,7 @@ Imports only the standard library: it is loaded inside the engine's own process.
 from __future__ import annotations
 
 import json
+import os
 import secrets
 
 # The one route that answers without the key: schedulers, load balancers and our own liveness
@@ -18,6 +19,9 @@ HEALTH_PATH = "/health"
 UNAUTHORIZED_BODY = json.dumps({"error": {
     "message": "missing or wrong API key: send 'Authorization: Bearer <key>'",
     "type": "AuthenticationError", "param": None, "code": 401}}).encode()
+# Where an engine's process finds the key: the variable vLLM itself reads (its own ``--api-key``
+# check, kept on behind ours), so the key never appears in an argv or a logged command line.
+ENGINE_KEY_ENV = "VLLM_API_KEY"
 
 
 def authorization(scope: dict) -> bytes | None:
@@ -35,3 +39,62 @@ def carries_key(authorization_value: bytes | None, key: bytes) -> bool:
         return False
     scheme, _, token = authorization_value.partition(b" ")
     return scheme.lower() == b"bearer" and secrets.compare_digest(token.strip(), key)
+
+
+# What a health probe sends; anything else on the health path needs the key like any other route.
+HEALTH_METHODS = ("GET", "HEAD")
+
+
+def is_health(scope: dict) -> bool:
+    """Whether the request is a probe of the health route, its path as Starlette's router would
+    see it (``root_path`` taken off, as in ``starlette.routing.get_route_path``). Only this exact
+    path is exempt: anything else, ``/health/`` or ``/health_generate`` included, needs the key."""
+    if scope.get("type") != "http" or scope.get("method") not in HEALTH_METHODS:
+        return False
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    if root and path.startswith(root + "/"):
+        path = path[len(root):]
+    return path == HEALTH_PATH
+
+
+class RequireKey:
+    """Pure ASGI middleware: every HTTP request and websocket handshake but the health route
+    needs ``Authorization: Bearer <key>``, else 401 with ``UNAUTHORIZED_BODY`` (a websocket: the
+    same 401 as a denial response where the server offers one, else closed before it is
+    accepted, which servers answer with 403). Lifespan events pass through.
+
+    vLLM loads it with ``--middleware server.auth.RequireKey`` and builds it with no argument
+    (vllm/entrypoints/serve/middleware/register.py: ``app.add_middleware(cls)``), so the key comes
+    from ``$VLLM_API_KEY``; an empty one refuses to start rather than serve open. Added last, it is
+    the outermost layer of vLLM's app: no other middleware or route sees a request without the key.
+    vLLM's own check guards only ``/v1``, ``/v2``, ``/inference`` and ``/cohere``; this one
+    guards everything else too (``/invocations``, ``/tokenize``, ``/metrics``, the dev routes)."""
+
+    def __init__(self, app, key: str | None = None) -> None:
+        self.app = app
+        key = os.environ.get(ENGINE_KEY_ENV, "") if key is None else key
+        if not key.strip():
+            raise RuntimeError(f"server.auth.RequireKey: no key (${ENGINE_KEY_ENV} is empty); refusing to serve open")
+        self.key = key.strip().encode()
+
+    async def __call__(self, scope: dict, receive, send) -> None:
+        kind = scope["type"]
+        if kind == "lifespan" or is_health(scope):
+            await self.app(scope, receive, send)
+        elif kind in ("http", "websocket") and carries_key(authorization(scope), self.key):
+            await self.app(scope, receive, send)
+        elif kind == "http":
+            await _send_unauthorized(send, "http.response")
+        elif kind == "websocket":
+            if "websocket.http.response" in (scope.get("extensions") or {}):
+                await _send_unauthorized(send, "websocket.http.response")
+            else:
+                await send({"type": "websocket.close", "code": 1008})
+        # Any other scope type is one this check does not know: it reaches nothing.
+
+
+async def _send_unauthorized(send, prefix: str) -> None:
+    await send({"type": f"{prefix}.start", "status": 401, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(UNAUTHORIZED_BODY)).encode()),
+        (b"www-authenticate", b"Bearer")]})
+    await send({"type": f"{prefix}.body", "body": UNAUTHORIZED_BODY})

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from server import programs
+from server.auth import ENGINE_KEY_ENV, RequireKey
 from server.checks import Checks
 from server.templates import fill_command, placeholders
 
@@ -26,6 +27,8 @@ VLLM_ENTRYPOINT = "vllm.entrypoints.openai.api_server"
 # vLLM's serve command as a module of this project (server/vllm_serve.py).
 VLLM_SERVE_ENTRYPOINT = "server.vllm_serve"
 SGLANG_ENTRYPOINT = "sglang.launch_server"
+# The ASGI middleware vLLM adds to its app (--middleware): the run's key on every route but /health.
+VLLM_KEY_MIDDLEWARE = f"{RequireKey.__module__}.{RequireKey.__qualname__}"
 
 
 @dataclass(frozen=True)
@@ -176,11 +179,15 @@ def vllm_launch(
 ) -> EngineLaunch:
     _check_vllm(spec)
     # vLLM reads VLLM_API_KEY itself: the key stays out of `ps` and out of its logged args.
-    env = {"VLLM_API_KEY": api_key} if api_key else {}
+    env = {ENGINE_KEY_ENV: api_key} if api_key else {}
+    # vLLM's own key check guards /v1 and a few other prefixes only; ours, inside its app, every
+    # route but /health (server/auth.py). A headless worker serves no HTTP: the head alone needs it.
+    guard = ["--middleware", VLLM_KEY_MIDDLEWARE] if api_key and (node is None or node.is_head) else []
     if node is None or not node.spans_nodes:
-        return EngineLaunch(vllm_command(spec, model_path, host, port, VLLM_ENTRYPOINT) + list(spec.extra_args), env)
+        cmd = vllm_command(spec, model_path, host, port, VLLM_ENTRYPOINT)
+        return EngineLaunch(cmd + guard + list(spec.extra_args), env)
     flags = vllm_ray_flags(spec, node) if node.backend == "ray" else vllm_node_flags(spec, node)
-    cmd = vllm_command(spec, model_path, host, port, VLLM_SERVE_ENTRYPOINT) + flags
+    cmd = vllm_command(spec, model_path, host, port, VLLM_SERVE_ENTRYPOINT) + flags + guard
     # vLLM tells its peers VLLM_HOST_IP (else the address of a default route, maybe one they cannot reach).
     env["VLLM_HOST_IP"] = node.own_addr
     if node.backend == "ray":  # the driver joins this replica's cluster, never starts one of its own

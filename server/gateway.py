@@ -89,7 +89,7 @@ from server.auth import HEALTH_PATH, UNAUTHORIZED_BODY, authorization, carries_k
 from server.checks import Checks, ConfigError
 from server import connections, onpolicy
 from server.job import EngineFailed, EntryHeartbeat, current_job_id, wait_admitted
-from server.multinode import advertised_host
+from server.multinode import advertised_host, listen_address
 from server.process import open_files_limit, raise_open_files_limit
 from server.registry import API_KEY_ENV, GATEWAY_ENGINE, NAMESPACE_ENV, Entry, Registry, gateway_service
 from server.replicas import REPLICA_HEADER, RETRY_STATUSES, SESSION_HEADER, ReplicaView
@@ -147,7 +147,8 @@ _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 class GatewaySettings:
     """How one gateway serves (the future ``gateway:`` config group)."""
 
-    host: str = "127.0.0.1"  # the address to listen on; 0.0.0.0 to serve other nodes
+    # the address to listen on; 0.0.0.0 to serve other nodes; None (a run's gateway job only): its advertised host's
+    host: str | None = "127.0.0.1"
     port: int = 0  # 0: a free one (printed)
     policy: str = "sticky_least_loaded"  # one of POLICIES
     max_retries: int = 3  # other replicas tried after the first failed, per request
@@ -174,7 +175,7 @@ class GatewaySettings:
     max_body_bytes: int = 64 << 20
 
     def validate(self, checks: Checks) -> None:
-        checks.require(bool(self.host), "host", "must name an address to listen on")
+        checks.require(self.host != "", "host", "must name an address to listen on")
         checks.must(self, "port", "in [0, 65535]", lambda v: 0 <= v <= 65535)
         checks.must(self, "policy", f"one of {', '.join(POLICIES)}", lambda v: v in POLICIES)
         checks.at_least(self, "max_retries", 0)
@@ -1042,11 +1043,12 @@ def run_job(job: GatewayJob) -> None:
     registry = job.registry
     gateway = Gateway(job.service, job.namespace, registry, job.settings, gateway_key(job.api_key_file))
     gateway.refuse_if_keyless()
-    sock = listen(job.settings.host, job.settings.port)
+    host = advertised_host(job.advertise_host, job.advertise_interface)
+    sock = listen(job.settings.host or listen_address(host), job.settings.port)
     now = time.time()
     entry = Entry(
         namespace=job.namespace, service=gateway_service(job.service), replica=0, model=job.model,
-        host=advertised_host(job.advertise_host, job.advertise_interface), port=sock.getsockname()[1],
+        host=host, port=sock.getsockname()[1],
         engine=GATEWAY_ENGINE,
         engine_version=f"uvicorn {uvicorn.__version__}", job_id=current_job_id(), node=socket.gethostname(),
         pid=os.getpid(), state="starting", started_at=now, heartbeat_at=now, api_key_file=job.api_key_file,

@@ -90,7 +90,7 @@ class ServerJob(ServerSettings):
     model_path: str | None = None  # a local folder or a hub id the engine resolves
     embedded_model: str | None = None  # prepared on the node by server.models
     model_cache_dir: str | None = None
-    bind_host: str = "127.0.0.1"
+    bind_host: str | None = "127.0.0.1"  # None: the advertised host's address (multinode.listen_address)
     advertise_host: str | None = None  # None: this node's hostname
     api_key_file: str | None = None  # None: the endpoint takes requests without a key
     config_hash: str = ""
@@ -142,6 +142,11 @@ def run(job: ServerJob) -> None:
     model_path = _resolve_model(job)
     Path(job.log_dir).mkdir(parents=True, exist_ok=True)
     group = _join_group(job) if job.nodes > 1 else None
+    # Resolved once: the engine's --host, the port probe and our own requests to it all mean this
+    # address. A worker serves no HTTP (its engine ignores --host): its own address stands in.
+    if not job.bind_host:
+        worker = group is not None and group.rank > 0
+        job.bind_host = group.addr if worker else multinode.listen_address(_advertised_host(job, group))
     if group is not None and group.rank > 0:
         return _run_worker(job, group, model_path, api_key, signals)
     engine = ray = None
@@ -311,10 +316,13 @@ def _serve(job: ServerJob, watch: _Watch, beat: EntryHeartbeat, signals: _Signal
 
 
 def in_flight_requests(entry: Entry, bind_host: str) -> float | None:
-    """Requests the engine is still working on, from its Prometheus metrics; None if unknown."""
+    """Requests the engine is still working on, from its Prometheus metrics (which need the key, as
+    every route but health does); None if unknown."""
     try:
-        text = httpx.get(f"http://{_connect_host(bind_host)}:{entry.port}/metrics", timeout=5.0).text
-    except httpx.HTTPError:
+        key = entry.read_api_key()
+        text = httpx.get(f"http://{host_port(_connect_host(bind_host), entry.port)}/metrics", timeout=5.0,
+                         headers={"Authorization": f"Bearer {key}"} if key else None).raise_for_status().text
+    except (httpx.HTTPError, OSError):
         return None
     values = [
         float(line.rsplit(" ", 1)[1])
@@ -483,9 +491,7 @@ def _entry(job: ServerJob, port: int, engine_pid: int, group: NodeGroup | None =
         service=job.service,
         replica=job.replica,
         model=job.engine.served_name,
-        # A group's head: the address its workers reach it at, which node names need not resolve to.
-        host=(job.advertise_host or group.addr) if group else
-        multinode.advertised_host(job.advertise_host, job.advertise_interface),
+        host=_advertised_host(job, group),
         port=port,
         engine=job.engine.engine,
         engine_version=engine_version(job.engine.engine),
@@ -502,6 +508,14 @@ def _entry(job: ServerJob, port: int, engine_pid: int, group: NodeGroup | None =
     )
 
 
+def _advertised_host(job: ServerJob, group: NodeGroup | None) -> str:
+    """The host the entry's URL names. A group's head: the address its workers reach it at, which
+    node names need not resolve to."""
+    if group is not None:
+        return job.advertise_host or group.addr
+    return multinode.advertised_host(job.advertise_host, job.advertise_interface)
+
+
 def current_job_id() -> str:
     """The scheduler's id of the job this process runs in (Slurm array tasks as A_i)."""
     env = os.environ
@@ -512,7 +526,7 @@ def current_job_id() -> str:
 
 def _wait_healthy(job: ServerJob, watch: _Watch, beat: EntryHeartbeat, health_path: str, stop: threading.Event) -> None:
     deadline = time.monotonic() + job.startup_timeout_s
-    health = f"http://{_connect_host(job.bind_host)}:{beat.entry.port}{health_path}"
+    health = f"http://{host_port(_connect_host(job.bind_host), beat.entry.port)}{health_path}"
     with httpx.Client(timeout=5.0) as client:
         def healthy() -> bool:
             try:

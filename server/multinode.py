@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import fcntl
 import ipaddress
+import logging
 import os
 import socket
 import struct
@@ -42,6 +43,8 @@ POLL_S = 0.5
 # declares the head unreachable (the head already listens when workers try).
 REACH_S = 5.0
 _SIOCGIFADDR = 0x8915
+
+log = logging.getLogger(__name__)
 
 
 class NodeProblem(RuntimeError):
@@ -164,6 +167,30 @@ def advertised_host(advertise_host: str | None, interface: str | None) -> str:
     """The host a job writes into its registry URL: ``cluster.advertise_host``, else the address of
     ``cluster.advertise_interface`` (where node names do not resolve), else the node's hostname."""
     return advertise_host or (node_address(interface) if interface else socket.gethostname())
+
+
+def listen_address(advertised: str) -> str:
+    """Where a job listens when ``cluster.bind_host`` is null: the address its advertised host (the
+    one in its registry URL) has on this node (a name: its IPv4 address, as ``node_address``), so
+    that it serves there and on no other interface.
+    A name resolving here only to a loopback address (Debian's ``127.0.1.1 <hostname>`` line, or a
+    cluster that is one machine) cannot tell where other nodes reach it: then every interface, with
+    a warning naming the settings that would say (an explicit loopback address is kept)."""
+    try:
+        return str(ipaddress.ip_address(advertised))
+    except ValueError:
+        pass
+    try:
+        address = socket.getaddrinfo(advertised, None, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
+    except OSError as e:
+        raise NodeProblem(f"the advertised host {advertised!r} does not resolve on {socket.gethostname()} ({e}); "
+                          f"set cluster.advertise_host, cluster.advertise_interface or cluster.bind_host") from None
+    if ipaddress.ip_address(address).is_loopback and advertised != "localhost":
+        log.warning("the advertised host %s resolves to %s here, which other nodes cannot reach: listening on "
+                    "every interface; set cluster.advertise_interface (or cluster.bind_host) to listen on one",
+                    advertised, address)
+        return "0.0.0.0"
+    return address
 
 
 def node_address(interface: str | None) -> str:

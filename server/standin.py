@@ -40,8 +40,8 @@ can tell.
 
 ``Faults`` holds the switches for what a misbehaving or misconfigured engine does; its
 defaults answer as a healthy vLLM. When an API key is set (``$OPENAI_API_KEY`` for the
-process), ``/v1/*`` needs ``Authorization: Bearer <key>`` (401 otherwise), as vLLM's
-``--api-key`` guards ``/v1`` only. SIGTERM or SIGINT stop the process cleanly with exit code 0.
+process), every route but the health route needs ``Authorization: Bearer <key>`` (401 otherwise,
+before the body is read), as the project's engines check it (server/auth.py). SIGTERM or SIGINT stop the process cleanly with exit code 0.
 """
 
 from __future__ import annotations
@@ -50,7 +50,6 @@ import argparse
 import json
 import os
 import re
-import secrets
 import signal
 import socket
 import subprocess
@@ -62,6 +61,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable
+
+from server.auth import HEALTH_METHODS, UNAUTHORIZED_BODY, carries_key
 
 MAX_MODEL_LEN = 32768  # reported only: byte tokens make long prompts, and nothing here runs out of memory
 CHOSEN_LOGPROB = -0.25  # the written token is always the most likely one
@@ -427,6 +428,8 @@ class _Handler(BaseHTTPRequestHandler):
     server: StandIn
 
     def do_GET(self) -> None:
+        if not self._authorized():
+            return
         if self.path == "/metrics":
             self._send_bytes(200, self.server.metrics().encode(), "text/plain; version=0.0.4")
             return
@@ -436,6 +439,8 @@ class _Handler(BaseHTTPRequestHandler):
         })
 
     def do_POST(self) -> None:
+        if not self._authorized():
+            return
         faults = self.server.faults
         routes = {CHAT: self.server.completion, "/tokenize": lambda body: tokenize(body, faults)}
         if faults.detokenize:
@@ -454,8 +459,6 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             if path not in routes:
                 raise ApiError(404, f"no route {self.command} {path}")
-            if path.startswith("/v1/"):
-                self._authorize()
             status, body = 200, routes[path](self._json(raw) if self.command == "POST" else {})
         except ApiError as e:
             status, body = e.status, e.body()
@@ -470,11 +473,19 @@ class _Handler(BaseHTTPRequestHandler):
             exchange.status, exchange.answer = status, body
         self._send_bytes(status, data, "application/json")
 
-    def _authorize(self) -> None:
+    def _authorized(self) -> bool:
+        """With a key set, every route but the health route needs it, checked before the body is
+        read (server/auth.py, as the engines' middleware checks it). A refused request's body is
+        never read, so its connection cannot carry another request: it closes after the 401."""
         key = self.server.api_key
-        given = self.headers.get("Authorization", "")
-        if key and not secrets.compare_digest(given.encode(), f"Bearer {key}".encode()):
-            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'")
+        if not key or (self.command in HEALTH_METHODS and self.path.split("?", 1)[0] == self.server.health_path):
+            return True
+        given = self.headers.get("Authorization")
+        if carries_key(given.encode() if given is not None else None, key.encode()):
+            return True
+        self.close_connection = True
+        self._send_bytes(401, UNAUTHORIZED_BODY, "application/json", close=True)
+        return False
 
     def _json(self, raw: bytes) -> dict:
         try:
@@ -493,10 +504,14 @@ class _Handler(BaseHTTPRequestHandler):
                 "owned_by": "gymlaunch-standin", "root": self.server.model, "max_model_len": MAX_MODEL_LEN}
         return {"object": "list", "data": [card]}
 
-    def _send_bytes(self, status: int, data: bytes, content_type: str, length: int | None = None) -> None:
+    def _send_bytes(
+        self, status: int, data: bytes, content_type: str, length: int | None = None, close: bool = False,
+    ) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data) if length is None else length))
+        if close:
+            self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(data)
 

@@ -1,3 +1,5 @@
+import importlib
+import inspect
 import subprocess
 import sys
 from pathlib import Path
@@ -57,6 +59,23 @@ def test_vllm_reads_its_key_from_the_environment():
     assert launch.env == {"VLLM_API_KEY": "sk-1"} and "sk-1" not in launch.argv
     assert launch.health_path == "/health"
     assert build_launch(EngineSpec(served_name="m"), "x", "h", 1).env == {}
+
+
+def test_vllm_checks_the_key_on_every_route_through_its_middleware_hook():
+    spec = EngineSpec(served_name="m", enable_auto_tool_choice=False, extra_args=["--seed", "1"])
+    argv = build_launch(spec, "x", "h", 1, "sk-1").argv
+    assert flag(argv, "--middleware") == "server.auth.RequireKey" and argv[-2:] == ["--seed", "1"]
+    # As vLLM resolves it (vllm/entrypoints/serve/middleware/register.py): a class it adds with the app alone.
+    module, name = flag(argv, "--middleware").rsplit(".", 1)
+    assert inspect.isclass(getattr(importlib.import_module(module), name))
+    assert "--middleware" not in build_launch(spec, "x", "h", 1).argv  # no key: nothing to check
+
+
+def test_sglang_has_no_middleware_hook_and_guards_with_its_own_key():
+    # SGLang's --api-key leaves /health*, /metrics* and OPTIONS open (sglang/srt/utils/auth.py); it has no
+    # --middleware: docs/architecture.md says what stays open.
+    argv = build_launch(sglang(), "/m", "h", 1, "sk-1").argv
+    assert flag(argv, "--api-key") == "sk-1" and "--middleware" not in argv
 
 
 def test_unknown_engine_is_refused():
@@ -264,6 +283,8 @@ def test_vllm_pipeline_parallel_across_nodes_runs_every_rank_through_vllms_serve
         assert cmd[-2:] == ["--seed", "1"]  # the user's word stays last
         assert launch.env == {"VLLM_API_KEY": "sk-1", "VLLM_HOST_IP": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo"}
     assert "--headless" not in head.argv and "--headless" in worker.argv
+    # Only the head serves HTTP: only it checks the key on every route.
+    assert flag(head.argv, "--middleware") == "server.auth.RequireKey" and "--middleware" not in worker.argv
 
 
 def test_vllm_data_parallel_across_nodes_gives_each_node_its_share_of_engines():

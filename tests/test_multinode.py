@@ -6,7 +6,7 @@ import socket
 import pytest
 
 from launcher.slurm_fit import refusals
-from server.multinode import NodeProblem, node_address
+from server.multinode import NodeProblem, listen_address, node_address
 from tests.test_slurm_fit import ConfigSpy, servers, small_view
 from tests.test_spec import spec_for
 
@@ -133,3 +133,26 @@ def test_the_head_sees_a_dead_a_silent_and_a_missing_worker(tmp_path):
     assert worker.head_gone() == "the head's beat is gone (it stopped)"
     worker.leave()
     assert not (tmp_path / "ns" / ".nodes").exists()
+
+
+# ---------------------------------------------------------------- where a job listens (cluster.bind_host null)
+
+
+@pytest.mark.parametrize("advertised, expected", [("127.0.0.2", "127.0.0.2"), ("10.1.2.3", "10.1.2.3"),
+                                                  ("::1", "::1"), ("localhost", "127.0.0.1")])
+def test_a_job_listens_on_the_address_it_advertises(advertised, expected):
+    assert listen_address(advertised) == expected
+
+
+def test_a_name_resolving_only_to_loopback_here_listens_everywhere_and_says_why(caplog):
+    # This machine's hostname resolves to 127.0.0.1 in /etc/hosts, as Debian's 127.0.1.1 line does on
+    # many nodes: other nodes resolve the name elsewhere, so loopback alone would serve none of them.
+    name = socket.gethostname()
+    assert socket.getaddrinfo(name, None)[0][4][0].startswith("127.")
+    assert listen_address(name) == "0.0.0.0"
+    assert "cluster.advertise_interface" in caplog.text and name in caplog.text
+
+
+def test_an_advertised_name_that_does_not_resolve_is_refused_naming_the_settings():
+    with pytest.raises(NodeProblem, match="no-such-host.invalid.*cluster.advertise_host"):
+        listen_address("no-such-host.invalid")

@@ -512,3 +512,11 @@ def test_gym_s_training_variant_and_prefix_supply_are_read_from_its_configs():
     assert spec.job.records_token_ids and spec.job.supplies_prefix
     plain = spec_for(*GYM, f"job.config_paths=[{GYM_07_CONFIGS}/vllm_model.yaml]", "gateway=off")
     assert not plain.job.records_token_ids and not plain.job.supplies_prefix
+
+
+def test_on_slurm_servers_and_the_gateway_listen_on_their_advertised_address_unless_told():
+    spec = spec_for("cluster=slurm")
+    assert spec.cluster.bind_host is None and spec.gateway.host is None  # server/multinode.py listen_address
+    told = spec_for("cluster=slurm", "cluster.bind_host=0.0.0.0")
+    assert told.cluster.bind_host == told.gateway.host == "0.0.0.0"
+    assert spec_for().cluster.bind_host == spec_for().gateway.host == "127.0.0.1"  # local: loopback

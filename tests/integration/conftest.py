@@ -11,6 +11,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -34,25 +35,39 @@ def registry_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def policy_server(tmp_path_factory, registry_root) -> Entry:
     """One shared replica for the tests that only talk to an endpoint."""
-    folder = tmp_path_factory.mktemp("policy-server")
-    key_file = Registry(registry_root).create_api_key("itest")  # as every launcher run does by default
+    yield from _replica(tmp_path_factory, registry_root, "itest", "policy", cpu_engine())
+
+
+@pytest.fixture(scope="module")
+def dev_mode_server(tmp_path_factory, registry_root) -> Entry:
+    """A replica whose vLLM serves its dev and RL routes too (``VLLM_SERVER_DEV_MODE=1``: /pause,
+    /collective_rpc, /sleep, /update_weights, ...), as weight updates in place need."""
+    yield from _replica(tmp_path_factory, registry_root, "itest-dev", "policy",
+                        cpu_engine(env={"VLLM_SERVER_DEV_MODE": "1"}))
+
+
+def _replica(tmp_path_factory, registry_root: Path, namespace: str, service: str, engine) -> Iterator[Entry]:
+    """A replica started as the launcher starts it, with a key for its namespace (as every run has)."""
+    folder = tmp_path_factory.mktemp(f"{namespace}-server")
+    key_file = Registry(registry_root).create_api_key(namespace)
     job_spec = ServerJob(
-        namespace="itest", service="policy", replica=0, engine=cpu_engine(),
+        namespace=namespace, service=service, replica=0, engine=engine,
         registry=Registry(registry_root, heartbeat_s=1.0, orphan_grace_s=None),
         log_dir=str(folder / "logs"), embedded_model="smollm2_135m", startup_timeout_s=600,
         api_key_file=str(key_file),
     )
     backend = LocalBackend(ClusterSpec(kind="local"), folder / "submitit")
-    job = backend.submit(run, job_spec, Resources(name="itest-policy", timeout_min=60))
+    job = backend.submit(run, job_spec, Resources(name=f"{namespace}-{service}", timeout_min=60))
     registry = Registry(registry_root, ttl_s=10)
     deadline = time.monotonic() + 600
     try:
-        while not registry.ready("policy", "itest"):
+        while not registry.ready(service, namespace):
             if job.done():
-                pytest.fail(f"shared server job died:\n{backend.log_tail(job)}\n{job_spec.engine_log.read_text()[-3000:]}")
-            assert time.monotonic() < deadline, "shared server not ready in 600 s"
+                pytest.fail(f"{namespace} server job died:\n{backend.log_tail(job)}\n"
+                            f"{job_spec.engine_log.read_text()[-3000:]}")
+            assert time.monotonic() < deadline, f"{namespace} server not ready in 600 s"
             time.sleep(0.5)
-        yield registry.ready("policy", "itest")[0]
+        yield registry.ready(service, namespace)[0]
     finally:
         backend.cancel(job)
         deadline = time.monotonic() + 60

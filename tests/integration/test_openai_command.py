@@ -180,13 +180,16 @@ def test_the_standin_answers_as_vllm_would(tmp_path):
 
 def test_usr2_drains_in_flight_requests_then_stops(tmp_path):
     """Slurm's pre-timeout signal: the entry turns `draining`, the request in flight still gets its
-    whole answer, and the job stops once nothing is in flight, well before the grace period ends."""
+    whole answer, and the job stops once nothing is in flight, well before the grace period ends. The
+    engine's /metrics needs the key, as every route but health does: the job sends it."""
     slow = COMMAND + " --seconds-per-token 0.05"
-    with server_job(tmp_path, command=slow, drain_grace_s=60) as (process, entry, _):
+    key = "sk-itest-drain"
+    with server_job(tmp_path, api_key=key, command=slow, drain_grace_s=60) as (process, entry, _):
         registry = Registry(tmp_path / "registry")
         body = {"model": SERVED_NAME, "messages": [{"role": "user", "content": "x" * 80}]}  # ~4 s to answer
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            answer = pool.submit(httpx.post, f"{entry.base_url}/chat/completions", json=body, timeout=60)
+            answer = pool.submit(httpx.post, f"{entry.base_url}/chat/completions", json=body, timeout=60,
+                                 headers={"Authorization": f"Bearer {key}"})
             while in_flight_requests(entry, "127.0.0.1") != 1:
                 assert not answer.done(), "the request ended before it could be seen in flight"
                 time.sleep(0.05)

@@ -6,10 +6,13 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 from datetime import datetime
 from pathlib import Path
+
+import pytest
 
 from server.registry import Registry
 from tests.support import STANDIN_SERVER, queued, start_launcher, sweep, sweep_summaries
@@ -143,3 +146,24 @@ def test_a_sweep_handed_to_slurm_shares_one_server_pool(slurm_cluster, tmp_path)
         slurm_cluster, tmp_path, "hydra/launcher=submitit_slurm", "hydra.launcher.partition=cpu",
         "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=2", "hydra.launcher.timeout_min=30",
     )
+
+
+def test_servers_and_the_gateway_listen_on_their_advertised_address_only(slurm_cluster, tmp_path):
+    """cluster=slurm leaves cluster.bind_host null: each job listens where its registry URL points, not on
+    every interface of the node (issue 19). 127.0.0.2 stands for the node's address: a loopback address
+    this machine has, other than 127.0.0.1."""
+    root, run_dir = tmp_path / "registry", tmp_path / "run"
+    proc = launcher(slurm_cluster, root, run_dir, *STANDIN_SERVER, "job=none", "cluster.advertise_host=127.0.0.2")
+    try:
+        wait_for_line(proc, "serving policy at ", timeout_s=300)
+        entries = Registry(root).entries()
+        assert {e.service for e in entries} == {"policy", "policy@gateway"}
+        for entry in entries:
+            assert entry.host == "127.0.0.2"
+            socket.create_connection(("127.0.0.2", entry.port), timeout=5).close()
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection(("127.0.0.1", entry.port), timeout=5)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
