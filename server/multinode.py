@@ -31,7 +31,7 @@ from typing import Callable
 
 from server import process
 from server.engines import NodeRole
-from server.registry import NodeBeat, Registry
+from server.registry import NodeBeat, Registry, hiccup_tolerated
 
 # A node rewrites its beat this often; a beat older than STALE_S is a node lost (its process,
 # or the node, gone without a word). Both well under the 5 s in which a broken replica must be
@@ -86,9 +86,12 @@ class NodeGroup:
         self._said = time.monotonic()
 
     def keep_alive(self) -> None:
-        """Beat again if BEAT_S passed since the last word (callers look more often than that)."""
+        """Beat again if BEAT_S passed since the last word (callers look more often than that). A
+        beat lost to a shared-filesystem hiccup is tried again at the next look: the others judge a
+        node by STALE_S of silence, not by one missed beat."""
         if time.monotonic() - self._said >= BEAT_S:
-            self.say()
+            with hiccup_tolerated(f"node {self.rank}'s beat"):
+                self.say()
 
     def leave(self) -> None:
         self.registry.remove_node(self.namespace, self.service, self.replica, self.job_id, self.rank)

@@ -135,6 +135,23 @@ def test_the_head_sees_a_dead_a_silent_and_a_missing_worker(tmp_path):
     assert not (tmp_path / "ns" / ".nodes").exists()
 
 
+def test_a_nodes_beat_lost_to_a_hiccup_is_tried_again_not_raised(tmp_path):
+    """A node's periodic beat meets the shared filesystem gone for a moment: logged, beaten again at
+    the next look (the others wait STALE_S of silence), never the node's end."""
+    from server.registry import Registry
+    from tests.support import replaced_by_a_file
+    registry = Registry(tmp_path / "registry")
+    worker = _group(registry, 1)
+    worker.say(state="running")
+    nodes = tmp_path / "registry" / "ns" / ".nodes"
+    with replaced_by_a_file(nodes, tmp_path / "away"):
+        worker._said = 0.0  # BEAT_S passed
+        worker.keep_alive()
+    worker._said = 0.0
+    worker.keep_alive()
+    assert registry.nodes("ns", "policy", 0, "7")[1].state == "running"
+
+
 # ---------------------------------------------------------------- where a job listens (cluster.bind_host null)
 
 
