@@ -83,18 +83,24 @@ class RequireKey:
             await self.app(scope, receive, send)
         elif kind in ("http", "websocket") and carries_key(authorization(scope), self.key):
             await self.app(scope, receive, send)
-        elif kind == "http":
-            await _send_unauthorized(send, "http.response")
-        elif kind == "websocket":
-            if "websocket.http.response" in (scope.get("extensions") or {}):
-                await _send_unauthorized(send, "websocket.http.response")
-            else:
-                await send({"type": "websocket.close", "code": 1008})
-        # Any other scope type is one this check does not know: it reaches nothing.
+        else:
+            await refuse(scope, send)
 
 
-async def _send_unauthorized(send, prefix: str) -> None:
-    await send({"type": f"{prefix}.start", "status": 401, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", str(len(UNAUTHORIZED_BODY)).encode()),
-        (b"www-authenticate", b"Bearer")]})
-    await send({"type": f"{prefix}.body", "body": UNAUTHORIZED_BODY})
+# RFC 9110 11.6.1: a 401 names the scheme the server takes.
+_UNAUTHORIZED_HEADERS = [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer"),
+                         (b"content-length", b"%d" % len(UNAUTHORIZED_BODY))]
+
+
+async def refuse(scope: dict, send) -> None:
+    """The answer to a request without the key: 401 with ``UNAUTHORIZED_BODY``; a websocket
+    handshake gets the same 401 as a denial response where the server offers one, else is closed
+    before it is accepted (1008, policy violation). Any other scope type reaches nothing."""
+    kind = scope["type"]
+    if kind == "websocket" and "websocket.http.response" not in (scope.get("extensions") or {}):
+        await send({"type": "websocket.close", "code": 1008})
+        return
+    prefix = {"http": "http.response", "websocket": "websocket.http.response"}.get(kind)
+    if prefix is not None:
+        await send({"type": f"{prefix}.start", "status": 401, "headers": _UNAUTHORIZED_HEADERS})
+        await send({"type": f"{prefix}.body", "body": UNAUTHORIZED_BODY})

@@ -85,7 +85,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from starlette.exceptions import HTTPException
 from starlette.routing import Route
 
-from server.auth import HEALTH_PATH, UNAUTHORIZED_BODY, authorization, carries_key
+from server.auth import authorization, carries_key, is_health, refuse
 from server.checks import Checks, ConfigError
 from server import connections, onpolicy
 from server.job import EngineFailed, EntryHeartbeat, current_job_id, wait_admitted
@@ -137,9 +137,6 @@ _DRAIN_POLL_S = 0.5
 # silently dropped would silently cost the session its replica. Clients use UUIDs (36 bytes) or
 # "<task>/<repeat>" ids.
 _MAX_SESSION_KEY_BYTES = 256
-# The front door's 401 (RFC 9110 11.6.1: with the scheme the gateway takes), built once.
-_UNAUTHORIZED_HEADERS = [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer"),
-                         (b"content-length", b"%d" % len(UNAUTHORIZED_BODY))]
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
 
@@ -496,14 +493,12 @@ class Gateway:
         routing (an unknown route is 401 too, not 404), before its body is read, before it waits
         for a replica or records a session. A gateway that must not serve at all (``keyless``)
         answers 503 here."""
-        if scope["type"] in ("http", "websocket") and scope["path"] != HEALTH_PATH:
+        if scope["type"] in ("http", "websocket") and not is_health(scope):
             if self._key is not None and not carries_key(authorization(scope), self._key):
-                if scope["type"] == "websocket":
-                    return await send({"type": "websocket.close", "code": 1008})  # policy violation
-                # Unknown paths counted as one: a caller must not grow the metrics by inventing paths.
-                self._done(scope["path"] if scope["path"] in PROXIED else "other", time.perf_counter(), 401)
-                await send({"type": "http.response.start", "status": 401, "headers": _UNAUTHORIZED_HEADERS})
-                return await send({"type": "http.response.body", "body": UNAUTHORIZED_BODY})
+                if scope["type"] == "http":
+                    # Unknown paths counted as one: a caller must not grow the metrics by inventing paths.
+                    self._done(scope["path"] if scope["path"] in PROXIED else "other", time.perf_counter(), 401)
+                return await refuse(scope, send)
             if self.keyless is not None:
                 return await _error(503, self.keyless, "ServiceUnavailableError")(scope, receive, send)
         await self._routes(scope, receive, send)
