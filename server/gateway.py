@@ -91,7 +91,8 @@ from server import connections, onpolicy
 from server.job import EngineFailed, EntryHeartbeat, current_job_id, wait_admitted
 from server.multinode import advertised_host, listen_address
 from server.process import open_files_limit, raise_open_files_limit
-from server.registry import API_KEY_ENV, GATEWAY_ENGINE, NAMESPACE_ENV, Entry, Registry, gateway_service
+from server.registry import (API_KEY_ENV, GATEWAY_ENGINE, NAMESPACE_ENV, Entry, Registry, gateway_service,
+                             hiccup_tolerated)
 from server.replicas import REPLICA_HEADER, RETRY_STATUSES, SESSION_HEADER, ReplicaView
 
 log = logging.getLogger(__name__)
@@ -1051,39 +1052,40 @@ def run_job(job: GatewayJob) -> None:
     )
     registry.publish(entry)
 
+    # Through hiccups of the shared filesystem, as a replica's: a beat that fails is written at the
+    # next one; unwritable for longer than registry.ttl_s, no client can find the gateway: it stops.
+    beat = EntryHeartbeat(registry, entry)
+
     def heartbeat(server: uvicorn.Server) -> None:
         log.info("gateway of %s serving at %s; handed out once the launcher admits it", job.service, entry.base_url)
         try:
-            wait_admitted(_NothingToWatch(job), EntryHeartbeat(registry, entry), unadmitted)
-        except EngineFailed as e:  # its entry unwritable for longer than registry.ttl_s: no client can find it
+            wait_admitted(_NothingToWatch(job), beat, unadmitted)
+            if unadmitted.is_set() and not drain.is_set():  # the end, or no run owns the namespace any more
+                server.should_exit = True
+                return
+            if not drain.is_set():
+                beat(state="ready")
+                log.info("gateway of %s ready at %s", job.service, entry.base_url)
+            settled_at = deadline = None
+            while not stop.wait(_DRAIN_POLL_S if deadline else registry.heartbeat_s):
+                if job.orphaned():
+                    log.warning("no run using %s heartbeated for %.0fs: stopping", job.namespace,
+                                registry.orphan_grace_s)
+                    server.should_exit = True
+                    return
+                if drain.is_set() and deadline is None:
+                    log.info("draining: no new clients, up to %.0fs for requests in flight", _DRAIN_GRACE_S)
+                    settled_at, deadline = time.monotonic() + _DRAIN_SETTLE_S, time.monotonic() + _DRAIN_GRACE_S
+                    entry.state = "draining"
+                if deadline is not None and ((time.monotonic() >= settled_at and gateway.in_flight() == 0)
+                                             or time.monotonic() >= deadline):
+                    log.info("drained (%d requests in flight); stopping", gateway.in_flight())
+                    server.should_exit = True
+                    return
+                beat()
+        except EngineFailed as e:
             log.error("stopping: %s", e)
             server.should_exit = True
-            return
-        if unadmitted.is_set() and not drain.is_set():  # the end, or no run owns the namespace any more
-            server.should_exit = True
-            return
-        if not drain.is_set():
-            registry.heartbeat(entry, state="ready")
-            log.info("gateway of %s ready at %s", job.service, entry.base_url)
-        settled_at = deadline = None
-        while not stop.wait(_DRAIN_POLL_S if deadline else registry.heartbeat_s):
-            if registry.orphaned(job.namespace):
-                log.warning("no run using %s heartbeated for %.0fs: stopping", job.namespace, registry.orphan_grace_s)
-                server.should_exit = True
-                return
-            if drain.is_set() and deadline is None:
-                log.info("draining: no new clients, up to %.0fs for requests in flight", _DRAIN_GRACE_S)
-                settled_at, deadline = time.monotonic() + _DRAIN_SETTLE_S, time.monotonic() + _DRAIN_GRACE_S
-                entry.state = "draining"
-            if deadline is not None and ((time.monotonic() >= settled_at and gateway.in_flight() == 0)
-                                         or time.monotonic() >= deadline):
-                log.info("drained (%d requests in flight); stopping", gateway.in_flight())
-                server.should_exit = True
-                return
-            try:
-                registry.heartbeat(entry)
-            except OSError as e:  # a hiccup of the shared filesystem: the next beat may work
-                log.warning("heartbeat failed: %s", e)
 
     def started(server: uvicorn.Server) -> None:
         threading.Thread(target=heartbeat, args=(server,), name="gateway-heartbeat", daemon=True).start()
@@ -1093,7 +1095,8 @@ def run_job(job: GatewayJob) -> None:
     finally:
         stop.set()
         unadmitted.set()
-        registry.remove(entry.namespace, entry.service, entry.replica, entry.job_id)
+        with hiccup_tolerated(f"removing the gateway's entry (job {entry.job_id})"):  # it goes stale anyway
+            registry.remove(entry.namespace, entry.service, entry.replica, entry.job_id)
 
 
 def serve_until_stopped(gateway: Gateway, sock: socket.socket, on_started: Callable[[uvicorn.Server], None]) -> None:

@@ -101,13 +101,7 @@ class ServerJob(ServerSettings):
     multinode_backend: str = "mp"  # mp: an engine on every node; ray: a Ray node on every node (ray_cluster.py)
 
     def orphaned(self) -> bool:
-        """No run uses the namespace any more. Owners that cannot be read for a moment (a hiccup of
-        the shared filesystem) are not taken for none: looked at again at the next beat."""
-        try:
-            return self.registry.orphaned(self.namespace)
-        except OSError as e:
-            log.warning("owners of %s not readable (%s); looking again at the next beat", self.namespace, e)
-            return False
+        return self.registry.orphaned(self.namespace)
 
     @property
     def engine_log(self) -> Path:

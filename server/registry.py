@@ -505,8 +505,16 @@ class Registry:
             return None
 
     def orphaned(self, namespace: str) -> bool:
-        """No run has used ``namespace`` for ``orphan_grace_s``: its servers should stop."""
-        return self.orphan_grace_s is not None and not self.live_owners(namespace)
+        """No run has used ``namespace`` for ``orphan_grace_s``: its servers should stop. Owners that
+        cannot be read for a moment (a hiccup of the shared filesystem) are not taken for none: the
+        caller looks again at its next beat."""
+        if self.orphan_grace_s is None:
+            return False
+        try:
+            return not self.live_owners(namespace)
+        except OSError as e:
+            log.warning("owners of %s not readable (%s); looking again at the next beat", namespace, e)
+            return False
 
     def owner_heartbeat(self, namespace: str, run_id: str) -> "OwnerHeartbeat":
         return OwnerHeartbeat(self, namespace, run_id)
