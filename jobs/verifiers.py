@@ -32,6 +32,7 @@ _OPERATOR = r"(?:\*\*|[-+*/^x\u00d7\u00f7\u2212]|\b(?:plus|minus|times|(?:divide
 # A number with an operator between it and another number is an operand, not a result.
 _OPERATOR_BEFORE = re.compile(rf"[\d)]\s*\)*\s*{_OPERATOR}\s*\(*\s*$", re.IGNORECASE)
 _OPERATOR_AFTER = re.compile(rf"\s*\)*\s*{_OPERATOR}\s*\(*\s*[-+\u2212]?\s*\.?\d", re.IGNORECASE)
+_SIGN_AS_OPERATOR = re.compile(r"[\d)]\s*$")  # "10 -15": the sign follows an operand
 _LOOKBEHIND = 40  # characters: enough for "12 multiplied by ("
 _FRAC = re.compile(rf"\\[dt]?frac\{{\s*(?P<num>{_DIGITS})\s*\}}\{{\s*(?P<den>{_DIGITS})\s*\}}")
 # What a mark's value may start after: spaces, colons, markdown emphasis, TeX math and dollar signs.
@@ -46,8 +47,12 @@ _ANSWER_MARK = re.compile(r"####|\banswer\s*(?:is\b|:|=)", re.IGNORECASE)
 def number(task: dict, final_text: str, tool_calls_made: list[dict]) -> Verdict:
     """1 when the final answer equals ``expected`` (within ``tolerance``, default 1e-6).
 
-    The final answer is read as the common math graders read it (GSM8K's ``#### 72``, MATH's and
-    NeMo-Skills' last ``\\boxed{}``, lm-eval's "The answer is"), never as "any number in the text":
+    The final answer, never "any number in the text": a mark where common math graders look for one
+    (GSM8K's ``#### 72``, MATH's and NeMo-Skills' last ``\\boxed{}``, lm-eval's "The answer is"),
+    else the last result. (NeMo Gym's math_with_judge takes a last ``\\boxed{}`` only, then grades
+    with Hugging Face's math-verify; tasks here ask for "just the number", so no mark is required,
+    and math-verify on free text evaluates an echoed "144 / 12" to 12 and rewards it. Like Gym's
+    ``extracted_answer``, the answer taken is returned in ``Verdict.read``.)
 
     1. A mark: the last ``\\boxed{...}`` or ``\\fbox{...}`` (its content), ``#### ...`` or "answer
        is / answer: / answer =" (the rest of its line) that holds a value. Its value is the one it
@@ -102,7 +107,7 @@ def _marked_value(span: str) -> float | None:
         numerator, denominator = _float(m["digits"]), _float(m["denominator"] or "1")
     if denominator == 0:
         return None
-    return (-1 if m["sign"] in ("-", "\u2212") else 1) * numerator / denominator
+    return _signed(m["sign"], numerator / denominator)
 
 
 def _last_result(text: str) -> float | None:
@@ -110,15 +115,19 @@ def _last_result(text: str) -> float | None:
     result = None
     for m in _NUMBER.finditer(text):
         before = text[max(0, m.start() - _LOOKBEHIND):m.start()]
-        sign_is_an_operator = m["sign"] and re.search(r"[\d)]\s*$", before)
+        sign_is_an_operator = m["sign"] and _SIGN_AS_OPERATOR.search(before)
         if sign_is_an_operator or _OPERATOR_BEFORE.search(before) or _OPERATOR_AFTER.match(text, m.end()):
             continue
-        result = (-1 if m["sign"] in ("-", "\u2212") else 1) * _float(m["digits"])
+        result = _signed(m["sign"], _float(m["digits"]))
     return result
 
 
 def _float(digits: str) -> float:
     return float(digits.replace(",", ""))
+
+
+def _signed(sign: str, value: float) -> float:
+    return -value if sign in ("-", "\u2212") else value
 
 
 def contains(task: dict, final_text: str, tool_calls_made: list[dict]) -> Verdict:
@@ -163,4 +172,5 @@ def get(task: dict) -> Verifier:
 
 
 def judge(task: dict, final_text: str, tool_calls_made: list[dict]) -> Verdict:
+    """The task's verifier's verdict on the answer."""
     return get(task)(task, final_text, tool_calls_made)
