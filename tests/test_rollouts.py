@@ -103,6 +103,8 @@ def _reward(task: dict, text: str, calls: list[dict] | None = None) -> float:
         # Seen with SmolLM2 on the demo's "What is 144 / 12?": the question echoed, no answer given.
         ("144 / 12 is a fraction that doesn't have a decimal representation.", 12, 0.0),
         ("Echo: What is 144 / 12? Reply with just the number.", 12, 0.0),  # the stand-in engine's answer
+        ("729 / 27", 27, 0.0),  # SmolLM2 on "Use the calculator to compute 729 / 27."
+        ("The answer is 54, which represents the multiplication of 6 by 9.", 54, 1.0),  # SmolLM2 too
         (r"\frac{144}{12} is a fraction", 12, 0.0),
         ("What is 7 + 5? Let me think.", 5, 0.0),
         # The answer stated, last or not.
