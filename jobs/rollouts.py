@@ -6,7 +6,10 @@ repeat) becomes one conversation with one replica of a service found in the
 registry: chat completions, local tools from ``jobs.tools`` run between
 turns, a reward from ``jobs.verifiers`` at the end. Every finished
 conversation is one line of ``rollouts.jsonl`` (or of ``failures.jsonl``),
-written as soon as it ends so that a watcher can count progress.
+written as soon as it ends so that a watcher can count progress. A row explains
+its own reward: it names the model served, the sampling params sent, the
+verifier with what it read (``jobs.verifiers.Verdict``), and when the rollout
+and each of its turns ended and took.
 
 Requests go through ``jobs.pool.EndpointPool``: a conversation sticks to one
 replica, and moves to another one (and stays there) when its replica stops
@@ -512,6 +515,7 @@ class _Run:
         self.cfg = cfg
         self.pool = pool
         self.model = served.model
+        self.sampling = dataclasses.asdict(cfg.sampling)  # sent with every request, and written in every row
         # A gateway splices itself (gateway.on_policy); replicas straight: this collector does.
         self.splices = cfg.on_policy and served.engine != GATEWAY_ENGINE
         self.model_info: onpolicy.ModelInfo | None = None
@@ -563,9 +567,10 @@ class _Run:
             if self.stop.requested:  # the cancel is on its way: start nothing meanwhile
                 self.not_started += 1
                 return
+            started = time.monotonic()
             try:
                 row = await self.converse(client, attempt)
-                row["reward"] = verifiers.score(attempt.task.raw, row["output"], row["tool_calls"])
+                verdict = verifiers.judge(attempt.task.raw, row["output"], row["tool_calls"])
             except NoEndpointError as e:
                 return self.fail(attempt, "no_endpoint", str(e))
             except RolloutError as e:
@@ -575,8 +580,15 @@ class _Run:
             except Exception as e:  # a bug must cost one rollout, not the whole collection
                 log.exception("rollout %s crashed", attempt.session_key)
                 return self.fail(attempt, "exception", f"{type(e).__name__}: {e}")
-            self.rewards.append(row["reward"])
-            self.rollouts.write({"task_id": attempt.task.id, "repeat": attempt.repeat, **row})
+            self.rewards.append(verdict.reward)
+            # What explains the reward goes in the row itself, not in a header: a resumed run may
+            # append rows made with other settings, and a row read alone still tells its own.
+            self.rollouts.write({
+                "task_id": attempt.task.id, "repeat": attempt.repeat, **row, "reward": verdict.reward,
+                "model": self.model, "sampling": self.sampling,
+                "verifier": {"name": attempt.task.raw["verifier"]["name"], **verdict.read},
+                "finished_at": time.time(), "latency_s": round(time.monotonic() - started, 4),
+            })
             contiguous, checked = onpolicy.prefix_contiguity(
                 [[(t["prompt_token_ids"], t["generation_token_ids"]) for t in row["turns"]]])
             self.contiguity = (self.contiguity[0] + contiguous, self.contiguity[1] + checked)
@@ -591,8 +603,10 @@ class _Run:
             body = self.request_body(task, messages, first=turn == 0)
             if self.cfg.on_policy and turns and turns[-1]["prompt_token_ids"] and turns[-1]["generation_token_ids"]:
                 body[onpolicy.PREFIX_FIELD] = turns[-1]["prompt_token_ids"] + turns[-1]["generation_token_ids"]
+            sent = time.monotonic()
             data = await self.post(client, attempt, body, turn)
             record, message = _parse_reply(data)
+            record["at"], record["latency_s"] = time.time(), round(time.monotonic() - sent, 4)
             turns.append(record)
             for key in usage:
                 usage[key] += record["usage"].get(key) or 0
@@ -621,7 +635,7 @@ class _Run:
         body = {
             "model": self.model,
             "messages": messages,
-            **dataclasses.asdict(self.cfg.sampling),
+            **self.sampling,
             "logprobs": True,
             "return_token_ids": True,
         }
@@ -693,7 +707,7 @@ class _Run:
         log.warning("rollout %s failed (%s): %s", attempt.session_key, reason, error)
         replica = attempt.replica
         row = {"task_id": attempt.task.id, "repeat": attempt.repeat, "reason": reason, "error": error}
-        self.failures_file.write({**row, "replica": replica})
+        self.failures_file.write({**row, "replica": replica, "at": time.time()})
 
 
 def _replica_of(entry: Entry, response: httpx.Response) -> int:

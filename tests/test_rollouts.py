@@ -93,38 +93,93 @@ def _task(**verifier) -> dict:
     return {"id": "t1", "verifier": verifier}
 
 
-def test_number_verifier_takes_the_last_number():
-    task = _task(name="number", expected=12)
-    assert verifiers.score(task, "7 + 5 = 12.", []) == 1.0
-    assert verifiers.score(task, "12 or maybe 13", []) == 0.0
-    assert verifiers.score(task, "twelve", []) == 0.0
-    assert verifiers.score(task, "", []) == 0.0
-    assert verifiers.score(_task(name="number", expected=1200), "It is 1,200", []) == 1.0
-    assert verifiers.score(_task(name="number", expected=-3), "x = -3", []) == 1.0
-    assert verifiers.score(_task(name="number", expected=3.333), "3.3333", []) == 0.0
-    assert verifiers.score(_task(name="number", expected=3.333, tolerance=0.01), "3.3333", []) == 1.0
+def _reward(task: dict, text: str, calls: list[dict] | None = None) -> float:
+    return verifiers.judge(task, text, calls or []).reward
+
+
+@pytest.mark.parametrize(
+    "text, expected, reward",
+    [
+        # Seen with SmolLM2 on the demo's "What is 144 / 12?": the question echoed, no answer given.
+        ("144 / 12 is a fraction that doesn't have a decimal representation.", 12, 0.0),
+        ("Echo: What is 144 / 12? Reply with just the number.", 12, 0.0),  # the stand-in engine's answer
+        ("729 / 27", 27, 0.0),  # SmolLM2 on "Use the calculator to compute 729 / 27."
+        ("The answer is 54, which represents the multiplication of 6 by 9.", 54, 1.0),  # SmolLM2 too
+        (r"\frac{144}{12} is a fraction", 12, 0.0),
+        ("What is 7 + 5? Let me think.", 5, 0.0),
+        # The answer stated, last or not.
+        ("12", 12, 1.0),
+        ("144 / 12 = 12", 12, 1.0),
+        ("144 divided by 12 is 12.", 12, 1.0),
+        ("12 = 7 + 5", 12, 1.0),
+        ("7 + 5 = 12.", 12, 1.0),
+        ("(6 + 4) * 3 = 30", 30, 1.0),
+        ("2 ** 5 = 32", 32, 1.0),
+        ("The answer is 12. To check: 12 + 3 = 15, minus 3.", 12, 1.0),
+        ("I think 12. Not sure the answer is right.", 12, 1.0),  # a mark without a value is prose
+        # A wrong final answer after a right intermediate number.
+        ("7 + 5 = 12, and then 12 + 3 = 15", 12, 0.0),
+        ("12 or maybe 13", 12, 0.0),
+        ("The answer is not 12, it is 13", 12, 0.0),
+        # Marks: the last one wins.
+        (r"So 7 + 5 = 13. \boxed{12}", 12, 1.0),
+        (r"\boxed{12} ... no: \boxed{13}", 12, 0.0),
+        ("Natalia sold 48 + 24 = 72 clips.\n#### 72", 72, 1.0),
+        ("**Answer:** 12 apples.", 12, 1.0),
+        ("The answer is: 7 + 5 = 12.", 12, 1.0),
+        (r"The final answer is $\boxed{-5}$.", -5, 1.0),
+        # Numbers: signs, separators, decimals, fractions, units, punctuation.
+        ("x = -3", -3, 1.0),
+        ("10 - 15 = -5", -5, 1.0),
+        ("10 - 15 = \u22125", -5, 1.0),
+        ("10 - 15", -5, 0.0),
+        ("It is 1,000 dollars.", 1000, 1.0),
+        ("It costs $1,000.", 1000, 1.0),
+        ("12.0", 12, 1.0),
+        ("12.", 12, 1.0),
+        ("Answer: .5", 0.5, 1.0),
+        ("The answer is 3/4.", 0.75, 1.0),
+        (r"\boxed{\frac{3}{4}}", 0.75, 1.0),
+        ("3/4", 0.75, 0.0),  # in prose a/b is an expression: mark a fractional answer
+        ("12 apples, that's it!", 12, 1.0),
+        ("It is 12%.", 12, 1.0),
+        ("twelve", 12, 0.0),
+        ("", 12, 0.0),
+    ],
+)
+def test_number_verifier_judges_the_final_answer(text, expected, reward):
+    assert _reward(_task(name="number", expected=expected), text) == reward
+
+
+def test_number_verifier_says_what_it_read():
+    verdict = verifiers.judge(_task(name="number", expected="12"), "144 / 12 is a fraction", [])
+    assert verdict == verifiers.Verdict(0.0, {"expected": 12.0, "tolerance": 1e-6, "answer": None})
+    verdict = verifiers.judge(_task(name="number", expected=3.333, tolerance=0.01), "3.3333", [])
+    assert verdict == verifiers.Verdict(1.0, {"expected": 3.333, "tolerance": 0.01, "answer": 3.3333})
+    assert _reward(_task(name="number", expected=3.333), "3.3333") == 0.0
 
 
 def test_contains_verifier_ignores_case():
     task = _task(name="contains", expected="Sunny")
-    assert verifiers.score(task, "It will be SUNNY today", []) == 1.0
-    assert verifiers.score(task, "rain", []) == 0.0
+    assert verifiers.judge(task, "It will be SUNNY today", []) == verifiers.Verdict(1.0, {"expected": "Sunny"})
+    assert _reward(task, "rain") == 0.0
 
 
 def test_tool_call_verifier_checks_name_and_argument_subset():
     calls = [{"name": "get_weather", "arguments": {"city": "paris", "unit": "C"}, "result": "..."}]
-    assert verifiers.score(_task(name="tool_call", tool="get_weather"), "", calls) == 1.0
-    assert verifiers.score(_task(name="tool_call", tool="get_weather", arguments={"city": "Paris"}), "", calls) == 1.0
-    assert verifiers.score(_task(name="tool_call", tool="get_weather", arguments={"city": "Rome"}), "", calls) == 0.0
-    assert verifiers.score(_task(name="tool_call", tool="calculator"), "", calls) == 0.0
-    unparsable = [{"name": "get_weather", "arguments": "{city: Paris", "result": "error"}]
+    assert _reward(_task(name="tool_call", tool="get_weather"), "", calls) == 1.0
     paris = _task(name="tool_call", tool="get_weather", arguments={"city": "Paris"})
-    assert verifiers.score(paris, "", unparsable) == 0.0
+    assert verifiers.judge(paris, "", calls) == verifiers.Verdict(
+        1.0, {"tool": "get_weather", "arguments": {"city": "Paris"}})
+    assert _reward(_task(name="tool_call", tool="get_weather", arguments={"city": "Rome"}), "", calls) == 0.0
+    assert _reward(_task(name="tool_call", tool="calculator"), "", calls) == 0.0
+    unparsable = [{"name": "get_weather", "arguments": "{city: Paris", "result": "error"}]
+    assert _reward(paris, "", unparsable) == 0.0
 
 
 def test_unknown_verifier_names_task_and_known_names():
     with pytest.raises(ValueError) as info:
-        verifiers.score({"id": "task-7", "verifier": {"name": "vibes"}}, "", [])
+        verifiers.judge({"id": "task-7", "verifier": {"name": "vibes"}}, "", [])
     message = str(info.value)
     assert "task-7" in message and "vibes" in message
     assert all(name in message for name in ("number", "contains", "tool_call"))
@@ -598,6 +653,65 @@ def test_failures_are_retried_by_the_next_run_and_listed_by_the_last(tmp_path, s
     assert (again.rollouts_written, again.rollouts_written_this_run, again.failures) == (8, 2, 0)
     assert sorted(_keys(again.rollouts_path)) == sorted([*ALL_SIX, ("flaky", 0), ("flaky", 1)])
     assert Path(again.failures_path).read_text() == ""  # this run's failures: none
+
+
+def test_a_row_explains_its_reward_and_times_its_turns(tmp_path, stand_in):
+    """Each row names the model served, the sampling params sent and what the verifier read; each
+    turn says when its answer came and how long its request took, the row when it ended and how long
+    the whole rollout took. The stand-in takes 2 ms a token, so latencies have a floor to meet."""
+    server, root = stand_in
+    server.faults.seconds_per_token = 0.002
+    cfg = _resumable(tmp_path, root, _gym_task("fail", "FAIL please", _number(1)))
+    cfg.sampling = SamplingParams(temperature=0.3, top_p=0.9, max_tokens=100)
+    began = time.time()
+    summary = collect(cfg)
+    ended = time.time()
+
+    rows = {(r["task_id"], r["repeat"]): r for r in _read_jsonl(summary.rollouts_path)}
+    assert sorted(rows) == ALL_SIX
+    sent = {(r.body["temperature"], r.body["top_p"], r.body["max_tokens"]) for r in server.requests}
+    assert sent == {(0.3, 0.9, 100)}
+    for row in rows.values():
+        assert row["model"] == MODEL
+        assert row["sampling"] == {"temperature": 0.3, "top_p": 0.9, "max_tokens": 100}
+        turn_ats = [t["at"] for t in row["turns"]]
+        assert began < turn_ats[0] and turn_ats == sorted(turn_ats) and turn_ats[-1] <= row["finished_at"] < ended
+        for turn in row["turns"]:
+            assert turn["latency_s"] >= 0.002 * turn["usage"]["completion_tokens"]
+            assert turn["at"] - turn["latency_s"] >= began
+        assert row["latency_s"] >= sum(t["latency_s"] for t in row["turns"])
+        assert row["finished_at"] - row["latency_s"] >= began
+    assert rows[("calc", 0)]["verifier"] == {
+        "name": "number", "expected": 391.0, "tolerance": 1e-6, "answer": 391.0}  # "The result is 391."
+    assert rows[("wrong", 1)]["verifier"] == {
+        "name": "number", "expected": 4.0, "tolerance": 1e-6, "answer": 12.0}  # "The answer is 12."
+    assert rows[("wrong", 1)]["reward"] == 0.0
+    failures = _read_jsonl(summary.failures_path)
+    assert len(failures) == 2 and all(began < f["at"] < ended for f in failures)
+
+
+def test_a_resumed_run_reads_rows_without_the_settings_and_writes_its_own(tmp_path, stand_in):
+    """Rows written before rows carried their settings (today's files) are read on resume; the
+    rows a resumed run appends carry its own settings, which may differ from the earlier run's."""
+    _, root = stand_in
+    cfg = _resumable(tmp_path, root)
+    cfg.num_repeats = 1
+    first = collect(cfg)
+    new_keys = {"model", "sampling", "verifier", "finished_at", "latency_s"}
+    old_rows = []
+    for row in _read_jsonl(first.rollouts_path):
+        row = {k: v for k, v in row.items() if k not in new_keys}
+        row["turns"] = [{k: v for k, v in t.items() if k not in ("at", "latency_s")} for t in row["turns"]]
+        old_rows.append(row)
+    _write_lines(Path(first.rollouts_path), old_rows)
+
+    cfg.num_repeats, cfg.sampling = 2, SamplingParams(temperature=0.9, max_tokens=32)
+    again = collect(cfg)
+    assert (again.rollouts_written, again.rollouts_written_this_run) == (6, 3)
+    rows = _read_jsonl(again.rollouts_path)
+    assert rows[:3] == old_rows
+    assert [(r["repeat"], r["sampling"]) for r in rows[3:]] == [
+        (1, {"temperature": 0.9, "top_p": 1.0, "max_tokens": 32})] * 3
 
 
 def _retagged(line: bytes, **changes) -> bytes:

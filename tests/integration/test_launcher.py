@@ -5,9 +5,10 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-from tests.support import ROOT, assert_run_left_nothing
+from tests.support import ROOT, STANDIN_SERVER, assert_run_left_nothing, run_launcher
 
 
 def launcher(run_dir: Path, *overrides: str, **popen) -> subprocess.Popen:
@@ -60,3 +61,28 @@ def test_a_dying_server_fails_the_run_fast_with_its_log(registry_root, tmp_path)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "failed" and "rollouts" not in summary["phases"]
     assert_run_left_nothing(registry_root, summary)
+
+
+def test_each_row_explains_its_reward(tmp_path):
+    """The demo tasks on the stand-in engine (no model: it echoes the question): each row names the
+    model served, the sampling params sent and what the verifier read, and says when it ended. The
+    echo of "What is 144 / 12?" used to score 1.0 for the answer 12: any last number counted."""
+    run_dir = tmp_path / "run"
+    began = time.time()
+    result = run_launcher(tmp_path / "registry", *STANDIN_SERVER, f"hydra.run.dir={run_dir}",
+                          "job.sampling.temperature=0.3", "job.sampling.max_tokens=100")
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = {r["task_id"]: r for r in map(json.loads, (run_dir / "rollouts.jsonl").read_text().splitlines())}
+    assert len(rows) == 24
+    echo = rows["arith-10"]
+    assert echo["output"] == "Echo: What is 144 / 12? Reply with just the number."
+    assert echo["reward"] == 0.0
+    assert echo["verifier"] == {"name": "number", "expected": 12.0, "tolerance": 1e-6, "answer": None}
+    assert rows["weather-00"]["verifier"] == {"name": "tool_call", "tool": "get_weather", "arguments": {"city": "Paris"}}
+    assert rows["weather-01"]["verifier"] == {"name": "contains", "expected": "rainy"}
+    for row in rows.values():
+        assert row["model"] == "smollm2-135m-instruct"  # the default model's served name: the stand-in serves it
+        assert row["sampling"] == {"temperature": 0.3, "top_p": 1.0, "max_tokens": 100}
+        assert began < row["turns"][0]["at"] <= row["turns"][-1]["at"] <= row["finished_at"] < time.time()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["collection"]["mean_reward"] == 0.0  # an echo answers nothing
