@@ -91,9 +91,8 @@ def test_status_lists_every_job_of_a_running_run_its_folder_and_rows_written(tmp
                 break
         else:
             raise AssertionError("the run ended before its rollouts job was submitted")
-        while {"who": "job", "job_id": job_id, "state": "RUNNING"} not in [
-                {k: e[k] for k in ("who", "job_id", "state")} for e in events(run_dir)]:
-            assert proc.poll() is None
+        while not (run_dir / "rollouts.jsonl").is_file() or not (run_dir / "rollouts.jsonl").read_text():
+            assert proc.poll() is None  # the job runs once it wrote a row
             time.sleep(0.1)
         status = subprocess.run([sys.executable, "-m", "launcher.status", "--root", str(root)], cwd=ROOT,
                                 capture_output=True, text=True, timeout=60, env=launcher_env(root))
@@ -108,7 +107,7 @@ def test_status_lists_every_job_of_a_running_run_its_folder_and_rows_written(tmp
     for who in ("policy/0", "policy/1", "policy@gateway"):
         assert re.search(rf"{re.escape(who)}\s+│\s+\d+\s+│\s+ready", text), text
     rows = re.search(rf"{re.escape(str(run_dir.resolve()))}, rows (\d+)/96 written", text)
-    assert rows and 0 <= int(rows.group(1)) <= 96, text
+    assert rows and 1 <= int(rows.group(1)) <= 96, text
 
 
 def test_the_gateways_503_says_a_replica_is_starting_and_the_live_lines_show_the_gateway_as_it_is(tmp_path):
