@@ -450,7 +450,7 @@ class Run:
             for r in [*self.fleet.replicas, *self.fleet.successors]:
                 seen.append(Seen(events.replica(r.replica), str(r.job.job_id), *events.job_state(r.state)))
             deaths = {d["job_id"]: d["reason"] for r in self.fleet.replicas for d in r.deaths}
-        if self.gateway is not None:
+        if self.gateway is not None and self.gateway.status is not None:  # None: its submission failed
             for g in (self.gateway.status, self.gateway.successor):
                 if g is not None:
                     seen.append(Seen(events.GATEWAY, str(g.job.job_id), *events.job_state(g.state)))

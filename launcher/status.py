@@ -75,11 +75,13 @@ def _run_line(folder: Path, rows: list[JobRow]) -> str:
     last = _last_states(folder / events.FILE)
     for job_id in record.job_ids if record else []:
         state, detail = last.get(job_id, ("SUBMITTED", None))
-        rows.append(JobRow(f"{'rollouts' if record.rollouts_total is not None else 'run'} job", job_id,
+        rows.append(JobRow("rollouts job" if record.rollouts_total is not None else "job", job_id,
                            record.cluster, state + (f" ({detail})" if detail else "")))
-    written = _lines(folder / "rollouts.jsonl")
-    total = f"/{record.rollouts_total}" if record and record.rollouts_total is not None else ""
-    return f"{folder}, rows {written}{total} written"
+    total = record.rollouts_total if record else None
+    if total is None and not (folder / "rollouts.jsonl").is_file():  # serve-only, a program's own output
+        return str(folder)
+    return f"{folder}, rows {_lines(folder / 'rollouts.jsonl')}" + (f"/{total}" if total is not None else "") + \
+        " written"
 
 
 def _last_states(path: Path) -> dict[str, tuple[str, str | None]]:
