@@ -78,9 +78,11 @@ class RunEvents:
     def observe(self, seen: Iterable[Seen], deaths: dict[str, str] | None = None) -> None:
         """``seen``: every job the run holds now; ``deaths``: job id -> why, of the jobs that died (a
         job that leaves unseen as dead, e.g. a successor that died starting, is recorded dead)."""
-        now = {(s.who, s.job_id): s for s in seen}
+        now: dict[tuple[str, str | None], Seen] = {}
+        for s in seen:  # UNKNOWN: Slurm's accounting has not caught up; it says nothing of the job
+            now[(s.who, s.job_id)] = self._last.get((s.who, s.job_id), s) if s.state == "UNKNOWN" else s
         for key, s in now.items():
-            if self._last.get(key) != s:
+            if self._last.get(key) != s and s.state != "UNKNOWN":
                 self._record(s)
         holders = {who: job_id for who, job_id in now}
         for (who, job_id), last in self._last.items():

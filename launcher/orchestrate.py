@@ -188,7 +188,8 @@ class Run:
             self._say(escape(f"{verb} {self.spec.server.service}/{r.replica}: job {r.job.job_id}"))
         if self.spec.gateway.enabled:
             self._start_gateway(settings)
-        self._observe()
+        if not self.joined:  # a joined pool's jobs were submitted before: their first state is the first look's
+            self._observe()
 
     def _start_gateway(self, settings: FleetSettings) -> None:
         """The service's gateway: the joined pool's when it still runs, else a new job."""
@@ -409,7 +410,12 @@ class Run:
         """Blank while running; else the state, with Slurm's reason for a pending job."""
         state = self.backend.state(job)
         reason = self.backend.pending_reason(job) if state == "PENDING" else None
-        self.job_seen = Seen(events.JOB, str(job.job_id), state, reason)
+        # Not recorded: UNKNOWN (accounting has not seen a fresh job yet) and PENDING after RUNNING but
+        # for a requeue (accounting lagging behind the queue): neither is what the job does.
+        lag = state == "UNKNOWN" or (state == "PENDING" and self.job_seen.state == "RUNNING"
+                                     and not (reason or "").startswith("BeginTime"))
+        if not lag:
+            self.job_seen = Seen(events.JOB, str(job.job_id), state, reason)
         if state == "RUNNING":
             return ""
         if state == "PENDING" and (why := self.backend.never_starts(job)):

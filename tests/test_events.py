@@ -19,6 +19,7 @@ def test_each_change_once_and_a_superseded_job_replaced(tmp_path):
     events.observe([Seen("replica 0", "1", "SUBMITTED")])
     events.observe([Seen("replica 0", "1", "SUBMITTED")])  # no change: nothing
     events.observe([Seen("replica 0", "1", *job_state("PENDING (Resources)"))])
+    events.observe([Seen("replica 0", "1", "UNKNOWN")])  # Slurm's accounting lagging: no change, no end
     events.observe([Seen("replica 0", "1", "ready")])
     events.observe([Seen("replica 0", "1", *job_state("died: exited with code 3"))], {"1": "exited with code 3"})
     events.observe([Seen("replica 0", "2", "SUBMITTED")], {"1": "exited with code 3"})  # its replacement
