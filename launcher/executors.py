@@ -182,17 +182,29 @@ class Backend:
     def force_cancel(self, job: submitit.Job) -> None:
         self.cancel_ids([str(job.job_id)], force=True)
 
-    def stop(self, jobs: Sequence[submitit.Job], grace_s: float, say: Callable[[str], None]) -> None:
-        """Ask ``jobs`` to stop, wait up to ``grace_s`` (+15 s), then kill what is left."""
+    def stop(self, jobs: Sequence[submitit.Job], grace_s: float, say: Callable[[str], None],
+             what: str = "jobs") -> None:
+        """Ask ``jobs`` (``what`` names them for a person) to stop, wait up to ``grace_s`` (+15 s), then
+        kill what is left. What it waits for, and for how long, is said first: a wait of up to
+        ``grace_s`` + 15 s must not look like a hang."""
+        running = [j for j in jobs if not self.finished(j)]
+        if not running:
+            return
+        ids = ", ".join(str(j.job_id) for j in running)
+        say(f"stopping {what} {ids}: waiting up to {grace_s + 15:g}s for them to end "
+            f"(stop grace {grace_s:g}s + 15s), then killing what is left")
+        t0 = time.monotonic()
         # One cancel call for all of them: a fleet of 64 replicas was 64 scancel calls.
-        self.cancel_ids([str(j.job_id) for j in jobs if not self.finished(j)])
-        deadline = time.monotonic() + grace_s + 15
-        while any(not self.finished(j) for j in jobs) and time.monotonic() < deadline:
+        self.cancel_ids([str(j.job_id) for j in running])
+        deadline = t0 + grace_s + 15
+        while any(not self.finished(j) for j in running) and time.monotonic() < deadline:
             time.sleep(self.stop_poll_s)
-        left = [j for j in jobs if not self.finished(j)]
+        left = [j for j in running if not self.finished(j)]
         for job in left:
             say(f"job {job.job_id} did not stop in time; killing it")
         self.cancel_ids([str(j.job_id) for j in left], force=True)
+        if not left:
+            say(f"{what} {ids} ended after {time.monotonic() - t0:.1f}s")
 
     @staticmethod
     def log_tail(job: submitit.Job, lines: int = 30) -> str:

@@ -130,6 +130,11 @@ class Fleet:
         return [r.job for r in self.replicas] + [r.job for r in self._successors.values()] + \
             [job for _, job in self._draining]
 
+    @property
+    def successors(self) -> list[ReplicaStatus]:
+        """The successors on their way (a rollover's, or a death's already submitted), each with its replica."""
+        return list(self._successors.values())
+
     # ------------------------------------------------------------ starting
 
     def wait_ready(self, on_update: Callable[[], None]) -> None:

@@ -117,6 +117,24 @@ class ServiceGateway:
         if self.successor is not None:
             self._step_successor()
         self._draining = [job for job in self._draining if not self.backend.finished(job)]
+        self.look()
+
+    def look(self) -> None:
+        """The state of each gateway job as it is now: its entry's (the job's while it has none). The
+        readiness steps set it only while the run waits for the gateway; the live view and the run's
+        events show it in every phase (an adopted gateway's entry is `ready` from the start; one in
+        use may turn `draining`)."""
+        for s in (self.status, self.successor):
+            if s is not None and not self.backend.finished(s.job):
+                s.state = self._state_now(s)
+
+    def _state_now(self, s: GatewayStatus) -> str:
+        entry = self.registry.entry(self.job.namespace, gateway_service(self.job.service), 0, str(s.job.job_id))
+        if entry is not None:
+            return entry.state
+        state = self.backend.state(s.job)
+        reason = self.backend.pending_reason(s.job) if state == "PENDING" else None
+        return f"{state} ({reason})" if reason else state
 
     def _step_current(self) -> bool:
         """Whether the current job's gateway passed its checks; a job that ended is replaced."""

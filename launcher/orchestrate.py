@@ -22,9 +22,11 @@ from jobs.command import Endpoints, GymConfig, gym_prefix_contiguity, run as run
 from jobs.requeue import Requeueable
 from jobs.rollouts import collect
 from launcher import console as views
+from launcher import events
 from launcher import exit_codes
 from launcher import pools
 from launcher import resume
+from launcher.events import RunEvents, Seen
 from launcher.executors import ClusterRefused, Resources, SubmissionRefused, make_backend
 from launcher.pools import ServerPool, pool_namespace
 from launcher.fleet import Fleet, FleetSettings
@@ -87,6 +89,9 @@ class Run:
         self.job_result: dict | None = None  # job=command/gym: what ran, for how long, its logs
         self.other_jobs: list = []  # submitted jobs besides the servers, still to cancel
         self.api_key_file: str | None = None
+        # Each state change, recorded in events.jsonl; printed as a line when no terminal shows the live view.
+        self.events = RunEvents(self.run_dir, None if self.console.is_terminal else self._print_plain)
+        self.job_seen: Seen | None = None  # the job that uses the service, as last seen
 
     # ------------------------------------------------------------ phases
 
@@ -146,13 +151,14 @@ class Run:
                     self._say(f"[red bold]teardown failed:[/] {escape(str(e))}")
                 self._remove_namespace_left()
             self.backend.tidy()
+        self.events.end(status)
         summary = self._write_summary(status, error)
         self.console.print(views.summary_table(summary))
         self._say(f"run folder: {escape(str(self.run_dir))}")
         # Stopped from another shell is an interrupt, whatever the job; a serve-only run's Ctrl-C is its normal end.
         code = exit_codes.INTERRUPTED if interrupted_by_down else exit_codes.for_status(status)
         if code in (exit_codes.FAILED, exit_codes.INTERRUPTED) and not isinstance(self.spec.job, NoJob):
-            self._say(f"to resume: {escape(resume.command(self.run_dir))}")
+            self._say_command("to resume: " + resume.command(self.run_dir))
         return code
 
     def _start_servers(self) -> None:
@@ -182,6 +188,8 @@ class Run:
             self._say(escape(f"{verb} {self.spec.server.service}/{r.replica}: job {r.job.job_id}"))
         if self.spec.gateway.enabled:
             self._start_gateway(settings)
+        if not self.joined:  # a joined pool's jobs were submitted before: their first state is the first look's
+            self._observe()
 
     def _start_gateway(self, settings: FleetSettings) -> None:
         """The service's gateway: the joined pool's when it still runs, else a new job."""
@@ -224,7 +232,7 @@ class Run:
                           shared=self.sweep_dir is not None)
 
     def _owner_heartbeat(self) -> OwnerHeartbeat:
-        return self.registry.owner_heartbeat(self.namespace, self.run_id).start()
+        return self.registry.owner_heartbeat(self.namespace, self.run_id, str(self.run_dir.resolve())).start()
 
     def _launch_pool(self) -> None:
         spec = self.spec
@@ -263,6 +271,7 @@ class Run:
         service = self.spec.server.service
         with self._live_servers() as update:
             self.fleet.wait_ready(update)
+        self._observe()
         if self.gateway is None:
             self.console.print(self._servers_table())
         for r in self.replicas:
@@ -276,6 +285,7 @@ class Run:
                 update()
 
             self.gateway.wait_ready(on_update)
+        self._observe()
         self.console.print(self._servers_table())
         log.info("gateway of %s ready at %s", self.spec.server.service, self.gateway.url)
 
@@ -285,6 +295,9 @@ class Run:
         with Live(self._servers_table(live=True), console=self.console, transient=True) as live:
             def update() -> None:
                 self._check_stop_request()
+                if self.gateway is not None:  # submitted with the replicas: its state from then on
+                    self.gateway.look()
+                self._observe()
                 live.update(self._servers_table(live=True))
 
             yield update
@@ -317,18 +330,25 @@ class Run:
         self._say(f"submitted rollouts: job {submitted.job_id}, {total} rollouts")
         rollouts, failures = GrowingLines(self.run_dir / "rollouts.jsonl"), GrowingLines(self.run_dir / "failures.jsonl")
         progress = views.rollout_progress(self.console)
+
+        def show(state: str, final: bool = False) -> None:
+            written, failed = rollouts(), failures()
+            progress.update(bar, completed=written, failures=failed, state=state)
+            self.events.progress(written, total, failed, final)
+
         with progress:
             bar = progress.add_task("rollouts", total=total, failures=0, state="")
-            self._watch(submitted, lambda state: progress.update(
-                bar, completed=rollouts(), failures=failures(), state=state,
-            ))
-            progress.update(bar, completed=rollouts(), failures=failures(), state="")
+            self._watch(submitted, show)
+            show("", final=True)
         try:
             self.collection = submitted.result().to_json()
         except Exception as e:  # submitit re-raises the job's failure with its traceback
             if "CollectionStopped: " in str(e):  # its SIGTERM came from outside the run (scancel, preemption)
+                self._job_ended("CANCELLED", _job_error(e))
                 raise Interrupted(f"rollout job {submitted.job_id} {_job_error(e)}", from_another_shell=True) from None
+            self._job_ended("FAILED", _job_error(e))
             raise JobFailed(f"rollout job {submitted.job_id} failed: {_job_error(e)}") from None
+        self._job_ended("COMPLETED")
         self.other_jobs = []
 
     def _run_command(self, job: CommandJob) -> None:
@@ -349,7 +369,9 @@ class Run:
         try:
             result = submitted.result()
         except Exception as e:  # submitit's message is the job's traceback: its last exception is ours
+            self._job_ended("FAILED", _job_error(e))
             raise JobFailed(f"{job.kind} job {submitted.job_id} failed: {_job_error(e)}") from None
+        self._job_ended("COMPLETED")
         self.other_jobs = []
         self.job_result = result.to_json()
         if isinstance(process, GymConfig):
@@ -372,35 +394,49 @@ class Run:
             if previous == "" and state.startswith(("job PENDING (BeginTime", "job REQUEUED")):
                 self._say(escape(f"job {submitted.job_id} requeued near its time limit; it resumes ({state})"),
                           "yellow")
+            self._observe()
             show(state)
             time.sleep(_POLL_S)
 
     def _submit(self, fn, arg, job: RolloutsJob | CommandJob, label: str):
         submitted = self.backend.submit(fn, arg, job_resources(self.spec, job, label))
         self.other_jobs = [submitted]
+        self.job_seen = Seen(events.JOB, str(submitted.job_id), "SUBMITTED")
+        self._observe()
         self._record()  # a resume stops it first, should this launcher die without a word
         return submitted
 
     def _job_state(self, job) -> str:
         """Blank while running; else the state, with Slurm's reason for a pending job."""
         state = self.backend.state(job)
+        reason = self.backend.pending_reason(job) if state == "PENDING" else None
+        # Not recorded: UNKNOWN (accounting has not seen a fresh job yet) and PENDING after RUNNING but
+        # for a requeue (accounting lagging behind the queue): neither is what the job does.
+        lag = state == "UNKNOWN" or (state == "PENDING" and self.job_seen.state == "RUNNING"
+                                     and not (reason or "").startswith("BeginTime"))
+        if not lag:
+            self.job_seen = Seen(events.JOB, str(job.job_id), state, reason)
         if state == "RUNNING":
             return ""
         if state == "PENDING" and (why := self.backend.never_starts(job)):
             raise JobFailed(why)
-        reason = self.backend.pending_reason(job) if state == "PENDING" else None
         return f"job {state} ({reason})" if reason else f"job {state}"
+
+    def _job_ended(self, state: str, why: str | None = None) -> None:
+        """How the job that used the service ended, by its result (a local job's state says only FINISHED)."""
+        self.job_seen = Seen(events.JOB, self.job_seen.job_id, state, why.splitlines()[0] if why else None)
+        self._observe()
 
     def _serve_until_interrupted(self) -> None:
         urls = self.gateway.url if self.gateway else ",".join(r.entry.base_url for r in self.replicas if r.entry)
         service = self.spec.server.service
-        self._say(escape(f"serving {service} at {urls}  (Ctrl-C to stop)"))
-        self._say(escape(f"  python -m server.registry --namespace {self.namespace} urls {service}"))
+        self._say_command(f"serving {service} at {urls}  (Ctrl-C to stop)")
+        self._say_command(f"  python -m server.registry --namespace {self.namespace} urls {service}")
         first = next(r.entry for r in self.replicas if r.entry)
         auth = f'-H "Authorization: Bearer $(cat {first.api_key_file})" ' if first.api_key_file else ""
         if first.api_key_file:
-            self._say(f"  API key: {escape(first.api_key_file)} (send it as Authorization: Bearer <key>)")
-        self._say(escape(f"  curl {auth}{urls.split(',')[0]}/models"))
+            self._say_command(f"  API key: {first.api_key_file} (send it as Authorization: Bearer <key>)")
+        self._say_command(f"  curl {auth}{urls.split(',')[0]}/models")
         while True:
             self._check_servers_alive()
             time.sleep(_POLL_S)
@@ -411,6 +447,23 @@ class Run:
         self.fleet.watch()
         if self.gateway is not None:
             self.gateway.watch()
+        self._observe()
+
+    def _observe(self) -> None:
+        """One look for the record (launcher/events.py): every job the run holds now, and their deaths."""
+        seen, deaths = [], {}
+        if self.fleet is not None:
+            for r in [*self.fleet.replicas, *self.fleet.successors]:
+                seen.append(Seen(events.replica(r.replica), str(r.job.job_id), *events.job_state(r.state)))
+            deaths = {d["job_id"]: d["reason"] for r in self.fleet.replicas for d in r.deaths}
+        if self.gateway is not None and self.gateway.status is not None:  # None: its submission failed
+            for g in (self.gateway.status, self.gateway.successor):
+                if g is not None:
+                    seen.append(Seen(events.GATEWAY, str(g.job.job_id), *events.job_state(g.state)))
+            deaths |= {d["job_id"]: d["reason"] for d in self.gateway.status.deaths}
+        if self.job_seen is not None:
+            seen.append(self.job_seen)
+        self.events.observe(seen, deaths)
 
     def _check_stop_request(self) -> None:
         by = self.registry.stop_request(self.namespace)
@@ -423,6 +476,7 @@ class Run:
         resume.write_record(self.run_dir, resume.RunRecord(
             run_id=self.run_id, namespace=self.namespace, cluster=self.backend.kind,
             job_ids=[str(j.job_id) for j in self.other_jobs], **resume.this_launcher(),
+            rollouts_total=self.spec.job.num_rollouts if isinstance(self.spec.job, RolloutsJob) else None,
         ))
 
     def _take_over(self) -> None:
@@ -469,12 +523,16 @@ class Run:
     # ------------------------------------------------------------ teardown
 
     def _teardown(self, status: str) -> None:
-        """Stop this run's own jobs; let go of its servers (a sweep keeps them for its next points)."""
-        say = lambda text: self._say(escape(text), "yellow")  # noqa: E731
+        """Stop this run's own jobs; let go of its servers (a sweep keeps them for its next points).
+        What it waits for (which jobs, how long) is said before each wait, as a timestamped line
+        without a terminal."""
+        say = self.events.note if not self.console.is_terminal else lambda text: self._say(escape(text), "yellow")
         job = self.spec.job
         # A program job stops its own programs first (job.stop_grace_s): do not kill it before that.
         grace_s = max(self.spec.server.stop_grace_s, job.process.stop_grace_s if isinstance(job, CommandJob) else 0)
-        self.backend.stop(self.other_jobs, grace_s, say)
+        self.backend.stop(self.other_jobs, grace_s, say, f"{job.kind} job")
+        if self.other_jobs and self.job_seen is not None:  # still running when the run ended: stopped now
+            self._job_ended("CANCELLED", f"stopped at teardown ({status})")
         self.other_jobs = []
         if self.pool is None:
             return
@@ -514,8 +572,18 @@ class Run:
         self.console.print(markup, style=style)
         log.info(Text.from_markup(markup).plain)
 
+    def _say_command(self, line: str) -> None:
+        """A line holding a command to copy: never wrapped (at any width: a wrapped resume command
+        pasted as two lines started a fresh default run), no markup, no highlighting."""
+        self._print_plain(line)
+        log.info(line)
+
+    def _print_plain(self, line: str) -> None:
+        self.console.print(line, markup=False, highlight=False, soft_wrap=True)
+
     @contextmanager
     def _phase(self, name: str) -> Iterator[None]:
+        self.events.phase(name)
         t0 = time.monotonic()
         try:
             yield

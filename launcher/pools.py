@@ -60,7 +60,8 @@ class ServerPool:
                 return False
             # Read before the entries disappear: what to kill if a job cannot stop its own processes.
             here = [e for e in self.registry.entries(self.namespace) if e.node == os.uname().nodename]
-            self.backend.stop([*self.jobs, *self.gateways], self.stop_grace_s, say)
+            what = "server jobs" + (" and gateway" if self.gateways else "")
+            self.backend.stop([*self.jobs, *self.gateways], self.stop_grace_s, say, what)
             for entry in here:
                 kill_when_alive(entry.pid, group=False)
                 if entry.engine_pid:

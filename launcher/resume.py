@@ -177,6 +177,7 @@ class RunRecord:
     job_ids: list[str]  # the job that writes into the run folder (collector or program), once submitted
     host: str = ""  # where its launcher runs, and as which process
     pid: int = 0
+    rollouts_total: int | None = None  # job=rollouts: the rows it is to write (python -m launcher.status)
 
 
 def this_launcher() -> dict:

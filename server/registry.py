@@ -473,10 +473,23 @@ class Registry:
 
     # ------------------------------------------------------------ owners
 
-    def touch_owner(self, namespace: str, run_id: str) -> None:
+    def touch_owner(self, namespace: str, run_id: str, run_dir: str | None = None) -> None:
+        """Beat as an owner of ``namespace`` (the file's age); with ``run_dir``, the file names the run's
+        folder (``python -m launcher.status`` shows it, its progress and its job)."""
         folder = self._namespace_dir(namespace) / _OWNERS
         _private_dirs(folder)
-        (folder / _file_part("run id", run_id)).touch()
+        path = folder / _file_part("run id", run_id)
+        if run_dir is None:
+            path.touch()
+        else:
+            _write_atomic(path, run_dir.encode())
+
+    def owner_run_dir(self, namespace: str, run_id: str) -> str | None:
+        """The run folder ``run_id`` named when it began to own ``namespace``; None if unknown."""
+        try:
+            return (self._namespace_dir(namespace) / _OWNERS / _file_part("run id", run_id)).read_text() or None
+        except OSError:
+            return None
 
     def remove_owner(self, namespace: str, run_id: str) -> None:
         (self._namespace_dir(namespace) / _OWNERS / _file_part("run id", run_id)).unlink(missing_ok=True)
@@ -488,6 +501,8 @@ class Registry:
         alive = []
         try:
             for path in (self._namespace_dir(namespace) / _OWNERS).iterdir():
+                if path.name.startswith("."):  # an owner file being written (_write_atomic's temp)
+                    continue
                 try:
                     if now - path.stat().st_mtime <= grace_s:
                         alive.append(path.name)
@@ -516,8 +531,8 @@ class Registry:
             log.warning("owners of %s not readable (%s); looking again at the next beat", namespace, e)
             return False
 
-    def owner_heartbeat(self, namespace: str, run_id: str) -> "OwnerHeartbeat":
-        return OwnerHeartbeat(self, namespace, run_id)
+    def owner_heartbeat(self, namespace: str, run_id: str, run_dir: str | None = None) -> "OwnerHeartbeat":
+        return OwnerHeartbeat(self, namespace, run_id, run_dir)
 
     # ------------------------------------------------------------ helpers
 
@@ -541,13 +556,13 @@ class Registry:
 class OwnerHeartbeat:
     """Touches a run's owner file from a daemon thread until stopped."""
 
-    def __init__(self, registry: Registry, namespace: str, run_id: str) -> None:
-        self.registry, self.namespace, self.run_id = registry, namespace, run_id
+    def __init__(self, registry: Registry, namespace: str, run_id: str, run_dir: str | None = None) -> None:
+        self.registry, self.namespace, self.run_id, self.run_dir = registry, namespace, run_id, run_dir
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name=f"owner-heartbeat-{run_id}", daemon=True)
 
     def start(self) -> "OwnerHeartbeat":
-        self.registry.touch_owner(self.namespace, self.run_id)
+        self.registry.touch_owner(self.namespace, self.run_id, self.run_dir)
         self._thread.start()
         return self
 

@@ -123,16 +123,27 @@ class ReplicaView:
         return self._keys[entry.api_key_file]
 
     def why_empty(self, waited_s: float) -> str:
+        """Why no replica is usable, saying what the fleet is doing: ``1 replica starting, retry``
+        while replicas come up, drain or are ejected for a moment; ``start the servers`` only when
+        none is registered."""
         now = time.time()
         counts = collections.Counter(
             "ejected after a failure (back at its next heartbeat)" if k in self.ejected
-            else e.state if e.is_fresh(self.registry.ttl_s, now) else "stale (no heartbeat)"
+            else _DOING.get(e.state, e.state) if e.is_fresh(self.registry.ttl_s, now) else "stale (no heartbeat)"
             for k, e in self.known.items()
         )
-        seen = ", ".join(f"{n} {state}" for state, n in sorted(counts.items())) or "no entries"
+        doing = ", ".join(f"{n} replica{'s' if n > 1 else ''} {state}" for state, n in sorted(counts.items()))
+        if not counts:
+            advice = "no replica registered: start the servers, or check the registry root and namespace " \
+                     "(python -m server.registry list)"
+        elif set(counts) == {"stale (no heartbeat)"}:
+            advice = f"{doing}: their servers stopped heartbeating; check their jobs"
+        else:
+            advice = f"{doing}, retry"
         waited = f" after waiting {waited_s:g}s" if waited_s else ""
-        return (
-            f"no usable replica of service {self.service!r} in registry {self.registry.root}{waited} "
-            f"(namespace {self.pinned or 'any'}, heartbeat TTL {self.registry.ttl_s:g}s; seen: {seen}): "
-            f"start the servers, or check the registry root and namespace (python -m server.registry list)"
-        )
+        return (f"no usable replica of service {self.service!r}{waited}: {advice} (registry {self.registry.root}, "
+                f"namespace {self.pinned or 'any'}, heartbeat TTL {self.registry.ttl_s:g}s)")
+
+
+# What a replica's registry state means to a caller waiting for it.
+_DOING = {"starting": "starting", "healthy": "passing its readiness checks", "draining": "draining"}

@@ -281,7 +281,7 @@ def test_empty_pool_gives_up_after_wait_s_and_says_why(tmp_path, standins):
         post_once(pool)
     assert 0.3 <= time.monotonic() - start < 5
     message = str(info.value)
-    assert "after waiting 0.3s" in message and "1 ejected after a failure" in message and str(tmp_path) in message
+    assert "after waiting 0.3s" in message and "1 replica ejected after a failure (back at its next heartbeat), retry" in message and str(tmp_path) in message
     assert pool.stats() == {0: ReplicaStats(requests=1, failures=1)}
 
 
