@@ -288,9 +288,12 @@ class ServiceGateway:
                         into[key] = into.get(key, 0) + int(sample.value)
         self.counts = counts
 
-    def per_replica(self) -> dict[int, dict[str, int]]:
+    def per_replica(self) -> dict[int, dict[str, int]] | None:
         """Replica index -> the requests, retries and failures the gateway counted for it (``scrape``),
-        summed over the replica's jobs (a replacement, a successor: ``<replica>-<job id>``)."""
+        summed over the replica's jobs (a replacement, a successor: ``<replica>-<job id>``); None when
+        no gateway job answered the scrape (no count is not a count of 0)."""
+        if not self.counts:
+            return None
         figures: dict[int, dict[str, int]] = {}
         for name in PER_REPLICA:
             for key, n in self.counts.get(f"replica_{name}", {}).items():

@@ -550,7 +550,8 @@ class Run:
                     "service": self.spec.server.service,
                     "replica": r.replica,
                     "job_id": str(r.job.job_id),
-                    "base_url": r.entry.base_url if r.entry else None,
+                    # Only a job that passed the gate served there (a replacement's `starting` entry has one too).
+                    "base_url": r.entry.base_url if r.entry and r.ready_after_s is not None else None,
                     "ready_after_s": None if r.ready_after_s is None else round(r.ready_after_s, 2),
                     "readiness_gate_s": None if r.gate_s is None else round(r.gate_s, 2),
                     "checks": [c.name for c in r.checks],  # what the gate checked (server/verify.py)
@@ -587,9 +588,11 @@ class Run:
     def _requests_per_replica(self) -> tuple[str | None, dict[int, dict] | None]:
         """Who counted the requests each replica was sent, and the counts by replica index: the gateway
         when there is one (it routed them; the collector saw only the gateway), else the collector's
-        own pool; None for a program talking to the replicas itself."""
+        own pool; None for a program talking to the replicas itself, or when no gateway job answered
+        the scrape."""
         if self.gateway is not None:
-            return "gateway", self.gateway.per_replica()
+            counted = self.gateway.per_replica()
+            return ("gateway" if counted is not None else None), counted
         if self.collection and self.collection.get("replicas") is not None:
             return "collector", {int(k): {name: v[name] for name in PER_REPLICA}
                                  for k, v in self.collection["replicas"].items()}

@@ -97,6 +97,7 @@ def test_behind_the_gateway_each_replica_has_its_requests_death_restart_and_down
     assert dead == {"job_id": second["deaths"][0]["job_id"], "served": True,
                     "ended": f"died in use: {second['deaths'][0]['reason']}"}, second["jobs"]
     assert replacement["job_id"] == second["job_id"] and replacement["served"] is False, second["jobs"]
+    assert second["base_url"] is None and second["ready_after_s"] is None  # it never served anywhere
 
     # The final table says the same, one line per replica.
     line = next(line for line in out.splitlines() if "replica 1 " in line)
