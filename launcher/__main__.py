@@ -1,7 +1,8 @@
 """``python -m launcher [+experiment=NAME] [key=value ...]`` (or ``gymlaunch ...``): one run from a Hydra config.
 
 ``python -m launcher run.resume=<run folder> [key=value ...]`` (or ``--resume <run folder>``) resumes a
-failed or interrupted run in its folder: ``launcher.resume`` unfolds it into the saved overrides first.
+failed or interrupted run in its folder: ``launcher.resume`` unfolds it into the saved overrides first;
+a run with every row written is not resumed (exit 0, nothing submitted).
 ``main`` checks the config before Hydra runs (``launcher.cli``: a refusal leaves no folder behind),
 then hands the command line to Hydra, whose task function is ``run``. Exit codes: ``launcher.exit_codes``.
 """
@@ -67,6 +68,9 @@ def main() -> None:
             cli.check_before_hydra(sys.argv[1:], run, CONF_DIR, CONFIG_NAME)
         except (cli.Refused, resume.ResumeRefused) as e:
             refuse(str(e))
+        except resume.Finished as e:
+            _console().print(escape(str(e)))
+            sys.exit(exit_codes.OK)
         hydra_main()
     except KeyboardInterrupt:  # before the run took over Ctrl-C (it tears down, then exits 130 itself)
         _console(stderr=True).print("[yellow]interrupted[/]")

@@ -46,9 +46,10 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
+from jobs.rollouts import ROLLOUTS_FILE
 from launcher import resume
-from launcher.orchestrate import check_cluster
-from launcher.spec import HOME_PATH_KEYS, SpecError, load_spec, unknown_key
+from launcher.orchestrate import GrowingLines, check_cluster
+from launcher.spec import HOME_PATH_KEYS, RolloutsJob, RunSpec, SpecError, load_spec, unknown_key
 from server.registry import Registry
 
 MAX_SWEEP_POINTS = 100
@@ -149,9 +150,19 @@ def _check(cfg: DictConfig, dir_key: str, subdir_key: str | None) -> None:
         cfg.hydra.runtime.output_dir = os.path.abspath(output_dir)
     HydraConfig.instance().set_config(cfg)
     try:
-        check_cluster(load_spec(cfg))
+        spec = load_spec(cfg)
+        # Before the cluster check: a finished run has nothing to ask of a cluster, which may have changed.
+        _check_unfinished(spec)
+        check_cluster(spec)
     except SpecError as e:  # ClusterRefused too: what the cluster can never run
         raise Refused(str(e)) from None
+
+
+def _check_unfinished(spec: RunSpec) -> None:
+    """``resume.Finished`` when the run to resume has every row written (nothing to submit)."""
+    if spec.run.resume is not None and isinstance(spec.job, RolloutsJob):
+        folder = Path(spec.run.resume)
+        resume.check_unfinished(folder, GrowingLines(folder / ROLLOUTS_FILE)(), spec.job.num_rollouts)
 
 
 def _check_resume(cfg: DictConfig) -> None:

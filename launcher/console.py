@@ -69,19 +69,29 @@ def summary_table(summary: dict) -> Table:
     table.add_column("what", style="bold")
     table.add_column("value")
     collection = summary.get("collection") or {}
+    written = summary.get("rollouts")  # counted from the files: also when the collection did not finish
+    # The whole run's (summed over its attempts), where the summary has them; this attempt's otherwise.
+    totals = summary.get("totals") or collection
     rows = [
         ("tasks", collection.get("tasks")),
-        ("rollouts written", collection.get("rollouts_written")),
-        ("failures", collection.get("failures")),
+        ("rollouts written", f"{written['written']}/{written['total']}" if written else
+         collection.get("rollouts_written")),
+        ("failures", collection.get("failures", written and written["failed"])),
         ("mean reward", _fmt(collection.get("mean_reward"))),
-        ("generated tokens/s", _fmt(collection.get("generated_tokens_per_s"))),
-        ("multi-turn prefix contiguity", _contiguity(collection)),
-        ("requests per replica", _per_replica(collection.get("replicas"))),
+        ("generated tokens/s", _fmt(totals.get("generated_tokens_per_s"))),
+        ("multi-turn prefix contiguity", _contiguity(totals)),
     ]
+    counted_by = summary.get("requests_counted_by")
+    rows += [(f"replica {server['replica']}", _replica(server, counted_by)) for server in summary.get("servers", [])]
     resumed = summary.get("resumed_from")
     if resumed:  # run.resume: the rows above count the interrupted run's too
         rows.append(("resumed from", f"run {resumed['run_id'] or '(unrecorded)'}, {resumed['rollouts_before']} "
                                      "rollouts written before"))
+    attempts = summary.get("attempts") or []
+    if len(attempts) > 1:
+        rows.append(("attempts", f"{len(attempts)}: " + ", ".join(
+            f"{a['status']}" + (f" ({a['rollouts_written_this_attempt']} rollouts)"
+                                if a.get("rollouts_written_this_attempt") is not None else "") for a in attempts)))
     gateway = summary.get("gateway")
     if gateway:  # the service's one URL, and how often its job changed
         changes = [f"{n} {word}" for n, word in ((gateway["restarts"], "restarts"),
@@ -104,15 +114,24 @@ def summary_table(summary: dict) -> Table:
     return table
 
 
-def _per_replica(replicas: dict | None) -> str | None:
-    """``0: 12 (1 failed), 1: 14 (2 retried)``: how the collector's requests spread over the replicas."""
-    if not replicas:
-        return None
+def _replica(server: dict, counted_by: str | None) -> str:
+    """``48 requests (2 retried, 1 failed); 1 death (signal 9), 1 restart, down 34.2s; job 12 never ready
+    (starting)``: what one replica was sent (counted by the gateway or the collector) and what befell it."""
     parts = []
-    for replica, stats in sorted(replicas.items(), key=lambda kv: int(kv[0])):
-        extra = [f"{stats[k]} {word}" for k, word in (("failures", "failed"), ("retries", "retried")) if stats.get(k)]
-        parts.append(f"{replica}: {stats['requests']}" + (f" ({', '.join(extra)})" if extra else ""))
-    return ", ".join(parts)
+    if server.get("requests") is not None:
+        extra = [f"{server[k]} {word}" for k, word in (("retries", "retried"), ("failures", "failed")) if server[k]]
+        parts.append(f"{server['requests']} requests" + (f" ({', '.join(extra)})" if extra else "")
+                     + (f" [{counted_by}]" if counted_by else ""))
+    deaths = server["deaths"]
+    parts.append(", ".join([
+        f"{len(deaths)} death{'' if len(deaths) == 1 else 's'}" + (f" ({deaths[-1]['reason']})" if deaths else ""),
+        f"{server['restarts']} restart{'' if server['restarts'] == 1 else 's'}",
+        f"down {server['down_s']:.1f}s",
+    ]))
+    current = (server.get("jobs") or [{}])[-1]
+    if current.get("served") is False:  # the run ended before this replica's (last) job passed the gate
+        parts.append(f"job {current['job_id']} never ready ({current['state']})")
+    return "; ".join(parts)
 
 
 def _contiguity(collection: dict) -> str | None:

@@ -94,6 +94,18 @@ def ended_at_limit(state: str, now: float, ends_at: float | None, signal_delay_s
     return ends_at is not None and now >= ends_at - signal_delay_s - _WARNING_EARLY_S - _LIMIT_SLACK_S
 
 
+def job_history(r: ReplicaStatus) -> list[dict]:
+    """Each job the replica had, oldest first: whether it served (passed the gate) and how it ended
+    (None: still the replica's job when the run ended, in ``state``)."""
+    ended = [{"job_id": d["job_id"], "served": d["when"] == "in use", "ended": f"died {d['when']}: {d['reason']}",
+              "at": d["at"]} for d in r.deaths]
+    ended += [{"job_id": x["job_id"], "served": True, "ended": f"handed over: {x['why']}", "at": x["at"]}
+              for x in r.rollovers]
+    ended.sort(key=lambda job: job.pop("at"))
+    current = {"job_id": str(r.job.job_id), "served": r.ready_after_s is not None, "ended": None, "state": r.state}
+    return [*ended, current]
+
+
 class Fleet:
     def __init__(
         self,
@@ -162,15 +174,13 @@ class Fleet:
             )
 
     def close(self) -> None:
-        """The run is over: checks still running are not waited for."""
+        """The run is over: checks still running are not waited for; a replica still down (its
+        replacement not ready, or not yet submitted) was down until now."""
         self._gate.close()
-
-    def summary(self) -> list[dict]:
-        return [
-            {"replica": r.replica, "restarts": r.restarts, "deaths": r.deaths, "down_s": round(r.down_s, 2),
-             "rollovers": r.rollovers}
-            for r in self.replicas
-        ]
+        now = time.monotonic()
+        for replica, since in self._down_since.items():
+            self.replicas[replica].down_s += now - since
+        self._down_since.clear()
 
     # ------------------------------------------------------------ the loop
 

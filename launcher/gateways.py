@@ -37,7 +37,11 @@ from server.verify import CheckResult
 
 
 # The gateway's counters a run's summary keeps (server/gateway.py Gateway._metrics).
-_SUMMARY_COUNTERS = ("gateway_requests", "gateway_retries", "gateway_ejections", "gateway_session_moves")
+_SUMMARY_COUNTERS = ("gateway_requests", "gateway_retries", "gateway_ejections", "gateway_session_moves",
+                     "gateway_replica_requests", "gateway_replica_retries", "gateway_replica_failures")
+# Of those, what each replica's job was sent (jobs.pool.ReplicaStats's counters, for the collector's
+# own pool): per replica index in the summary (``per_replica``).
+PER_REPLICA = ("requests", "retries", "failures")
 
 
 @dataclass
@@ -301,6 +305,19 @@ class ServiceGateway:
                         into = counts.setdefault(family.name.removeprefix("gateway_"), {})
                         into[key] = into.get(key, 0) + int(sample.value)
         self.counts = counts
+
+    def per_replica(self) -> dict[int, dict[str, int]] | None:
+        """Replica index -> the requests, retries and failures the gateway counted for it (``scrape``),
+        summed over the replica's jobs (a replacement, a successor: ``<replica>-<job id>``); None when
+        no gateway job answered the scrape (no count is not a count of 0)."""
+        if not self.counts:
+            return None
+        figures: dict[int, dict[str, int]] = {}
+        for name in PER_REPLICA:
+            for key, n in self.counts.get(f"replica_{name}", {}).items():
+                replica = figures.setdefault(int(key.partition("-")[0]), dict.fromkeys(PER_REPLICA, 0))
+                replica[name] += n
+        return figures
 
     def _auth(self) -> dict[str, str]:
         """The key the gateway takes (every route but its health route needs it)."""

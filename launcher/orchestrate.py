@@ -20,7 +20,7 @@ from rich.text import Text
 
 from jobs.command import Endpoints, GymConfig, gym_prefix_contiguity, run as run_command
 from jobs.requeue import Requeueable
-from jobs.rollouts import collect
+from jobs.rollouts import FAILURES_FILE, ROLLOUTS_FILE, collect
 from launcher import console as views
 from launcher import events
 from launcher import exit_codes
@@ -29,8 +29,8 @@ from launcher import resume
 from launcher.events import RunEvents, Seen
 from launcher.executors import ClusterRefused, Resources, SubmissionRefused, make_backend
 from launcher.pools import ServerPool, pool_namespace
-from launcher.fleet import Fleet, FleetSettings
-from launcher.gateways import ServiceGateway
+from launcher.fleet import Fleet, FleetSettings, job_history
+from launcher.gateways import PER_REPLICA, ServiceGateway
 from launcher.readiness import ReplicaStatus, ServerFailed
 from launcher.spec import GENERATE_KEY, CommandJob, NoJob, RolloutsJob, RunSpec
 from server.gateway import GatewayJob
@@ -71,6 +71,7 @@ class Run:
         self.run_dir = Path(run_dir)
         self.console = console or Console()
         self.run_id = f"{spec.run.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+        self.started = time.time()  # this attempt's (summary.json attempts)
         self.sweep_dir = sweep_dir
         self.namespace = pool_namespace(spec.run.name, sweep_dir, spec.server_hash()) if sweep_dir else self.run_id
         self.registry = spec.registry
@@ -598,7 +599,9 @@ class Run:
                                                          lines=25) for k in range(s.nodes_per_replica))
 
     def _write_summary(self, status: str, error: str | None) -> dict:
-        path = self.run_dir / "summary.json"
+        path = self.run_dir / resume.SUMMARY_FILE
+        requests_by, requests = self._requests_per_replica()
+        rollouts = self._rollouts_written()
         summary = {
             "run": self.spec.run.name,
             "namespace": self.namespace,
@@ -615,7 +618,8 @@ class Run:
                     "service": self.spec.server.service,
                     "replica": r.replica,
                     "job_id": str(r.job.job_id),
-                    "base_url": r.entry.base_url if r.entry else None,
+                    # Only a job that passed the gate served there (a replacement's `starting` entry has one too).
+                    "base_url": r.entry.base_url if r.entry and r.ready_after_s is not None else None,
                     "ready_after_s": None if r.ready_after_s is None else round(r.ready_after_s, 2),
                     "readiness_gate_s": None if r.gate_s is None else round(r.gate_s, 2),
                     "checks": [c.name for c in r.checks],  # what the gate checked (server/verify.py)
@@ -624,16 +628,52 @@ class Run:
                     "deaths": r.deaths,
                     "down_s": round(r.down_s, 2),
                     "rollovers": r.rollovers,  # time-limit handovers to a successor job (not deaths)
+                    "state": r.state,  # its current job's, as the run ended ("ready": it was serving)
+                    "jobs": job_history(r),  # each job of the replica: whether it served, how it ended
+                    # What it was sent (requests_counted_by says who counted): None when no one did.
+                    **(requests.get(r.replica, dict.fromkeys(PER_REPLICA, 0)) if requests is not None else
+                       dict.fromkeys(PER_REPLICA)),
                 }
                 for r in self.replicas
             ],
+            "requests_counted_by": requests_by,
             "gateway": self.gateway.summary() if self.gateway else None,
             "collection": self.collection,
+            "rollouts": rollouts,
             "job": self.job_result,
+            "started": self.started,
+            "ended": time.time(),
         }
+        before = self.resumed_from["rollouts_before"] if self.resumed_from else 0
+        summary["rollouts_written_this_attempt"] = rollouts["written"] - before if rollouts else None
+        earlier = resume.earlier_attempts(self.run_dir, self.resumed_from["run_id"]) if self.resumed_from else []
+        summary["attempts"] = [*earlier, resume.attempt_of(summary)]
+        summary["totals"] = resume.totals(summary["attempts"])
         self.run_dir.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(summary, indent=2) + "\n")
         return summary
+
+    def _requests_per_replica(self) -> tuple[str | None, dict[int, dict] | None]:
+        """Who counted the requests each replica was sent, and the counts by replica index: the gateway
+        when there is one (it routed them; the collector saw only the gateway), else the collector's
+        own pool; None for a program talking to the replicas itself, or when no gateway job answered
+        the scrape."""
+        if self.gateway is not None:
+            counted = self.gateway.per_replica()
+            return ("gateway" if counted is not None else None), counted
+        if self.collection and self.collection.get("replicas") is not None:
+            return "collector", {int(k): {name: v[name] for name in PER_REPLICA}
+                                 for k, v in self.collection["replicas"].items()}
+        return None, None
+
+    def _rollouts_written(self) -> dict | None:
+        """``{written, total, failed}`` from the run folder's files, whatever the run's end (the
+        collector's own summary exists only when it finished)."""
+        job = self.spec.job
+        if not isinstance(job, RolloutsJob):
+            return None
+        return {"written": GrowingLines(self.run_dir / ROLLOUTS_FILE)(), "total": job.num_rollouts,
+                "failed": GrowingLines(self.run_dir / FAILURES_FILE)()}
 
 
 def check_cluster(spec: RunSpec) -> None:

@@ -38,7 +38,7 @@ class ReplicaStatus:
     # Kept across the jobs of this replica (replacements, rollovers: launcher/fleet.py).
     restarts: int = 0
     deaths: list[dict] = field(default_factory=list)  # job_id, reason, when (starting | in use), at
-    down_s: float = 0.0  # time this replica was not ready after a death
+    down_s: float = 0.0  # not ready after a death or its time limit: until its next job passed the gate, or the run ended
     # Time-limit rollovers: job_id (the one that ended), successor, why, at, successor_ready_s
     rollovers: list[dict] = field(default_factory=list)
     note: str = ""  # for the live view: a successor on its way

@@ -17,6 +17,14 @@ Three parts, in the order a resume meets them:
 
 Each run records its run id, registry namespace and job ids in ``<run folder>/.run.json``
 (``RECORD_FILE``, this module's alone), so that a resume knows them after a SIGKILL.
+
+A run whose rows are all written has nothing to resume: ``check_unfinished`` (before Hydra, in
+launcher/cli.py) ends the command with exit 0, nothing submitted and ``summary.json`` untouched.
+
+Every attempt of a run (the first, each resume) is listed in ``summary.json`` (``attempts``): a
+resume keeps the summary the attempt before it wrote as ``summary.attempt-<N>.json`` and carries
+its list on, so that ``summary.json`` describes the whole run (``totals``: across attempts) and no
+attempt's figures are lost to the next one's.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import socket
 import time
 from dataclasses import dataclass
@@ -57,6 +66,10 @@ _BARE_VALUE = re.compile(r"^[\w./@:+-]+$")
 
 class ResumeRefused(ValueError):
     """The resume cannot work; the message names ``run.resume`` or the override at fault."""
+
+
+class Finished(Exception):
+    """The run to resume has every row written: nothing to do, nothing submitted (exit 0)."""
 
 
 # ---------------------------------------------------------------- the command line
@@ -281,3 +294,63 @@ def clear_namespace(registry: Registry, record: RunRecord, folder: Path, stop_gr
     if jobs is not None:
         stop_jobs(jobs.kind, jobs.all_job_ids, folder, stop_grace_s, say, "servers and gateway")
     registry.remove_namespace(ns)
+
+
+# ---------------------------------------------------------------- a finished run, the attempts of a run
+
+
+def check_unfinished(folder: Path, written: int, total: int) -> None:
+    """``Finished`` when ``written`` (rows in the folder's rollouts file) reaches the run's ``total``."""
+    if written >= total:
+        raise Finished(f"{folder} is finished: {written}/{total} rollouts written; nothing to resume, nothing "
+                       f"submitted (its summary: {folder / SUMMARY_FILE})")
+
+
+SUMMARY_FILE = "summary.json"
+# What an attempt's entry in ``attempts`` adds up over the run (``totals``).
+_SUMMED = ("rollouts_written_this_attempt", "generated_tokens", "collect_wall_s", "prefix_contiguous",
+           "prefix_checked")
+
+
+def attempt_of(summary: dict) -> dict:
+    """One attempt's entry in ``attempts``, from the summary it wrote (one written before attempts were
+    listed too: what it lacks is None)."""
+    collection = summary.get("collection") or {}
+    return {
+        "run_id": summary.get("run_id"), "status": summary.get("status"),
+        "started": summary.get("started"), "ended": summary.get("ended"),
+        "rollouts_written_this_attempt": summary.get("rollouts_written_this_attempt",
+                                                     collection.get("rollouts_written_this_run")),
+        "failures": collection.get("failures"), "generated_tokens": collection.get("generated_tokens"),
+        "collect_wall_s": collection.get("wall_s"), "prefix_contiguous": collection.get("prefix_contiguous"),
+        "prefix_checked": collection.get("prefix_checked"), "summary_path": summary.get("summary_path"),
+    }
+
+
+def earlier_attempts(run_dir: Path, resumed_run_id: str | None) -> list[dict]:
+    """The attempts before a resume, oldest first: those the folder's ``summary.json`` lists (kept as
+    ``summary.attempt-<N>.json``, which the last one's entry then names), and the attempt this one
+    resumes when it wrote no summary (its launcher was killed)."""
+    path = Path(run_dir) / SUMMARY_FILE
+    try:
+        previous = json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        previous = None
+    earlier = (previous.get("attempts") or [attempt_of(previous)]) if previous else []
+    if earlier:
+        kept = path.with_name(f"summary.attempt-{len(earlier)}.json")
+        if not kept.exists():
+            shutil.copyfile(path, kept)
+        earlier[-1]["summary_path"] = str(kept)
+    if resumed_run_id is not None and resumed_run_id not in {a["run_id"] for a in earlier}:
+        earlier.append({**dict.fromkeys(attempt_of({})), "run_id": resumed_run_id,
+                        "status": "ended without a summary (its launcher was killed)"})
+    return earlier
+
+
+def totals(attempts: list[dict]) -> dict:
+    """The figures of the run as a whole: each summed over the attempts that know it."""
+    summed = {key: sum(a[key] for a in attempts if a.get(key) is not None) for key in _SUMMED}
+    wall_s = summed["collect_wall_s"]
+    return {"attempts": len(attempts), **summed, "collect_wall_s": round(wall_s, 3),
+            "generated_tokens_per_s": round(summed["generated_tokens"] / wall_s, 2) if wall_s > 0 else None}

@@ -306,6 +306,16 @@ class Gateway:
                                 registry=m)
         self._retries = Counter("gateway_retries", "Attempts sent to another replica after a failure", registry=m)
         self._ejections = Counter("gateway_ejections", "Replicas ejected after a failure", ["replica"], registry=m)
+        # What each replica's job was sent (as jobs.pool.ReplicaStats counts it for the collector): the
+        # run's per-replica figures behind a gateway (launcher/gateways.py scrape). Kept for replicas
+        # that left: a dead replica's requests are still part of the run.
+        self._replica_requests = Counter("gateway_replica_requests", "Attempts sent to a replica job, retries "
+                                         "included", ["replica"], registry=m)
+        self._replica_retries = Counter("gateway_replica_retries", "Attempts a replica job took over from one "
+                                        "that failed", ["replica"], registry=m)
+        self._replica_failures = Counter("gateway_replica_failures", "Attempts that found a replica job "
+                                         "unreachable or answering 502/503", ["replica"], registry=m)
+        self._replica_children: dict[str, tuple] = {}  # replica key -> (requests, retries, failures)
         self._sessions_gauge = Gauge("gateway_sessions", "Sessions remembered", registry=m)
         self._session_moves = Counter("gateway_session_moves", "Sessions moved off a replica that left",
                                       registry=m)
@@ -593,8 +603,11 @@ class Gateway:
                 raise _Refused(_error(
                     503, self.view.why_empty(self.settings.wait_s), "ServiceUnavailableError",
                     {"Retry-After": str(math.ceil(self.settings.health_interval_s))}))
+            requests, retries, failures = self._replica_counters(up.key)
+            requests.inc()
             if attempt:
                 self._retries.inc()
+                retries.inc()
             self._index.change(up, +1)
             up.gauge.inc()
             streaming = False
@@ -603,6 +616,8 @@ class Gateway:
                                                     headers={**headers, **up.auth} if up.auth else headers)
                 try:
                     status = upstream.status
+                    if status in RETRY_STATUSES:
+                        failures.inc()
                     if status in RETRY_STATUSES and attempt < self.settings.max_retries:
                         self._eject(up, f"answered {status}")
                         attempt += 1
@@ -619,6 +634,7 @@ class Gateway:
                     if not streaming:
                         upstream.release()
             except UNREACHABLE_ERRORS as e:
+                failures.inc()
                 self._eject(up, f"{type(e).__name__}: {e}")
                 if attempt >= self.settings.max_retries:
                     raise _Refused(_error(
@@ -705,6 +721,14 @@ class Gateway:
             self._done(route, started, status if finished else "aborted")
 
         return end
+
+    def _replica_counters(self, key: str) -> tuple:
+        # labels() costs more than the increment: each replica's children, once.
+        children = self._replica_children.get(key)
+        if children is None:
+            children = self._replica_children[key] = tuple(
+                c.labels(key) for c in (self._replica_requests, self._replica_retries, self._replica_failures))
+        return children
 
     def _release(self, up: Upstream) -> None:
         self._index.change(up, -1)

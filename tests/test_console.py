@@ -62,3 +62,23 @@ def test_the_summary_gives_the_multi_turn_prefix_contiguity_when_some_rollout_ha
     assert "multi-turn prefix contiguity" in text and "11/12 (92%)" in text
     assert "contiguity" not in _render(summary_table({**base, "collection": {"prefix_contiguous": 0,
                                                                             "prefix_checked": 0}}))
+
+
+def test_an_interrupted_runs_summary_shows_rows_written_of_the_total_and_each_replicas_fate():
+    from launcher.console import summary_table
+    dead = {"job_id": "5", "reason": "killed by signal 9 (SIGKILL)", "when": "in use", "at": 1.0}
+    servers = [
+        {"replica": 0, "requests": 48, "retries": 2, "failures": 0, "deaths": [], "restarts": 0, "down_s": 0.0,
+         "jobs": [{"job_id": "4", "served": True, "ended": None, "state": "ready"}]},
+        {"replica": 1, "requests": 20, "retries": 0, "failures": 1, "deaths": [dead], "restarts": 1, "down_s": 34.04,
+         "jobs": [{"job_id": "5", "served": True, "ended": "died in use: ..."},
+                  {"job_id": "9", "served": False, "ended": None, "state": "starting"}]},
+    ]
+    text = " ".join(_render(summary_table({
+        "run_id": "r", "namespace": "r", "status": "interrupted", "phases": {}, "summary_path": "s.json",
+        "collection": None, "rollouts": {"written": 39, "total": 96, "failed": 1}, "servers": servers,
+        "requests_counted_by": "gateway"})).split())
+    assert "rollouts written │ 39/96" in text and "failures │ 1" in text, text
+    assert "48 requests (2 retried) [gateway]; 0 deaths, 0 restarts, down 0.0s" in text, text
+    assert "20 requests (1 failed) [gateway]; 1 death (killed by signal 9 (SIGKILL)), 1 restart, down 34.0s;" in text
+    assert "job 9 never ready (starting)" in text, text  # the row wraps at 120 columns

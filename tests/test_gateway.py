@@ -570,8 +570,15 @@ def test_a_killed_replica_fails_no_request(tmp_path, gateway):
         assert procs[0][0].wait(timeout=10) == -signal.SIGKILL
         with http(gw) as c:
             metrics = c.get("/metrics").text
-            assert re.search(r"^gateway_retries_total ([1-9]\d*)\.0$", metrics, re.M), metrics
+            retries = float(re.search(r"^gateway_retries_total ([1-9]\d*\.0)$", metrics, re.M).group(1))
             assert 'gateway_ejections_total{replica="0-test-0"} 1.0' in metrics
+            # Per replica job, what each was sent: the dead one's in-flight requests failed there and
+            # were retried on the other (the run's per-replica figures, launcher/gateways.py per_replica).
+            sent = {name: {m[1]: float(m[2]) for m in re.finditer(
+                        rf'^gateway_replica_{name}_total{{replica="([^"]+)"}} (\S+)$', metrics, re.M) if float(m[2])}
+                    for name in ("requests", "retries", "failures")}
+            assert sent["failures"] == {"0-test-0": retries} and sent["retries"] == {"1-test-1": retries}, sent
+            assert sum(sent["requests"].values()) == 32 + retries and sent["requests"]["0-test-0"] >= retries, sent
             assert c.get("/health").json()["usable_replicas"] == 1
     finally:
         for proc, _ in procs:
