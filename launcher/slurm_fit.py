@@ -466,8 +466,9 @@ def _how_many(need: dict[str, float], free: dict[str, float], full: dict[str, fl
 
 
 def _feasible(view: ClusterView, servers: Ask, others: Sequence[Ask], config: ClusterConfig | None,
-              count_mem: bool, ignore: str | None = None) -> bool:
-    """Is there a placement of ``servers.count`` servers and every job of ``others``, all at once?"""
+              count_mem: bool, ignore: Sequence[str] = ()) -> bool:
+    """Is there a placement of ``servers.count`` servers and every job of ``others``, all at once
+    (the resources in ``ignore`` not counted)?"""
     ps = view.partitions[servers.partition or view.default]
     s_nodes = {n.name: n for n in view.nodes_of(ps.name)}
 
@@ -476,8 +477,7 @@ def _feasible(view: ClusterView, servers: Ask, others: Sequence[Ask], config: Cl
             # OverSubscribe=FORCE shares cores among that partition's jobs only: the cores such a
             # job holds are held against the servers' partition (tests/slurm/start.sh's `shared`).
             p = replace(p, oversubscribe="NO")
-        need = _need(ask, n, p, config, count_mem)
-        return {**need, ignore: 0} if ignore else need
+        return {**_need(ask, n, p, config, count_mem), **{r: 0 for r in ignore}}
 
     full = {name: _capacity(n, ps) for name, n in s_nodes.items()}
     # A job of ``nodes`` nodes is that many tasks on distinct nodes: count the tasks (an estimate that
@@ -567,8 +567,11 @@ def _explain(view: ClusterView, servers: Ask, others: list[Ask], conf: ClusterCo
                                                            if j != i)]
     partitions = list(dict.fromkeys(a.partition or view.default for a in shown))
     nodes = sorted({n.name: n for p in partitions for n in view.nodes_of(p)}.values(), key=lambda n: n.name)
-    binding = [r for r in _RESOURCES if (r != "mem" or count_mem)
-               and _feasible(view, servers, others, conf, count_mem, ignore=r)]
+    kinds = [r for r in _RESOURCES if r != "mem" or count_mem]
+    # What decides: a resource without which all would fit; else each that alone does not fit.
+    binding = [r for r in kinds if _feasible(view, servers, others, conf, count_mem, ignore=(r,))] or \
+        [r for r in kinds if not _feasible(view, servers, others, conf, count_mem,
+                                             ignore=[q for q in _RESOURCES if q != r])]
     where = f"partition{'s' if len(partitions) > 1 else ''} {_and(partitions)}"
     if len(nodes) == 1:
         room = f"{nodes[0].name}, the only node of {where}, has"
