@@ -463,3 +463,19 @@ def test_reason_none_is_the_schedulers_first_look_not_other_jobs():
     queue = parse_queue("61|PENDING||1|1G|N/A|gpu|normal|root|Resources\n")
     assert judge(queue["61"], queue, {"61": servers()}, small_view(), ConfigSpy()).advice == \
         "other jobs hold what it needs; it starts when they end"
+
+
+# ---------------------------------------------------------------- job names
+
+
+def test_job_names_say_run_service_and_role_with_the_run_ids_tail_within_slurms_limit():
+    from launcher.orchestrate import cluster_asks
+    from tests.test_spec import spec_for
+
+    spec = spec_for("cluster=slurm_testcluster")
+    assert [r.name for r in cluster_asks(spec, "rollouts-20261208-041157-dc9c")] == [
+        "rollouts-policy-dc9c", "rollouts-policy-gateway-dc9c", "rollouts-policy-job-dc9c"]
+    long = spec_for("cluster=slurm_testcluster", f"run.name={'r' * 300}")
+    names = [r.name for r in cluster_asks(long, f"{'r' * 300}-20261208-041157-dc9c")]
+    assert all(len(n) <= 128 and n.endswith("-dc9c") for n in names), names
+    assert len(set(names)) == 3
