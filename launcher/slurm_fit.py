@@ -594,7 +594,8 @@ def _explain(view: ClusterView, servers: Ask, others: list[Ask], conf: ClusterCo
     for r in binding:
         per_node = ", ".join(sorted({_have(n, r) for n in nodes}))
         counted = [o for o in shown[1:] if r != "gpus" or o.gpus]
-        asked = " + ".join([f"{servers.count} x {_amount(servers, r)} ({servers.said(r)})"] +
+        spans = f"{servers.nodes} nodes x " if servers.nodes > 1 else ""
+        asked = " + ".join([f"{servers.count} x {spans}{_amount(servers, r)} ({servers.said(r)})"] +
                            [f"{_amount(o, r)} ({o.said(r)})" for o in counted])
         lines.append(f"  {_UNITS[r]}: {asked} = {_sum(servers, counted, r)}, but {room} {per_node}"
                      + (" each" if len(nodes) > 1 and len({_have(n, r) for n in nodes}) == 1 else ""))
@@ -618,9 +619,9 @@ def _amount(ask: Ask, r: str) -> str:
 def _sum(servers: Ask, others: Sequence[Ask], r: str) -> str:
     if r == "mem":
         if servers.mem_mb and all(o.mem_mb for o in others):
-            return gb(servers.count * servers.mem_mb + sum(o.mem_mb for o in others))
+            return gb(servers.count * servers.nodes * servers.mem_mb + sum(o.mem_mb for o in others))
         return "more than a node has"
-    return str(servers.count * _value(servers, r) + sum(_value(o, r) for o in others))
+    return str(servers.count * servers.nodes * _value(servers, r) + sum(_value(o, r) for o in others))
 
 
 def _value(ask: Ask, r: str) -> int:

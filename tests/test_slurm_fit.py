@@ -447,6 +447,20 @@ def test_a_fix_on_a_site_moves_a_job_to_another_partition_only_where_the_whole_r
                             "server.gpus_per_replica <= 2; server.replicas <= 1; job.partition=cpu"), refusal
 
 
+def test_replicas_spanning_nodes_count_each_node_in_the_sum():
+    view = ClusterView.parse(
+        "PartitionName=multi Default=YES MaxTime=UNLIMITED Nodes=n[1-2] OverSubscribe=NO State=UP\n",
+        "NodeName=n1 CPUEfctv=4 Gres=gpu:2 RealMemory=8000 State=IDLE Partitions=multi\n"
+        "NodeName=n2 CPUEfctv=4 Gres=gpu:2 RealMemory=8000 State=IDLE Partitions=multi\n")
+    two_node = replace(servers(count=2, cpus=2, mem_gb=2, gpus=0, partition="multi"), nodes=2)
+    gateway = replace(job(cpus=1, partition="multi"), what="policy gateway")
+    assert refusals(view, [replace(two_node, count=1), gateway], ConfigSpy()) == []
+    (refusal,) = refusals(view, [two_node, gateway], ConfigSpy())
+    assert "CPUs: 2 x 2 nodes x 2 (cluster.cpus_per_task) + 1 (job.cpus_per_task) = 9, but the 2 nodes of " \
+           "partition multi have 4 CPUs each" in refusal, refusal
+    assert refusal.endswith("change one of: cluster.cpus_per_task <= 1; server.replicas <= 1"), refusal
+
+
 # ---------------------------------------------------------------- reason None
 
 
