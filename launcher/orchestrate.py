@@ -519,6 +519,8 @@ class Run:
         t0 = time.monotonic()
         if self.backend.preflight(cluster_asks(self.spec)):  # a backend that checks nothing adds no phase
             self.phases["cluster check"] = time.monotonic() - t0
+        if self.backend.rollover_note and self.spec.server.rollover_lead_s != 0:
+            self._say(escape(f"note: {self.backend.rollover_note}"), "yellow")
 
     # ------------------------------------------------------------ teardown
 

@@ -288,6 +288,20 @@ def refusals(view: ClusterView, asks: Sequence[Ask], config: Callable[[], Cluste
     return [why] if why else []
 
 
+def successor_room(view: ClusterView, asks: Sequence[Ask], config: Callable[[], ClusterConfig]) -> str | None:
+    """None when one more replica job (a rollover successor) fits beside the whole run; else what
+    that means for rollovers (not a refusal: see ``refusals``)."""
+    servers = asks[0]
+    if _fit(view, replace(servers, count=servers.count + 1), asks[1:], functools.cache(config))[0]:
+        return None
+    down = ("the replica is down while its successor starts" if servers.count == 1 else
+            "the replicas, started together, are down together while their successors start")
+    fewer = f"fewer {servers.lever_key('count')} or " if servers.count > 1 else ""
+    return (f"no room beside the run for a {servers.what}'s rollover successor: near the time limit "
+            f"({servers.key('time')}) a successor waits for the job it succeeds to end, so {down}; "
+            f"{fewer}smaller requests leave room for one more replica")
+
+
 def _partition(view: ClusterView, ask: Ask) -> tuple[Partition | None, str | None]:
     name = ask.partition or view.default
     if name is None:

@@ -493,3 +493,21 @@ def test_job_names_say_run_service_and_role_with_the_run_ids_tail_within_slurms_
     names = [r.name for r in cluster_asks(long, f"{'r' * 300}-20261208-041157-dc9c")]
     assert all(len(n) <= 128 and n.endswith("-dc9c") for n in names), names
     assert len(set(names)) == 3
+
+
+# ---------------------------------------------------------------- rollover successors
+
+
+def test_a_run_without_room_for_a_rollover_successor_is_told_not_refused():
+    """What the fleet keeps at once near a time limit: the run plus a successor per replica (they wait
+    when there is no room, launcher/fleet.py): not a refusal, but the user learns what a rollover costs."""
+    from launcher.slurm_fit import successor_room
+
+    view = ClusterView.parse(TESTCLUSTER_PARTITIONS, TESTCLUSTER_NODES)
+    asks = run_asks(*TESTCLUSTER)  # 2 + 1 + 4 CPUs of 8: the run fits, a successor's 2 do not
+    assert refusals(view, asks, ConfigSpy()) == []
+    assert successor_room(view, asks, ConfigSpy()) == (
+        "no room beside the run for a policy server replica's rollover successor: near the time limit "
+        "(cluster.timeout_min) a successor waits for the job it succeeds to end, so the replica is down while "
+        "its successor starts; smaller requests leave room for one more replica")
+    assert successor_room(view, run_asks(*TESTCLUSTER, "job.cpus_per_task=3"), ConfigSpy()) is None

@@ -238,7 +238,7 @@ def test_every_fix_a_refusal_proposes_passes_the_check_on_the_cluster(slurm_clus
 
 def test_a_run_that_follows_the_proposed_fix_runs_and_its_jobs_are_named_by_run(slurm_cluster, tmp_path):
     """`server.replicas=2` is refused (2 x 2 + 1 + 4 = 9 CPUs); with the fix `job.cpus_per_task <= 3` applied
-    the run's four jobs fill the 8 CPUs and the run succeeds. squeue names each job
+    the run's four jobs fill the 8 CPUs and the run succeeds (told that rollovers would have no room). squeue names each job
     `<run name>-<service>[-gateway|-job]-<run id's tail>`: a second run of the same name differs."""
     text = refused(slurm_cluster, tmp_path / "refused", *TESTCLUSTER, "server.replicas=2")
     assert "change one of: cluster.cpus_per_task <= 1; job.cpus_per_task <= 3; server.replicas <= 1" in text, text
@@ -268,4 +268,7 @@ def test_a_run_that_follows_the_proposed_fix_runs_and_its_jobs_are_named_by_run(
         assert names[attempt] == {f"{name}-policy-{tail}", f"{name}-policy-gateway-{tail}",
                                   f"{name}-policy-job-{tail}"}, seen
         assert len({job_id for job_id, job_name in seen if job_name == f"{name}-policy-{tail}"}) == 2, seen
+        # 8 of 8 CPUs: a replica's rollover successor would wait for the old job's end; the user is told.
+        assert "note: no room beside the run for a policy server replica's rollover successor" in \
+            " ".join("".join(output).split()), output
     assert not names["first"] & names["second"], names
