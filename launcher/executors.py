@@ -79,6 +79,7 @@ class Backend:
     def __init__(self, cluster: ClusterSpec, folder: Path) -> None:
         self.cluster = cluster
         self.folder = Path(folder)
+        self.rollover_note: str | None = None  # preflight: what rollovers will cost on this cluster
 
     def _executor(self, res: Resources) -> submitit.Executor:
         raise NotImplementedError
@@ -389,6 +390,7 @@ class SlurmBackend(Backend):
         if problems:
             raise ClusterRefused("the cluster can never run this configuration (nothing was submitted):\n"
                                  + "\n".join("  " + p.replace("\n", "\n  ") for p in problems))
+        self.rollover_note = slurm_fit.successor_room(view, self._asks, self._cluster_config)
         return True
 
     def _cluster_view(self, max_age_s: float) -> slurm_fit.ClusterView:

@@ -179,7 +179,7 @@ class Run:
             signal_delay_s=self.spec.cluster.signal_delay_s, rollover_lead_s=s.rollover_lead_s,
         )
         self.fleet = Fleet(
-            settings, self.backend, self.registry, self.pool.jobs, self._server_job, server_resources(self.spec),
+            settings, self.backend, self.registry, self.pool.jobs, self._server_job, server_resources(self.spec, self.run_id),
             self._checks, self._engine_log, say=lambda text: self._say(escape(text), "yellow"),
             before_death=self._check_stop_request,
         )
@@ -202,7 +202,7 @@ class Run:
             cluster=self.backend.kind,
             api_key_file=self.api_key_file or next((e.api_key_file for e in entries if e.api_key_file), None),
         )
-        resources = gateway_resources(self.spec)
+        resources = gateway_resources(self.spec, self.run_id)
         self.gateway = ServiceGateway(
             job, self.backend, resources, dataclasses.replace(settings, time_limit_s=resources.timeout_min * 60),
             self.run_dir / f"{s.service}.url", self._checks, say=lambda text: self._say(escape(text), "yellow"),
@@ -245,7 +245,7 @@ class Run:
         heartbeat = self._owner_heartbeat()
         jobs = [self._server_job(i) for i in range(spec.server.replicas)]
         try:
-            submitted = self.backend.submit_many(run_server, jobs, server_resources(self.spec))
+            submitted = self.backend.submit_many(run_server, jobs, server_resources(self.spec, self.run_id))
         except BaseException:
             # Nothing was queued: leave nothing behind either (key, owner file, the folder).
             heartbeat.stop()
@@ -400,7 +400,7 @@ class Run:
             time.sleep(_POLL_S)
 
     def _submit(self, fn, arg, job: RolloutsJob | CommandJob, label: str):
-        submitted = self.backend.submit(fn, arg, job_resources(self.spec, job, label))
+        submitted = self.backend.submit(fn, arg, job_resources(self.spec, job, label, self.run_id))
         self.other_jobs = [submitted]
         self.job_seen = Seen(events.JOB, str(submitted.job_id), "SUBMITTED")
         self._observe()
@@ -520,6 +520,8 @@ class Run:
         t0 = time.monotonic()
         if self.backend.preflight(cluster_asks(self.spec)):  # a backend that checks nothing adds no phase
             self.phases["cluster check"] = time.monotonic() - t0
+        if self.backend.rollover_note and self.spec.server.rollover_lead_s != 0:
+            self._say(escape(f"note: {self.backend.rollover_note}"), "yellow")
 
     # ------------------------------------------------------------ teardown
 
@@ -682,21 +684,36 @@ def check_cluster(spec: RunSpec) -> None:
     make_backend(spec.cluster, Path("submitit")).preflight(cluster_asks(spec))
 
 
-def cluster_asks(spec: RunSpec) -> list[Resources]:
-    """What the run's jobs ask of the cluster: the server replicas, and the job that uses them."""
+def cluster_asks(spec: RunSpec, run_id: str = "") -> list[Resources]:
+    """What the run's jobs ask of the cluster: the server replicas, and the jobs that run beside
+    them until the run ends (the gateway, the job that uses them); all of them must fit at once
+    (launcher/slurm_fit.py ``refusals`` says why rollover successors need not)."""
     job = spec.job
-    asks = [server_resources(spec)]
+    asks = [server_resources(spec, run_id)]
     if spec.gateway.enabled:
-        asks.append(gateway_resources(spec))
+        asks.append(gateway_resources(spec, run_id))
     if isinstance(job, (RolloutsJob, CommandJob)):
-        asks.append(job_resources(spec, job, "rollouts" if isinstance(job, RolloutsJob) else job.kind))
+        asks.append(job_resources(spec, job, "rollouts" if isinstance(job, RolloutsJob) else job.kind, run_id))
     return asks
 
 
-def server_resources(spec: RunSpec) -> Resources:
+# Slurm stores a job name whole (slurmdbd keeps up to 255 bytes); this leaves room and stays readable.
+_JOB_NAME_MAX = 128
+
+
+def job_name(spec: RunSpec, run_id: str, role: str = "") -> str:
+    """``<run name>-<service>[-gateway|-job]-<run id's tail>``: in ``squeue -o %j`` and ``sacct`` a
+    run's jobs say what they are, and two runs of one name (the default names a run after its job
+    kind) differ by the random tail of their run ids (``Run.run_id``). Without a run id (the fit
+    check before a run exists) no tail."""
+    tail = "-".join(part for part in (spec.server.service, role, run_id.rsplit("-", 1)[-1]) if part)
+    return f"{spec.run.name[:max(1, _JOB_NAME_MAX - len(tail) - 1)]}-{tail}"
+
+
+def server_resources(spec: RunSpec, run_id: str = "") -> Resources:
     s, c = spec.server, spec.cluster
     return Resources(
-        name=f"{spec.run.name}-{s.service}", timeout_min=c.timeout_min,
+        name=job_name(spec, run_id), timeout_min=c.timeout_min,
         gpus=s.gpus_per_replica // s.nodes_per_replica, nodes=s.nodes_per_replica,
         count=s.replicas, what=f"{s.service} server replica",
         keys={"gpus": "server.gpus_per_replica", "timeout_min": "cluster.timeout_min", "count": "server.replicas",
@@ -704,18 +721,18 @@ def server_resources(spec: RunSpec) -> Resources:
     )
 
 
-def gateway_resources(spec: RunSpec) -> Resources:
+def gateway_resources(spec: RunSpec, run_id: str = "") -> Resources:
     g = spec.gateway
     return Resources(
-        name=f"{spec.run.name}-{spec.server.service}-gateway", timeout_min=g.timeout_min or spec.cluster.timeout_min,
+        name=job_name(spec, run_id, "gateway"), timeout_min=g.timeout_min or spec.cluster.timeout_min,
         partition=g.partition, cpus_per_task=g.cpus_per_task, mem_gb=g.mem_gb, what=f"{spec.server.service} gateway",
         keys={k: f"gateway.{k}" for k in ("timeout_min", "partition", "cpus_per_task", "mem_gb")},
     )
 
 
-def job_resources(spec: RunSpec, job: RolloutsJob | CommandJob, label: str) -> Resources:
+def job_resources(spec: RunSpec, job: RolloutsJob | CommandJob, label: str, run_id: str = "") -> Resources:
     return Resources(
-        name=f"{spec.run.name}-{label}", timeout_min=job.timeout_min, partition=job.partition,
+        name=job_name(spec, run_id, "job"), timeout_min=job.timeout_min, partition=job.partition,
         cpus_per_task=job.cpus_per_task, mem_gb=job.mem_gb, what=f"{label} job",
         requeues=job.max_requeues,
         keys={k: f"job.{k}" for k in ("timeout_min", "partition", "cpus_per_task", "mem_gb")},

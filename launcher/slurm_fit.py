@@ -16,6 +16,8 @@ Two questions:
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 import re
 from dataclasses import dataclass, field, replace
@@ -264,18 +266,40 @@ def refusals(view: ClusterView, asks: Sequence[Ask], config: Callable[[], Cluste
              associations: Callable[[], list[tuple[str, str, str]]] | None = None) -> list[str]:
     """What can never run, one message per problem, each naming the key to change. ``asks[0]`` are
     the servers; every other ask must run beside them. ``config`` (``scontrol show config``) and
-    ``associations`` (sacctmgr: account, partition, qos lists) are called only when they decide."""
+    ``associations`` (sacctmgr: account, partition, qos lists) are called only when they decide.
+
+    What must fit at once is everything the run keeps until it ends: every replica (``count`` jobs
+    of ``nodes`` nodes), the gateway and the job that uses them, all together. (Checked beside the
+    servers one at a time, a collector that fit beside the replicas, and a gateway that did too,
+    passed; the run then waited on a collector with no room beside both.) Not required: rollover
+    successors and replacements. The fleet (launcher/fleet.py) submits a successor per replica
+    once its time left is below the lead, so an array's replicas get theirs together: up to twice
+    the replicas, and two gateways, at once. But a successor with no room only waits, PENDING and
+    never judged "never starts", until the job it succeeds ends at its time limit and frees that
+    room; the run goes on with that replica down while the successor starts. A replacement
+    follows a death, which freed the room. Asking room for them would refuse runs that finish."""
     problems = []
     for ask in asks:
         problems += _alone(view, ask)
     problems += _access(view, asks, account, qos, config, associations)
     if problems:
         return problems
-    for other in asks[1:] or [None]:
-        why = together(view, asks[0], other, config)
-        if why:
-            problems.append(why)
-    return problems
+    why = together(view, asks[0], asks[1:], config)
+    return [why] if why else []
+
+
+def successor_room(view: ClusterView, asks: Sequence[Ask], config: Callable[[], ClusterConfig]) -> str | None:
+    """None when one more replica job (a rollover successor) fits beside the whole run; else what
+    that means for rollovers (not a refusal: see ``refusals``)."""
+    servers = asks[0]
+    if _fit(view, replace(servers, count=servers.count + 1), asks[1:], functools.cache(config))[0]:
+        return None
+    down = ("the replica is down while its successor starts" if servers.count == 1 else
+            "the replicas, started together, are down together while their successors start")
+    fewer = f"fewer {servers.lever_key('count')} or " if servers.count > 1 else ""
+    return (f"no room beside the run for a {servers.what}'s rollover successor: near the time limit "
+            f"({servers.key('time')}) a successor waits for the job it succeeds to end, so {down}; "
+            f"{fewer}smaller requests leave room for one more replica")
 
 
 def _partition(view: ClusterView, ask: Ask) -> tuple[Partition | None, str | None]:
@@ -410,6 +434,9 @@ _RESOURCES = ("cpus", "mem", "gpus")
 _UNITS = {"cpus": "CPUs", "mem": "memory", "gpus": "GPUs"}
 
 
+_NO_LIMITS = Partition("")  # a node's whole room, whichever partitions its jobs came through
+
+
 def _capacity(n: Node, p: Partition) -> dict[str, float]:
     return {"cpus": min(n.cpus, p.max_cpus_per_node or n.cpus), "mem": n.mem_mb, "gpus": n.gpus}
 
@@ -452,41 +479,68 @@ def _how_many(need: dict[str, float], free: dict[str, float], full: dict[str, fl
     return max(0, min(counts + [limit]))
 
 
-def _feasible(view: ClusterView, servers: Ask, other: Ask | None, config: ClusterConfig | None, count_mem: bool,
-              ignore: str | None = None) -> bool:
-    """Is there a placement of ``servers.count`` servers and one ``other`` job (if any), all at once?"""
+def _feasible(view: ClusterView, servers: Ask, others: Sequence[Ask], config: ClusterConfig | None,
+              count_mem: bool, ignore: Sequence[str] = ()) -> bool:
+    """Is there a placement of ``servers.count`` servers and every job of ``others``, all at once
+    (the resources in ``ignore`` not counted)?"""
     ps = view.partitions[servers.partition or view.default]
-    s_nodes = view.nodes_of(ps.name)
+    s_nodes = {n.name: n for n in view.nodes_of(ps.name)}
 
     def needs(ask, n, p):
-        need = _need(ask, n, p, config, count_mem)
-        return {**need, ignore: 0} if ignore else need
+        if p.shares_cpus and p.name != ps.name:
+            # OverSubscribe=FORCE shares cores among that partition's jobs only: the cores such a
+            # job holds are held against the servers' partition (tests/slurm/start.sh's `shared`).
+            p = replace(p, oversubscribe="NO")
+        return {**_need(ask, n, p, config, count_mem), **{r: 0 for r in ignore}}
 
-    full = {n.name: _capacity(n, ps) for n in s_nodes}
+    full = {name: _capacity(n, ps) for name, n in s_nodes.items()}
     # A job of ``nodes`` nodes is that many tasks on distinct nodes: count the tasks (an estimate that
     # holds when the replicas' nodes are alike, as GPU partitions' are).
     wanted = servers.count * servers.nodes
-    k = {n.name: _how_many(needs(servers, n, ps), full[n.name], full[n.name], wanted) for n in s_nodes}
-    total = sum(k.values())
-    if sum(1 for v in k.values() if v) < servers.nodes:
-        return False
-    if other is None:
-        return total >= wanted
-    po = view.partitions[other.partition or view.default]
-    for n in view.nodes_of(po.name):
-        o_need = needs(other, n, po)
-        cap = _capacity(n, po)
-        if not _fits(o_need, cap):
+    k = {name: _how_many(needs(servers, n, ps), full[name], full[name], wanted) for name, n in s_nodes.items()}
+    choices = []
+    for other in others:
+        po = view.partitions[other.partition or view.default]
+        fit = [(n, needs(other, n, po)) for n in view.nodes_of(po.name)]
+        fit = [(n, need) for n, need in fit if _fits(need, _capacity(n, po))]
+        if not fit:
+            return False
+        choices.append(_representatives(fit, len(others), k))
+    for placement in itertools.product(*choices):
+        load: dict[str, dict[str, float]] = {}
+        for n, need in placement:
+            here = load.setdefault(n.name, {"cpus": 0, "mem": 0, "gpus": 0, "jobs": 0, "whole": 0})
+            for r in _RESOURCES:
+                here[r] += need.get(r, 0)
+            here["jobs"] += 1
+            here["whole"] += need.get("whole", 0)
+        nodes = {n.name: n for n, _ in placement}
+        if any((here["whole"] and here["jobs"] > 1) or not _fits(here, _capacity(nodes[name], _NO_LIMITS))
+               for name, here in load.items()):
             continue
-        if n.name not in k:
-            if total >= wanted:
-                return True
-            continue
-        free = {r: full[n.name][r] - (cap[r] if o_need.get("whole") else o_need.get(r, 0)) for r in _RESOURCES}
-        here = 0 if o_need.get("whole") else _how_many(needs(servers, n, ps), free, full[n.name], wanted)
-        if total - k[n.name] + here >= wanted:
+        total, hosts = sum(k.values()), sum(1 for v in k.values() if v)
+        for name, here in load.items():
+            if name not in k:
+                continue
+            free = {r: full[name][r] - here[r] for r in _RESOURCES}
+            room = 0 if here["whole"] else _how_many(needs(servers, s_nodes[name], ps), free, full[name], wanted)
+            total += room - k[name]
+            hosts += bool(room) - bool(k[name])
+        if total >= wanted and hosts >= servers.nodes:
             return True
     return False
+
+
+def _representatives(fit: list[tuple[Node, dict]], count: int, k: dict[str, int]) -> list[tuple[Node, dict]]:
+    """Where one job may go, ``count`` nodes of each kind at most: nodes alike (the same room left
+    for the servers, the same need) are interchangeable, and ``count`` jobs can use at most that
+    many of them; this keeps the search small on a cluster of thousands of nodes."""
+    kept: dict[tuple, list] = {}
+    for n, need in fit:
+        alike = kept.setdefault((n.cpus, n.mem_mb, n.gpus, k.get(n.name), tuple(sorted(need.items()))), [])
+        if len(alike) < count:
+            alike.append((n, need))
+    return [pair for alike in kept.values() for pair in alike]
 
 
 def _node_list(nodes: Sequence[Node], limit: int = 4) -> str:
@@ -494,59 +548,77 @@ def _node_list(nodes: Sequence[Node], limit: int = 4) -> str:
     return shown + (f", and {len(nodes) - limit} more" if len(nodes) > limit else "")
 
 
-def together(view: ClusterView, servers: Ask, other: Ask | None, config: Callable[[], ClusterConfig]) -> str | None:
-    """None if the servers and ``other`` (if any) can all hold their resources at once; else why
-    not and what to change.
+def _fit(view: ClusterView, servers: Ask, others: Sequence[Ask],
+         config: Callable[[], ClusterConfig]) -> tuple[bool, bool, ClusterConfig | None]:
+    """Whether the servers and ``others`` can all hold their resources at once, whether memory
+    counted, and the config if it was read: only when memory decides (explicit requests that fit
+    even if every job's memory counts, or jobs that do not fit even without memory, need none)."""
+    if not _feasible(view, servers, others, None, count_mem=False):
+        return False, False, None
+    if _feasible(view, servers, others, None, count_mem=True):
+        return True, True, None
+    conf = config()
+    return _feasible(view, servers, others, conf, count_mem=True), True, conf
 
-    ``config`` is read only when memory decides: with explicit requests that fit even if every
-    job's memory counts, or jobs that do not fit even without memory, it is not needed."""
-    conf = None
-    if not _feasible(view, servers, other, None, count_mem=False):
-        count_mem = False
-    elif _feasible(view, servers, other, None, count_mem=True):
+
+def together(view: ClusterView, servers: Ask, others: Sequence[Ask],
+             config: Callable[[], ClusterConfig]) -> str | None:
+    """None if the servers and every job of ``others`` can all hold their resources at once; else
+    why not and what to change. Each change proposed makes the whole run fit (it is checked so)."""
+    config = functools.cache(config)  # read at most once however many changes are tried
+    fits, count_mem, conf = _fit(view, servers, others, config)
+    if fits:
         return None
-    else:
-        conf = config()
-        if _feasible(view, servers, other, conf, count_mem=True):
-            return None
-        count_mem = True
-    return _explain(view, servers, other, conf, count_mem)
+    return _explain(view, servers, list(others), conf, count_mem, config)
 
 
-def _explain(view: ClusterView, servers: Ask, other: Ask | None, conf: ClusterConfig | None,
-             count_mem: bool) -> str:
-    ps = servers.partition or view.default
-    po = other.partition or view.default if other else ps
-    nodes = sorted({n.name: n for n in view.nodes_of(ps) + view.nodes_of(po)}.values(), key=lambda n: n.name)
-    binding = [r for r in _RESOURCES if (r != "mem" or count_mem)
-               and _feasible(view, servers, other, conf, count_mem, ignore=r)]
-    where = (f"partitions {ps} and {po}" if ps != po else f"partition {ps}")
+def _explain(view: ClusterView, servers: Ask, others: list[Ask], conf: ClusterConfig | None, count_mem: bool,
+             config: Callable[[], ClusterConfig]) -> str:
+    run = [servers, *others]
+    # Only the jobs that share nodes take part in the sums (a job alone on its partition's nodes does not).
+    node_sets = [{n.name for n in view.nodes_of(a.partition or view.default)} for a in run]
+    shown = [a for i, a in enumerate(run) if i == 0 or any(node_sets[i] & s for j, s in enumerate(node_sets)
+                                                           if j != i)]
+    partitions = list(dict.fromkeys(a.partition or view.default for a in shown))
+    nodes = sorted({n.name: n for p in partitions for n in view.nodes_of(p)}.values(), key=lambda n: n.name)
+    kinds = [r for r in _RESOURCES if r != "mem" or count_mem]
+    # What decides: a resource without which all would fit; else each that alone does not fit.
+    binding = [r for r in kinds if _feasible(view, servers, others, conf, count_mem, ignore=(r,))] or \
+        [r for r in kinds if not _feasible(view, servers, others, conf, count_mem,
+                                             ignore=[q for q in _RESOURCES if q != r])]
+    where = f"partition{'s' if len(partitions) > 1 else ''} {_and(partitions)}"
     if len(nodes) == 1:
         room = f"{nodes[0].name}, the only node of {where}, has"
     else:
         room = f"the {len(nodes)} nodes of {where} have"
-    if other is None:
-        fit = _largest_ok(1, servers.count - 1, lambda v: _feasible(view, replace(servers, count=v), None, conf,
+    side = ""
+    if others:
+        one = len(others) == 1
+        side = (f"{_and([o.plural() for o in others])} start{'s' if one else ''} once {servers.plural()} "
+                f"{'is' if servers.count == 1 else 'are'} ready and must run beside "
+                f"{'it' if servers.count == 1 else 'them'}, while the servers wait for {'it' if one else 'them'}")
+    if not _feasible(view, servers, [], conf, count_mem):
+        fit = _largest_ok(1, servers.count - 1, lambda v: _feasible(view, replace(servers, count=v), [], conf,
                                                                       count_mem)) or 0
-        lines = [f"the run's own jobs can never run at the same time: at most {fit} of the {servers.count} "
-                 f"{servers.what}s fit at once, and each runs until the run ends while the run waits for all."]
+        head = (f"at most {fit} of the {servers.count} {servers.what}s fit at once, and each runs until the run "
+                f"ends while the run waits for all" + (f"; and {side}" if side else ""))
     else:
-        lines = [f"the run's own jobs can never run at the same time: {other.plural()} starts once "
-                 f"{servers.plural()} {'is' if servers.count == 1 else 'are'} ready and must run beside "
-                 f"{'it' if servers.count == 1 else 'them'}, while the servers wait for it."]
+        head = side
+    lines = [f"the run's own jobs can never run at the same time: {head}."]
     for r in binding:
         per_node = ", ".join(sorted({_have(n, r) for n in nodes}))
-        asked = f"{servers.count} x {_amount(servers, r)} ({servers.said(r)})"
-        if other is not None:
-            asked += f" + {_amount(other, r)} ({other.said(r)})"
-        lines.append(f"  {_UNITS[r]}: {asked} = {_sum(servers, other, r)}, but {room} {per_node}"
+        counted = [o for o in shown[1:] if r != "gpus" or o.gpus]
+        spans = f"{servers.nodes} nodes x " if servers.nodes > 1 else ""
+        asked = " + ".join([f"{servers.count} x {spans}{_amount(servers, r)} ({servers.said(r)})"] +
+                           [f"{_amount(o, r)} ({o.said(r)})" for o in counted])
+        lines.append(f"  {_UNITS[r]}: {asked} = {_sum(servers, counted, r)}, but {room} {per_node}"
                      + (" each" if len(nodes) > 1 and len({_have(n, r) for n in nodes}) == 1 else ""))
     if not binding:
         lines.append(f"  no placement of them on the nodes of {where} ({_node_list(nodes)}) gives each its "
                      f"CPUs{', memory' if count_mem else ''} and GPUs at once")
     if servers.exclusive:
         lines.append("  (cluster.exclusive gives every job a whole node)")
-    fixes = _fixes(view, servers, other, conf, count_mem, binding)
+    fixes = _fixes(view, run, config, binding)
     lines.append("  change one of: " + "; ".join(fixes) if fixes else
                  "  no single change of one key makes them fit: lower several of the requests above")
     return "\n".join(lines)
@@ -558,14 +630,21 @@ def _amount(ask: Ask, r: str) -> str:
     return str(ask.cpus if r == "cpus" else ask.gpus)
 
 
-def _sum(servers: Ask, other: Ask | None, r: str) -> str:
-    asks = [servers] + ([other] if other else [])
+def _sum(servers: Ask, others: Sequence[Ask], r: str) -> str:
     if r == "mem":
-        if all(a.mem_mb for a in asks):
-            return gb(servers.count * servers.mem_mb + (other.mem_mb if other else 0))
+        if servers.mem_mb and all(o.mem_mb for o in others):
+            return gb(servers.count * servers.nodes * servers.mem_mb + sum(o.mem_mb for o in others))
         return "more than a node has"
-    value = lambda a: a.cpus if r == "cpus" else a.gpus  # noqa: E731
-    return str(servers.count * value(servers) + (value(other) if other else 0))
+    return str(servers.count * servers.nodes * _value(servers, r) + sum(_value(o, r) for o in others))
+
+
+def _value(ask: Ask, r: str) -> int:
+    """A request as its ``*_gb``/count key states it (memory in whole GB)."""
+    return {"cpus": ask.cpus, "gpus": ask.gpus, "mem": (ask.mem_mb or 0) // 1024}[r]
+
+
+def _set(ask: Ask, r: str, value: int) -> Ask:
+    return replace(ask, **({"mem_mb": value * 1024} if r == "mem" else {r: value}))
 
 
 def _and(items: list[str]) -> str:
@@ -580,32 +659,35 @@ def _have(n: Node, r: str) -> str:
     return {"cpus": f"{n.cpus} CPUs", "mem": gb(n.mem_mb), "gpus": _n(n.gpus, "GPU")}[r]
 
 
-def _fixes(view, servers: Ask, other: Ask | None, conf, count_mem: bool, binding: list[str]) -> list[str]:
-    """Single-key changes that make the run fit, each with the bound that works."""
-    ok = lambda s, o: _feasible(view, s, o, conf, count_mem)  # noqa: E731
+def _fixes(view: ClusterView, run: list[Ask], config: Callable[[], ClusterConfig], binding: list[str]) -> list[str]:
+    """Single-key changes that make the whole run fit, each with the bound that works. A key sets
+    every job whose value comes from it (``cluster.cpus_per_task`` also sets a job whose own
+    ``job.cpus_per_task`` is unset): the change is tried on all of them, as the run would get it."""
+    def ok(changed: list[Ask]) -> bool:
+        return _fit(view, changed[0], changed[1:], config)[0] and not any(_alone(view, a) for a in changed)
+
+    servers = run[0]
     fixes = []
     for r in binding:
-        for ask in (servers, other):
-            current = 0 if ask is None else {"cpus": ask.cpus, "gpus": ask.gpus, "mem": (ask.mem_mb or 0) // 1024}[r]
+        for key in dict.fromkeys(a.lever_key(r) for a in run):
+            # A job that asks no GPU gets none whatever server.gpus_per_replica says.
+            moved = [i for i, a in enumerate(run) if key in (a.key(r), a.lever_key(r)) and (r != "gpus" or a.gpus)]
+            current = max((_value(run[i], r) for i in moved), default=0)
             if current <= 1:
                 continue
-
-            def fits(v: int, ask: Ask = ask, r: str = r) -> bool:
-                smaller = replace(ask, **{"mem_mb" if r == "mem" else r: v * 1024 if r == "mem" else v})
-                return ok(smaller, other) if ask is servers else ok(servers, smaller)
-
-            best = _largest_ok(1, current - 1, fits)
+            best = _largest_ok(1, current - 1, lambda v: ok([_set(a, r, v) if i in moved else a
+                                                             for i, a in enumerate(run)]))
             if best is not None:
-                fixes.append(f"{ask.lever_key(r)} <= {best}")
+                fixes.append(f"{key} <= {best}")
     if servers.count > 1:
-        best = _largest_ok(1, servers.count - 1, lambda v: ok(replace(servers, count=v), other))
+        best = _largest_ok(1, servers.count - 1, lambda v: ok([replace(servers, count=v), *run[1:]]))
         if best is not None:
             fixes.append(f"{servers.lever_key('count')} <= {best}")
-    if servers.exclusive and ok(replace(servers, exclusive=False), other and replace(other, exclusive=False)):
+    if any(a.exclusive for a in run) and ok([replace(a, exclusive=False) for a in run]):
         fixes.append("cluster.exclusive=false")
-    if other is not None:
+    for i, other in enumerate(run[1:], start=1):
         elsewhere = [q for q in view.partitions if q != (other.partition or view.default) and view.nodes_of(q)
-                     and not _alone(view, replace(other, partition=q)) and ok(servers, replace(other, partition=q))]
+                     and ok([replace(a, partition=q) if j == i else a for j, a in enumerate(run)])]
         if elsewhere:
             fixes.append(f"{other.lever_key('partition')}=" + " or ".join(elsewhere))
     return fixes
@@ -690,6 +772,9 @@ _PERMANENT = {
 }
 _RESOURCE_WAITS = ("Resources", "Priority", "ReqNodeNotAvail", "Nodes required for job are DOWN",
                    "Nodes_required", "None")
+# Reason ``None``: Slurm has not evaluated the job yet (just submitted, or its scheduler has not come
+# round to it): nothing holds it back yet, and nothing is known about what will.
+_FIRST_LOOK = "waiting for the scheduler's first look"
 _RESOURCE_KEYS = ("cpus", "mem", "gpus")
 
 
@@ -726,7 +811,7 @@ def judge(job: QueuedJob, queue: dict[str, QueuedJob], own: dict[str, Ask | None
     if code in ("JobHeldAdmin", "JobHeldUser"):
         return Verdict(code, "held: scontrol release " + job.job_id.split("_")[0])
     if not any(code.startswith(w) or job.reason.startswith(w) for w in _RESOURCE_WAITS) or view is None:
-        return None
+        return Verdict(code, _FIRST_LOOK) if code == "None" else None
     return _resources(job, code, queue, own, ask, view, config, servers, others)
 
 
@@ -766,7 +851,7 @@ def _resources(job, code, queue, own, ask, view, config, servers, others) -> Ver
     part = view.partitions.get(job.partition)
     nodes = view.nodes_of(job.partition)
     if part is None or not nodes:
-        return None
+        return Verdict(code, _FIRST_LOOK) if code == "None" else None
     conf_cache: list[ClusterConfig] = []
 
     def conf() -> ClusterConfig:
@@ -798,6 +883,8 @@ def _resources(job, code, queue, own, ask, view, config, servers, others) -> Ver
         if code == "ReqNodeNotAvail" and down:
             return Verdict(code, f"nodes {', '.join(down)} are down or drained: wait for the admins, or choose "
                                  f"another partition ({ask.lever_key('partition') if ask else 'cluster.partition'})")
+        if code == "None":  # Slurm has not looked yet: no job is known to hold anything back
+            return Verdict(code, _FIRST_LOOK)
         return Verdict(code, "other jobs hold what it needs; it starts when they end")
     if not ours:  # nothing of ours holds it: it does not fit an empty node (the fit check was off)
         return Verdict(code, "never starts: no node of its partition is big enough", True,
@@ -822,12 +909,9 @@ def _resources(job, code, queue, own, ask, view, config, servers, others) -> Ver
             f"partition {job.partition}, and this run's own jobs hold them ({'; '.join(holding) or 'every node'}). "
             f"They run until it ends, so it would wait forever.")
     fix = ""
-    if servers is not None:  # the servers alone first: a replica may wait for its own siblings
-        for other in [None, *others]:
-            why = together(view, servers, other, conf)
-            if why:
-                fix = "\n" + why
-                break
+    if servers is not None:
+        why = together(view, servers, others, conf)
+        fix = "\n" + why if why else ""
     if not fix and ask is not None:
         fix = ("\nAsk for less, so that the run's jobs fit its nodes together ("
                + ", ".join(dict.fromkeys(ask.lever_key(k) for k in _RESOURCE_KEYS)) + ").")

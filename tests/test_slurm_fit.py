@@ -3,6 +3,8 @@ never run is refused with the numbers and the key to change; a pending job's rea
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from launcher.slurm_fit import (
@@ -244,7 +246,7 @@ def test_an_unset_memory_request_takes_the_whole_node_when_memory_is_allocated_a
 def test_exclusive_nodes_and_the_fixes_that_help():
     view = site_view()
     alone = together(view, servers(count=2, partition="batch", exclusive=True),
-                     job(partition="batch", exclusive=True), ConfigSpy())
+                     [job(partition="batch", exclusive=True)], ConfigSpy())
     assert "(cluster.exclusive gives every job a whole node)" in alone
     assert "cluster.exclusive=false" in alone and "server.replicas <= 1" in alone and "job.partition=cpu" in alone
 
@@ -332,3 +334,180 @@ def test_a_group_limit_asks_who_holds_it():
 def test_queue_lines_parse_array_tasks_and_reasons_with_separators():
     (row,) = parse_queue("12_3|PENDING||2|4000M|gres:gpu:2|gpu|normal|acct|Reason with | bar\n").values()
     assert row == QueuedJob("12_3", "PENDING", "", 2, 4000, 2, "gpu", "normal", "acct", "Reason with | bar")
+
+
+# ---------------------------------------------------------------- the whole run, as the launcher asks it
+
+# Captured from the test cluster (tests/slurm/start.sh) on 2026-12-08: partitions gpu (default), cpu and
+# `shared` (OverSubscribe=FORCE:16), one node of 8 CPUs.
+TESTCLUSTER_PARTITIONS = TEST_PARTITIONS + (
+    "PartitionName=shared AllowGroups=ALL AllowAccounts=ALL AllowQos=ALL AllocNodes=ALL Default=NO QoS=N/A "
+    "DefaultTime=NONE DisableRootJobs=NO ExclusiveUser=NO GraceTime=0 Hidden=NO MaxNodes=UNLIMITED "
+    "MaxTime=UNLIMITED MinNodes=0 LLN=NO MaxCPUsPerNode=UNLIMITED Nodes=vm PriorityJobFactor=1 PriorityTier=1 "
+    "RootOnly=NO ReqResv=NO OverSubscribe=FORCE:16 OverTimeLimit=NONE PreemptMode=OFF State=UP TotalCPUs=8 "
+    "TotalNodes=1 SelectTypeParameters=NONE JobDefaults=(null) DefMemPerNode=UNLIMITED MaxMemPerNode=UNLIMITED "
+    "TRES=cpu=8,mem=24105M,node=1,billing=8,gres/gpu=4\n")
+TESTCLUSTER_NODES = TEST_NODES.replace("Partitions=gpu,cpu ", "Partitions=gpu,cpu,shared ")
+
+
+def run_asks(*overrides: str) -> list[Ask]:
+    """The run's jobs as ``SlurmBackend.preflight`` gets them from a composed config (Hydra, load_spec,
+    launcher.orchestrate.cluster_asks): the keys behind each value are the launcher's, not a test's."""
+    from launcher.executors import SlurmBackend
+    from launcher.orchestrate import cluster_asks
+    from tests.test_spec import spec_for
+
+    spec = spec_for(*overrides)
+    backend = SlurmBackend(spec.cluster, "submitit")
+    return [backend._ask(r) for r in cluster_asks(spec)]
+
+
+def proposed_fixes(refusal: str) -> list[str]:
+    """``change one of: a <= 2; b=x or y`` -> the overrides that apply each: ``a=2``, ``b=x``, ``b=y``."""
+    (line,) = [line for line in refusal.splitlines() if "change one of: " in line]
+    overrides = []
+    for fix in line.split("change one of: ", 1)[1].split("; "):
+        key, sep, bound = fix.partition(" <= ")
+        if sep:
+            overrides.append(f"{key}={bound}")
+        else:
+            key, _, values = fix.partition("=")
+            overrides += [f"{key}={v}" for v in values.split(" or ")]
+    return overrides
+
+
+def cpus_held_at_once(asks: list[Ask]) -> int:
+    """Every job of the run on the one node, the plain sum (what Slurm found: 2 x 2 + 1 + 4 = 9 > 8)."""
+    return sum(a.count * a.cpus for a in asks)
+
+
+TESTCLUSTER = ["cluster=slurm_testcluster"]
+
+
+@pytest.mark.parametrize("overrides", [
+    ["server.replicas=5"],  # observed: refused with "server.replicas <= 2", which could never run
+    ["server.replicas=3", "cluster.cpus_per_task=2", "job.cpus_per_task=3"],
+    ["server.replicas=2", "cluster.cpus_per_task=3"],
+], ids=lambda o: " ".join(o))
+def test_every_fix_the_refusal_proposes_passes_the_check(overrides):
+    view, config = ClusterView.parse(TESTCLUSTER_PARTITIONS, TESTCLUSTER_NODES), ConfigSpy()
+    problems = refusals(view, run_asks(*TESTCLUSTER, *overrides), config)
+    fixes = [(fix, refusal) for refusal in problems for fix in proposed_fixes(refusal)]
+    assert fixes, problems
+    for fix, refusal in fixes:
+        asks = run_asks(*TESTCLUSTER, *overrides, fix)
+        assert cpus_held_at_once(asks) <= 8, f"{fix} was proposed for {overrides}:\n{refusal}"  # one job a core
+        assert refusals(view, asks, config) == [], f"{fix} was proposed for {overrides}:\n{refusal}"
+
+
+def test_the_gateway_and_the_collector_are_counted_together_beside_the_replicas():
+    """Observed: `server.replicas=2` passed, then the collector waited forever behind 2 x 2 + 1 (gateway)."""
+    view = ClusterView.parse(TESTCLUSTER_PARTITIONS, TESTCLUSTER_NODES)
+    (refusal,) = refusals(view, run_asks(*TESTCLUSTER, "server.replicas=2"), ConfigSpy())
+    assert refusal.startswith(
+        "the run's own jobs can never run at the same time: the policy gateway and the rollouts job start once "
+        "2 policy server replicas are ready and must run beside them, while the servers wait for them.\n"
+        "  CPUs: 2 x 2 (cluster.cpus_per_task) + 1 (gateway.cpus_per_task) + 4 (job.cpus_per_task) = 9, but vm, "
+        "the only node of partition gpu, has 8 CPUs\n"), refusal
+    # A partition whose cores are shared (OverSubscribe=FORCE) shares them with its own jobs only: moving
+    # the gateway there frees nothing for the gpu partition's jobs, so it is not proposed.
+    assert refusal.endswith("change one of: cluster.cpus_per_task <= 1; job.cpus_per_task <= 3; server.replicas <= 1")
+    assert refusals(view, run_asks(*TESTCLUSTER, "server.replicas=1"), ConfigSpy()) == []
+
+
+def test_a_key_shared_by_several_jobs_is_tried_on_all_of_them():
+    """`cluster.mem_gb` sets the servers' memory and the collector's when `job.mem_gb` is unset: the bound
+    proposed must hold for both at once."""
+    consumable = ConfigSpy("SelectTypeParameters = CR_Core_Memory\n")
+    view = ClusterView.parse(TESTCLUSTER_PARTITIONS, TESTCLUSTER_NODES)
+    overrides = [*TESTCLUSTER, "server.replicas=2", "cluster.mem_gb=8", "job.mem_gb=null", "job.cpus_per_task=1"]
+    (refusal,) = refusals(view, run_asks(*overrides), consumable)
+    for fix in proposed_fixes(refusal):
+        asks = run_asks(*overrides, fix)
+        assert sum(a.count * a.mem_mb for a in asks) <= 24105, fix  # Slurm allocates memory here
+        assert refusals(view, asks, consumable) == [], f"{fix}:\n{refusal}"
+    assert "memory: 2 x 8 GB (cluster.mem_gb) + 1 GB (gateway.mem_gb) + 8 GB (cluster.mem_gb, as job.mem_gb is " \
+           "unset) = 25 GB" in refusal, refusal
+
+
+def test_a_fix_on_a_site_moves_a_job_to_another_partition_only_where_the_whole_run_fits():
+    """Two 4-GPU nodes of 32 CPUs, one replica on each (16 CPUs): the collector (20) and the gateway (8)
+    each need a node's other half. Moving the collector to the CPU node fits; moving the gateway does not."""
+    gateway = job(cpus=8, partition="batch")
+    gateway = replace(gateway, what="policy gateway",
+                      lever={**gateway.lever, "partition": "gateway.partition", "cpus": "gateway.cpus_per_task"},
+                      source={**gateway.source, "partition": "gateway.partition", "cpus": "gateway.cpus_per_task"})
+    asks = [servers(count=2, cpus=16, gpus=4, partition="batch"), gateway, job(cpus=20, partition="batch")]
+    (refusal,) = refusals(site_view(), asks, ConfigSpy())
+    assert "CPUs: 2 x 16 (cluster.cpus_per_task) + 8 (gateway.cpus_per_task) + 20 (job.cpus_per_task) = 60, but " \
+           "the 2 nodes of partition batch have 32 CPUs each" in refusal, refusal
+    assert "GPUs: 2 x 4 (server.gpus_per_replica) = 8, but the 2 nodes of partition batch have 4 GPUs each" \
+        in refusal, refusal  # 2 GPUs each: both replicas fit on one node, the others on the other
+    assert refusal.endswith("change one of: cluster.cpus_per_task <= 12; job.cpus_per_task <= 16; "
+                            "server.gpus_per_replica <= 2; server.replicas <= 1; job.partition=cpu"), refusal
+
+
+def test_replicas_spanning_nodes_count_each_node_in_the_sum():
+    view = ClusterView.parse(
+        "PartitionName=multi Default=YES MaxTime=UNLIMITED Nodes=n[1-2] OverSubscribe=NO State=UP\n",
+        "NodeName=n1 CPUEfctv=4 Gres=gpu:2 RealMemory=8000 State=IDLE Partitions=multi\n"
+        "NodeName=n2 CPUEfctv=4 Gres=gpu:2 RealMemory=8000 State=IDLE Partitions=multi\n")
+    two_node = replace(servers(count=2, cpus=2, mem_gb=2, gpus=0, partition="multi"), nodes=2)
+    gateway = replace(job(cpus=1, partition="multi"), what="policy gateway")
+    assert refusals(view, [replace(two_node, count=1), gateway], ConfigSpy()) == []
+    (refusal,) = refusals(view, [two_node, gateway], ConfigSpy())
+    assert "CPUs: 2 x 2 nodes x 2 (cluster.cpus_per_task) + 1 (job.cpus_per_task) = 9, but the 2 nodes of " \
+           "partition multi have 4 CPUs each" in refusal, refusal
+    assert refusal.endswith("change one of: cluster.cpus_per_task <= 1; server.replicas <= 1"), refusal
+
+
+# ---------------------------------------------------------------- reason None
+
+
+def test_reason_none_is_the_schedulers_first_look_not_other_jobs():
+    """Observed: a job Slurm had not evaluated yet (reason None) was explained as held back by other
+    jobs, with no other job on the cluster."""
+    queue = parse_queue("61|PENDING||1|1G|N/A|gpu|normal|root|None\n")
+    verdict = judge(queue["61"], queue, {"61": servers()}, small_view(), ConfigSpy())
+    assert not verdict.never
+    assert verdict.short() == "None: waiting for the scheduler's first look"
+    # Without the cluster's nodes at hand (scontrol failed) it is still explained.
+    assert judge(queue["61"], queue, {"61": servers()}, None, ConfigSpy()).short() == verdict.short()
+    # Once Slurm looked, its reason decides: held by someone else's job, it starts when that ends.
+    queue = parse_queue("61|PENDING||1|1G|N/A|gpu|normal|root|Resources\n")
+    assert judge(queue["61"], queue, {"61": servers()}, small_view(), ConfigSpy()).advice == \
+        "other jobs hold what it needs; it starts when they end"
+
+
+# ---------------------------------------------------------------- job names
+
+
+def test_job_names_say_run_service_and_role_with_the_run_ids_tail_within_slurms_limit():
+    from launcher.orchestrate import cluster_asks
+    from tests.test_spec import spec_for
+
+    spec = spec_for("cluster=slurm_testcluster")
+    assert [r.name for r in cluster_asks(spec, "rollouts-20261208-041157-dc9c")] == [
+        "rollouts-policy-dc9c", "rollouts-policy-gateway-dc9c", "rollouts-policy-job-dc9c"]
+    long = spec_for("cluster=slurm_testcluster", f"run.name={'r' * 300}")
+    names = [r.name for r in cluster_asks(long, f"{'r' * 300}-20261208-041157-dc9c")]
+    assert all(len(n) <= 128 and n.endswith("-dc9c") for n in names), names
+    assert len(set(names)) == 3
+
+
+# ---------------------------------------------------------------- rollover successors
+
+
+def test_a_run_without_room_for_a_rollover_successor_is_told_not_refused():
+    """What the fleet keeps at once near a time limit: the run plus a successor per replica (they wait
+    when there is no room, launcher/fleet.py): not a refusal, but the user learns what a rollover costs."""
+    from launcher.slurm_fit import successor_room
+
+    view = ClusterView.parse(TESTCLUSTER_PARTITIONS, TESTCLUSTER_NODES)
+    asks = run_asks(*TESTCLUSTER)  # 2 + 1 + 4 CPUs of 8: the run fits, a successor's 2 do not
+    assert refusals(view, asks, ConfigSpy()) == []
+    assert successor_room(view, asks, ConfigSpy()) == (
+        "no room beside the run for a policy server replica's rollover successor: near the time limit "
+        "(cluster.timeout_min) a successor waits for the job it succeeds to end, so the replica is down while "
+        "its successor starts; smaller requests leave room for one more replica")
+    assert successor_room(view, run_asks(*TESTCLUSTER, "job.cpus_per_task=3"), ConfigSpy()) is None

@@ -9,6 +9,7 @@ import json
 import os
 import secrets
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -81,9 +82,9 @@ def test_what_no_node_has_is_refused_before_submission(slurm_cluster, tmp_path, 
 
 def test_a_collector_that_can_never_run_beside_its_server_is_refused_before_submission(slurm_cluster, tmp_path):
     text = refused(slurm_cluster, tmp_path, *SMALL, "cluster.cpus_per_task=5", "job.cpus_per_task=4")
-    assert ("CPUs: 1 x 5 (cluster.cpus_per_task) + 4 (job.cpus_per_task) = 9, but vm, the only node of partitions "
-            "gpu and cpu, has 8 CPUs") in text, text
-    assert "change one of: cluster.cpus_per_task <= 4; job.cpus_per_task <= 3" in text
+    assert ("CPUs: 1 x 5 (cluster.cpus_per_task) + 1 (gateway.cpus_per_task) + 4 (job.cpus_per_task) = 10, but vm, "
+            "the only node of partitions gpu and cpu, has 8 CPUs") in text, text
+    assert "change one of: cluster.cpus_per_task <= 3; job.cpus_per_task <= 2" in text
 
 
 def test_a_collector_starved_by_its_own_server_fails_the_run_fast(slurm_cluster, tmp_path):
@@ -110,9 +111,8 @@ def test_a_collector_starved_by_its_own_server_fails_the_run_fast(slurm_cluster,
     assert "is PENDING (Resources) and can never start: it needs 4 CPUs on a node of partition cpu, and this " \
            "run's own jobs hold them (on vm, job" in text, text
     assert "hold 6 of its 8 CPUs" in text, text  # a server (5) and the gateway (1)
-    # The fix is computed for the servers and this job side by side; the gateway's 1 CPU beside
-    # both is not in that sum (slurm_fit checks each other job beside the servers on its own).
-    assert "change one of: cluster.cpus_per_task <= 4; job.cpus_per_task <= 3" in text
+    # The fix is computed for the whole run: the server, the gateway and this job side by side.
+    assert "change one of: cluster.cpus_per_task <= 3; job.cpus_per_task <= 2" in text
     assert "Traceback" not in text
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "failed" and "can never start" in summary["error"]
@@ -178,7 +178,8 @@ def test_replicas_starved_by_their_own_siblings_fail_the_run_fast(slurm_cluster,
     assert took < 60
     assert "policy server replica" in text and "is PENDING (Resources) and can never start: it needs 5 CPUs" in text
     assert "at most 1 of the 2 policy server replicas fit at once" in text, text
-    assert "change one of: cluster.cpus_per_task <= 4; server.replicas <= 1" in text
+    # The fix counts the gateway's CPU beside both replicas: 2 x 3 + 1 <= 8.
+    assert "change one of: cluster.cpus_per_task <= 3; server.replicas <= 1" in text
     env = {**os.environ, **slurm_cluster.env}
     assert name not in subprocess.run(["squeue", "-h", "-o", "%j"], env=env, capture_output=True, text=True).stdout
     assert Registry(root).namespaces() == []
@@ -192,3 +193,82 @@ def test_an_account_slurm_does_not_enforce_is_not_refused(slurm_cluster, tmp_pat
     assert backend.preflight([Resources(name="s", timeout_min=60, gpus=1, what="server replica")])
     print(f"preflight with cluster.account: {(time.perf_counter() - t0) * 1000:.0f} ms (+ sacctmgr, scontrol show config)")
     assert backend._config is not None and backend._config.enforce == "none"
+
+
+# The README's cluster=slurm_testcluster as a new user ran it, with the stand-in engine (what is
+# proven is the launcher's arithmetic and Slurm's placement, not vLLM's).
+TESTCLUSTER = ["cluster=slurm_testcluster", "job.sampling.max_tokens=16"]
+
+
+def check_refusal(*overrides: str) -> str | None:
+    """The launcher's check (launcher.orchestrate.check_cluster) on the real cluster's scontrol text,
+    for the config these overrides compose (SLURM_CONF: the slurm_cluster fixture's): its refusal, or
+    None when it passes."""
+    from launcher.executors import ClusterRefused
+    from launcher.orchestrate import check_cluster
+    from tests.test_spec import spec_for
+
+    try:
+        check_cluster(spec_for(*STANDIN_SERVER, *TESTCLUSTER, *overrides))
+    except ClusterRefused as e:
+        return str(e)
+    return None
+
+
+def test_every_fix_a_refusal_proposes_passes_the_check_on_the_cluster(slurm_cluster, tmp_path):
+    """Observed: `server.replicas=5` was refused with `server.replicas <= 2`; that passed, and the run failed
+    at 108 s with the collector pending behind 2 x 2 + 1 (gateway) of the node's 8 CPUs."""
+    from tests.test_slurm_fit import proposed_fixes
+
+    text = refused(slurm_cluster, tmp_path, *TESTCLUSTER, "server.replicas=5")
+    assert ("CPUs: 5 x 2 (cluster.cpus_per_task) + 1 (gateway.cpus_per_task) + 4 (job.cpus_per_task) = 15, but "
+            "vm, the only node of partition gpu, has 8 CPUs") in text, text
+    assert "change one of: server.replicas <= 1" in text, text
+    tried = []
+    for overrides in (["server.replicas=5"], ["server.replicas=2"], ["server.replicas=3", "job.cpus_per_task=2"],
+                      ["server.replicas=2", "cluster.cpus_per_task=3", "job.partition=cpu"]):
+        refusal = check_refusal(*overrides)
+        assert refusal is not None, overrides  # server.replicas=2 passed on main: the advice followed
+        for fix in proposed_fixes(refusal):
+            tried.append(fix)
+            assert check_refusal(*overrides, fix) is None, f"{fix}, proposed for {overrides}:\n{refusal}"
+    print("fixes applied and re-checked:", tried)
+    assert len(tried) >= 6
+
+
+def test_a_run_that_follows_the_proposed_fix_runs_and_its_jobs_are_named_by_run(slurm_cluster, tmp_path):
+    """`server.replicas=2` is refused (2 x 2 + 1 + 4 = 9 CPUs); with the fix `job.cpus_per_task <= 3` applied
+    the run's four jobs fill the 8 CPUs and the run succeeds (told that rollovers would have no room). squeue names each job
+    `<run name>-<service>[-gateway|-job]-<run id's tail>`: a second run of the same name differs."""
+    text = refused(slurm_cluster, tmp_path / "refused", *TESTCLUSTER, "server.replicas=2")
+    assert "change one of: cluster.cpus_per_task <= 1; job.cpus_per_task <= 3; server.replicas <= 1" in text, text
+    name, env = unique_name(), {**os.environ, **slurm_cluster.env}
+    names: dict[str, set[str]] = {}
+    for attempt in ("first", "second"):
+        run_dir, root = tmp_path / attempt, tmp_path / f"registry-{attempt}"
+        proc = start_launcher(root, *STANDIN_SERVER, *TESTCLUSTER, "server.replicas=2", "job.cpus_per_task=3",
+                              f"run.name={name}", f"hydra.run.dir={run_dir}", env=slurm_cluster.env)
+        output: list[str] = []
+        reader = threading.Thread(target=lambda: output.extend(proc.stdout), daemon=True)
+        reader.start()
+        seen = set()
+        while proc.poll() is None:  # every job of the run, by name, while it is queued
+            out = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%j"], env=env, capture_output=True,
+                                 text=True).stdout
+            seen |= {tuple(line.split("|", 1)) for line in out.splitlines() if name in line}
+            time.sleep(0.5)
+        reader.join(timeout=10)
+        summary = json.loads((run_dir / "summary.json").read_text())
+        slurm_cluster.job_ids.update(s["job_id"].split("_")[0] for s in summary["servers"])
+        assert proc.returncode == 0, "".join(output)
+        assert summary["status"] == "succeeded" and summary["collection"], summary
+        tail = summary["run_id"].rsplit("-", 1)[1]
+        names[attempt] = {job_name for _, job_name in seen}
+        print(f"{attempt} run {summary['run_id']}: squeue showed {sorted(seen)}")
+        assert names[attempt] == {f"{name}-policy-{tail}", f"{name}-policy-gateway-{tail}",
+                                  f"{name}-policy-job-{tail}"}, seen
+        assert len({job_id for job_id, job_name in seen if job_name == f"{name}-policy-{tail}"}) == 2, seen
+        # 8 of 8 CPUs: a replica's rollover successor would wait for the old job's end; the user is told.
+        assert "note: no room beside the run for a policy server replica's rollover successor" in \
+            " ".join("".join(output).split()), output
+    assert not names["first"] & names["second"], names
