@@ -99,11 +99,13 @@ def test_behind_the_gateway_each_replica_has_its_requests_death_restart_and_down
     assert replacement["job_id"] == second["job_id"] and replacement["served"] is False, second["jobs"]
     assert second["base_url"] is None and second["ready_after_s"] is None  # it never served anywhere
 
-    # The final table says the same, one line per replica.
-    line = next(line for line in out.splitlines() if "replica 1 " in line)
+    # The final table says the same, one line per replica (the piped output's timestamped state lines
+    # name the replicas too: the table's line is the one with its requests).
+    table = [line for line in out.splitlines() if " requests" in line]
+    line = next(line for line in table if "replica 1 " in line)
     assert f"{second['requests']} requests" in line and "1 death (" in line and "1 restart," in line, line
     assert f"down {second['down_s']:.1f}s" in line and f"job {second['job_id']} never ready" in line, line
-    line = next(line for line in out.splitlines() if "replica 0 " in line)
+    line = next(line for line in table if "replica 0 " in line)
     assert f"{first['requests']} requests" in line and "0 deaths, 0 restarts, down 0.0s" in line, line
     _nothing_left(root)
 
