@@ -5,7 +5,7 @@ opens offline, e.g. on a login node, and asks no network for anything):
 
 - a timeline of each job the run kept (every replica, the gateway, the collector/command/Gym job,
   successors and replacements each in their own lane) coloured by state, with the run's phases on
-  top: from ``events.jsonl`` (format in docs/architecture.md, "Contracts");
+  top: from ``events.jsonl`` (format: docs/architecture.md, "Contracts");
 - rollouts (and failures) completed over time, request latency p50/p90/p99 per time bucket and the
   reward distribution: from ``rollouts.jsonl`` (``finished_at``, ``turns[i].at`` / ``latency_s``,
   ``reward``) and ``failures.jsonl`` (``at``);
@@ -46,6 +46,7 @@ REPORT = "report.html"
 TEMPLATE = "plotly_white"
 MAX_LINE_POINTS = 2000  # a cumulative curve of a long run is thinned to this many points: the page stays light
 LATENCY_BUCKETS = 40  # at most; each at least 1 s wide
+REQUESTS_PER_BUCKET = 10  # on average at least: a p90 of two requests would be their maximum
 PERCENTILES = (50, 90, 99)
 
 # A state's colour wherever it shows: the same word is the same colour in every lane.
@@ -192,14 +193,16 @@ def percentile(values: list[float], p: float) -> float:
 
 def latency_buckets(requests: list[tuple[float, float]], start: float) -> list[tuple[float, dict[int, float], int]]:
     """(bucket middle in seconds since ``start``, {percentile: latency}, requests) per time bucket
-    that had a request; buckets are equal, at least 1 s wide, at most ``LATENCY_BUCKETS``."""
+    that had a request; buckets are equal, at least 1 s wide, at most ``LATENCY_BUCKETS``, with
+    ``REQUESTS_PER_BUCKET`` requests on average at least."""
     if not requests:
         return []
     first, last = min(at for at, _ in requests), max(at for at, _ in requests)
-    width = max(1.0, (last - first) / LATENCY_BUCKETS)
+    count = max(1, min(LATENCY_BUCKETS, len(requests) // REQUESTS_PER_BUCKET))
+    width = max(1.0, (last - first) / count)
     buckets: dict[int, list[float]] = {}
     for at, latency in requests:
-        buckets.setdefault(min(int((at - first) / width), LATENCY_BUCKETS - 1), []).append(latency)
+        buckets.setdefault(min(int((at - first) / width), count - 1), []).append(latency)
     return [(first - start + (k + 0.5) * width, {p: percentile(v, p) for p in PERCENTILES}, len(v))
             for k, v in sorted(buckets.items())]
 
@@ -274,12 +277,14 @@ def latencies(data: RunData, start: float, end: float) -> go.Figure:
 
 
 def rewards(data: RunData) -> go.Figure:
-    # Bins centred on the values: rewards are often a few values (0, 0.5, 1), each its own thin bar.
+    # Bins centred on the values: rewards are often a few values (0, 0.5, 1), each its own thin bar,
+    # on the usual 0..1 scale (wider when they go beyond), so that all-zero rewards do not fill the chart.
     low, high = min(data.rewards), max(data.rewards)
-    size = (high - low) / 20 or 1.0
+    size = (high - low) / 20 or 0.05
     fig = go.Figure(go.Histogram(x=data.rewards, name="rollouts",
                                  xbins=dict(start=low - size / 2, end=high + size / 2, size=size)))
-    return layout(fig, 300, xaxis=dict(title="reward"), yaxis=dict(title="rollouts"), bargap=0.05)
+    return layout(fig, 300, xaxis=dict(title="reward", range=[min(low, 0) - size, max(high, 1) + size]),
+                  yaxis=dict(title="rollouts"), bargap=0.05)
 
 
 def phases(summary: dict) -> go.Figure:

@@ -53,15 +53,16 @@ def test_each_job_gets_a_lane_and_each_state_lasts_until_the_next(tmp_path):
 
 
 def test_latency_percentiles_are_per_time_bucket():
-    # 10 requests in the first second, latencies 0.1..1.0; 1 request 100 s later.
-    requests = [(1000 + i / 10, (i + 1) / 10) for i in range(10)] + [(1100.0, 7.0)]
+    # 20 requests in the first second, latencies 0.05..1.0; 20 more 100 s later, each 7 s.
+    requests = [(1000 + i / 20, (i + 1) / 20) for i in range(20)] + [(1100.0 + i / 20, 7.0) for i in range(20)]
     buckets = report.latency_buckets(requests, start=990)
+    width = (1100.95 - 1000) / 4  # 4 buckets: 10 requests each on average; the two between had none
     assert len(buckets) == 2
-    (middle, first, n), (_, last, m) = buckets
-    assert (n, m) == (10, 1)
+    (middle, first, n), (later, last, m) = buckets
+    assert (n, m) == (20, 20)
     assert first == {50: 0.5, 90: 0.9, 99: 1.0}  # nearest rank: latencies some request had
     assert last == {50: 7.0, 90: 7.0, 99: 7.0}
-    assert 10 <= middle <= 13  # seconds since start
+    assert (middle, later) == pytest.approx((10 + width / 2, 10 + 3.5 * width))  # seconds since start
 
 
 def test_what_a_run_did_not_record_is_said_not_drawn(tmp_path):
