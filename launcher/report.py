@@ -5,7 +5,7 @@ opens offline, e.g. on a login node, and asks no network for anything):
 
 - a timeline of each job the run kept (every replica, the gateway, the collector/command/Gym job,
   successors and replacements each in their own lane) coloured by state, with the run's phases on
-  top: from ``events.jsonl`` (format: docs/architecture.md, "Contracts");
+  top: from ``events.jsonl`` (written by ``launcher/events.py``);
 - rollouts (and failures) completed over time, request latency p50/p90/p99 per time bucket and the
   reward distribution: from ``rollouts.jsonl`` (``finished_at``, ``turns[i].at`` / ``latency_s``,
   ``reward``) and ``failures.jsonl`` (``at``);
