@@ -45,7 +45,7 @@ from plotly.offline import get_plotlyjs
 REPORT = "report.html"
 TEMPLATE = "plotly_white"
 MAX_LINE_POINTS = 2000  # a cumulative curve of a long run is thinned to this many points: the page stays light
-LATENCY_BUCKETS = 40  # at most; each at least 1 s wide
+LATENCY_BUCKETS = 40  # at most
 REQUESTS_PER_BUCKET = 10  # on average at least: a p90 of two requests would be their maximum
 PERCENTILES = (50, 90, 99)
 
@@ -193,16 +193,17 @@ def percentile(values: list[float], p: float) -> float:
 
 def latency_buckets(requests: list[tuple[float, float]], start: float) -> list[tuple[float, dict[int, float], int]]:
     """(bucket middle in seconds since ``start``, {percentile: latency}, requests) per time bucket
-    that had a request; buckets are equal, at least 1 s wide, at most ``LATENCY_BUCKETS``, with
-    ``REQUESTS_PER_BUCKET`` requests on average at least."""
+    that had a request; equal buckets from the first request to the last (so every middle lies
+    where requests were), at most ``LATENCY_BUCKETS``, ``REQUESTS_PER_BUCKET`` requests on average
+    at least."""
     if not requests:
         return []
     first, last = min(at for at, _ in requests), max(at for at, _ in requests)
     count = max(1, min(LATENCY_BUCKETS, len(requests) // REQUESTS_PER_BUCKET))
-    width = max(1.0, (last - first) / count)
+    width = (last - first) / count
     buckets: dict[int, list[float]] = {}
     for at, latency in requests:
-        buckets.setdefault(min(int((at - first) / width), count - 1), []).append(latency)
+        buckets.setdefault(min(int((at - first) / width), count - 1) if width else 0, []).append(latency)
     return [(first - start + (k + 0.5) * width, {p: percentile(v, p) for p in PERCENTILES}, len(v))
             for k, v in sorted(buckets.items())]
 
@@ -255,7 +256,7 @@ def _hover(s: Segment, start: float) -> str:
 
 def _time_axis(start: float, end: float) -> dict:
     moment = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(start))
-    return dict(title=f"seconds since {moment}", range=[0, max(end - start, 1.0)])
+    return dict(title=f"seconds since {moment}", range=[0, max(end - start, 1.0) * 1.02])  # the last point whole
 
 
 def completions(data: RunData, start: float, end: float) -> go.Figure:

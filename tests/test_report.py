@@ -63,6 +63,9 @@ def test_latency_percentiles_are_per_time_bucket():
     assert first == {50: 0.5, 90: 0.9, 99: 1.0}  # nearest rank: latencies some request had
     assert last == {50: 7.0, 90: 7.0, 99: 7.0}
     assert (middle, later) == pytest.approx((10 + width / 2, 10 + 3.5 * width))  # seconds since start
+    # A burst of 0.2 s (an interrupted run): its one bucket lies where its requests were, on the time axis.
+    ((middle, _, n),) = report.latency_buckets([(1000 + i / 100, 0.5) for i in range(19)], start=1000)
+    assert n == 19 and 0 <= middle <= 0.18
 
 
 def test_what_a_run_did_not_record_is_said_not_drawn(tmp_path):

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.support import ROOT, STANDIN_SERVER, run_launcher, sweep, sweep_summaries, write_run_folder
+from tests.support import (ROOT, STANDIN_SERVER, run_launcher, start_launcher, sweep, sweep_summaries,
+                           write_run_folder)
 
 CHROMIUM = "/usr/bin/chromium"
 # This machine's network is closed: without these Chromium keeps trying Google's hosts (and the
@@ -21,10 +24,15 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-component-update", "--disable-sync"]
 ARTEFACTS = ROOT / "outputs" / "test-artefacts"
 
-# Per chart on the page: its traces' types and point counts (x, or y for a chart without x).
+# Per chart on the page: its traces' types and point counts (x, or y for a chart without x), and for
+# lines over time the points inside the shown x range (a point off the axis is no data to the eye).
 CHARTS_JS = """() => [...document.querySelectorAll('.js-plotly-plot')].map(d => ({
     id: d.id, drawn: !!d._fullLayout && !!d.querySelector('.main-svg'),
-    traces: d.data.map(t => ({type: t.type, points: (t.x || t.y || []).length}))}))"""
+    traces: d.data.map(t => {
+        const [low, high] = d._fullLayout.xaxis.range;
+        const points = (t.x || t.y || []).length;
+        return {type: t.type, points, shown: t.type === 'scatter' ? [...t.x].filter(x => x >= low && x <= high).length : points};
+    })}))"""
 
 
 @pytest.fixture(scope="module")
@@ -63,18 +71,19 @@ def open_page(browser, path: Path, artefact: str, tmp_path: Path) -> list[dict]:
     assert requests == [path.as_uri()], requests  # nothing from a CDN or anywhere else: it opens offline
     for chart in charts:
         assert chart["drawn"] and chart["traces"], chart
-        assert all(t["points"] > 0 for t in chart["traces"]), chart
+        assert all(t["points"] > 0 and t["shown"] > 0 for t in chart["traces"]), chart
     return charts
 
 
 def charts_expected(run_dir: Path) -> list[str]:
     """What a run folder's files hold, as charts: each chart the report must draw from them."""
-    rows = [json.loads(line) for line in (run_dir / "rollouts.jsonl").read_text().splitlines()]
+    rollouts = run_dir / "rollouts.jsonl"
+    rows = [json.loads(line) for line in rollouts.read_text().splitlines()] if rollouts.exists() else []
     timed = [row for row in rows if "finished_at" in row]
     return [*(["timeline"] if (run_dir / "events.jsonl").exists() else []),
             *(["completions"] if timed else []),
             *(["latency"] if any("at" in turn for row in timed for turn in row["turns"]) else []),
-            "rewards", "phases"]
+            *(["rewards"] if rows else []), "phases"]
 
 
 def test_every_run_writes_a_report_that_opens_offline_with_its_charts(browser, tmp_path):
@@ -97,9 +106,30 @@ def test_a_failed_run_writes_its_report_too(browser, tmp_path):
     assert done.returncode == 1, done.stdout + done.stderr
     assert f"report: {run_dir / 'report.html'}" in done.stdout
     charts = open_page(browser, run_dir / "report.html", "report-failed-run.png", tmp_path)
-    assert [c["id"] for c in charts] == (["timeline"] if (run_dir / "events.jsonl").exists() else []) + ["phases"]
+    assert [c["id"] for c in charts] == charts_expected(run_dir) == [
+        *(["timeline"] if (run_dir / "events.jsonl").exists() else []), "phases"]
     page = (run_dir / "report.html").read_text()
     assert 'class="status-failed">failed' in page and "ended while starting" in page
+
+
+def test_an_interrupted_run_writes_its_report_too(browser, tmp_path):
+    """Ctrl-C in the middle of the rollouts (slow stand-in): the report of what was written by then."""
+    run_dir, root = tmp_path / "run", tmp_path / "registry"
+    proc = start_launcher(root, f"hydra.run.dir={run_dir}", STANDIN_SERVER[0],
+                          'server.command="{python} -m server.standin --host {host} --port {port} --model {served_name} '
+                          '--seconds-per-token 0.05"', *STANDIN_SERVER[2:], "job.num_repeats=4")
+    rollouts, deadline = run_dir / "rollouts.jsonl", time.monotonic() + 120
+    while not (rollouts.exists() and rollouts.read_bytes().count(b"\n")):  # some written, most not yet
+        assert proc.poll() is None and time.monotonic() < deadline, "no rollout written in 120 s"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
+    assert f"report: {run_dir / 'report.html'}" in out
+    charts = open_page(browser, run_dir / "report.html", "report-interrupted-run.png", tmp_path)
+    assert [c["id"] for c in charts] == charts_expected(run_dir)
+    assert 0 < len(rollouts.read_text().splitlines()) < 96  # interrupted mid-way
+    assert 'class="status-interrupted">interrupted' in (run_dir / "report.html").read_text()
 
 
 def test_a_report_with_every_chart_opens_in_the_browser(browser, tmp_path):
