@@ -28,6 +28,7 @@ ARTEFACTS = ROOT / "outputs" / "test-artefacts"
 # lines over time the points inside the shown x range (a point off the axis is no data to the eye).
 CHARTS_JS = """() => [...document.querySelectorAll('.js-plotly-plot')].map(d => ({
     id: d.id, drawn: !!d._fullLayout && !!d.querySelector('.main-svg'),
+    lanes: [...new Set(d.data.filter(t => t.orientation === 'h').flatMap(t => [...t.y]))].sort(),
     traces: d.data.map(t => {
         const [low, high] = d._fullLayout.xaxis.range;
         const points = (t.x || t.y || []).length;
@@ -75,15 +76,7 @@ def open_page(browser, path: Path, artefact: str, tmp_path: Path) -> list[dict]:
     return charts
 
 
-def charts_expected(run_dir: Path) -> list[str]:
-    """What a run folder's files hold, as charts: each chart the report must draw from them."""
-    rollouts = run_dir / "rollouts.jsonl"
-    rows = [json.loads(line) for line in rollouts.read_text().splitlines()] if rollouts.exists() else []
-    timed = [row for row in rows if "finished_at" in row]
-    return [*(["timeline"] if (run_dir / "events.jsonl").exists() else []),
-            *(["completions"] if timed else []),
-            *(["latency"] if any("at" in turn for row in timed for turn in row["turns"]) else []),
-            *(["rewards"] if rows else []), "phases"]
+ALL_CHARTS = ["timeline", "completions", "latency", "rewards", "phases"]
 
 
 def test_every_run_writes_a_report_that_opens_offline_with_its_charts(browser, tmp_path):
@@ -93,9 +86,14 @@ def test_every_run_writes_a_report_that_opens_offline_with_its_charts(browser, t
     assert f"report: {run_dir / 'report.html'}" in done.stdout
     assert done.stdout.strip().splitlines()[-1] == f"run folder: {run_dir}"
     charts = open_page(browser, run_dir / "report.html", "report-run.png", tmp_path)
-    assert [c["id"] for c in charts] == charts_expected(run_dir)
+    assert [c["id"] for c in charts] == ALL_CHARTS
+    summary = json.loads((run_dir / "summary.json").read_text())
+    jobs = {"gateway": summary["gateway"]["job_id"], **{f"replica {s['replica']}": s["job_id"] for s in summary["servers"]}}
+    lanes = [lane for lane in charts[0]["lanes"] if lane != "run"]
+    assert [lane for lane in lanes if not lane.startswith("job ·")] == sorted(f"{who} · job {job}" for who, job in jobs.items())
+    assert len(lanes) == len(jobs) + 1  # and the collector's
     phases = next(c for c in charts if c["id"] == "phases")
-    assert phases["traces"][0]["points"] == len(json.loads((run_dir / "summary.json").read_text())["phases"])
+    assert phases["traces"][0]["points"] == len(summary["phases"])
 
 
 def test_a_failed_run_writes_its_report_too(browser, tmp_path):
@@ -106,8 +104,7 @@ def test_a_failed_run_writes_its_report_too(browser, tmp_path):
     assert done.returncode == 1, done.stdout + done.stderr
     assert f"report: {run_dir / 'report.html'}" in done.stdout
     charts = open_page(browser, run_dir / "report.html", "report-failed-run.png", tmp_path)
-    assert [c["id"] for c in charts] == charts_expected(run_dir) == [
-        *(["timeline"] if (run_dir / "events.jsonl").exists() else []), "phases"]
+    assert [c["id"] for c in charts] == ["timeline", "phases"]  # no rollouts: no rows to draw
     page = (run_dir / "report.html").read_text()
     assert 'class="status-failed">failed' in page and "ended while starting" in page
 
@@ -127,7 +124,7 @@ def test_an_interrupted_run_writes_its_report_too(browser, tmp_path):
     assert proc.returncode == 130, out
     assert f"report: {run_dir / 'report.html'}" in out
     charts = open_page(browser, run_dir / "report.html", "report-interrupted-run.png", tmp_path)
-    assert [c["id"] for c in charts] == charts_expected(run_dir)
+    assert [c["id"] for c in charts] == ALL_CHARTS
     assert 0 < len(rollouts.read_text().splitlines()) < 96  # interrupted mid-way
     assert 'class="status-interrupted">interrupted' in (run_dir / "report.html").read_text()
 
@@ -138,7 +135,7 @@ def test_a_report_with_every_chart_opens_in_the_browser(browser, tmp_path):
 
     folder = write_run_folder(tmp_path / "run")
     charts = open_page(browser, report.write(folder), "report-all-charts.png", tmp_path)
-    assert [c["id"] for c in charts] == ["timeline", "completions", "latency", "rewards", "phases"]
+    assert [c["id"] for c in charts] == ALL_CHARTS
 
 
 def test_a_sweep_prints_and_writes_one_table_of_its_points(browser, tmp_path):
