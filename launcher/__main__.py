@@ -52,7 +52,8 @@ def run(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     # The points of a multirun share servers with equal configurations (launcher/pools.py).
     sweep_dir = hydra_cfg.sweep.dir if hydra_cfg.mode == RunMode.MULTIRUN else None
-    code = Run(spec, Path(hydra_cfg.runtime.output_dir), _console(), sweep_dir=sweep_dir).execute()
+    code = Run(spec, Path(hydra_cfg.runtime.output_dir), _console(), sweep_dir=sweep_dir,
+               overrides=list(hydra_cfg.overrides.task)).execute()
     if code:
         sys.exit(code)
 

@@ -25,6 +25,7 @@ from launcher import console as views
 from launcher import events
 from launcher import exit_codes
 from launcher import pools
+from launcher import report
 from launcher import resume
 from launcher.events import RunEvents, Seen
 from launcher.executors import ClusterRefused, Resources, SubmissionRefused, make_backend
@@ -65,9 +66,11 @@ class Run:
     of the sweep with the same server configuration."""
 
     def __init__(
-        self, spec: RunSpec, run_dir: Path, console: Console | None = None, sweep_dir: str | None = None
+        self, spec: RunSpec, run_dir: Path, console: Console | None = None, sweep_dir: str | None = None,
+        overrides: list[str] | None = None,
     ) -> None:
         self.spec = spec
+        self.overrides = overrides or []  # the command line's (a sweep point's own values included), for summary.json
         self.run_dir = Path(run_dir)
         self.console = console or Console()
         self.run_id = f"{spec.run.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
@@ -155,6 +158,10 @@ class Run:
         self.events.end(status)
         summary = self._write_summary(status, error)
         self.console.print(views.summary_table(summary))
+        try:
+            self._say(f"report: {escape(str(report.write(self.run_dir)))}")
+        except Exception:  # noqa: BLE001 - a report that cannot be drawn must not change the run's outcome
+            log.exception("report.html could not be written")
         self._say(f"run folder: {escape(str(self.run_dir))}")
         # Stopped from another shell is an interrupt, whatever the job; a serve-only run's Ctrl-C is its normal end.
         code = exit_codes.INTERRUPTED if interrupted_by_down else exit_codes.for_status(status)
@@ -608,6 +615,7 @@ class Run:
             "run": self.spec.run.name,
             "namespace": self.namespace,
             "run_id": self.run_id,
+            "overrides": self.overrides,
             "joined_servers": self.joined,
             "resumed_from": self.resumed_from,
             "status": status,

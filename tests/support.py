@@ -271,3 +271,50 @@ def gym_standins(tmp_path: Path) -> tuple[Path, Path, Path]:
         for i in range(5)
     ))
     return bin_dir, records, tasks
+
+
+# ---------------------------------------------------------------- a run folder written to the shared formats
+
+RUN_START = 1_765_000_000.0  # the unix time at which the run folder below begins
+
+
+def write_run_folder(folder: Path) -> Path:
+    """A run folder as the launcher leaves it, written by hand to the formats of docs/architecture.md
+    ("Contracts"): events.jsonl (two replicas and a gateway; replica 1 dies at +40 s and its
+    replacement is ready at +64 s; the collector job), rollouts.jsonl with timing fields (96 rows, one or
+    two turns each), failures.jsonl (3), summary.json; a torn last line in each JSONL file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lifecycles = {
+        ("run", None): [(0, "servers start"), (1, "servers ready"), (24, "gateway ready"), (30, "rollouts"),
+                        (89, "teardown"), (95, "end", "succeeded")],
+        ("replica 0", "11"): [(0.2, "SUBMITTED"), (0.3, "PENDING"), (2, "RUNNING"), (2.5, "starting"),
+                              (18, "healthy"), (19, "checking"), (22, "ready"), (90, "draining")],
+        ("replica 1", "12"): [(0.2, "SUBMITTED"), (2, "RUNNING"), (2.6, "starting"), (20, "checking"), (23, "ready"),
+                              (40, "dead", "job 12 ended: exit code 137"), (40.5, "replaced", "by job 15")],
+        ("replica 1", "15"): [(40.5, "SUBMITTED"), (41, "RUNNING"), (41.5, "starting"), (60, "checking"),
+                              (64, "ready"), (90, "draining")],
+        ("gateway", "13"): [(1, "SUBMITTED"), (3, "RUNNING"), (3.5, "starting"), (21, "healthy"), (24, "checking"),
+                            (28, "ready"), (90, "draining")],
+        ("job", "14"): [(30, "SUBMITTED"), (30.1, "PENDING"), (31, "RUNNING"), (88, "COMPLETED")],
+    }
+    events = sorted(({"at": RUN_START + t, "who": who, "job_id": job, "state": state, "detail": (detail or [None])[0]}
+                     for (who, job), steps in lifecycles.items() for t, state, *detail in steps), key=lambda e: e["at"])
+    rows = []
+    for i in range(96):
+        finished = RUN_START + 32 + i * 0.58
+        turns = [{"at": finished - 0.9, "latency_s": 0.5 + (i % 7) * 0.1}] + (
+            [{"at": finished, "latency_s": 0.4 + (i % 5) * 0.3}] if i % 3 == 0 else [])
+        rows.append({"task_id": f"arith-{i // 4:02d}", "repeat": i % 4, "reward": [1.0, 0.0, 0.5, 1.0][i % 4],
+                     "finished_at": finished, "latency_s": 1.4, "turns": turns})
+    failures = [{"task_id": "arith-90", "repeat": r, "reason": "connection_error", "at": RUN_START + 40.2 + r}
+                for r in range(3)]
+    for name, objects in (("events.jsonl", events), ("rollouts.jsonl", rows), ("failures.jsonl", failures)):
+        (folder / name).write_text("".join(json.dumps(o) + "\n" for o in objects) + '{"torn": ')
+    (folder / "summary.json").write_text(json.dumps({
+        "run": "rollouts", "run_id": "rollouts-20251206-054640-ab12", "namespace": "rollouts-20251206-054640-ab12",
+        "status": "succeeded", "error": None, "run_dir": str(folder),
+        "phases": {"servers start": 0.95, "servers ready": 23.1, "gateway ready": 5.9, "rollouts": 58.7, "teardown": 6.1},
+        "collection": {"tasks": 24, "rollouts_written": 96, "failures": 3, "mean_reward": 0.625,
+                       "generated_tokens_per_s": 412.5},
+    }, indent=2))
+    return folder

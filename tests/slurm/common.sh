@@ -38,17 +38,7 @@ start_cluster_state() {
     [[ $(id -u) == 0 ]] || die "must run as root (installs packages, runs the daemons, makes device nodes)"
     case "$DIR" in /*) ;; *) die "$DIR_KNOB must be an absolute path: $DIR" ;; esac
 
-    local p missing=()
-    for p in "${PACKAGES[@]}"; do
-        [[ $(dpkg-query -W -f='${Status}' "$p" 2>/dev/null) == "install ok installed" ]] || missing+=("$p")
-    done
-    if ((${#missing[@]})); then
-        log "installing ${missing[*]}"
-        export DEBIAN_FRONTEND=noninteractive
-        apt-get -o DPkg::Lock::Timeout=300 update -qq >&2
-        apt-get -o DPkg::Lock::Timeout=300 install -y -qq --no-install-recommends "${missing[@]}" >&2
-        log "installed"
-    fi
+    "$(dirname "${BASH_SOURCE[0]}")/../debian-packages.sh" "${PACKAGES[@]}" || die "could not install ${PACKAGES[*]}"
 
     if [[ -e $DIR && ! -e $DIR/$MARKER ]] && [[ -n $(ls -A "$DIR" 2>/dev/null) ]]; then
         die "$DIR exists, is not empty and was not made by this script; set $DIR_KNOB elsewhere"
