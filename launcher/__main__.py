@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from launcher import cli, exit_codes, resume
+from launcher.sweep import SweepTable
 from launcher.spec import SpecError, load_spec  # importing it stores the schemas conf/ starts from (ConfigStore)
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -54,7 +55,9 @@ def run(cfg: DictConfig) -> None:
     sweep_dir = hydra_cfg.sweep.dir if hydra_cfg.mode == RunMode.MULTIRUN else None
     code = Run(spec, Path(hydra_cfg.runtime.output_dir), _console(), sweep_dir=sweep_dir,
                overrides=list(hydra_cfg.overrides.task)).execute()
-    if code:
+    # A failed point is one result of a sweep, not its end: the other points still run, and the sweep's
+    # table shows it beside them (launcher/sweep.py); the sweep exits 1 at its end. Ctrl-C ends it.
+    if code and not (sweep_dir is not None and code == exit_codes.FAILED):
         sys.exit(code)
 
 
@@ -73,6 +76,9 @@ def main() -> None:
             _console().print(escape(str(e)))
             sys.exit(exit_codes.OK)
         hydra_main()
+        if SweepTable.not_succeeded:
+            _console(stderr=True).print(escape(f"sweep points not succeeded: {', '.join(SweepTable.not_succeeded)}"))
+            sys.exit(exit_codes.FAILED)
     except KeyboardInterrupt:  # before the run took over Ctrl-C (it tears down, then exits 130 itself)
         _console(stderr=True).print("[yellow]interrupted[/]")
         sys.exit(exit_codes.INTERRUPTED)

@@ -8,8 +8,11 @@ generated tokens/s), printed and written to the sweep folder: ``sweep.json``, ``
 basic launcher and with hydra/launcher=submitit_* alike; the points are read from their folders
 (``summary.json``, which records the point's ``overrides``; a point without one, from Hydra's
 ``.hydra/overrides.yaml``), so it sees what the points wrote wherever they ran.
-A point that fails ends a multirun at once (its exit code), before ``on_multirun_end``:
-``python -m launcher.report <sweep folder>`` writes the comparison of the points that ran.
+A point that fails is one result of the sweep, not its end (``launcher.__main__.run``): the other
+points still run, the table shows it beside them, and the sweep exits 1 at its end
+(``SweepTable.not_succeeded``). An interrupted point (Ctrl-C) ends the sweep at once, before
+``on_multirun_end``: ``python -m launcher.report <sweep folder>`` writes the comparison of the points
+that ran.
 """
 
 from __future__ import annotations
@@ -169,9 +172,14 @@ def write(sweep_dir: str | Path) -> Comparison:
 class SweepTable(Callback):
     """Hydra callback: the comparison of a multirun's points once they have all ended."""
 
+    # The folders of the last sweep's points that did not succeed, for the sweep's exit code: read from
+    # what the points wrote, so it holds wherever they ran (hydra/launcher=submitit_* runs them in jobs).
+    not_succeeded: list[str] = []
+
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         comparison = write(sweep_dir)
+        SweepTable.not_succeeded = [p.folder for p in comparison.points if p.status != "succeeded"]
         console = Console()
         shown = table(sweep_dir, comparison.points, comparison.swept)
         if not console.is_terminal:  # a log, CI: nothing limits the width, so the table whole, not squeezed into 80 columns

@@ -162,3 +162,18 @@ def test_a_sweep_prints_and_writes_one_table_of_its_points(browser, tmp_path):
         "point,job.sampling.temperature,status,rollouts,failures,mean reward,tokens/s")
     charts = open_page(browser, sweep_dir / "report.html", "report-sweep.png", tmp_path)
     assert [(c["id"], [t["points"] for t in c["traces"]]) for c in charts] == [("sweep", [2, 2])]
+
+
+def test_a_failed_point_is_a_row_of_the_sweeps_table_not_its_end(tmp_path):
+    """Point 0's server never gets healthy in time: the run fails, point 1 still runs, the table shows
+    both, and the sweep exits 1 at its end."""
+    done = run_launcher(
+        tmp_path / "registry", "-m", *STANDIN_SERVER, "server.startup_timeout_s=0.001,60",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}", "job.num_repeats=1", timeout_s=600,
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    statuses = [json.loads((tmp_path / "sweep" / str(i) / "summary.json").read_text())["status"] for i in (0, 1)]
+    assert statuses == ["failed", "succeeded"]
+    saved = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert [p["status"] for p in saved["points"]] == ["failed", "succeeded"]
+    assert "sweep points not succeeded: 0" in done.stderr
