@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -134,6 +135,19 @@ def start_launcher(registry_root: Path, *overrides: str, env: dict[str, str] | N
         [sys.executable, "-m", "launcher", *overrides], cwd=ROOT, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, env=launcher_env(registry_root, env),
     )
+
+
+def kill_engine_and_finish(proc: subprocess.Popen, registry_root: Path, replica: int,
+                           timeout_s: float = 900) -> tuple[str, dict]:
+    """SIGKILL replica ``replica``'s engine under a running launcher (``start_launcher``), wait for the
+    run to end well (exit 0, its output printed for the test's log); its output and summary.json."""
+    (killed,) = [e for e in Registry(registry_root).entries(service=SERVICE) if e.replica == replica]
+    os.kill(killed.engine_pid, signal.SIGKILL)
+    out, _ = proc.communicate(timeout=timeout_s)
+    print(out)
+    assert proc.returncode == 0, out
+    run_dir = next(a.partition("=")[2] for a in proc.args if a.startswith("hydra.run.dir="))
+    return out, json.loads((Path(run_dir) / "summary.json").read_text())
 
 
 def serve_standin(run_dir: Path, registry_root: Path, *overrides: str) -> tuple[subprocess.Popen, str]:

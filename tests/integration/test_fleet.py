@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import time
 from pathlib import Path
 
 from server.registry import Registry
-from tests.support import STANDIN_SERVER, run_launcher, start_launcher
+from tests.support import STANDIN_SERVER, kill_engine_and_finish, run_launcher, start_launcher
 
 
 def _lines(path: Path) -> int:
@@ -36,13 +35,7 @@ def test_an_engine_killed_mid_collection_is_replaced_and_every_rollout_is_writte
     while _lines(run_dir / "rollouts.jsonl") < 10:  # collection under way on both replicas
         assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
         time.sleep(0.2)
-    (entry,) = [e for e in Registry(registry_root).entries(service="policy") if e.replica == 1]
-    os.kill(entry.engine_pid, signal.SIGKILL)
-    out, _ = proc.communicate(timeout=900)
-    print(out)
-
-    assert proc.returncode == 0, out
-    summary = json.loads((run_dir / "summary.json").read_text())
+    out, summary = kill_engine_and_finish(proc, registry_root, replica=1)
     assert summary["status"] == "succeeded"
     rows = [json.loads(line) for line in (run_dir / "rollouts.jsonl").read_text().splitlines()]
     failures = [json.loads(line) for line in (run_dir / "failures.jsonl").read_text().splitlines()]

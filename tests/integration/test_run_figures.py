@@ -7,7 +7,6 @@ a finished run that submits nothing."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -18,7 +17,8 @@ from pathlib import Path
 from jobs.rollouts import ROLLOUTS_FILE
 from server.registry import Registry
 from tests.support import (
-    ROOT, STANDIN, STANDIN_SERVER, launcher_env, processes_of, rows, run_launcher, start_launcher,
+    ROOT, STANDIN, STANDIN_SERVER, kill_engine_and_finish, launcher_env, processes_of, rows, run_launcher,
+    start_launcher,
 )
 
 TOTAL = 96  # 24 demo tasks x 4 repeats
@@ -69,12 +69,7 @@ def test_behind_the_gateway_each_replica_has_its_requests_death_restart_and_down
     proc = start_launcher(root, *STANDIN_BASE, f'server.command="{command}"', f"hydra.run.dir={run_dir}",
                           "server.replicas=2", "job.num_repeats=4", "job.max_concurrency=8")
     _wait_for_rows(proc, run_dir, 12)
-    (entry,) = [e for e in Registry(root).entries(service="policy") if e.replica == 1]
-    os.kill(entry.engine_pid, signal.SIGKILL)
-    out, _ = proc.communicate(timeout=600)
-    print(out)
-    assert proc.returncode == 0, out
-    summary = json.loads((run_dir / "summary.json").read_text())
+    out, summary = kill_engine_and_finish(proc, root, replica=1, timeout_s=600)
     first, second = summary["servers"]
 
     # Requests: counted by the gateway, per replica index, and both replicas served.
